@@ -1,0 +1,30 @@
+"""Diffusion math of CoDi as pure functions. Imports torch only."""
+
+from .boundary import apply_boundary, boundary_scalings
+from .ema import ema_update
+from .losses import CoDiLossConfig, codi_loss, distance
+from .parameterization import to_output, to_x_eps
+from .sampling import guided_output, sample
+from .schedule import NoiseSchedule, betas_from_config
+from .solvers import ode_step
+from .timesteps import grid, sample_pairs, sampling_timesteps, step_ratio
+
+__all__ = [
+    "CoDiLossConfig",
+    "NoiseSchedule",
+    "apply_boundary",
+    "betas_from_config",
+    "boundary_scalings",
+    "codi_loss",
+    "distance",
+    "ema_update",
+    "grid",
+    "guided_output",
+    "ode_step",
+    "sample",
+    "sample_pairs",
+    "sampling_timesteps",
+    "step_ratio",
+    "to_output",
+    "to_x_eps",
+]

@@ -1,0 +1,101 @@
+"""Noise-schedule tables of a discrete VP diffusion (METHOD.md, "Notation").
+
+The tables are plain tensors (never registered buffers: Lightning casts buffers to bf16
+under bf16 precision, which would corrupt ``alpha_t`` near ``t = 0``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def betas_from_config(config: Mapping[str, Any]) -> Tensor:
+    """``betas`` (fp64, shape ``[T]``) from a diffusers scheduler config dict.
+
+    Supports the three schedules Stable Diffusion teachers use: ``linear``,
+    ``scaled_linear`` (SD 1.x/2.x) and ``squaredcos_cap_v2`` (Glide cosine).
+    """
+    if config.get("trained_betas") is not None:
+        return torch.as_tensor(config["trained_betas"], dtype=torch.float64)
+    num = int(config.get("num_train_timesteps", 1000))
+    start = float(config.get("beta_start", 0.0001))
+    end = float(config.get("beta_end", 0.02))
+    kind = config.get("beta_schedule", "linear")
+    if kind == "linear":
+        return torch.linspace(start, end, num, dtype=torch.float64)
+    if kind == "scaled_linear":
+        return torch.linspace(start**0.5, end**0.5, num, dtype=torch.float64) ** 2
+    if kind == "squaredcos_cap_v2":
+
+        def abar(u: float) -> float:
+            return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        betas = [min(1 - abar((i + 1) / num) / abar(i / num), 0.999) for i in range(num)]
+        return torch.tensor(betas, dtype=torch.float64)
+    raise ValueError(
+        f"Unsupported beta_schedule {kind!r}; use one of linear, scaled_linear, squaredcos_cap_v2 "
+        "or give trained_betas in the scheduler config."
+    )
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """``alpha_t = sqrt(abar_t)`` and ``sigma_t = sqrt(1 - abar_t)`` for t in [0, T).
+
+    Attributes:
+        alphas_cumprod: ``abar_t``, fp64, shape ``[T]``.
+        prediction_type: what the network outputs: ``epsilon``, ``v_prediction`` or ``sample``.
+    """
+
+    alphas_cumprod: Tensor
+    prediction_type: str = "epsilon"
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type {self.prediction_type!r} is not one of {PREDICTION_TYPES} "
+                "(SD 1.x uses 'epsilon', SD 2.x 'v_prediction')."
+            )
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> NoiseSchedule:
+        """Build from a diffusers scheduler config (e.g. ``scheduler/scheduler_config.json``)."""
+        betas = betas_from_config(config)
+        return cls(
+            alphas_cumprod=torch.cumprod(1.0 - betas, dim=0),
+            prediction_type=config.get("prediction_type", "epsilon"),
+        )
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """T, the number of discrete training timesteps."""
+        return self.alphas_cumprod.shape[0]
+
+    def alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """``(alpha_t, sigma_t)`` gathered at integer timesteps ``t`` ([B] or scalar).
+
+        Returned in ``like``'s dtype and device, shaped ``[B, 1, 1, ...]`` to broadcast
+        against ``like`` ([B, C, H, W]). The gather happens in fp64 first.
+        """
+        abar = self.alphas_cumprod.to(t.device)[t.long()]
+        alpha, sigma = abar.sqrt(), (1.0 - abar).sqrt()
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        if abar.ndim == 0:
+            shape = (1,) * like.ndim
+        return (
+            alpha.to(like.dtype).reshape(shape).to(like.device),
+            sigma.to(like.dtype).reshape(shape).to(like.device),
+        )
+
+    def add_noise(self, x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """Forward process ``z_t = alpha_t x + sigma_t eps`` (METHOD.md step 1)."""
+        alpha, sigma = self.alpha_sigma(t, x)
+        return alpha * x + sigma * noise
