@@ -1,0 +1,5 @@
+"""LightningModules and their helpers."""
+
+from .module import CoDiDistillation
+
+__all__ = ["CoDiDistillation"]

@@ -1,0 +1,368 @@
+"""The CoDi distillation LightningModule (METHOD.md, "One training step")."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from ..diffusion import (
+    CoDiLossConfig,
+    NoiseSchedule,
+    codi_loss,
+    ema_update,
+    sample,
+    sample_pairs,
+    sampling_timesteps,
+)
+from ..models import build_adapter, check_resolution, load_teacher
+from .visualize import save_grid
+
+FROZEN_PREFIXES = ("unet.", "vae.", "text_encoder.")
+
+
+class CoDiDistillation(L.LightningModule):
+    """Distil a text-to-image teacher into a 1-4 step conditional model, in one stage.
+
+    Submodules: ``unet`` (the frozen pretrained UNet, the teacher; in PE-CoDi it is
+    also the student's backbone, shared, never copied), ``vae`` and ``text_encoder``
+    (frozen), ``controlnet`` (the trainable adapter), ``student_unet`` (a trainable copy
+    of the UNet, full CoDi only) and ``target`` (the EMA network theta^-, fp32, saved).
+    Frozen parts are left out of checkpoints and rebuilt from ``pretrained``.
+
+    Args:
+        pretrained: hub id or local diffusers folder of the teacher (SD 1.x/2.x layout).
+        revision: hub revision of ``pretrained``.
+        weights_variant: diffusers weight variant (e.g. ``fp16``).
+        pixel_space: the teacher has no VAE and works on images in [-1, 1].
+        method: ``pe-codi`` (only the adapter trains) or ``codi`` (adapter + UNet copy).
+        adapter_cond_channels: condition-embedder widths; derived from the VAE if unset.
+        loss: the loss switches (README's table, METHOD.md step 3-5).
+        num_grid: N, points of the distillation grid (k = T / N).
+        per_sample_timesteps: one t per sample instead of one per batch.
+        ema_decay: gamma of the target update theta^- <- gamma theta^- + (1-gamma) theta.
+        cfg_aware: classifier-free-guidance-aware distillation (released code): draw
+            w in ``guidance_range`` per step, guide the online and target predictions.
+        guidance_range: [low, high) of the integer guidance weight w.
+        optimizer: optimizer factory over the trainable parameters.
+        lr_scheduler: optional LR scheduler factory (stepped every optimizer step).
+        seed: seed of the per-step noise and timesteps (with the global step and rank,
+            so a resumed run draws what an uninterrupted one would).
+        val_steps: step counts shown in the validation grid.
+        val_images: rows of the validation grid.
+        val_guidance_scale: classifier-free guidance scale at validation (1 = off).
+    """
+
+    def __init__(
+        self,
+        pretrained: str,
+        revision: str | None = None,
+        weights_variant: str | None = None,
+        pixel_space: bool = False,
+        method: Literal["pe-codi", "codi"] = "pe-codi",
+        adapter_cond_channels: tuple[int, ...] | None = None,
+        loss: CoDiLossConfig = CoDiLossConfig(),
+        num_grid: int = 50,
+        per_sample_timesteps: bool = False,
+        ema_decay: float = 0.999,
+        cfg_aware: bool = False,
+        guidance_range: tuple[int, int] = (2, 14),
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        seed: int = 0,
+        val_steps: Sequence[int] = (1, 2, 4),
+        val_images: int = 4,
+        val_guidance_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if method not in ("pe-codi", "codi"):
+            raise ValueError(f"model.method={method!r}; choose 'pe-codi' or 'codi'")
+        if not 0.0 <= ema_decay <= 1.0:
+            raise ValueError(f"model.ema_decay={ema_decay} must lie in [0, 1] (e.g. 0.999)")
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.loss_config = loss if isinstance(loss, CoDiLossConfig) else CoDiLossConfig(**loss)
+
+        parts = load_teacher(
+            pretrained, revision=revision, variant=weights_variant, pixel_space=pixel_space
+        )
+        self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
+        self.tokenizer = parts.tokenizer
+        self.vae_scale, self.scaling_factor = parts.vae_scale, parts.scaling_factor
+        # plain tensors, not buffers: Lightning would cast buffers to bf16
+        self.schedule = NoiseSchedule.from_config(parts.scheduler_config)
+        self.scheduler_config = parts.scheduler_config
+
+        self.controlnet = build_adapter(self.unet, self.vae_scale, adapter_cond_channels)
+        self.controlnet.train()
+        self.student_unet = None
+        if method == "codi":
+            self.student_unet = copy.deepcopy(self.unet).requires_grad_(True).train()
+        target = {"controlnet": copy.deepcopy(self.controlnet)}
+        if self.student_unet is not None:
+            target["unet"] = copy.deepcopy(self.student_unet)
+        self.target = nn.ModuleDict(target).requires_grad_(False).eval()
+        self._empty_text: Tensor | None = None
+
+    # ------------------------------------------------------------------ networks
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """theta: the modules the optimizer and the EMA see, keyed like ``self.target``."""
+        mods = {"controlnet": self.controlnet}
+        if self.student_unet is not None:
+            mods["unet"] = self.student_unet
+        return mods
+
+    def train(self, mode: bool = True) -> CoDiDistillation:
+        super().train(mode)
+        for frozen in (self.unet, self.vae, self.text_encoder, self.target):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    @staticmethod
+    def _controlled(
+        unet: nn.Module, controlnet: nn.Module | None, z: Tensor, t: Tensor, text: Tensor, cond: Tensor
+    ) -> Tensor:
+        """F(z_t, t, y, c): UNet with the adapter's residuals (no adapter: the teacher)."""
+        down = mid = None
+        if controlnet is not None:
+            down, mid = controlnet(
+                z, t, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False
+            )
+        return unet(
+            z,
+            t,
+            encoder_hidden_states=text,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+        ).sample
+
+    def denoiser(
+        self,
+        which: Literal["online", "target", "teacher"],
+        text: Tensor,
+        cond: Tensor,
+        guidance: float | None = None,
+    ) -> Callable[[Tensor, Tensor], Tensor]:
+        """A ``(z, t) -> o`` callable for the diffusion functions, condition bound.
+
+        With ``guidance`` the output is ``uncond + w (cond - uncond)`` from one batched
+        pass over the conditional and the empty prompt.
+        """
+        if which == "online":
+            unet = self.unet if self.student_unet is None else self.student_unet
+            controlnet = self.controlnet
+        elif which == "target":
+            unet = self.target["unet"] if "unet" in self.target else self.unet
+            controlnet = self.target["controlnet"]
+        else:
+            unet, controlnet = self.unet, None
+        if guidance is None:
+            return partial(self._controlled, unet, controlnet, text=text, cond=cond)
+
+        def guided(z: Tensor, t: Tensor) -> Tensor:
+            empty = self.empty_text(z.shape[0])
+            both = self._controlled(
+                unet, controlnet, torch.cat([z, z]), torch.cat([t, t]),
+                torch.cat([text, empty]), torch.cat([cond, cond]),
+            )
+            c, u = both.chunk(2)
+            return u + guidance * (c - u)
+
+        return guided
+
+    # ------------------------------------------------------------------ encoders
+    @torch.no_grad()
+    def encode_text(self, captions: Sequence[str]) -> Tensor:
+        """y: CLIP last hidden states [B, L, D]."""
+        ids = self.tokenizer(
+            list(captions),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    def empty_text(self, batch: int) -> Tensor:
+        """The empty-prompt embedding, computed once per device."""
+        if self._empty_text is None or self._empty_text.device != self.device:
+            self._empty_text = self.encode_text([""])
+        return self._empty_text.expand(batch, -1, -1)
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """x: images in [-1, 1] -> latents times ``scaling_factor`` (identity in pixel space)."""
+        if self.vae is None:
+            return images.float()
+        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        return dist.sample(generator=generator).float() * self.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Latents -> images in [0, 1]."""
+        if self.vae is not None:
+            latents = self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample
+        return ((latents.float() + 1) / 2).clamp(0, 1)
+
+    # ------------------------------------------------------------------ training
+    def step_generator(self, salt: int = 0) -> torch.Generator:
+        """Generator seeded by (seed, global step, rank, salt): the same draws after resume."""
+        key = f"{self.hparams.seed}:{self.global_step}:{self.global_rank}:{salt}".encode()
+        seed = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def compute_loss(self, batch: dict[str, Any], gen: torch.Generator) -> tuple[Tensor, dict]:
+        hp = self.hparams
+        x = self.encode_images(batch["image"], gen)  # clean latent x (METHOD.md, Notation)
+        cond, text = batch["cond"], self.encode_text(batch["caption"])  # c in [0, 1], y
+        noise = torch.randn(x.shape, generator=gen, device=x.device)  # eps ~ N(0, I)
+        t, s = sample_pairs(  # (t, s = max(t - k, 0)) on the grid
+            x.shape[0], self.schedule.num_train_timesteps, hp.num_grid,
+            hp.per_sample_timesteps, generator=gen, device=x.device,
+        )  # fmt: skip
+        w = None
+        if hp.cfg_aware:  # released code: one integer w per step, never inside the ODE step
+            low, high = hp.guidance_range
+            w = float(torch.randint(low, high, (1,), generator=gen, device=x.device).item())
+        online = self.denoiser("online", text, cond, w)  # step 2, with grad
+        target = self.denoiser("target", text, cond, w)  # step 4, theta^-
+        solver = {  # step 3: which model takes the ODE step
+            "self": None if w is None else self.denoiser("online", text, cond),
+            "target": self.denoiser("target", text, cond),
+            "teacher": self.denoiser("teacher", text, cond),
+        }[self.loss_config.solver]
+        return codi_loss(online, target, solver, x, noise, t, s, self.schedule, self.loss_config)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss, terms = self.compute_loss(batch, self.step_generator())  # METHOD.md steps 1-5
+        self.log("train/loss", terms.pop("loss"), prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in terms.items()})
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([g.detach().norm() for g in grads]))
+            self.log("train/grad_norm", norm)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.update_target()  # step 6: theta^- <- gamma theta^- + (1 - gamma) theta
+
+    @torch.no_grad()
+    def update_target(self) -> None:
+        for key, online in self.trainable_modules().items():
+            ema_update(
+                self.target[key].parameters(), online.parameters(), self.hparams.ema_decay
+            )
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.trainable_modules().values() for p in m.parameters()]
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.trainable_parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample_images(
+        self,
+        cond: Tensor,
+        captions: Sequence[str],
+        num_steps: int = 4,
+        *,
+        use_target: bool = True,
+        stochastic: bool = False,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Sample images in [0, 1] for conditions ``cond`` ([B, 3, H, W] in [0, 1])."""
+        text = self.encode_text(captions)
+        which = "target" if use_target else "online"
+        model = self.denoiser(which, text, cond)
+        uncond = None
+        if guidance_scale != 1.0:
+            uncond = self.denoiser(which, self.empty_text(cond.shape[0]), cond)
+        channels = self.unet.config.in_channels
+        size = cond.shape[-1] // self.vae_scale
+        noise = torch.randn(
+            (cond.shape[0], channels, size, size), generator=generator, device=self.device
+        )
+        timesteps = sampling_timesteps(
+            num_steps, self.schedule.num_train_timesteps, self.hparams.num_grid
+        )
+        latents = sample(
+            model, noise, self.schedule, timesteps, stochastic=stochastic,
+            generator=generator, uncond_model=uncond, guidance_scale=guidance_scale,
+        )  # fmt: skip
+        return self.decode_latents(latents)
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        gen = torch.Generator(device=self.device).manual_seed(self.hparams.seed + batch_idx)
+        _, terms = self.compute_loss(batch, gen)
+        for k, v in terms.items():
+            self.log(f"val/{k}", v, sync_dist=True, batch_size=batch["image"].shape[0])
+        if batch_idx == 0:
+            self.log_sample_grid(batch)
+
+    @torch.no_grad()
+    def log_sample_grid(self, batch: dict[str, Any]) -> Path | None:
+        """Rows of condition | 1 | 2 | 4 steps | target; to TensorBoard and a PNG."""
+        if self.global_rank != 0 or self.trainer.sanity_checking:
+            return None
+        n = min(self.hparams.val_images, batch["image"].shape[0])
+        cond, captions = batch["cond"][:n], batch["caption"][:n]
+        columns = [cond]
+        for steps in self.hparams.val_steps:
+            gen = torch.Generator(device=self.device).manual_seed(self.hparams.seed)
+            columns.append(
+                self.sample_images(
+                    cond, captions, steps, generator=gen,
+                    guidance_scale=self.hparams.val_guidance_scale,
+                )  # fmt: skip
+            )
+        columns.append((batch["image"][:n].float() + 1) / 2)
+        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        path = log_dir / "samples" / f"step_{self.global_step:07d}.png"
+        grid = save_grid(columns, path)
+        experiment = getattr(self.logger, "experiment", None)
+        if hasattr(experiment, "add_image"):
+            experiment.add_image("val/samples", grid, self.global_step)
+        return path
+
+    # ------------------------------------------------------------------ checkpoints
+    def setup(self, stage: str) -> None:
+        resolution = getattr(getattr(self.trainer, "datamodule", None), "resolution", None)
+        if resolution is not None:
+            check_resolution(int(resolution), self.vae_scale, self.unet)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leave the frozen teacher, VAE and text encoder out: they come from ``pretrained``."""
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
+            del state[key]
+
+    def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False):
+        """Accept checkpoints without the frozen parts (they were loaded from ``pretrained``);
+        every trainable and target key must still be present when ``strict``."""
+        own = super().state_dict(keep_vars=True)
+        merged = dict(state_dict)
+        for key, value in own.items():
+            if key.startswith(FROZEN_PREFIXES) and key not in merged:
+                merged[key] = value
+        return super().load_state_dict(merged, strict=strict, assign=assign)
