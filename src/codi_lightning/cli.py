@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Sequence
 
 from jsonargparse import CLI
@@ -12,6 +13,9 @@ from .data import ShardDataModule, write_shards
 from .training import CoDiDistillation
 
 EXTRA_COMMANDS = {"shards": write_shards}
+# the teacher, VAE, text encoder and EMA target are in eval mode on purpose
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
 EPILOG = "Also: `codi-lightning shards --help` writes WebDataset shards from an image folder."
 
 
@@ -27,7 +31,12 @@ class CoDiCLI(LightningCLI):
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in EXTRA_COMMANDS:
-        CLI(EXTRA_COMMANDS[args[0]], args=args[1:], prog=f"codi-lightning {args[0]}")
+        CLI(
+            EXTRA_COMMANDS[args[0]],
+            args=args[1:],
+            prog=f"codi-lightning {args[0]}",
+            as_positional=False,
+        )
         return
     CoDiCLI(args=None if argv is None else args)
 

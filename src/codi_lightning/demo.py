@@ -62,10 +62,30 @@ def prepare(out: str | Path, train_images: int = 512, val_images: int = 16) -> P
     return out
 
 
+def report(out: str | Path) -> str:
+    """Where the demo's logs, checkpoints and newest sample grid are."""
+    out = Path(out)
+    grids = sorted((out / "logs").rglob("samples/*.png"), key=lambda p: p.stat().st_mtime)
+    if not grids:
+        raise FileNotFoundError(f"no sample grid under {out / 'logs'}: did the fit run?")
+    return "\n".join(
+        [
+            "demo finished.",
+            f"  sample grid (condition | 1 | 2 | 4 steps | target): {grids[-1]}",
+            f"  checkpoints: {out / 'checkpoints'}",
+            f"  TensorBoard: tensorboard --logdir {out / 'logs'}",
+        ]
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="demo_out")
+    parser.add_argument("--report", action="store_true", help="print where the results are")
     args = parser.parse_args()
+    if args.report:
+        print(report(args.out))
+        return
     out = prepare(args.out)
     print(f"demo data ready in {out}")
 

@@ -151,7 +151,9 @@ def test_sampler_with_oracle_returns_x(pt, steps, stochastic):
         return to_output(x, eps, alpha, sigma, pt)
 
     noise = torch.randn(x.shape, generator=g)
-    out = sample(oracle, noise, sched, sampling_timesteps(steps), stochastic=stochastic, generator=g)
+    out = sample(
+        oracle, noise, sched, sampling_timesteps(steps), stochastic=stochastic, generator=g
+    )
     torch.testing.assert_close(out, x, rtol=1e-4, atol=1e-4)
 
 

@@ -134,11 +134,15 @@ class ShardDataModule(L.LightningDataModule):
         self.stages["train"] = stage
         pipeline = wds.DataPipeline(
             wds.ResampledShards(
-                self.train_shards, seed=seed, deterministic=True,
+                self.train_shards,
+                seed=seed,
+                deterministic=True,
                 worker_seed=partial(_worker_seed, rank),
             ),  # fmt: skip
             wds.tarfile_to_samples(handler=wds.warn_and_continue, select_files=select_member),
-            wds.detshuffle(self.hparams.shuffle_buffer, min(100, self.hparams.shuffle_buffer), seed=seed + rank),
+            wds.detshuffle(
+                self.hparams.shuffle_buffer, min(100, self.hparams.shuffle_buffer), seed=seed + rank
+            ),
             stage,
             wds.batched(self.batch_size, collation_fn=collate, partial=False),
         )

@@ -57,7 +57,9 @@ def write_shards(
     if not root.is_dir():
         raise FileNotFoundError(f"--images {images!r} is not a folder")
     if "%" not in output:
-        raise ValueError(f"--output {output!r} needs a shard number field, e.g. 'out/train-%06d.tar'")
+        raise ValueError(
+            f"--output {output!r} needs a shard number field, e.g. 'out/train-%06d.tar'"
+        )
     cond_root = Path(conditions) if conditions else None
     if cond_root is not None and not cond_root.is_dir():
         raise FileNotFoundError(f"--conditions {conditions!r} is not a folder")

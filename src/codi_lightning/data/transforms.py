@@ -71,7 +71,9 @@ class PairTransform:
     def __call__(self, sample: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         image, cond = sample["image"], sample["cond"]
         if cond is None and self.recipe is None:
-            raise BadSample("no_condition", f"{sample['key']} has no cond.* and data.condition=stored")
+            raise BadSample(
+                "no_condition", f"{sample['key']} has no cond.* and data.condition=stored"
+            )
         if cond is not None and cond.size != image.size:
             cond = cond.resize(image.size, Image.BICUBIC)
         r = self.resolution

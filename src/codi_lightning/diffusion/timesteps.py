@@ -38,7 +38,9 @@ def sample_pairs(
     points = grid(num_train_timesteps, num_grid)
     k = step_ratio(num_train_timesteps, num_grid)
     n = batch_size if per_sample else 1
-    idx = torch.randint(0, num_grid, (n,), generator=generator, device=generator.device if generator else None)
+    idx = torch.randint(
+        0, num_grid, (n,), generator=generator, device=generator.device if generator else None
+    )
     t = points.to(idx.device)[idx].expand(batch_size).clone()
     s = (t - k).clamp(min=0)
     return t.to(device), s.to(device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -87,10 +88,13 @@ class CoDiDistillation(L.LightningModule):
             raise ValueError(f"model.method={method!r}; choose 'pe-codi' or 'codi'")
         if not 0.0 <= ema_decay <= 1.0:
             raise ValueError(f"model.ema_decay={ema_decay} must lie in [0, 1] (e.g. 0.999)")
+        self.loss_config = loss if isinstance(loss, CoDiLossConfig) else CoDiLossConfig(**loss)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        # plain types only, so checkpoints load with torch.load(weights_only=True)
+        self.hparams["loss"] = dataclasses.asdict(self.loss_config)
+        self.hparams["val_steps"] = [int(s) for s in val_steps]
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
-        self.loss_config = loss if isinstance(loss, CoDiLossConfig) else CoDiLossConfig(**loss)
 
         parts = load_teacher(
             pretrained, revision=revision, variant=weights_variant, pixel_space=pixel_space
@@ -130,7 +134,12 @@ class CoDiDistillation(L.LightningModule):
 
     @staticmethod
     def _controlled(
-        unet: nn.Module, controlnet: nn.Module | None, z: Tensor, t: Tensor, text: Tensor, cond: Tensor
+        unet: nn.Module,
+        controlnet: nn.Module | None,
+        z: Tensor,
+        t: Tensor,
+        text: Tensor,
+        cond: Tensor,
     ) -> Tensor:
         """F(z_t, t, y, c): UNet with the adapter's residuals (no adapter: the teacher)."""
         down = mid = None
@@ -172,8 +181,12 @@ class CoDiDistillation(L.LightningModule):
         def guided(z: Tensor, t: Tensor) -> Tensor:
             empty = self.empty_text(z.shape[0])
             both = self._controlled(
-                unet, controlnet, torch.cat([z, z]), torch.cat([t, t]),
-                torch.cat([text, empty]), torch.cat([cond, cond]),
+                unet,
+                controlnet,
+                torch.cat([z, z]),
+                torch.cat([t, t]),
+                torch.cat([text, empty]),
+                torch.cat([cond, cond]),
             )
             c, u = both.chunk(2)
             return u + guidance * (c - u)
@@ -263,9 +276,7 @@ class CoDiDistillation(L.LightningModule):
     @torch.no_grad()
     def update_target(self) -> None:
         for key, online in self.trainable_modules().items():
-            ema_update(
-                self.target[key].parameters(), online.parameters(), self.hparams.ema_decay
-            )
+            ema_update(self.target[key].parameters(), online.parameters(), self.hparams.ema_decay)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.trainable_modules().values() for p in m.parameters()]
@@ -275,7 +286,10 @@ class CoDiDistillation(L.LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -332,7 +346,10 @@ class CoDiDistillation(L.LightningModule):
             gen = torch.Generator(device=self.device).manual_seed(self.hparams.seed)
             columns.append(
                 self.sample_images(
-                    cond, captions, steps, generator=gen,
+                    cond,
+                    captions,
+                    steps,
+                    generator=gen,
                     guidance_scale=self.hparams.val_guidance_scale,
                 )  # fmt: skip
             )
@@ -357,7 +374,9 @@ class CoDiDistillation(L.LightningModule):
         for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
             del state[key]
 
-    def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False):
+    def load_state_dict(
+        self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False
+    ):
         """Accept checkpoints without the frozen parts (they were loaded from ``pretrained``);
         every trainable and target key must still be present when ``strict``."""
         own = super().state_dict(keep_vars=True)

@@ -1,0 +1,43 @@
+# codi-lightning: `make demo` runs the CPU demo end to end, `make test` the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch and torchvision are installed first as a matched pair; override for another build,
+# e.g. `make install TORCH_SPEC="torch torchvision --index-url https://download.pytorch.org/whl/cu128"`.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+DEMO_OUT ?= demo_out
+PYTEST_ARGS ?=
+
+.PHONY: install test test-all lint format demo clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+test: install
+	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-all: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff format --check src tests bench
+
+format: install
+	$(PY) -m ruff check --fix src tests bench
+	$(PY) -m ruff format src tests bench
+
+demo: install
+	$(PY) -m codi_lightning.demo --out $(DEMO_OUT)
+	$(VENV)/bin/codi-lightning fit --config configs/tiny_cpu.yaml
+	$(VENV)/bin/codi-lightning validate --config configs/tiny_cpu.yaml --ckpt_path $(DEMO_OUT)/checkpoints/last.ckpt
+	$(PY) -m codi_lightning.demo --out $(DEMO_OUT) --report
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache

@@ -1,0 +1,85 @@
+import json
+
+import pytest
+import torch
+
+from codi_lightning.models import (
+    adapter_cond_channels,
+    build_adapter,
+    build_tiny_tokenizer,
+    check_condition_downsampling,
+    check_resolution,
+    load_teacher,
+)
+
+
+def test_tiny_folder_is_a_diffusers_folder(tiny_teacher):
+    index = json.loads((tiny_teacher / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (tiny_teacher / sub).is_dir(), sub
+    parts = load_teacher(str(tiny_teacher))
+    assert parts.vae is not None and parts.vae_scale == 4
+    assert parts.scheduler_config["prediction_type"] == "epsilon"
+    assert all(not p.requires_grad for p in parts.unet.parameters())
+    assert not parts.unet.training
+
+
+def test_pixel_space_teacher_has_no_vae(tiny_pixel_teacher):
+    parts = load_teacher(str(tiny_pixel_teacher), pixel_space=True)
+    assert parts.vae is None and parts.vae_scale == 1 and parts.scaling_factor == 1.0
+    assert parts.unet.config.in_channels == 3
+    assert parts.scheduler_config["prediction_type"] == "v_prediction"
+
+
+def test_tokenizer_round_trips_offline(tiny_teacher):
+    fresh = build_tiny_tokenizer()
+    loaded = load_teacher(str(tiny_teacher)).tokenizer
+    text = "a red circle"
+    ids = loaded(text).input_ids
+    assert ids == fresh(text).input_ids
+    eos = loaded.eos_token_id
+    assert len(set(ids[1:-1])) > 3 and eos not in ids[1:-1]  # a real vocabulary, not all EOS
+    assert loaded.decode(ids, skip_special_tokens=True) == text
+
+
+def test_missing_teacher_names_the_fix(tmp_path):
+    with pytest.raises(OSError, match="local diffusers folder"):
+        load_teacher(str(tmp_path / "nope"))
+
+
+def test_adapter_starts_as_the_teacher(tiny_teacher):
+    """Zero convolutions: at step 0 the adapted UNet equals the pretrained one."""
+    parts = load_teacher(str(tiny_teacher))
+    adapter = build_adapter(parts.unet, parts.vae_scale)
+    z = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 900])
+    text = torch.randn(2, 77, 32)
+    cond = torch.rand(2, 3, 32, 32)
+    down, mid = adapter(z, t, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False)
+    with torch.no_grad():
+        plain = parts.unet(z, t, encoder_hidden_states=text).sample
+        adapted = parts.unet(
+            z, t, encoder_hidden_states=text,
+            down_block_additional_residuals=down, mid_block_additional_residual=mid,
+        ).sample  # fmt: skip
+    torch.testing.assert_close(adapted, plain)
+
+
+@pytest.mark.parametrize(("scale", "levels"), [(1, 1), (2, 2), (4, 3), (8, 4), (16, 5)])
+def test_adapter_channels_match_vae_factor(scale, levels):
+    channels = adapter_cond_channels(scale)
+    assert len(channels) == levels
+    check_condition_downsampling(channels, scale)
+
+
+def test_condition_downsampling_mismatch_says_what_to_change():
+    with pytest.raises(ValueError, match=r"Give 3 entries"):
+        check_condition_downsampling((16, 32, 96, 256), 4)
+
+
+def test_resolution_check(tiny_teacher):
+    unet = load_teacher(str(tiny_teacher)).unet
+    check_resolution(32, 4, unet)
+    with pytest.raises(ValueError, match="not a multiple of 8"):
+        check_resolution(36, 4, unet)

@@ -1,0 +1,75 @@
+"""Stop after k steps, resume from the checkpoint: the run continues exactly.
+
+Noise and timesteps are drawn from a generator seeded by (seed, global step, rank), and
+the data here is one fixed batch, so an interrupted run and an uninterrupted one see the
+same inputs at every step. On the CPU the arithmetic is then the same op for op; the
+tolerance (rtol 1e-5, atol 1e-6) only absorbs reduction-order differences in threaded
+kernels.
+"""
+
+import lightning as L
+import torch
+from conftest import make_batch
+from torch.utils.data import DataLoader
+
+from codi_lightning.training import CoDiDistillation
+
+
+class OneBatch(L.LightningDataModule):
+    def __init__(self):
+        super().__init__()
+        batch = make_batch(batch=2)
+        self.samples = [
+            {"image": batch["image"][i], "cond": batch["cond"][i], "caption": batch["caption"][i]}
+            for i in range(2)
+        ]
+
+    def train_dataloader(self):
+        return DataLoader(self.samples, batch_size=2, shuffle=False)
+
+
+class LossRecorder(L.Callback):
+    def __init__(self):
+        self.losses = {}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses[trainer.global_step] = outputs["loss"].item()
+
+
+def _fit(teacher, root, max_steps, ckpt_path=None):
+    torch.manual_seed(0)
+    module = CoDiDistillation(
+        str(teacher), method="codi", num_grid=10, ema_decay=0.9,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+        lr_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5),
+    )  # fmt: skip
+    recorder = LossRecorder()
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+        callbacks=[recorder], num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=OneBatch(), ckpt_path=ckpt_path)
+    return trainer, module, recorder.losses
+
+
+def test_resume_continues_exactly(tiny_teacher, tmp_path):
+    k, n = 3, 6
+    _, full, full_losses = _fit(tiny_teacher, tmp_path / "a", n)
+    trainer, _, first_losses = _fit(tiny_teacher, tmp_path / "b", k)
+    ckpt = tmp_path / "k.ckpt"
+    trainer.save_checkpoint(ckpt)
+    trainer2, resumed, resumed_losses = _fit(tiny_teacher, tmp_path / "c", n, ckpt_path=str(ckpt))
+
+    assert trainer2.global_step == n
+    assert sorted(first_losses) == list(range(1, k + 1))
+    assert sorted(resumed_losses) == list(range(k + 1, n + 1))  # no step repeated or lost
+    for step in range(1, n + 1):
+        got = first_losses.get(step, resumed_losses.get(step))
+        torch.testing.assert_close(got, full_losses[step], rtol=1e-5, atol=1e-6)
+    for a, b in zip(full.target.parameters(), resumed.target.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    opt_full = trainer2.optimizers[0].state_dict()
+    sched = trainer2.lr_scheduler_configs[0].scheduler
+    assert sched.last_epoch == n and trainer2.optimizers[0].param_groups[0]["lr"] == 1e-3 * 0.5**3
+    assert all(s["step"].item() == n for s in opt_full["state"].values())
