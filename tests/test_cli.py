@@ -83,7 +83,10 @@ def test_fit_then_validate_end_to_end(tmp_path, tiny_teacher, tiny_shards):
     assert any(k.startswith("target.controlnet.") for k in ckpt["state_dict"])
     grids = sorted(out.rglob("samples/*.png"))
     assert [g.name for g in grids] == ["step_0000002.png", "step_0000004.png"]
-    events = list((out / "logs").rglob("events.out.tfevents.*"))
+    main(["validate", "--config", str(config), "--ckpt_path", str(last)])
+    grids = sorted(out.rglob("samples/*.png"))
+    assert len(grids) == 3 and grids[-1].name == "step_0000004.png"  # named by the checkpoint step
+    events = sorted((out / "logs").rglob("events.out.tfevents.*"))  # version_0: the fit run
     assert events
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -99,4 +102,3 @@ def test_fit_then_validate_end_to_end(tmp_path, tiny_teacher, tiny_shards):
         "val/loss",
     } <= scalars
     assert "val/samples" in acc.Tags()["images"]
-    main(["validate", "--config", str(config), "--ckpt_path", str(last)])

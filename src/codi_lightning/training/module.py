@@ -116,6 +116,7 @@ class CoDiDistillation(L.LightningModule):
             target["unet"] = copy.deepcopy(self.student_unet)
         self.target = nn.ModuleDict(target).requires_grad_(False).eval()
         self._empty_text: Tensor | None = None
+        self._checkpoint_step = 0
 
     # ------------------------------------------------------------------ networks
     def trainable_modules(self) -> dict[str, nn.Module]:
@@ -354,12 +355,13 @@ class CoDiDistillation(L.LightningModule):
                 )  # fmt: skip
             )
         columns.append((batch["image"][:n].float() + 1) / 2)
+        step = self.global_step or self._checkpoint_step  # validate/test: the checkpoint's step
         log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        path = log_dir / "samples" / f"step_{self.global_step:07d}.png"
+        path = log_dir / "samples" / f"step_{step:07d}.png"
         grid = save_grid(columns, path)
         experiment = getattr(self.logger, "experiment", None)
         if hasattr(experiment, "add_image"):
-            experiment.add_image("val/samples", grid, self.global_step)
+            experiment.add_image("val/samples", grid, step)
         return path
 
     # ------------------------------------------------------------------ checkpoints
@@ -367,6 +369,9 @@ class CoDiDistillation(L.LightningModule):
         resolution = getattr(getattr(self.trainer, "datamodule", None), "resolution", None)
         if resolution is not None:
             check_resolution(int(resolution), self.vae_scale, self.unet)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._checkpoint_step = int(checkpoint.get("global_step", 0))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Leave the frozen teacher, VAE and text encoder out: they come from ``pretrained``."""
