@@ -37,6 +37,8 @@ demo: install
 	$(PY) -m codi_lightning.demo --out $(DEMO_OUT)
 	$(VENV)/bin/codi-lightning fit --config configs/tiny_cpu.yaml
 	$(VENV)/bin/codi-lightning validate --config configs/tiny_cpu.yaml --ckpt_path $(DEMO_OUT)/checkpoints/last.ckpt
+	$(VENV)/bin/codi-lightning test --config configs/tiny_cpu.yaml --ckpt_path $(DEMO_OUT)/checkpoints/last.ckpt
+	$(VENV)/bin/codi-lightning predict --config configs/tiny_cpu.yaml --ckpt_path $(DEMO_OUT)/checkpoints/last.ckpt --data.predict_images $(DEMO_OUT)/lowres
 	$(PY) -m codi_lightning.demo --out $(DEMO_OUT) --report
 
 clean:

@@ -58,8 +58,9 @@ def _tiny_config(tmp_path, teacher, shards, **trainer):
     out = tmp_path / "run"
     cfg["trainer"].update(
         default_root_dir=str(out), max_steps=4, val_check_interval=2, limit_val_batches=1,
-        enable_progress_bar=False, log_every_n_steps=1, **trainer,
+        enable_progress_bar=False, log_every_n_steps=1,
     )  # fmt: skip
+    cfg["trainer"].update(trainer)
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(out / "logs")
     cfg["trainer"]["callbacks"][0]["init_args"].update(
         dirpath=str(out / "ckpt"), every_n_train_steps=2
@@ -102,3 +103,44 @@ def test_fit_then_validate_end_to_end(tmp_path, tiny_teacher, tiny_shards):
         "val/loss",
     } <= scalars
     assert "val/samples" in acc.Tags()["images"]
+
+
+def test_test_predict_export_end_to_end(tmp_path, tiny_teacher, tiny_shards):
+    import json
+
+    from PIL import Image
+
+    config, out = _tiny_config(tmp_path, tiny_teacher, tiny_shards, max_steps=2)
+    main(["fit", "--config", str(config)])
+    last = str(out / "ckpt" / "last.ckpt")
+
+    main(["test", "--config", str(config), "--ckpt_path", last])
+    metrics = sorted(out.rglob("metrics.json"))
+    assert len(metrics) == 1
+    payload = json.loads(metrics[0].read_text())
+    assert payload["meta"]["weights"] == "target" and payload["meta"]["step"] == 2
+    for steps in ("1", "2", "4"):
+        row = payload["results"][steps]
+        assert row["images"] == 10  # every val image once
+        assert {"fid", "kid", "psnr", "ssim", "input_psnr"} <= set(row)
+    assert "| steps |" in (metrics[0].parent / "metrics.md").read_text()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(metrics[0].parent))
+    acc.Reload()
+    assert {"test/psnr@1", "test/fid@4", "test/images@2"} <= set(acc.Tags()["scalars"])
+
+    inputs = tmp_path / "lowres"
+    inputs.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (40 * i, 100, 200)).save(inputs / f"in{i}.png")
+    (inputs / "in0.txt").write_text("a red circle")
+    preds = tmp_path / "preds"
+    main(["predict", "--config", str(config), "--ckpt_path", last,
+          "--data.predict_images", str(inputs), "--data.predict_output", str(preds)])  # fmt: skip
+    written = sorted(p.name for p in preds.iterdir())
+    assert written == ["in0.png", "in1.png", "in2.png"]
+    assert Image.open(preds / "in0.png").size == (32, 32)  # 8 px input, 4x
+
+    main(["export", "--ckpt", last, "--output", str(tmp_path / "exported")])
+    assert (tmp_path / "exported" / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()

@@ -5,18 +5,24 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from jsonargparse import CLI
 from lightning.pytorch.cli import LightningCLI
 
 from .data import ShardDataModule, write_shards
-from .training import CoDiDistillation
+from .export import export_checkpoint
+from .training import CoDiDistillation, ImageWriter
 
-EXTRA_COMMANDS = {"shards": write_shards}
+EXTRA_COMMANDS = {"shards": write_shards, "export": export_checkpoint}
 # the teacher, VAE, text encoder and EMA target are in eval mode on purpose
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
-EPILOG = "Also: `codi-lightning shards --help` writes WebDataset shards from an image folder."
+EPILOG = (
+    "Also: `codi-lightning shards --help` writes WebDataset shards from an image folder; "
+    "`codi-lightning export --help` writes diffusers folders from a checkpoint."
+)
 
 
 class CoDiCLI(LightningCLI):
@@ -26,6 +32,13 @@ class CoDiCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"epilog": EPILOG})
         super().__init__(CoDiDistillation, ShardDataModule, args=args, **kwargs)
+
+    def before_predict(self) -> None:
+        """Write predictions to files unless the config already has a writer."""
+        if not any(isinstance(cb, ImageWriter) for cb in self.trainer.callbacks):
+            out = self.datamodule.hparams.predict_output
+            out = out or str(Path(self.trainer.default_root_dir) / "predictions")
+            self.trainer.callbacks.append(ImageWriter(out))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -52,6 +52,7 @@ def write_image_folder(folder: Path, count: int, seed: int) -> None:
 
 
 def prepare(out: str | Path, train_images: int = 512, val_images: int = 16) -> Path:
+    """Teacher folder, train/val shards, and 8x8 low-resolution inputs for ``predict``."""
     out = Path(out)
     write_tiny_teacher(out / "teacher")
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,6 +60,12 @@ def prepare(out: str | Path, train_images: int = 512, val_images: int = 16) -> P
             folder = Path(tmp) / split
             write_image_folder(folder, count, seed)
             write_shards(str(folder), str(out / "shards" / f"{split}-%06d.tar"), maxcount=128)
+    lowres = out / "lowres"
+    lowres.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(2)
+    for i in range(8):
+        img, _ = synthetic_image(rng)
+        img.resize((8, 8), Image.BICUBIC).save(lowres / f"input{i}.png")
     return out
 
 
@@ -68,11 +75,14 @@ def report(out: str | Path) -> str:
     grids = sorted((out / "logs").rglob("samples/*.png"), key=lambda p: p.stat().st_mtime)
     if not grids:
         raise FileNotFoundError(f"no sample grid under {out / 'logs'}: did the fit run?")
+    metrics = sorted((out / "logs").rglob("metrics.md"), key=lambda p: p.stat().st_mtime)
     return "\n".join(
         [
             "demo finished.",
             f"  sample grid (condition | 1 | 2 | 4 steps | target): {grids[-1]}",
             f"  checkpoints: {out / 'checkpoints'}",
+            *([f"  test metrics: {metrics[-1]}"] if metrics else []),
+            f"  4x upscaled predictions of {out / 'lowres'}: {out / 'predictions'}",
             f"  TensorBoard: tensorboard --logdir {out / 'logs'}",
         ]
     )

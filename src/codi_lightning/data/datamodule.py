@@ -21,6 +21,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
 
 from .decode import BadSample, decode_sample, select_member
+from .folder import ConditionFolder, collate_conditions
 from .transforms import PairTransform, collate, make_recipe
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,13 @@ class ShardDataModule(L.LightningDataModule):
         shuffle_buffer: samples in the shuffle buffer.
         seed: base seed; the training stream is reseeded from the global step on
             resume, so a resumed run does not replay the samples it saw.
+        predict_images: folder of condition images for ``predict``.
+        predict_prompt: prompt for images without a side ``<stem>.txt``.
+        predict_upscale: scale factor applied to predict inputs (4 for 4x SR).
+        predict_multiple: predict inputs are resized to multiples of this (64 for SD).
+        predict_batch_size: images per predict batch (same-size images only).
+        predict_output: folder for predicted images (default:
+            ``<trainer.default_root_dir>/predictions``).
     """
 
     def __init__(
@@ -87,6 +95,12 @@ class ShardDataModule(L.LightningDataModule):
         resize_shorter: bool = True,
         shuffle_buffer: int = 1000,
         seed: int = 0,
+        predict_images: str | None = None,
+        predict_prompt: str = "",
+        predict_upscale: int = 1,
+        predict_multiple: int = 64,
+        predict_batch_size: int = 1,
+        predict_output: str | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= caption_dropout <= 1.0:
@@ -170,3 +184,15 @@ class ShardDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_dataloader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        if not hp.predict_images:
+            raise ValueError("data.predict_images is empty: give a folder of condition images")
+        dataset = ConditionFolder(
+            hp.predict_images, hp.predict_prompt, hp.predict_upscale, hp.predict_multiple
+        )
+        return DataLoader(
+            dataset, batch_size=hp.predict_batch_size, shuffle=False,
+            num_workers=min(self.num_workers, 4), collate_fn=collate_conditions,
+        )  # fmt: skip

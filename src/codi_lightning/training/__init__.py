@@ -1,5 +1,6 @@
 """LightningModules and their helpers."""
 
+from .callbacks import ImageWriter
 from .module import CoDiDistillation
 
-__all__ = ["CoDiDistillation"]
+__all__ = ["CoDiDistillation", "ImageWriter"]

@@ -24,6 +24,7 @@ from ..diffusion import (
     sample_pairs,
     sampling_timesteps,
 )
+from ..metrics import EvalSuite, MetricsConfig, write_results
 from ..models import build_adapter, check_resolution, load_teacher
 from .visualize import save_grid
 
@@ -60,6 +61,14 @@ class CoDiDistillation(L.LightningModule):
         val_steps: step counts shown in the validation grid.
         val_images: rows of the validation grid.
         val_guidance_scale: classifier-free guidance scale at validation (1 = off).
+        test_steps: step counts evaluated by ``codi-lightning test``.
+        eval_weights: sample with the EMA ``target`` (default) or the ``online`` weights in
+            test and predict.
+        eval_guidance_scale: classifier-free guidance scale in test and predict.
+        eval_stochastic: multistep sampler with fresh noise (as LCMScheduler) in test and
+            predict, instead of the deterministic one.
+        metrics: which metrics ``test`` computes, and their weights.
+        predict_steps: sampling steps of ``codi-lightning predict``.
     """
 
     def __init__(
@@ -82,17 +91,30 @@ class CoDiDistillation(L.LightningModule):
         val_steps: Sequence[int] = (1, 2, 4),
         val_images: int = 4,
         val_guidance_scale: float = 1.0,
+        test_steps: Sequence[int] = (1, 2, 4),
+        eval_weights: Literal["target", "online"] = "target",
+        eval_guidance_scale: float = 1.0,
+        eval_stochastic: bool = False,
+        metrics: MetricsConfig = MetricsConfig(),
+        predict_steps: int = 4,
     ) -> None:
         super().__init__()
         if method not in ("pe-codi", "codi"):
             raise ValueError(f"model.method={method!r}; choose 'pe-codi' or 'codi'")
         if not 0.0 <= ema_decay <= 1.0:
             raise ValueError(f"model.ema_decay={ema_decay} must lie in [0, 1] (e.g. 0.999)")
+        if eval_weights not in ("target", "online"):
+            raise ValueError(f"model.eval_weights={eval_weights!r}; choose 'target' or 'online'")
         self.loss_config = loss if isinstance(loss, CoDiLossConfig) else CoDiLossConfig(**loss)
+        self.metrics_config = (
+            metrics if isinstance(metrics, MetricsConfig) else MetricsConfig(**metrics)
+        )
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         # plain types only, so checkpoints load with torch.load(weights_only=True)
         self.hparams["loss"] = dataclasses.asdict(self.loss_config)
+        self.hparams["metrics"] = dataclasses.asdict(self.metrics_config)
         self.hparams["val_steps"] = [int(s) for s in val_steps]
+        self.hparams["test_steps"] = [int(s) for s in test_steps]
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
 
@@ -117,6 +139,7 @@ class CoDiDistillation(L.LightningModule):
         self.target = nn.ModuleDict(target).requires_grad_(False).eval()
         self._empty_text: Tensor | None = None
         self._checkpoint_step = 0
+        self.eval_suite: EvalSuite | None = None
 
     # ------------------------------------------------------------------ networks
     def trainable_modules(self) -> dict[str, nn.Module]:
@@ -364,10 +387,56 @@ class CoDiDistillation(L.LightningModule):
             experiment.add_image("val/samples", grid, step)
         return path
 
+    # ------------------------------------------------------------------ test and predict
+    def _eval_samples(self, batch: dict[str, Any], steps: int, seed: int) -> Tensor:
+        hp = self.hparams
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        return self.sample_images(
+            batch["cond"], batch["caption"], steps, use_target=hp.eval_weights == "target",
+            stochastic=hp.eval_stochastic, guidance_scale=hp.eval_guidance_scale, generator=gen,
+        )  # fmt: skip
+
+    def on_test_start(self) -> None:
+        if self.eval_suite is None:
+            self.eval_suite = EvalSuite(self.metrics_config, self.hparams.test_steps).to(
+                self.device
+            )
+        self.eval_suite.reset()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        seed = self.hparams.seed + 7919 * batch_idx + 104729 * self.global_rank
+        target = (batch["image"].float() + 1) / 2
+        for steps in self.hparams.test_steps:  # the same noise for every step count
+            preds = self._eval_samples(batch, steps, seed)
+            self.eval_suite.update(steps, preds, target, batch["caption"])
+
+    def on_test_epoch_end(self) -> None:
+        results = self.eval_suite.compute()  # reduced across ranks; every rank computes
+        for steps, row in results.items():
+            for name, value in row.items():
+                self.log(f"test/{name}@{steps}", float(value), rank_zero_only=True)
+        self.test_results = results
+        if self.global_rank == 0:
+            folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            meta = {
+                "weights": self.hparams.eval_weights,
+                "step": self.global_step or self._checkpoint_step,
+                "guidance": self.hparams.eval_guidance_scale,
+                "sampler": "stochastic" if self.hparams.eval_stochastic else "deterministic",
+            }
+            json_path, md_path = write_results(results, folder, meta)
+            print(md_path.read_text())
+            print(f"metrics written to {json_path} and {md_path}")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        seed = self.hparams.seed + 7919 * batch_idx + 104729 * self.global_rank
+        images = self._eval_samples(batch, self.hparams.predict_steps, seed)
+        return {"images": images.cpu(), "names": batch["name"]}
+
     # ------------------------------------------------------------------ checkpoints
     def setup(self, stage: str) -> None:
         resolution = getattr(getattr(self.trainer, "datamodule", None), "resolution", None)
-        if resolution is not None:
+        if resolution is not None and stage in ("fit", "validate", "test"):
             check_resolution(int(resolution), self.vae_scale, self.unet)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -376,7 +445,7 @@ class CoDiDistillation(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Leave the frozen teacher, VAE and text encoder out: they come from ``pretrained``."""
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
+        for key in [k for k in state if k.startswith(FROZEN_PREFIXES + ("eval_suite.",))]:
             del state[key]
 
     def load_state_dict(
@@ -387,6 +456,6 @@ class CoDiDistillation(L.LightningModule):
         own = super().state_dict(keep_vars=True)
         merged = dict(state_dict)
         for key, value in own.items():
-            if key.startswith(FROZEN_PREFIXES) and key not in merged:
+            if key.startswith(FROZEN_PREFIXES + ("eval_suite.",)) and key not in merged:
                 merged[key] = value
         return super().load_state_dict(merged, strict=strict, assign=assign)

@@ -1,0 +1,119 @@
+"""Sample with an exported CoDi folder plus its base model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..diffusion import NoiseSchedule, sample, sampling_timesteps
+from ..models import TeacherParts, load_teacher
+
+
+class CoDiPipeline:
+    """An exported CoDi model: base model parts + ``controlnet/`` (+ ``unet/``).
+
+    ``pipe(cond, prompts, num_steps=4)`` returns images in [0, 1]. The sampler is the
+    project's (``diffusion.sample``); ``stochastic=True`` is exactly what stock
+    diffusers' ``LCMScheduler`` does, so ``to_diffusers()`` gives the same images.
+    """
+
+    def __init__(self, parts: TeacherParts, controlnet: torch.nn.Module, num_grid: int) -> None:
+        self.parts, self.controlnet, self.num_grid = parts, controlnet.eval(), num_grid
+        self.schedule = NoiseSchedule.from_config(parts.scheduler_config)
+
+    @classmethod
+    def from_exported(
+        cls,
+        folder: str,
+        base: str,
+        *,
+        pixel_space: bool = False,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+    ) -> CoDiPipeline:
+        from diffusers import ControlNetModel, LCMScheduler, UNet2DConditionModel
+
+        parts = load_teacher(base, pixel_space=pixel_space, torch_dtype=torch_dtype)
+        kw = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+        if (Path(folder) / "unet").is_dir():
+            parts.unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw).eval()
+        controlnet = ControlNetModel.from_pretrained(folder, subfolder="controlnet", **kw)
+        num_grid = LCMScheduler.load_config(folder, subfolder="scheduler")[
+            "original_inference_steps"
+        ]
+        pipe = cls(parts, controlnet, int(num_grid))
+        return pipe.to(device)
+
+    def to(self, device: str | torch.device) -> CoDiPipeline:
+        for m in (self.parts.unet, self.parts.vae, self.parts.text_encoder, self.controlnet):
+            if m is not None:
+                m.to(device)
+        self.device = torch.device(device)
+        return self
+
+    @torch.no_grad()
+    def encode_text(self, prompts: Sequence[str]) -> Tensor:
+        tok = self.parts.tokenizer
+        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length,
+                  truncation=True, return_tensors="pt").input_ids  # fmt: skip
+        return self.parts.text_encoder(ids.to(self.device))[0]
+
+    def _denoiser(self, text: Tensor, cond: Tensor):
+        unet, controlnet = self.parts.unet, self.controlnet
+
+        def f(z: Tensor, t: Tensor) -> Tensor:
+            dtype = unet.dtype
+            down, mid = controlnet(z.to(dtype), t, encoder_hidden_states=text,
+                                   controlnet_cond=cond.to(dtype), return_dict=False)  # fmt: skip
+            return unet(z.to(dtype), t, encoder_hidden_states=text,
+                        down_block_additional_residuals=down,
+                        mid_block_additional_residual=mid).sample  # fmt: skip
+
+        return f
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        cond: Tensor,
+        prompts: Sequence[str] | None = None,
+        num_steps: int = 4,
+        *,
+        generator: torch.Generator | None = None,
+        stochastic: bool = False,
+        guidance_scale: float = 1.0,
+    ) -> Tensor:
+        """Images in [0, 1] for conditions ``cond`` ([B, 3, H, W] in [0, 1])."""
+        cond = cond.to(self.device)
+        prompts = list(prompts) if prompts is not None else [""] * len(cond)
+        text = self.encode_text(prompts)
+        uncond = None
+        if guidance_scale != 1.0:
+            uncond = self._denoiser(self.encode_text([""] * len(cond)), cond)
+        size = cond.shape[-1] // self.parts.vae_scale
+        shape = (len(cond), self.parts.unet.config.in_channels, size, size)
+        noise = torch.randn(shape, generator=generator, device=self.device)
+        timesteps = sampling_timesteps(num_steps, self.schedule.num_train_timesteps, self.num_grid)
+        latents = sample(self._denoiser(text, cond), noise, self.schedule, timesteps,
+                         stochastic=stochastic, generator=generator, uncond_model=uncond,
+                         guidance_scale=guidance_scale)  # fmt: skip
+        vae = self.parts.vae
+        if vae is not None:
+            latents = vae.decode(latents.to(vae.dtype) / self.parts.scaling_factor).sample
+        return ((latents.float() + 1) / 2).clamp(0, 1)
+
+    def to_diffusers(self, folder: str):
+        """The stock ``StableDiffusionControlNetPipeline`` with ``LCMScheduler`` from
+        ``folder`` (latent models only)."""
+        from diffusers import LCMScheduler, StableDiffusionControlNetPipeline
+
+        if self.parts.vae is None:
+            raise ValueError("stock diffusers has no pixel-space ControlNet pipeline")
+        return StableDiffusionControlNetPipeline(
+            vae=self.parts.vae, text_encoder=self.parts.text_encoder,
+            tokenizer=self.parts.tokenizer, unet=self.parts.unet, controlnet=self.controlnet,
+            scheduler=LCMScheduler.from_pretrained(folder, subfolder="scheduler"),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip

@@ -1,0 +1,258 @@
+"""FID, KID, LPIPS, PSNR, SSIM, CLIP score and input-consistency PSNR per step count.
+
+Tensors in, numbers out: images are [B, 3, H, W] in [0, 1]. Every metric is a
+torchmetrics ``Metric``, so states are reduced across processes in ``compute`` (every
+rank must call it). The feature network of FID/KID and the CLIP model are built once
+and shared by the per-step-count metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .features import InceptionFeatures, RandomConvFeatures
+from .weights import (
+    INCEPTION_URL,
+    LPIPS_BACKBONE_URLS,
+    MissingWeightsError,
+    hub_dir_holding,
+    reachable,
+    resolve_weights,
+)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Which metrics ``codi-lightning test`` computes, and where their weights are.
+
+    Attributes:
+        fid, kid, lpips, psnr, ssim: turn each metric on or off.
+        clip: CLIP score of the output against the caption (text-conditioned tasks).
+        input_consistency_factor: for super-resolution, the factor f of the PSNR between
+            the output and the target both downscaled by f (agreement with the input).
+        feature: FID/KID features: ``inception`` (torch-fidelity's, the standard) or
+            ``random_conv`` (a fixed seeded conv net that needs no weights).
+        inception_weights: local ``weights-inception-2015-12-05-6726825d.pth``.
+        lpips_net: LPIPS backbone (``alex`` is the standard).
+        lpips_weights: local torchvision weights of that backbone
+            (e.g. ``alexnet-owt-7be5be79.pth``).
+        clip_model: hub id or local folder of a CLIP model.
+        kid_subset_size: KID subset size (lowered to the number of images if larger).
+    """
+
+    fid: bool = True
+    kid: bool = True
+    lpips: bool = True
+    psnr: bool = True
+    ssim: bool = True
+    clip: bool = False
+    input_consistency_factor: int | None = None
+    feature: Literal["inception", "random_conv"] = "inception"
+    inception_weights: str | None = None
+    lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
+    lpips_weights: str | None = None
+    clip_model: str = "openai/clip-vit-large-patch14"
+    kid_subset_size: int = 100
+
+
+class _ClipImageText(nn.Module):
+    """Adapts transformers 5's CLIPModel (feature getters return output objects) to the
+    tensor-returning interface torchmetrics' CLIPScore calls."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config  # CLIPScore reads text_config.max_position_embeddings
+
+    def get_image_features(self, *args, **kwargs) -> Tensor:
+        out = self.model.get_image_features(*args, **kwargs)
+        return out if isinstance(out, Tensor) else out.pooler_output
+
+    def get_text_features(self, *args, **kwargs) -> Tensor:
+        out = self.model.get_text_features(*args, **kwargs)
+        return out if isinstance(out, Tensor) else out.pooler_output
+
+
+def clip_loader(name: str) -> Callable[[], tuple[nn.Module, object]]:
+    """A loader for CLIPScore: local files first; the hub only if it can be reached."""
+
+    def load() -> tuple[nn.Module, object]:
+        from transformers import CLIPModel, CLIPProcessor
+
+        try:
+            model = CLIPModel.from_pretrained(name, local_files_only=True)
+            processor = CLIPProcessor.from_pretrained(name, local_files_only=True)
+        except OSError:
+            if Path(name).exists() or not reachable("huggingface.co"):
+                raise MissingWeightsError(
+                    f"CLIP model {name!r} is neither a local folder nor in the Hugging Face "
+                    "cache, and the hub cannot be reached. Download it (e.g. `huggingface-cli "
+                    f"download {name}`) or set model.metrics.clip_model=/path/to/clip_folder."
+                ) from None
+            model = CLIPModel.from_pretrained(name)
+            processor = CLIPProcessor.from_pretrained(name)
+        return _ClipImageText(model.eval()), processor
+
+    return load
+
+
+def build_lpips(net: str, weights: str | None) -> nn.Module:
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    url = LPIPS_BACKBONE_URLS[net]
+    path = resolve_weights("LPIPS backbone", url, weights, "model.metrics.lpips_weights")
+    if path is None:
+        return LearnedPerceptualImagePatchSimilarity(net_type=net, normalize=True)
+    with hub_dir_holding(path, url):
+        return LearnedPerceptualImagePatchSimilarity(net_type=net, normalize=True)
+
+
+def build_feature(config: MetricsConfig) -> nn.Module:
+    if config.feature == "random_conv":
+        return RandomConvFeatures()
+    path = resolve_weights(
+        "FID Inception", INCEPTION_URL, config.inception_weights, "model.metrics.inception_weights"
+    )
+    return InceptionFeatures(None if path is None else str(path))
+
+
+def downscale(images: Tensor, factor: int) -> Tensor:
+    return F.interpolate(
+        images, scale_factor=1 / factor, mode="bicubic", antialias=True, align_corners=False
+    ).clamp(0, 1)
+
+
+class EvalSuite(nn.Module):
+    """One set of metrics per step count, updated with samples and targets."""
+
+    def __init__(self, config: MetricsConfig, step_counts: Sequence[int]) -> None:
+        super().__init__()
+        from torchmetrics.aggregation import SumMetric
+        from torchmetrics.image import (
+            FrechetInceptionDistance,
+            KernelInceptionDistance,
+            PeakSignalNoiseRatio,
+            StructuralSimilarityIndexMeasure,
+        )
+        from torchmetrics.multimodal import CLIPScore
+
+        self.config = config
+        self.step_counts = [int(s) for s in step_counts]
+        feature = build_feature(config) if (config.fid or config.kid) else None
+        clip = clip_loader(config.clip_model)() if config.clip else None
+        groups = {}
+        for steps in self.step_counts:
+            group: dict[str, nn.Module] = {"images": SumMetric()}
+            if config.fid:
+                group["fid"] = FrechetInceptionDistance(feature=feature, normalize=True)
+            if config.kid:
+                group["kid"] = KernelInceptionDistance(
+                    feature=feature, normalize=True, subset_size=config.kid_subset_size
+                )
+            if config.lpips:
+                group["lpips"] = build_lpips(config.lpips_net, config.lpips_weights)
+            if config.psnr:
+                group["psnr"] = PeakSignalNoiseRatio(data_range=1.0)
+            if config.ssim:
+                group["ssim"] = StructuralSimilarityIndexMeasure(data_range=1.0)
+            if config.input_consistency_factor:
+                group["input_psnr"] = PeakSignalNoiseRatio(data_range=1.0)
+            if clip is not None:
+                group["clip"] = CLIPScore(model_name_or_path=lambda c=clip: c)
+            groups[str(steps)] = nn.ModuleDict(group)
+        self.groups = nn.ModuleDict(groups)
+
+    @torch.no_grad()
+    def update(
+        self, steps: int, preds: Tensor, target: Tensor, captions: Sequence[str] | None = None
+    ) -> None:
+        """Add a batch of samples ``preds`` made in ``steps`` steps and their ``target``."""
+        g = self.groups[str(steps)]
+        preds, target = preds.float().clamp(0, 1), target.float().clamp(0, 1)
+        g["images"].update(torch.tensor(float(len(preds)), device=preds.device))
+        if "fid" in g:
+            g["fid"].update(target, real=True)
+            g["fid"].update(preds, real=False)
+        if "kid" in g:
+            g["kid"].update(target, real=True)
+            g["kid"].update(preds, real=False)
+        if "lpips" in g:
+            g["lpips"].update(preds, target)
+        if "psnr" in g:
+            g["psnr"].update(preds, target)
+        if "ssim" in g:
+            g["ssim"].update(preds, target)
+        if "input_psnr" in g:
+            f = self.config.input_consistency_factor
+            g["input_psnr"].update(downscale(preds, f), downscale(target, f))
+        if "clip" in g:
+            g["clip"].update(
+                (preds * 255).round().to(torch.uint8), list(captions or [""] * len(preds))
+            )
+
+    def compute(self) -> dict[int, dict[str, float]]:
+        """All metrics for every step count (reduced across processes: call on every rank)."""
+        results: dict[int, dict[str, float]] = {}
+        for steps in self.step_counts:
+            g = self.groups[str(steps)]
+            with warnings.catch_warnings():  # a rank may have seen no batch: still sync
+                warnings.filterwarnings("ignore", message=".*before the ``update``")
+                n = int(g["images"].compute().item())
+            row: dict[str, float] = {"images": n}
+            if n == 0:  # nothing evaluated at this step count (on any rank)
+                results[steps] = row
+                continue
+            for name, metric in g.items():
+                if name == "images":
+                    continue
+                if name == "kid":
+                    metric.subset_size = min(metric.subset_size, n)
+                    mean, std = metric.compute()
+                    row["kid"], row["kid_std"] = float(mean), float(std)
+                    continue
+                row[name] = float(metric.compute())
+            results[steps] = row
+        return results
+
+    def reset(self) -> None:
+        for g in self.groups.values():
+            for metric in g.values():
+                metric.reset()
+
+
+LOWER_IS_BETTER = {"fid", "kid", "kid_std", "lpips"}
+
+
+def results_markdown(results: dict[int, dict[str, float]], title: str = "") -> str:
+    """One table: a row per step count, a column per metric."""
+    columns = [c for c in next(iter(results.values())) if c != "images"] + ["images"]
+    arrows = {c: (" ↓" if c in LOWER_IS_BETTER else " ↑") if c != "images" else "" for c in columns}
+    lines = [f"### {title}", ""] if title else []
+    lines.append("| steps | " + " | ".join(c + arrows[c] for c in columns) + " |")
+    lines.append("|---" * (len(columns) + 1) + "|")
+    for steps, row in results.items():
+        cells = [f"{int(row[c])}" if c == "images" else f"{row[c]:.4f}" for c in columns]
+        lines.append(f"| {steps} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(
+    results: dict[int, dict[str, float]], folder: Path, meta: dict
+) -> tuple[Path, Path]:
+    """``metrics.json`` and ``metrics.md`` in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {"meta": meta, "results": {str(k): v for k, v in results.items()}}
+    json_path, md_path = folder / "metrics.json", folder / "metrics.md"
+    json_path.write_text(json.dumps(payload, indent=2))
+    title = ", ".join(f"{k}: {v}" for k, v in meta.items())
+    md_path.write_text(results_markdown(results, title))
+    return json_path, md_path
