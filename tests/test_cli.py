@@ -22,19 +22,36 @@ class ParseOnlyCLI(CoDiCLI):
         raise _Parsed(self.config)
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
 def test_every_config_parses(path):
+    """Task configs alone; trainer presets on top of the tiny task config."""
+    args = ["fit", "--config", str(path)]
+    if path.parent.name == "trainer":
+        args = ["fit", "--config", str(path.parents[1] / "tiny_cpu.yaml"), "--config", str(path)]
     with pytest.raises(_Parsed) as info:
-        ParseOnlyCLI(args=["fit", "--config", str(path)])
+        ParseOnlyCLI(args=args)
     config = info.value.args[0]["fit"]
     assert config.model.pretrained
     assert config.model.loss.solver in ("self", "target", "teacher")
     assert config.trainer.max_steps > 0
+    if path.parent.name == "trainer":
+        assert config.trainer.strategy.class_path.startswith("lightning.pytorch.strategies.")
+
+
+def test_fsdp1_wrap_policy_covers_the_blocks():
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D, UNetMidBlock2DCrossAttn
+
+    from codi_lightning.training.parallel import DiffusersBlockWrapPolicy, diffusers_block_classes
+
+    classes = diffusers_block_classes()
+    assert {CrossAttnDownBlock2D, UNetMidBlock2DCrossAttn, ControlNetModel, UNet2DConditionModel} <= classes
+    DiffusersBlockWrapPolicy()
 
 
 def test_configs_exist():
     names = {p.name for p in CONFIGS}
-    assert {"tiny_cpu.yaml", "sr.yaml", "edit.yaml", "depth.yaml"} <= names
+    assert {"tiny_cpu.yaml", "sr.yaml", "edit.yaml", "depth.yaml", "ddp.yaml", "fsdp.yaml"} <= names
 
 
 def test_help_and_print_config(capsys):

@@ -13,15 +13,21 @@ from lightning.pytorch.cli import LightningCLI
 from .data import ShardDataModule, write_shards
 from .export import export_checkpoint
 from .training import CoDiDistillation, ImageWriter
+from .checkpoints import consolidate_checkpoint
 
-EXTRA_COMMANDS = {"shards": write_shards, "export": export_checkpoint}
+EXTRA_COMMANDS = {
+    "shards": write_shards,
+    "export": export_checkpoint,
+    "consolidate": consolidate_checkpoint,
+}
 # the teacher, VAE, text encoder and EMA target are in eval mode on purpose
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 EPILOG = (
     "Also: `codi-lightning shards --help` writes WebDataset shards from an image folder; "
-    "`codi-lightning export --help` writes diffusers folders from a checkpoint."
+    "`codi-lightning export --help` writes diffusers folders from a checkpoint; "
+    "`codi-lightning consolidate --help` gathers a sharded checkpoint into one file."
 )
 
 

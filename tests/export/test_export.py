@@ -64,7 +64,7 @@ def test_full_codi_exports_the_unet(tiny_teacher, tmp_path):
 
 
 def test_export_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
         export_checkpoint(str(tmp_path / "missing.ckpt"), str(tmp_path / "o"))
 
 

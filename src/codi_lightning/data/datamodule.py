@@ -115,9 +115,11 @@ class ShardDataModule(L.LightningDataModule):
 
     def _rank_and_step(self) -> tuple[int, int]:
         trainer = self.trainer
-        if trainer is None:
-            return 0, 0
-        return trainer.global_rank, trainer.global_step
+        if trainer is not None:
+            return trainer.global_rank, trainer.global_step
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), 0
+        return 0, 0
 
     def _transform(self, train: bool) -> PairTransform:
         hp = self.hparams

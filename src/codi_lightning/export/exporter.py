@@ -12,16 +12,8 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from ..models import adapter_cond_channels, check_condition_downsampling
-
-
-def _read_checkpoint(path: str) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--ckpt {path!r}: no such checkpoint file") from None
+from ..checkpoints import read_checkpoint
 
 
 def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -40,7 +32,8 @@ def export_checkpoint(
     """Export a CoDi Lightning checkpoint to diffusers folders.
 
     Args:
-        ckpt: Lightning checkpoint written by ``codi-lightning fit``.
+        ckpt: Lightning checkpoint written by ``codi-lightning fit``: a file, or a
+            distributed-checkpoint folder (FSDP2).
         output: folder to write (``controlnet/``, ``unet/``, ``scheduler/``, ``README.md``).
         weights: ``target`` (EMA, what validation samples with) or ``online``.
         pretrained: base model to read configs from, if not the one recorded in the
@@ -50,7 +43,7 @@ def export_checkpoint(
 
     if weights not in ("target", "online"):
         raise ValueError(f"--weights {weights!r}; choose 'target' or 'online'")
-    checkpoint = _read_checkpoint(ckpt)
+    checkpoint = read_checkpoint(ckpt)
     hp = dict(checkpoint["hyper_parameters"])
     base = pretrained or hp["pretrained"]
     state = checkpoint["state_dict"]

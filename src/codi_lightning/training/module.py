@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -26,9 +28,12 @@ from ..diffusion import (
 )
 from ..metrics import EvalSuite, MetricsConfig, write_results
 from ..models import build_adapter, check_resolution, load_teacher
+from ..checkpoints import is_sharded, read_checkpoint
+from .parallel import data_parallel_mesh, enable_memory_savers, shard_blocks
 from .visualize import save_grid
 
 FROZEN_PREFIXES = ("unet.", "vae.", "text_encoder.")
+SKIPPED_PREFIXES = FROZEN_PREFIXES + ("eval_suite.",)  # left out of every state dict
 
 
 class CoDiDistillation(L.LightningModule):
@@ -69,6 +74,14 @@ class CoDiDistillation(L.LightningModule):
             predict, instead of the deterministic one.
         metrics: which metrics ``test`` computes, and their weights.
         predict_steps: sampling steps of ``codi-lightning predict``.
+        grad_clip_norm: clip the trainable gradients to this total norm (works under FSDP2
+            and DDP; use it instead of ``trainer.gradient_clip_val``).
+        gradient_checkpointing: activation checkpointing in the adapter and the UNets.
+        channels_last: channels-last memory format for the UNets and the adapter.
+        compile: ``torch.compile`` the UNets and the adapter (``nn.Module.compile``, so
+            checkpoint keys do not change).
+        frozen_dtype: dtype of the frozen teacher, VAE and text encoder: ``auto`` (bf16 on
+            CUDA under bf16 precision, else fp32), ``fp32`` or ``bf16``.
     """
 
     def __init__(
@@ -97,6 +110,11 @@ class CoDiDistillation(L.LightningModule):
         eval_stochastic: bool = False,
         metrics: MetricsConfig = MetricsConfig(),
         predict_steps: int = 4,
+        grad_clip_norm: float | None = None,
+        gradient_checkpointing: bool = False,
+        channels_last: bool = False,
+        compile: bool = False,
+        frozen_dtype: Literal["auto", "fp32", "bf16"] = "auto",
     ) -> None:
         super().__init__()
         if method not in ("pe-codi", "codi"):
@@ -128,7 +146,11 @@ class CoDiDistillation(L.LightningModule):
         self.schedule = NoiseSchedule.from_config(parts.scheduler_config)
         self.scheduler_config = parts.scheduler_config
 
-        self.controlnet = build_adapter(self.unet, self.vae_scale, adapter_cond_channels)
+        # the condition embedder is freshly initialised: seed it, so every rank (FSDP2 does
+        # not broadcast) and every rerun builds the same adapter
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.controlnet = build_adapter(self.unet, self.vae_scale, adapter_cond_channels)
         self.controlnet.train()
         self.student_unet = None
         if method == "codi":
@@ -140,6 +162,7 @@ class CoDiDistillation(L.LightningModule):
         self._empty_text: Tensor | None = None
         self._checkpoint_step = 0
         self.eval_suite: EvalSuite | None = None
+        self._model_configured = False
 
     # ------------------------------------------------------------------ networks
     def trainable_modules(self) -> dict[str, nn.Module]:
@@ -217,6 +240,39 @@ class CoDiDistillation(L.LightningModule):
 
         return guided
 
+    def configure_model(self) -> None:
+        """Memory savers, frozen-part dtype and, under ``ModelParallelStrategy``, FSDP2."""
+        if self._model_configured:
+            return
+        hp = self.hparams
+        trained = list(self.trainable_modules().values())
+        nets = [self.unet, *trained, *self.target.values()]
+        enable_memory_savers(nets, hp.gradient_checkpointing, hp.channels_last)
+        precision = str(getattr(self.trainer, "precision", "")) if self._trainer else ""
+        if precision == "bf16-true":
+            warnings.warn(
+                "precision=bf16-true stores the EMA target in bf16: with ema_decay close to 1 "
+                "the update (1 - decay) * (theta - theta^-) underflows. Prefer bf16-mixed.",
+                stacklevel=2,
+            )
+        on_cuda = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        bf16 = hp.frozen_dtype == "bf16" or (
+            hp.frozen_dtype == "auto" and on_cuda and precision.startswith("bf16")
+        )
+        if bf16:
+            for m in (self.unet, self.vae, self.text_encoder):  # frozen: no master weights needed
+                if m is not None:
+                    m.to(torch.bfloat16)
+        mesh = data_parallel_mesh(self.device_mesh)
+        if mesh is not None:
+            for key, module in self.trainable_modules().items():
+                shard_blocks(module, mesh)
+                shard_blocks(self.target[key], mesh)
+        if hp.compile:
+            for m in nets:
+                m.compile()
+        self._model_configured = True
+
     # ------------------------------------------------------------------ encoders
     @torch.no_grad()
     def encode_text(self, captions: Sequence[str]) -> Tensor:
@@ -238,11 +294,28 @@ class CoDiDistillation(L.LightningModule):
 
     @torch.no_grad()
     def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """x: images in [-1, 1] -> latents times ``scaling_factor`` (identity in pixel space)."""
+        """x: images in [-1, 1] -> latents times ``scaling_factor`` (identity in pixel space).
+
+        The posterior sample's noise comes from :meth:`rank_slice_randn`, so a run on N
+        processes draws what one process with the global batch would."""
         if self.vae is None:
             return images.float()
         dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
-        return dist.sample(generator=generator).float() * self.scaling_factor
+        eps = self.rank_slice_randn(dist.mean.shape, generator)
+        return (dist.mean.float() + dist.std.float() * eps) * self.scaling_factor
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        if self._trainer is None:
+            return 0, 1
+        return self.global_rank, self.trainer.world_size
+
+    def rank_slice_randn(self, shape: torch.Size | tuple, generator: torch.Generator | None) -> Tensor:
+        """Standard normal noise for this rank's part of the GLOBAL batch: every rank draws
+        the global tensor from the same generator and keeps its slice (cheap next to the
+        networks), so DDP/FSDP runs equal a one-process run with the global batch."""
+        rank, world = self._rank_and_world()
+        full = torch.randn((shape[0] * world, *shape[1:]), generator=generator, device=self.device)
+        return full[rank * shape[0] : (rank + 1) * shape[0]]
 
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
@@ -253,8 +326,9 @@ class CoDiDistillation(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def step_generator(self, salt: int = 0) -> torch.Generator:
-        """Generator seeded by (seed, global step, rank, salt): the same draws after resume."""
-        key = f"{self.hparams.seed}:{self.global_step}:{self.global_rank}:{salt}".encode()
+        """Generator seeded by (seed, global step, salt): the same draws after resume, the
+        same on every rank (each rank keeps its slice of the global draws)."""
+        key = f"{self.hparams.seed}:{self.global_step}:{salt}".encode()
         seed = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1)
         return torch.Generator(device=self.device).manual_seed(seed)
 
@@ -262,11 +336,14 @@ class CoDiDistillation(L.LightningModule):
         hp = self.hparams
         x = self.encode_images(batch["image"], gen)  # clean latent x (METHOD.md, Notation)
         cond, text = batch["cond"], self.encode_text(batch["caption"])  # c in [0, 1], y
-        noise = torch.randn(x.shape, generator=gen, device=x.device)  # eps ~ N(0, I)
-        t, s = sample_pairs(  # (t, s = max(t - k, 0)) on the grid
-            x.shape[0], self.schedule.num_train_timesteps, hp.num_grid,
+        noise = self.rank_slice_randn(x.shape, gen)  # eps ~ N(0, I)
+        rank, world = self._rank_and_world()
+        b = x.shape[0]
+        t, s = sample_pairs(  # (t, s = max(t - k, 0)) on the grid, drawn for the global batch
+            b * world, self.schedule.num_train_timesteps, hp.num_grid,
             hp.per_sample_timesteps, generator=gen, device=x.device,
         )  # fmt: skip
+        t, s = t[rank * b : (rank + 1) * b], s[rank * b : (rank + 1) * b]
         w = None
         if hp.cfg_aware:  # released code: one integer w per step, never inside the ODE step
             low, high = hp.guidance_range
@@ -288,10 +365,21 @@ class CoDiDistillation(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
-        if grads:
-            norm = torch.linalg.vector_norm(torch.stack([g.detach().norm() for g in grads]))
-            self.log("train/grad_norm", norm)
+        """Log the total gradient norm and clip it (DTensor-aware under FSDP2)."""
+        params = [p for p in self.trainable_parameters() if p.grad is not None]
+        if not params:
+            return
+        max_norm = self.hparams.grad_clip_norm
+        root = getattr(self.trainer.strategy, "model", None)
+        if type(root).__name__ == "FullyShardedDataParallel":  # FSDP1: its own sharded clip
+            norm = root.clip_grad_norm_(float("inf") if max_norm is None else max_norm)
+        elif max_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        self.log("train/grad_norm", norm)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -300,6 +388,9 @@ class CoDiDistillation(L.LightningModule):
     @torch.no_grad()
     def update_target(self) -> None:
         for key, online in self.trainable_modules().items():
+            for module in (online, self.target[key]):
+                if hasattr(module, "reshard"):  # FSDP2 roots stay unsharded after forward
+                    module.reshard()
             ema_update(self.target[key].parameters(), online.parameters(), self.hparams.ema_decay)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -439,14 +530,27 @@ class CoDiDistillation(L.LightningModule):
         if resolution is not None and stage in ("fit", "validate", "test"):
             check_resolution(int(resolution), self.vae_scale, self.unet)
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, *args: Any, **kwargs: Any):
+        """Lightning's ``load_from_checkpoint``, also from a sharded (FSDP2) folder."""
+        if is_sharded(checkpoint_path):
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "consolidated.ckpt"
+                torch.save(read_checkpoint(checkpoint_path), path)
+                return super().load_from_checkpoint(path, *args, **kwargs)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._checkpoint_step = int(checkpoint.get("global_step", 0))
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Leave the frozen teacher, VAE and text encoder out: they come from ``pretrained``."""
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(FROZEN_PREFIXES + ("eval_suite.",))]:
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Without the frozen teacher, VAE and text encoder (they come from ``pretrained``)
+        and the evaluation metrics. Every checkpoint path (full file, distributed
+        checkpoint, ``get_model_state_dict``) goes through here."""
+        state = super().state_dict(*args, **kwargs)
+        for key in [k for k in state if k.startswith(SKIPPED_PREFIXES)]:
             del state[key]
+        return state
 
     def load_state_dict(
         self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False
@@ -456,6 +560,6 @@ class CoDiDistillation(L.LightningModule):
         own = super().state_dict(keep_vars=True)
         merged = dict(state_dict)
         for key, value in own.items():
-            if key.startswith(FROZEN_PREFIXES + ("eval_suite.",)) and key not in merged:
+            if key.startswith(SKIPPED_PREFIXES) and key not in merged:
                 merged[key] = value
         return super().load_state_dict(merged, strict=strict, assign=assign)

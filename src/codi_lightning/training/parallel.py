@@ -1,0 +1,82 @@
+"""Sharding and memory options applied in ``configure_model``.
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``) through Lightning's
+``ModelParallelStrategy``: each down/mid/up block of a trainable module is one unit, the
+module itself the root unit. The EMA target is sharded with the same units on the same
+mesh, so every rank holds matching shards of theta and theta^- and the EMA update
+touches local shards only. Frozen parts (teacher UNet, VAE, text encoder) are never
+wrapped: they are replicated (in bf16 on GPU under bf16 precision), so no FSDP unit mixes
+frozen and trainable parameters.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+BLOCK_LISTS = ("down_blocks", "up_blocks")
+BLOCKS = ("mid_block",)
+
+
+def shard_blocks(module: nn.Module, mesh) -> int:
+    """``fully_shard`` each UNet/ControlNet block, then the module; returns the unit count."""
+    from torch.distributed.fsdp import fully_shard
+
+    units = 0
+    for name in BLOCK_LISTS:
+        for block in getattr(module, name, None) or []:
+            fully_shard(block, mesh=mesh)
+            units += 1
+    for name in BLOCKS:
+        block = getattr(module, name, None)
+        if block is not None:
+            fully_shard(block, mesh=mesh)
+            units += 1
+    fully_shard(module, mesh=mesh)
+    return units + 1
+
+
+def data_parallel_mesh(mesh):
+    """The data-parallel sub-mesh of Lightning's ``ModelParallelStrategy`` mesh."""
+    if mesh is None:
+        return None
+    names = mesh.mesh_dim_names or ()
+    return mesh["data_parallel"] if "data_parallel" in names else mesh
+
+
+def enable_memory_savers(modules: list[nn.Module], checkpointing: bool, channels_last: bool) -> None:
+    import torch
+
+    for m in modules:
+        if checkpointing and hasattr(m, "enable_gradient_checkpointing"):
+            m.enable_gradient_checkpointing()
+        if channels_last:
+            m.to(memory_format=torch.channels_last)
+
+
+def diffusers_block_classes() -> set[type[nn.Module]]:
+    """FSDP1 auto-wrap units: every diffusers UNet/ControlNet block class, and the
+    UNet/ControlNet models themselves, so the online adapter and its EMA copy are
+    separate units with the same layout and frozen models never share a unit with
+    trainable ones."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from diffusers.models.unets import unet_2d_blocks
+
+    blocks = {
+        cls
+        for name, cls in vars(unet_2d_blocks).items()
+        if isinstance(cls, type) and issubclass(cls, nn.Module) and name.endswith(("Block2D", "Block2DCrossAttn"))
+    }
+    return blocks | {ControlNetModel, UNet2DConditionModel}
+
+
+try:  # FSDP1 policy class for YAML: `auto_wrap_policy: {class_path: ...DiffusersBlockWrapPolicy}`
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    class DiffusersBlockWrapPolicy(ModuleWrapPolicy):
+        """``ModuleWrapPolicy`` over :func:`diffusers_block_classes`."""
+
+        def __init__(self) -> None:
+            super().__init__(diffusers_block_classes())
+
+except ImportError:  # pragma: no cover - torch without distributed
+    pass

@@ -1,0 +1,76 @@
+"""Precision and memory options on one CPU process (multi-process runs: tests/distributed)."""
+
+import lightning as L
+import pytest
+import torch
+from conftest import make_batch
+
+from codi_lightning.training import CoDiDistillation
+
+
+def _loss(m, seed=0):
+    loss, _ = m.compute_loss(make_batch(), torch.Generator().manual_seed(seed))
+    return loss
+
+
+@pytest.mark.parametrize("option", ["gradient_checkpointing", "channels_last"])
+def test_memory_savers_keep_the_loss(tiny_teacher, option):
+    ref = CoDiDistillation(str(tiny_teacher), method="codi", num_grid=10)
+    m = CoDiDistillation(str(tiny_teacher), method="codi", num_grid=10, **{option: True})
+    m.configure_model()
+    if option == "gradient_checkpointing":
+        assert m.controlnet.is_gradient_checkpointing and m.student_unet.is_gradient_checkpointing
+    else:
+        w = next(p for p in m.controlnet.parameters() if p.ndim == 4)
+        assert w.is_contiguous(memory_format=torch.channels_last)
+    a, b = _loss(ref), _loss(m)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    b.backward()
+    assert all(p.grad is not None for p in m.controlnet.parameters() if p.requires_grad)
+
+
+def test_frozen_parts_in_bf16_target_stays_fp32(tiny_teacher):
+    m = CoDiDistillation(str(tiny_teacher), num_grid=10, frozen_dtype="bf16")
+    m.configure_model()
+    assert m.unet.dtype == m.vae.dtype == m.text_encoder.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in m.target.parameters())
+    assert all(p.dtype == torch.float32 for p in m.controlnet.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = _loss(m)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad.dtype == torch.float32 for p in m.controlnet.parameters() if p.grad is not None)
+
+
+def test_auto_frozen_dtype_stays_fp32_on_cpu(tiny_teacher):
+    m = CoDiDistillation(str(tiny_teacher), num_grid=10)
+    m.trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False)
+    m.configure_model()
+    assert m.unet.dtype == torch.float32  # bf16 frozen parts only on CUDA under "auto"
+
+
+def test_bf16_true_warns_about_the_ema(tiny_teacher):
+    m = CoDiDistillation(str(tiny_teacher), num_grid=10)
+    m.trainer = L.Trainer(accelerator="cpu", precision="bf16-true", logger=False)
+    with pytest.warns(UserWarning, match="EMA target in bf16"):
+        m.configure_model()
+
+
+def test_grad_clip_norm_clips(tiny_teacher):
+    m = CoDiDistillation(str(tiny_teacher), num_grid=10, grad_clip_norm=1e-3)
+    m.trainer = L.Trainer(accelerator="cpu", logger=False)
+    _loss(m).backward()
+    logged = {}
+    m.log = lambda name, value, **kw: logged.__setitem__(name, value)
+    m.on_before_optimizer_step(None)
+    after = torch.nn.utils.get_total_norm([p.grad for p in m.trainable_parameters() if p.grad is not None])
+    assert logged["train/grad_norm"] > 1e-3 and after == pytest.approx(1e-3, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_compile_keeps_checkpoint_keys(tiny_teacher):
+    m = CoDiDistillation(str(tiny_teacher), num_grid=10, compile=True)
+    keys = set(m.state_dict())
+    m.configure_model()
+    assert set(m.state_dict()) == keys
+    assert torch.isfinite(_loss(m))
