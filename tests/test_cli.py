@@ -45,7 +45,12 @@ def test_fsdp1_wrap_policy_covers_the_blocks():
     from codi_lightning.training.parallel import DiffusersBlockWrapPolicy, diffusers_block_classes
 
     classes = diffusers_block_classes()
-    assert {CrossAttnDownBlock2D, UNetMidBlock2DCrossAttn, ControlNetModel, UNet2DConditionModel} <= classes
+    assert {
+        CrossAttnDownBlock2D,
+        UNetMidBlock2DCrossAttn,
+        ControlNetModel,
+        UNet2DConditionModel,
+    } <= classes
     DiffusersBlockWrapPolicy()
 
 

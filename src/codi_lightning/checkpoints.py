@@ -24,13 +24,16 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
         checkpoint = _load_distributed_checkpoint(path)
         optimizer_keys = sorted(
-            (k for k in checkpoint if re.fullmatch(r"optimizer_\d+", k)), key=lambda k: int(k.split("_")[1])
+            (k for k in checkpoint if re.fullmatch(r"optimizer_\d+", k)),
+            key=lambda k: int(k.split("_")[1]),
         )
         if optimizer_keys:
             checkpoint["optimizer_states"] = [checkpoint.pop(k) for k in optimizer_keys]
         return checkpoint
     if path.is_dir():
-        raise FileNotFoundError(f"{path} is a folder but not a distributed checkpoint (no .metadata)")
+        raise FileNotFoundError(
+            f"{path} is a folder but not a distributed checkpoint (no .metadata)"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r}: no such checkpoint file or folder")
     return torch.load(path, map_location="cpu", weights_only=True)

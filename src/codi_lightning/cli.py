@@ -10,10 +10,10 @@ from pathlib import Path
 from jsonargparse import CLI
 from lightning.pytorch.cli import LightningCLI
 
+from .checkpoints import consolidate_checkpoint
 from .data import ShardDataModule, write_shards
 from .export import export_checkpoint
 from .training import CoDiDistillation, ImageWriter
-from .checkpoints import consolidate_checkpoint
 
 EXTRA_COMMANDS = {
     "shards": write_shards,

@@ -73,7 +73,11 @@ def test_fsdp_save_resume_consolidate_export(runs, tiny_teacher):
     ckpt = root / "sharded.ckpt"
     _run([*common, "--max-steps", "2", "--out", str(root / "first"), "--save", str(ckpt)], 2, root)
     assert is_sharded(ckpt) and len(list(ckpt.glob("*.distcp"))) == 2
-    _run([*common, "--max-steps", "4", "--resume", str(ckpt), "--out", str(root / "resumed")], 2, root)
+    _run(
+        [*common, "--max-steps", "4", "--resume", str(ckpt), "--out", str(root / "resumed")],
+        2,
+        root,
+    )
     full_losses, full = _load(root / "fsdp")
     first, _ = _load(root / "first")
     resumed_losses, resumed = _load(root / "resumed")
@@ -118,5 +122,7 @@ def test_fsdp_bf16_mixed_keeps_fp32_master_and_ema(tiny_teacher, tmp_path):
             "--precision", "bf16-mixed", "--method", "codi", "--out", str(out)]  # fmt: skip
     _run(args, 2, tmp_path)
     losses, state = _load(out)
-    assert sorted(losses) == [1, 2] and all(v == v and abs(v) < float("inf") for v in losses.values())
+    assert sorted(losses) == [1, 2] and all(
+        v == v and abs(v) < float("inf") for v in losses.values()
+    )
     assert all(v.dtype == torch.float32 for v in state["target"].values())

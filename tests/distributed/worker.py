@@ -25,7 +25,9 @@ def global_batch(n: int) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     image = torch.rand(n, 3, 32, 32, generator=g) * 2 - 1
     captions = ["a red circle", "", "a blue square", "stripes"] * n
-    return [{"image": image[i], "cond": (image[i] + 1) / 2, "caption": captions[i]} for i in range(n)]
+    return [
+        {"image": image[i], "cond": (image[i] + 1) / 2, "caption": captions[i]} for i in range(n)
+    ]
 
 
 class RankSlice(L.LightningDataModule):

@@ -39,7 +39,9 @@ def test_frozen_parts_in_bf16_target_stays_fp32(tiny_teacher):
         loss = _loss(m)
     loss.backward()
     assert torch.isfinite(loss)
-    assert all(p.grad.dtype == torch.float32 for p in m.controlnet.parameters() if p.grad is not None)
+    assert all(
+        p.grad.dtype == torch.float32 for p in m.controlnet.parameters() if p.grad is not None
+    )
 
 
 def test_auto_frozen_dtype_stays_fp32_on_cpu(tiny_teacher):
@@ -63,7 +65,9 @@ def test_grad_clip_norm_clips(tiny_teacher):
     logged = {}
     m.log = lambda name, value, **kw: logged.__setitem__(name, value)
     m.on_before_optimizer_step(None)
-    after = torch.nn.utils.get_total_norm([p.grad for p in m.trainable_parameters() if p.grad is not None])
+    after = torch.nn.utils.get_total_norm(
+        [p.grad for p in m.trainable_parameters() if p.grad is not None]
+    )
     assert logged["train/grad_norm"] > 1e-3 and after == pytest.approx(1e-3, rel=1e-3)
 
 

@@ -12,8 +12,10 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from ..models import adapter_cond_channels, check_condition_downsampling
+import torch
+
 from ..checkpoints import read_checkpoint
+from ..models import adapter_cond_channels, check_condition_downsampling
 
 
 def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

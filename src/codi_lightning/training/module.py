@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from ..checkpoints import is_sharded, read_checkpoint
 from ..diffusion import (
     CoDiLossConfig,
     NoiseSchedule,
@@ -28,7 +29,6 @@ from ..diffusion import (
 )
 from ..metrics import EvalSuite, MetricsConfig, write_results
 from ..models import build_adapter, check_resolution, load_teacher
-from ..checkpoints import is_sharded, read_checkpoint
 from .parallel import data_parallel_mesh, enable_memory_savers, shard_blocks
 from .visualize import save_grid
 
@@ -309,7 +309,9 @@ class CoDiDistillation(L.LightningModule):
             return 0, 1
         return self.global_rank, self.trainer.world_size
 
-    def rank_slice_randn(self, shape: torch.Size | tuple, generator: torch.Generator | None) -> Tensor:
+    def rank_slice_randn(
+        self, shape: torch.Size | tuple, generator: torch.Generator | None
+    ) -> Tensor:
         """Standard normal noise for this rank's part of the GLOBAL batch: every rank draws
         the global tensor from the same generator and keeps its slice (cheap next to the
         networks), so DDP/FSDP runs equal a one-process run with the global batch."""

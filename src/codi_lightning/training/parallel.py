@@ -43,7 +43,9 @@ def data_parallel_mesh(mesh):
     return mesh["data_parallel"] if "data_parallel" in names else mesh
 
 
-def enable_memory_savers(modules: list[nn.Module], checkpointing: bool, channels_last: bool) -> None:
+def enable_memory_savers(
+    modules: list[nn.Module], checkpointing: bool, channels_last: bool
+) -> None:
     import torch
 
     for m in modules:
@@ -64,7 +66,9 @@ def diffusers_block_classes() -> set[type[nn.Module]]:
     blocks = {
         cls
         for name, cls in vars(unet_2d_blocks).items()
-        if isinstance(cls, type) and issubclass(cls, nn.Module) and name.endswith(("Block2D", "Block2DCrossAttn"))
+        if isinstance(cls, type)
+        and issubclass(cls, nn.Module)
+        and name.endswith(("Block2D", "Block2DCrossAttn"))
     }
     return blocks | {ControlNetModel, UNet2DConditionModel}
 
