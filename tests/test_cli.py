@@ -31,8 +31,12 @@ def test_every_config_parses(path):
     with pytest.raises(_Parsed) as info:
         ParseOnlyCLI(args=args)
     config = info.value.args[0]["fit"]
-    assert config.model.pretrained
-    assert config.model.loss.solver in ("self", "target", "teacher")
+    model = config.model.init_args
+    if config.model.class_path.endswith("DiffusionTraining"):
+        assert model.output_dir
+    else:
+        assert config.model.class_path.endswith(("CoDiDistillation", "ControlNetBaseline"))
+        assert model.pretrained and model.loss.solver in ("self", "target", "teacher")
     assert config.trainer.max_steps > 0
     if path.parent.name == "trainer":
         assert config.trainer.strategy.class_path.startswith("lightning.pytorch.strategies.")
@@ -66,8 +70,11 @@ def test_help_and_print_config(capsys):
     out = capsys.readouterr().out
     assert "fit" in out and "shards" in out
     with pytest.raises(SystemExit):
-        main(["fit", "--help"])
+        main(["fit", "--model.help", "CoDiDistillation"])
     assert "--model.loss.consistency_space" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", "DiffusionTraining"])
+    assert "--model.init_from" in capsys.readouterr().out
     with pytest.raises(SystemExit) as info:
         main(["fit", "--config", str(CONFIGS[0]), "--print_config"])
     assert info.value.code in (0, None)

@@ -7,16 +7,20 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import lightning as L
 from jsonargparse import CLI
 from lightning.pytorch.cli import LightningCLI
 
 from .checkpoints import consolidate_checkpoint
-from .data import ShardDataModule, write_shards
+from .data import ShardDataModule, write_edit_shards, write_shards
 from .export import export_checkpoint
 from .training import CoDiDistillation, ImageWriter
 
+DEFAULT_MODEL = CoDiDistillation
+
 EXTRA_COMMANDS = {
     "shards": write_shards,
+    "edit-shards": write_edit_shards,
     "export": export_checkpoint,
     "consolidate": consolidate_checkpoint,
 }
@@ -25,19 +29,29 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 EPILOG = (
-    "Also: `codi-lightning shards --help` writes WebDataset shards from an image folder; "
+    "Also: `codi-lightning shards --help` writes WebDataset shards from an image folder "
+    "(`edit-shards` from a JSONL manifest of editing triples); "
     "`codi-lightning export --help` writes diffusers folders from a checkpoint; "
     "`codi-lightning consolidate --help` gathers a sharded checkpoint into one file."
 )
 
 
 class CoDiCLI(LightningCLI):
-    """The Lightning CLI over :class:`CoDiDistillation` and :class:`ShardDataModule`."""
+    """The Lightning CLI over any LightningModule (default :class:`CoDiDistillation`, so
+    configs without ``model.class_path`` distil; ``DiffusionTraining`` trains a teacher,
+    ``ControlNetBaseline`` the two-stage baseline) and :class:`ShardDataModule`."""
 
     def __init__(self, args: Sequence[str] | None = None, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"epilog": EPILOG})
-        super().__init__(CoDiDistillation, ShardDataModule, args=args, **kwargs)
+        super().__init__(
+            L.LightningModule, ShardDataModule, subclass_mode_model=True, args=args, **kwargs
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults(
+            {"model": {"class_path": f"{DEFAULT_MODEL.__module__}.{DEFAULT_MODEL.__name__}"}}
+        )
 
     def before_predict(self) -> None:
         """Write predictions to files unless the config already has a writer."""

@@ -153,3 +153,24 @@ def test_missing_clip_model_names_the_fix(tmp_path, monkeypatch):
         EvalSuite(
             MetricsConfig(**OFFLINE, clip=True, clip_model="openai/clip-vit-large-patch14"), [1]
         )
+
+
+def test_swd_separates_distributions_and_is_zero_for_identical_sets():
+    from codi_lightning.metrics.swd import SlicedWassersteinDistance, laplacian_pyramid
+
+    img = _images(48, 0)
+    pyr = laplacian_pyramid(img, 3)
+    assert [p.shape[-1] for p in pyr] == [32, 16, 8]
+    same = SlicedWassersteinDistance(seed=1)
+    same.update(img, real=True)
+    same.update(img.clone(), real=False)
+    # identical images, but different random patch positions: small, not exactly 0
+    close = float(same.compute())
+    blurred = torch.nn.functional.avg_pool2d(img, 3, stride=1, padding=1)
+    far = SlicedWassersteinDistance(seed=1)
+    far.update(img, real=True)
+    far.update(blurred, real=False)
+    assert float(far.compute()) > 2 * close
+    suite = EvalSuite(MetricsConfig(**OFFLINE, swd=True), [1])
+    suite.update(1, blurred, img)
+    assert suite.compute()[1]["swd"] > 0

@@ -172,3 +172,16 @@ def test_bad_arguments_name_the_fix(tiny_teacher):
         _module(tiny_teacher, method="full")
     with pytest.raises(ValueError, match="ema_decay"):
         _module(tiny_teacher, ema_decay=2.0)
+
+
+def test_skip_counts_from_the_data_are_logged(tiny_teacher):
+    from torch.utils.data import DataLoader
+
+    batch = make_batch()
+    batch["skipped"] = {"corrupt_image": 3, "too_large": 1}
+    m = _module(tiny_teacher)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(m, train_dataloaders=DataLoader([batch], batch_size=None))
+    assert trainer.callback_metrics["data/skipped_corrupt_image"] == 3
+    assert trainer.callback_metrics["data/skipped_too_large"] == 1

@@ -1,15 +1,25 @@
-"""Data: safe WebDataset decoding, paired transforms, the DataModule and the shard writer."""
+"""Data: safe WebDataset decoding, condition recipes, paired transforms, the DataModule and
+the shard writers."""
 
-from .datamodule import ShardDataModule
+from .datamodule import PairStage, ShardDataModule, ShardSource
 from .decode import BadSample, decode_sample
-from .shards import write_shards
+from .recipes import CONDITIONS, canny_edges, inpaint_condition, make_recipe, realesrgan_low
+from .shards import write_edit_shards, write_shards
 from .transforms import PairTransform, sr_bicubic
 
 __all__ = [
+    "CONDITIONS",
     "BadSample",
+    "PairStage",
     "PairTransform",
     "ShardDataModule",
+    "ShardSource",
+    "canny_edges",
     "decode_sample",
+    "inpaint_condition",
+    "make_recipe",
+    "realesrgan_low",
     "sr_bicubic",
+    "write_edit_shards",
     "write_shards",
 ]

@@ -3,28 +3,61 @@
 Shard format (see docs/data.md): each sample has a target image (``jpg``/``png``/
 ``webp``), optionally a condition (``cond.png``/``cond.jpg``), a caption (``txt``) and
 metadata (``json``). Training streams are resampled (infinite; train by
-``trainer.max_steps``); validation streams are read once, split across ranks and workers.
+``trainer.max_steps``), optionally mixed from several weighted sources; validation
+streams are read once, split across ranks and workers. Bad samples and unreadable shards
+are skipped and counted per reason (``PairStage.skipped`` and ``batch["skipped"]``).
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import tarfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import lightning as L
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .decode import BadSample, decode_sample, select_member
+from .decode import DEFAULT_MAX_PIXELS, BadSample, CaptionErrors, decode_sample, select_member
 from .folder import ConditionFolder, collate_conditions
-from .transforms import PairTransform, collate, make_recipe
+from .recipes import SR_RECIPES
+from .transforms import CondMismatch, PairTransform, collate, make_recipe
 
 log = logging.getLogger(__name__)
+
+
+class ShardSource(TypedDict):
+    """One weighted source of training shards (``data.train_shards`` list entry)."""
+
+    shards: str | list[str]
+    weight: float
+
+
+ShardSpec = str | list[str] | list[ShardSource]
+
+
+def shard_error_reason(err: Exception) -> str:
+    """The skip reason for an exception raised while opening or reading a shard."""
+    if isinstance(err, tarfile.ReadError) and "unexpected end" in str(err):
+        return "truncated_shard"
+    if isinstance(err, tarfile.ReadError) and "empty file" in str(err):
+        return "unreadable_shard"  # a zero-byte file or a pipe: command that gave nothing
+    if isinstance(err, tarfile.TarError):
+        return "corrupt_shard"
+    if isinstance(err, OSError):
+        return "unreadable_shard"  # missing file, failed pipe: command, network error
+    return "shard_error"
+
+
+def _collect(errors: list[Exception], err: Exception) -> bool:
+    """A WebDataset error handler that records the error and continues."""
+    errors.append(err)
+    return True
 
 
 def _worker_seed(rank: int) -> int:
@@ -32,39 +65,206 @@ def _worker_seed(rank: int) -> int:
     return rank * 1000 + (info.id if info is not None else 0)
 
 
-class PairStage:
-    """Pipeline stage: decode safely, transform, skip bad samples counting the reason."""
+def expand_shards(spec: str | Sequence[str]) -> list[str]:
+    """Shard URLs from a brace pattern, a ``::``-separated string or a list of them.
 
-    def __init__(self, transform: PairTransform, seed: int, rank: int) -> None:
+    Local paths, ``file:`` and ``pipe:`` URLs pass through (``pipe:cat a.tar``)."""
+    patterns = [spec] if isinstance(spec, str) else list(spec)
+    return [url for p in patterns for url in wds.shardlists.expand_urls(p)]
+
+
+Sources = list[tuple[list[str], float]]
+
+
+def shard_sources(spec: ShardSpec | None, name: str = "data.train_shards") -> Sources:
+    """``[(urls, weight), ...]`` from a pattern, a list of patterns (one source) or a
+    list of ``{"shards": pattern(s), "weight": w}`` dicts (weighted sources)."""
+    if not spec:
+        raise ValueError(f"{name} is empty: give shard paths to train on")
+    if isinstance(spec, str) or all(isinstance(s, str) for s in spec):
+        sources = [(expand_shards(spec), 1.0)]
+    elif all(isinstance(s, dict) for s in spec):
+        sources = []
+        for i, s in enumerate(spec):
+            if set(s) != {"shards", "weight"}:
+                raise ValueError(
+                    f"{name}[{i}]={s!r}: each source needs exactly the keys 'shards' and 'weight'"
+                )
+            if not float(s["weight"]) > 0:
+                raise ValueError(f"{name}[{i}] weight={s['weight']!r} must be > 0")
+            sources.append((expand_shards(s["shards"]), float(s["weight"])))
+    else:
+        raise ValueError(
+            f"{name} mixes patterns and {{shards, weight}} sources; give one kind: a list of "
+            "patterns (one source) or a list of {shards: ..., weight: ...} entries"
+        )
+    for urls, _ in sources:
+        if not urls:
+            raise ValueError(f"{name}={spec!r} expands to no shard URL")
+    return sources
+
+
+def _describe(urls: Sequence[str], limit: int = 4) -> str:
+    """A short list of shard URLs for error messages."""
+    shown = ", ".join(urls[:limit])
+    return f"[{shown}{f', ... ({len(urls) - limit} more)' if len(urls) > limit else ''}]"
+
+
+class WeightedMix(IterableDataset):
+    """Draw each next sample from one of several (infinite) streams with probability
+    proportional to its weight; seeded per seed, rank and worker."""
+
+    def __init__(self, streams: Sequence[Any], weights: Sequence[float], seed: int, rank: int):
+        super().__init__()
+        self.streams, self.weights, self.seed, self.rank = list(streams), list(weights), seed, rank
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        rng = random.Random(f"mix-{self.seed}-{_worker_seed(self.rank)}")
+        iterators = [iter(s) for s in self.streams]
+        weights = list(self.weights)
+        while iterators:
+            i = rng.choices(range(len(iterators)), weights)[0]
+            try:
+                yield next(iterators[i])
+            except StopIteration:  # a finite source ran out: mix the rest
+                del iterators[i], weights[i]
+
+
+class PairStage:
+    """Pipeline stages: read shards and decode safely, transform, skip bad samples and
+    unreadable shards counting the reason in ``skipped``.
+
+    Args:
+        transform: the paired transform.
+        seed: stream seed (combined with ``rank`` and the worker id).
+        rank: global rank.
+        decode: raw sample -> decoded sample (``decode_sample`` with the filters).
+        max_consecutive_skips: raise instead of skipping forever: after this many bad
+            samples in a row with no good sample yet, or this many shards in a row of
+            one source that give no sample at all.
+        urls: the shard URLs, for error messages.
+    """
+
+    def __init__(
+        self,
+        transform: PairTransform,
+        seed: int,
+        rank: int,
+        decode: Any = decode_sample,
+        max_consecutive_skips: int = 1000,
+        urls: Sequence[str] = (),
+    ) -> None:
         self.transform, self.seed, self.rank = transform, seed, rank
+        self.decode, self.urls = decode, list(urls)
+        self.max_consecutive_skips = max_consecutive_skips
         self.skipped: Counter[str] = Counter()
+        self.good = 0
+        self.bad_in_a_row = 0
+        self.bad_urls: list[str] = []  # the last shards that gave bad samples (for errors)
+
+    def _stuck(self, what: str, urls: Sequence[str]) -> RuntimeError:
+        return RuntimeError(
+            f"{what} from shards {_describe(urls or self.urls)} (skip counts: "
+            f"{dict(self.skipped)}); check the shard paths or pattern, the shard contents "
+            "(docs/data.md) and the filters (data.min_size, data.max_aspect, "
+            "data.max_pixels, data.condition), or raise data.max_consecutive_skips"
+        )
+
+    def skip(self, reason: str, detail: str = "", url: str | None = None) -> None:
+        """Count one skip; raise when only bad samples came for too long."""
+        self.skipped[reason] += 1
+        self.bad_in_a_row += 1
+        if url is not None and url not in self.bad_urls:
+            self.bad_urls = [*self.bad_urls, url][-8:]
+        total = self.skipped.total()
+        if total in (1, 10, 100, 1000) or total % 10000 == 0:
+            log.warning("skipped %s bad samples so far %s; last: %s: %s",
+                        total, dict(self.skipped), reason, detail)  # fmt: skip
+        if self.good == 0 and self.bad_in_a_row >= self.max_consecutive_skips:
+            raise self._stuck(f"no valid sample in {self.bad_in_a_row} tries", self.bad_urls)
+
+    def read_shards(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Shard URLs -> raw samples (only the members ``select_member`` allows); a shard
+        that cannot be opened or read to its end counts one skip (``shard_*`` reasons)."""
+        empty_run: list[str] = []  # URLs of the current run of shards without a sample
+        for shard in src:
+            errors: list[Exception] = []
+            n = 0
+            handler = partial(_collect, errors)
+            for raw in wds.tarfile_samples(iter([dict(shard)]), handler, select_member):
+                n += 1
+                yield raw
+            url = shard["url"]
+            if errors:
+                self.skip(shard_error_reason(errors[0]), f"{url}: {errors[0]!r}", url)
+            elif n == 0:
+                self.skip("empty_shard", url, url)
+            empty_run = [] if n else [*empty_run, shard["url"]]
+            if len(empty_run) >= self.max_consecutive_skips:
+                urls = sorted(set(empty_run))
+                raise self._stuck(f"{len(empty_run)} shards in a row gave no sample", urls)
 
     def __call__(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         rng = random.Random(hash((self.seed, _worker_seed(self.rank))))
         for raw in src:
             try:
-                yield self.transform(decode_sample(raw), rng)
+                out = self.transform(self.decode(raw), rng)
             except BadSample as err:
-                self.skipped[err.reason] += 1
-                if self.skipped.total() in (1, 10, 100, 1000) or self.skipped.total() % 10000 == 0:
-                    log.warning("skipped %s bad samples so far %s; last: %s",
-                                self.skipped.total(), dict(self.skipped), err)  # fmt: skip
+                self.skip(err.reason, str(err), raw.get("__url__"))
+                continue
+            self.good += 1
+            self.bad_in_a_row = 0
+            yield out
+        if self.good == 0 and self.skipped:
+            log.warning("no valid sample in this stream; skip counts %s", dict(self.skipped))
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """``collate`` plus this worker's cumulative skip counts (``batch["skipped"]``)."""
+        return collate(samples, self.skipped)
+
+    def batches(self, batch_size: int, partial: bool) -> Batcher:
+        """A stage collating each batch as soon as it is full (the skip counts it carries
+        are those up to its last sample)."""
+        return Batcher(self, batch_size, partial)
+
+
+class Batcher:
+    """Pipeline stage: samples -> collated batches of ``batch_size`` (the last, smaller
+    one too when ``partial``)."""
+
+    def __init__(self, stage: PairStage, batch_size: int, partial: bool) -> None:
+        self.stage, self.batch_size, self.partial = stage, batch_size, partial
+
+    def __call__(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        batch: list[dict[str, Any]] = []
+        for sample in src:
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield self.stage.collate(batch)
+                batch = []
+        if batch and self.partial:
+            yield self.stage.collate(batch)
 
 
 class ShardDataModule(L.LightningDataModule):
-    """WebDataset shards -> batches ``{"image": [-1, 1], "cond": [0, 1], "caption": [str]}``.
+    """WebDataset shards -> batches ``{"image": [-1, 1], "cond": [0, 1], "caption": [str],
+    "key": [str], "skipped": {reason: count}}`` (plus ``mask`` for ``inpaint``).
 
     Args:
         train_shards: shard URLs: a brace pattern (``data/train-{000000..000099}.tar``),
-            a list, or a ``pipe:`` command.
+            a list of patterns, a ``pipe:`` command (``pipe:cat a.tar``), or a list of
+            weighted sources ``[{shards: pattern, weight: 2.0}, ...]`` mixed per sample
+            with probabilities proportional to the weights.
         val_shards: shards for validation/test (read once, not resampled).
         resolution: crop size in pixels (the target's resolution).
         batch_size: per-process batch size.
         val_batch_size: per-process validation batch size (default: ``batch_size``).
         num_workers: DataLoader workers per process.
-        condition: ``stored`` (read ``cond.*``) or ``sr`` (derive a bicubic
-            super-resolution condition when none is stored).
-        sr_factor: downscaling factor of the ``sr`` recipe.
+        condition: ``stored`` (read ``cond.*``) or a recipe that derives the condition
+            from the target crop when none is stored: ``sr`` (bicubic), ``sr_realesrgan``
+            (Real-ESRGAN-style degradation), ``inpaint`` (masked image, masked pixels
+            grey, plus ``mask``), ``canny`` (edge map).
+        sr_factor: downscaling factor of the super-resolution recipes (2, 4 or 8).
         caption_dropout: probability of an empty caption in training (for guidance).
         hflip: random horizontal flips in training.
         resize_shorter: scale the shorter side to ``resolution`` before cropping.
@@ -78,17 +278,31 @@ class ShardDataModule(L.LightningDataModule):
         predict_batch_size: images per predict batch (same-size images only).
         predict_output: folder for predicted images (default:
             ``<trainer.default_root_dir>/predictions``).
+        min_size: skip images whose shorter side is below this (``too_small``); sizes
+            come from the ``json`` metadata when present, else from the image header.
+        max_aspect: skip images whose longer/shorter side ratio is above this
+            (``aspect_ratio``); None: no limit.
+        max_pixels: skip images (target or condition) with more pixels than this
+            (``too_large``), checked from the header before decoding.
+        cond_mismatch: a stored condition whose size is neither the target's nor an
+            integer factor smaller: ``resize`` it to the target or ``skip`` the sample
+            (``size_mismatch``). Integer-factor conditions are always scaled up.
+        caption_errors: captions that are not valid UTF-8: ``replace`` the bad bytes
+            (U+FFFD) or ``skip`` the sample (``caption_not_utf8``).
+        max_consecutive_skips: raise a clear error after this many bad samples in a row
+            with no good one, or this many shards in a row without a sample, instead
+            of waiting forever on a resampled stream.
     """
 
     def __init__(
         self,
-        train_shards: str | list[str] | None = None,
+        train_shards: str | list[str] | list[ShardSource] | None = None,
         val_shards: str | list[str] | None = None,
         resolution: int = 512,
         batch_size: int = 4,
         val_batch_size: int | None = None,
         num_workers: int = 4,
-        condition: Literal["stored", "sr"] = "stored",
+        condition: Literal["stored", "sr", "sr_realesrgan", "inpaint", "canny"] = "stored",
         sr_factor: int = 4,
         caption_dropout: float = 0.1,
         hflip: bool = False,
@@ -101,17 +315,48 @@ class ShardDataModule(L.LightningDataModule):
         predict_multiple: int = 64,
         predict_batch_size: int = 1,
         predict_output: str | None = None,
+        min_size: int = 0,
+        max_aspect: float | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        cond_mismatch: CondMismatch = "resize",
+        caption_errors: CaptionErrors = "replace",
+        max_consecutive_skips: int = 1000,
     ) -> None:
         super().__init__()
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"data.caption_dropout={caption_dropout} must lie in [0, 1]")
-        make_recipe(condition, sr_factor)  # validates the name
+        make_recipe(condition, sr_factor)  # validates the name and the factor
+        self._check_options(condition, resolution, sr_factor, max_aspect, max_pixels,
+                            max_consecutive_skips, cond_mismatch, caption_errors)  # fmt: skip
+        if train_shards:
+            shard_sources(train_shards)  # config errors surface now, not in a worker
         self.save_hyperparameters()
         self.train_shards, self.val_shards = train_shards, val_shards
         self.resolution, self.batch_size = resolution, batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
         self.stages: dict[str, PairStage] = {}
+
+    @staticmethod
+    def _check_options(
+        condition: str, resolution: int, sr_factor: int, max_aspect: float | None,
+        max_pixels: int, max_consecutive_skips: int, cond_mismatch: str, caption_errors: str,
+    ) -> None:  # fmt: skip
+        """Validate the options ``make_recipe`` does not cover; errors name the fix."""
+        if condition in SR_RECIPES and resolution % sr_factor:
+            raise ValueError(
+                f"data.resolution={resolution} is not a multiple of data.sr_factor={sr_factor}: "
+                "pick a resolution the factor divides"
+            )
+        if max_aspect is not None and max_aspect < 1:
+            raise ValueError(f"data.max_aspect={max_aspect} must be >= 1 (or null for no limit)")
+        if max_pixels < 1 or max_consecutive_skips < 1:
+            raise ValueError("data.max_pixels and data.max_consecutive_skips must be >= 1")
+        if cond_mismatch not in ("resize", "skip") or caption_errors not in ("replace", "skip"):
+            raise ValueError(
+                f"data.cond_mismatch={cond_mismatch!r} must be 'resize' or 'skip' and "
+                f"data.caption_errors={caption_errors!r} must be 'replace' or 'skip'"
+            )
 
     def _rank_and_step(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -130,7 +375,17 @@ class ShardDataModule(L.LightningDataModule):
             resize_shorter=hp.resize_shorter,
             recipe=make_recipe(hp.condition, hp.sr_factor),
             caption_dropout=hp.caption_dropout if train else 0.0,
+            cond_mismatch=hp.cond_mismatch,
         )
+
+    def _stage(self, name: str, seed: int, rank: int, urls: list[str]) -> PairStage:
+        hp = self.hparams
+        decode = partial(decode_sample, max_pixels=hp.max_pixels, min_size=hp.min_size,
+                         max_aspect=hp.max_aspect, caption_errors=hp.caption_errors)  # fmt: skip
+        stage = PairStage(self._transform(train=name == "train"), seed, rank, decode,
+                          hp.max_consecutive_skips, urls)  # fmt: skip
+        self.stages[name] = stage
+        return stage
 
     def _loader(self, dataset: wds.DataPipeline, workers: int) -> DataLoader:
         return DataLoader(
@@ -142,44 +397,47 @@ class ShardDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        if not self.train_shards:
-            raise ValueError("data.train_shards is empty: give shard paths to train on")
+        sources = shard_sources(self.train_shards)
         rank, step = self._rank_and_step()
         seed = self.hparams.seed + step  # reseed from the global step: no replay on resume
-        stage = PairStage(self._transform(train=True), seed, rank)
-        self.stages["train"] = stage
+        stage = self._stage("train", seed, rank, [u for urls, _ in sources for u in urls])
+        worker_seed = partial(_worker_seed, rank)
+        streams = [
+            wds.DataPipeline(
+                wds.ResampledShards(
+                    urls, seed=seed + 1_000_003 * i, deterministic=True, worker_seed=worker_seed
+                ),
+                stage.read_shards,
+            )
+            for i, (urls, _) in enumerate(sources)
+        ]
+        weights = [w for _, w in sources]
+        mixed = streams[0] if len(streams) == 1 else WeightedMix(streams, weights, seed, rank)
         pipeline = wds.DataPipeline(
-            wds.ResampledShards(
-                self.train_shards,
-                seed=seed,
-                deterministic=True,
-                worker_seed=partial(_worker_seed, rank),
-            ),  # fmt: skip
-            wds.tarfile_to_samples(handler=wds.warn_and_continue, select_files=select_member),
+            mixed,
             wds.detshuffle(
                 self.hparams.shuffle_buffer, min(100, self.hparams.shuffle_buffer), seed=seed + rank
             ),
             stage,
-            wds.batched(self.batch_size, collation_fn=collate, partial=False),
+            stage.batches(self.batch_size, partial=False),
         )
         return self._loader(pipeline, self.num_workers)
 
     def _eval_dataloader(self, name: str) -> DataLoader:
         if not self.val_shards:
             raise ValueError(f"data.val_shards is empty: give shard paths for {name}")
+        urls = expand_shards(self.val_shards)
         rank, _ = self._rank_and_step()
-        stage = PairStage(self._transform(train=False), self.hparams.seed, rank)
-        self.stages[name] = stage
+        stage = self._stage(name, self.hparams.seed, rank, urls)
         pipeline = wds.DataPipeline(
-            wds.SimpleShardList(self.val_shards),
+            wds.SimpleShardList(urls),
             wds.split_by_node,
             wds.split_by_worker,
-            wds.tarfile_to_samples(handler=wds.warn_and_continue, select_files=select_member),
+            stage.read_shards,
             stage,
-            wds.batched(self.val_batch_size, collation_fn=collate, partial=True),
+            stage.batches(self.val_batch_size, partial=True),
         )
-        num_shards = len(wds.SimpleShardList(self.val_shards).urls)
-        return self._loader(pipeline, min(self.num_workers, num_shards))
+        return self._loader(pipeline, min(self.num_workers, len(urls)))
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_dataloader("val")

@@ -4,22 +4,31 @@ WebDataset's default decoders unpickle ``.pyd``/``.pickle`` and ``torch.load`` `
 members, so a shard from a stranger could run code. Here members with any other
 extension are never even read from the tar (``select_member``), and nothing is ever
 unpickled.
+
+Every way a sample can be unusable raises :class:`BadSample` with a short ``reason``
+(the key of the skip counts, see docs/data.md). Image sizes are checked from the header
+(PIL reads it lazily) *before* any pixel is decoded, so a decompression bomb costs
+nothing.
 """
 
 from __future__ import annotations
 
 import io
 import json
-from typing import Any
+import warnings
+from typing import Any, Literal
 
 from PIL import Image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TARGET_KEYS = IMAGE_EXTS
 COND_KEYS = tuple(f"cond.{e}" for e in IMAGE_EXTS)
+MASK_KEYS = ("mask.png",)
 TEXT_KEYS = ("txt",)
 JSON_KEYS = ("json",)
-ALLOWED = set(TARGET_KEYS) | set(COND_KEYS) | set(TEXT_KEYS) | set(JSON_KEYS)
+ALLOWED = set(TARGET_KEYS) | set(COND_KEYS) | set(MASK_KEYS) | set(TEXT_KEYS) | set(JSON_KEYS)
+DEFAULT_MAX_PIXELS = 64_000_000  # 64 MP: e.g. 8000 x 8000
+CaptionErrors = Literal["replace", "skip"]
 
 
 class BadSample(ValueError):
@@ -42,13 +51,43 @@ def select_member(name: str) -> bool:
     return member_extension(name) in ALLOWED
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Bytes -> RGB PIL image (any mode converted; 16-bit scaled to 8-bit)."""
-    img = Image.open(io.BytesIO(data))
-    img.load()
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open image bytes lazily (header only) and refuse images above ``max_pixels``.
+
+    PIL's own decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``) also applies: its
+    warning and error both become ``BadSample("too_large")``.
+
+    Raises:
+        BadSample: ``too_large`` or ``corrupt_image`` (the caller may rename the latter).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise BadSample("too_large", str(err)) from err
+    except Exception as err:  # PIL raises many types for corrupt data
+        raise BadSample("corrupt_image", str(err)) from err
+    w, h = img.size
+    if w * h > max_pixels:
+        raise BadSample("too_large", f"{w}x{h} is above max_pixels={max_pixels}")
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Decode the pixels of an opened image and convert any mode to 8-bit RGB.
+
+    16-bit and 32-bit grey are scaled to 8 bits; transparency is composited on white;
+    CMYK, palette, grey and bilevel images are converted by PIL.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img.load()
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         img = img.point(lambda v: v / 256).convert("L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        img.mode == "P" and "transparency" in img.info
+    ):
         background = Image.new("RGB", img.size, (255, 255, 255))
         rgba = img.convert("RGBA")
         background.paste(rgba, mask=rgba.getchannel("A"))
@@ -56,28 +95,116 @@ def decode_image(data: bytes) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
-    """Raw WebDataset sample -> ``{"key", "image", "cond" (or None), "caption", "meta"}``."""
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Bytes -> RGB PIL image (any mode converted; 16-bit scaled to 8-bit)."""
+    return to_rgb(open_image(data, max_pixels))
+
+
+def _load(img: Image.Image, reason: str, key: str) -> Image.Image:
+    """``to_rgb`` with decoding failures turned into ``BadSample(reason)``."""
+    try:
+        return to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise BadSample("too_large", f"{key}: {err}") from err
+    except Exception as err:  # truncated or corrupt pixel data
+        raise BadSample(reason, f"{key}: {err}") from err
+
+
+def _meta(sample: dict[str, Any]) -> dict[str, Any]:
+    """The ``json`` member as a dict ({} when absent or unreadable)."""
+    if "json" not in sample:
+        return {}
+    try:
+        meta = json.loads(sample["json"].decode("utf-8", errors="replace"))
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _meta_size(meta: dict[str, Any]) -> tuple[int, int] | None:
+    """``(width, height)`` from the metadata when both are positive integers."""
+    w, h = meta.get("width"), meta.get("height")
+    ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (w, h))
+    return (w, h) if ok else None
+
+
+def check_size(size: tuple[int, int], min_size: int = 0, max_aspect: float | None = None) -> None:
+    """Raise ``too_small`` or ``aspect_ratio`` for an image size outside the filters."""
+    w, h = size
+    if min(w, h) < min_size:
+        raise BadSample("too_small", f"{w}x{h}: shorter side below min_size={min_size}")
+    if max_aspect is not None and max(w, h) > max_aspect * min(w, h):
+        raise BadSample("aspect_ratio", f"{w}x{h}: aspect ratio above max_aspect={max_aspect}")
+
+
+def decode_caption(raw: bytes | None, errors: CaptionErrors = "replace") -> str:
+    """Caption bytes -> str. Invalid UTF-8 is replaced by U+FFFD (``errors="replace"``)
+    or raises ``BadSample("caption_not_utf8")`` (``errors="skip"``); NULs are dropped."""
+    if raw is None:
+        return ""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        if errors == "skip":
+            raise BadSample("caption_not_utf8", str(err)) from err
+        text = raw.decode("utf-8", errors="replace")
+    return text.replace("\x00", "").strip()
+
+
+def decode_sample(
+    sample: dict[str, Any],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_size: int = 0,
+    max_aspect: float | None = None,
+    caption_errors: CaptionErrors = "replace",
+) -> dict[str, Any]:
+    """Raw WebDataset sample -> ``{"key", "image", "cond" (or None), "mask" (or None),
+    "caption", "meta"}``.
+
+    Cheap checks come first: the target's size (from ``json`` ``width``/``height`` when
+    present, else from the image header) is filtered by ``min_size`` (shorter side) and
+    ``max_aspect`` (longer / shorter side), and images above ``max_pixels`` are refused,
+    all before any pixel is decoded.
+
+    Raises:
+        BadSample: reasons ``no_target``, ``too_large``, ``too_small``, ``aspect_ratio``,
+            ``corrupt_image``, ``corrupt_condition``, ``corrupt_mask``,
+            ``caption_not_utf8``.
+    """
     key = sample.get("__key__", "?")
     target = next((sample[k] for k in TARGET_KEYS if k in sample), None)
     if target is None:
         raise BadSample("no_target", f"sample {key!r} has none of {TARGET_KEYS}")
-    try:
-        image = decode_image(target)
-    except Exception as err:  # PIL raises many types for corrupt data
-        raise BadSample("corrupt_image", f"{key}: {err}") from err
-    cond = None
+    meta = _meta(sample)
+    if (size := _meta_size(meta)) is not None:
+        check_size(size, min_size, max_aspect)  # before even opening the image
+    header = open_image(target, max_pixels)
+    if size is None:
+        check_size(header.size, min_size, max_aspect)
+    caption = decode_caption(sample.get("txt"), caption_errors)
     raw_cond = next((sample[k] for k in COND_KEYS if k in sample), None)
+    cond_header = None
     if raw_cond is not None:
         try:
-            cond = decode_image(raw_cond)
-        except Exception as err:
-            raise BadSample("corrupt_condition", f"{key}: {err}") from err
-    caption = sample["txt"].decode("utf-8", errors="replace") if "txt" in sample else ""
-    meta: dict[str, Any] = {}
-    if "json" in sample:
-        try:
-            meta = json.loads(sample["json"].decode("utf-8", errors="replace"))
-        except ValueError:
-            meta = {}
-    return {"key": key, "image": image, "cond": cond, "caption": caption.strip(), "meta": meta}
+            cond_header = open_image(raw_cond, max_pixels)
+        except BadSample as err:
+            reason = "corrupt_condition" if err.reason == "corrupt_image" else err.reason
+            raise BadSample(reason, f"{key}: {err}") from err
+    image = _load(header, "corrupt_image", key)
+    cond = _load(cond_header, "corrupt_condition", key) if cond_header is not None else None
+    mask = _decode_mask(sample.get("mask.png"), max_pixels, key) if cond is not None else None
+    return {"key": key, "image": image, "cond": cond, "mask": mask, "caption": caption,
+            "meta": meta}  # fmt: skip
+
+
+def _decode_mask(data: bytes | None, max_pixels: int, key: str) -> Image.Image | None:
+    """A stored inpainting mask (``mask.png``) as an ``L`` image, or None."""
+    if data is None:
+        return None
+    try:
+        return open_image(data, max_pixels).convert("L")
+    except BadSample as err:
+        reason = "corrupt_mask" if err.reason == "corrupt_image" else err.reason
+        raise BadSample(reason, f"{key}: {err}") from err
+    except Exception as err:
+        raise BadSample("corrupt_mask", f"{key}: {err}") from err

@@ -1,17 +1,27 @@
-"""Write WebDataset shards from a folder of images (``codi-lightning shards``)."""
+"""Write WebDataset shards: from a folder of images (``codi-lightning shards``), with an
+optional condition folder or a condition recipe, and from a JSONL manifest of
+instructed-editing triples (``write_edit_shards``). Both return and print a summary of
+what was written and what was skipped, per reason."""
 
 from __future__ import annotations
 
+import io
 import json
+import random
 import re
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any, Literal
 
 import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from .decode import IMAGE_EXTS
+from .decode import DEFAULT_MAX_PIXELS, IMAGE_EXTS, BadSample, decode_image, open_image
+from .recipes import SuperResolution, make_recipe
+
+WriterRecipe = Literal["sr", "sr_realesrgan", "inpaint", "canny"]
 
 
 def _images(root: Path) -> list[Path]:
@@ -30,12 +40,128 @@ def _ext(path: Path) -> str:
     return "jpg" if ext == "jpeg" else ext
 
 
+def _check_output(output: str) -> None:
+    if "%" not in output:
+        raise ValueError(
+            f"--output {output!r} needs a shard number field, e.g. 'out/train-%06d.tar'"
+        )
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _probe(path: Path, max_pixels: int) -> tuple[int, int]:
+    """The image size from the header, after checking the pixel data decodes.
+
+    Raises:
+        BadSample: ``unreadable`` or ``too_large``.
+    """
+    try:
+        data = path.read_bytes()
+        img = open_image(data, max_pixels)
+        size = img.size
+        img.verify()
+    except BadSample as err:
+        raise BadSample("unreadable" if err.reason == "corrupt_image" else err.reason) from err
+    except Exception as err:
+        raise BadSample("unreadable", f"{path}: {err}") from err
+    return size
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_all(
+    samples: Iterable[dict[str, Any] | str], output: str, maxcount: int, total: int,
+    progress: bool, desc: str,
+) -> dict[str, int]:  # fmt: skip
+    """Write the samples (a str is a skip reason), print and return the summary."""
+    counts: Counter[str] = Counter()
+    with wds.ShardWriter(output, maxcount=maxcount, verbose=0) as sink:
+        for sample in tqdm(samples, desc=desc, unit="sample", total=total, disable=not progress):
+            if isinstance(sample, str):
+                counts[f"skipped_{sample}"] += 1
+                continue
+            sink.write(sample)
+            counts["written"] += 1
+    summary = {"written": counts["written"], **{k: v for k, v in counts.items() if k != "written"}}
+    print(f"shards: {json.dumps(summary)} -> {output}")
+    return summary
+
+
+def _with_recipe(
+    sample: dict[str, Any], data: bytes, recipe_name: str, sr_factor: int, seed: int,
+    max_pixels: int,
+) -> None:  # fmt: skip
+    """Add the recipe's condition as ``cond.png`` (and ``mask.png`` for inpainting).
+
+    Super-resolution recipes store the low-resolution image (``sr_factor`` times smaller);
+    the data module scales it back up. The per-sample rng is seeded from ``seed`` and the
+    key, so the result does not depend on the order of the files.
+    """
+    recipe = make_recipe(recipe_name, sr_factor)
+    image = decode_image(data, max_pixels)
+    rng = random.Random(f"{seed}:{sample['__key__']}")
+    made = recipe.low(image, rng) if isinstance(recipe, SuperResolution) else recipe(image, rng)
+    cond, mask = made if isinstance(made, tuple) else (made, None)
+    sample["cond.png"] = _png(cond)
+    if mask is not None:
+        sample["mask.png"] = _png(mask)
+    meta = json.loads(sample["json"])
+    meta["cond"] = {"recipe": recipe_name, "seed": seed, "width": cond.width, "height": cond.height}
+    if isinstance(recipe, SuperResolution):
+        meta["cond"]["sr_factor"] = sr_factor
+    sample["json"] = json.dumps(meta).encode()
+
+
+def _folder_samples(
+    root: Path, files: list[Path], cond_root: Path | None, recipe: str | None, sr_factor: int,
+    seed: int, max_pixels: int,
+) -> Iterator[dict[str, Any] | str]:  # fmt: skip
+    """One sample dict (or a skip reason) per target image of the folder."""
+    for path in files:
+        rel = path.relative_to(root)
+        try:
+            width, height = _probe(path, max_pixels)
+        except BadSample as err:
+            yield err.reason
+            continue
+        data = path.read_bytes()
+        sample: dict[str, Any] = {
+            "__key__": _key(rel),
+            _ext(path): data,
+            "json": json.dumps({"width": width, "height": height, "source": str(rel)}).encode(),
+        }
+        caption = path.with_suffix(".txt")
+        if caption.is_file():
+            sample["txt"] = caption.read_text(encoding="utf-8", errors="replace").strip()
+        if cond_root is not None:
+            found = sorted(c for c in (cond_root / rel).parent.glob(path.stem + ".*")
+                           if c.suffix.lower().lstrip(".") in IMAGE_EXTS)  # fmt: skip
+            if not found:
+                yield "no_condition"
+                continue
+            sample[f"cond.{_ext(found[0])}"] = found[0].read_bytes()
+        elif recipe is not None:
+            try:
+                _with_recipe(sample, data, recipe, sr_factor, seed, max_pixels)
+            except Exception:  # pixel data that verify() let through but cannot decode
+                yield "unreadable"
+                continue
+        yield sample
+
+
 def write_shards(
     images: str,
     output: str,
     conditions: str | None = None,
     maxcount: int = 1000,
     progress: bool = True,
+    recipe: WriterRecipe | None = None,
+    sr_factor: int = 4,
+    seed: int = 0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict[str, int]:
     """Write shards of (image, optional condition, optional caption) from a folder.
 
@@ -46,55 +172,120 @@ def write_shards(
             relative path and stem as each target (any image extension).
         maxcount: samples per shard.
         progress: show a progress bar.
+        recipe: compute the condition with a recipe and store it as ``cond.png``:
+            ``sr``/``sr_realesrgan`` store the low-resolution input (``sr_factor`` times
+            smaller), ``inpaint`` the masked image (and the mask as ``mask.png``),
+            ``canny`` the edge map. Not together with ``conditions``.
+        sr_factor: downscaling factor of the super-resolution recipes (2, 4 or 8).
+        seed: seed of the recipes' randomness (per sample: seed and key).
+        max_pixels: skip images with more pixels than this (``skipped_too_large``).
 
     Captions come from a side file ``<stem>.txt`` next to the image. Image bytes are
-    stored as they are (no re-encoding); ``json`` holds width, height and the source path.
+    stored as they are (no re-encoding); ``json`` holds width, height and the source path
+    (and ``cond``: recipe, seed, size, factor when a recipe made the condition).
 
     Returns:
-        Counts: ``written`` and ``skipped_<reason>``.
+        Counts: ``written`` and ``skipped_<reason>`` (also printed).
     """
     root = Path(images)
     if not root.is_dir():
         raise FileNotFoundError(f"--images {images!r} is not a folder")
-    if "%" not in output:
-        raise ValueError(
-            f"--output {output!r} needs a shard number field, e.g. 'out/train-%06d.tar'"
-        )
+    _check_output(output)
     cond_root = Path(conditions) if conditions else None
     if cond_root is not None and not cond_root.is_dir():
         raise FileNotFoundError(f"--conditions {conditions!r} is not a folder")
+    if cond_root is not None and recipe is not None:
+        raise ValueError("give either --conditions (stored) or --recipe (computed), not both")
+    if recipe is not None:
+        make_recipe(recipe, sr_factor)  # validates the name and the factor
     files = _images(root)
     if not files:
         raise FileNotFoundError(f"no {'/'.join(IMAGE_EXTS)} images under {images!r}")
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    counts: Counter[str] = Counter()
-    with wds.ShardWriter(output, maxcount=maxcount, verbose=0) as sink:
-        for path in tqdm(files, desc="writing shards", unit="img", disable=not progress):
-            rel = path.relative_to(root)
-            try:
-                with Image.open(path) as img:
-                    width, height = img.size
-                    img.verify()
-            except Exception:
-                counts["skipped_unreadable"] += 1
-                continue
-            sample = {
-                "__key__": _key(rel),
-                _ext(path): path.read_bytes(),
-                "json": json.dumps({"width": width, "height": height, "source": str(rel)}).encode(),
-            }
-            caption = path.with_suffix(".txt")
-            if caption.is_file():
-                sample["txt"] = caption.read_text(encoding="utf-8", errors="replace").strip()
-            if cond_root is not None:
-                found = [c for c in (cond_root / rel).parent.glob(path.stem + ".*")
-                         if c.suffix.lower().lstrip(".") in IMAGE_EXTS]  # fmt: skip
-                if not found:
-                    counts["skipped_no_condition"] += 1
-                    continue
-                sample[f"cond.{_ext(found[0])}"] = found[0].read_bytes()
-            sink.write(sample)
-            counts["written"] += 1
-    summary = {"written": counts["written"], **{k: v for k, v in counts.items() if k != "written"}}
-    print(f"shards: {json.dumps(summary)} -> {output}")
-    return summary
+    samples = _folder_samples(root, files, cond_root, recipe, sr_factor, seed, max_pixels)
+    return _write_all(samples, output, maxcount, len(files), progress, "writing shards")
+
+
+def _manifest_entry(line: str, base: Path) -> dict[str, Any]:
+    """The manifest line as a dict, with ``source_path``/``edited_path`` resolved.
+
+    Raises:
+        BadSample: ``bad_line``, ``no_instruction`` or ``missing_file``.
+    """
+    try:
+        entry = json.loads(line)
+    except ValueError as err:
+        raise BadSample("bad_line", str(err)) from err
+    if not isinstance(entry, dict) or not all(
+        isinstance(entry.get(k), str) for k in ("source", "edited", "instruction")
+    ):
+        raise BadSample("bad_line", "needs string fields source, edited, instruction")
+    if not entry["instruction"].strip():
+        raise BadSample("no_instruction")
+    entry["source_path"], entry["edited_path"] = base / entry["source"], base / entry["edited"]
+    if not (entry["source_path"].is_file() and entry["edited_path"].is_file()):
+        raise BadSample("missing_file", f"{entry['source']} or {entry['edited']}")
+    return entry
+
+
+def _edit_samples(lines: list[str], base: Path, max_pixels: int) -> Iterator[dict[str, Any] | str]:
+    """One sample dict (or a skip reason) per non-empty manifest line."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = _manifest_entry(line, base)
+            source, edited = entry["source_path"], entry["edited_path"]
+            width, height = _probe(edited, max_pixels)
+            cond_width, cond_height = _probe(source, max_pixels)
+        except BadSample as err:
+            yield err.reason
+            continue
+        meta = {"width": width, "height": height, "cond_width": cond_width,
+                "cond_height": cond_height, "source": entry["source"],
+                "edited": entry["edited"], "line": number}  # fmt: skip
+        yield {
+            "__key__": f"{number:08d}_{_key(Path(edited.name))}",
+            _ext(edited): edited.read_bytes(),
+            f"cond.{_ext(source)}": source.read_bytes(),
+            "txt": entry["instruction"].strip(),
+            "json": json.dumps(meta).encode(),
+        }
+
+
+def write_edit_shards(
+    manifest: str,
+    output: str,
+    maxcount: int = 1000,
+    progress: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> dict[str, int]:
+    """Write instructed-editing shards from a JSONL manifest of triples.
+
+    Args:
+        manifest: JSONL file, one ``{"source": path, "edited": path, "instruction": str}``
+            per line; paths are relative to the manifest's folder.
+        output: shard pattern with a printf field, e.g. ``shards/edit-%06d.tar``.
+        maxcount: samples per shard.
+        progress: show a progress bar.
+        max_pixels: skip triples with an image above this many pixels.
+
+    Each sample stores the edited image as the target (``jpg``/``png``/``webp``, bytes as
+    they are), the source image as ``cond.<ext>``, the instruction as ``txt`` and the
+    sizes, paths and manifest line number in ``json``. Lines that are not JSON objects
+    with the three string fields (``skipped_bad_line``), with an empty instruction
+    (``skipped_no_instruction``), a missing file (``skipped_missing_file``) or an
+    unreadable/too large image are skipped.
+
+    Returns:
+        Counts: ``written`` and ``skipped_<reason>`` (also printed).
+    """
+    path = Path(manifest)
+    if not path.is_file():
+        raise FileNotFoundError(f"--manifest {manifest!r} is not a file")
+    _check_output(output)
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    if not any(line.strip() for line in lines):
+        raise ValueError(f"--manifest {manifest!r} has no entries (one JSON object per line)")
+    samples = _edit_samples(lines, path.parent, max_pixels)
+    total = sum(1 for line in lines if line.strip())
+    return _write_all(samples, output, maxcount, total, progress, "writing edit shards")

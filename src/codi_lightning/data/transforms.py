@@ -3,44 +3,46 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
 from .decode import BadSample
+from .recipes import ConditionRecipe, make_recipe, sr_bicubic
 
+__all__ = ["PairTransform", "collate", "condition_scale", "make_recipe", "sr_bicubic"]
 
-def sr_bicubic(image: Image.Image, factor: int) -> Image.Image:
-    """Super-resolution condition: bicubic downscale by ``factor``, upscale back (the
-    condition enters the adapter at the target's pixel resolution)."""
-    w, h = image.size
-    low = image.resize((max(1, w // factor), max(1, h // factor)), Image.BICUBIC)
-    return low.resize((w, h), Image.BICUBIC)
-
-
-# name -> (image, rng) -> condition. Recipes that need the stored condition use "stored".
-ConditionRecipe = Callable[[Image.Image, random.Random], Image.Image]
-
-
-def make_recipe(name: str, sr_factor: int = 4) -> ConditionRecipe | None:
-    """The on-the-fly condition recipe for ``data.condition`` (None: must be stored)."""
-    if name == "stored":
-        return None
-    if name == "sr":
-        return lambda img, rng: sr_bicubic(img, sr_factor)
-    raise ValueError(f"data.condition={name!r}; choose 'stored' or 'sr'")
+CondMismatch = Literal["resize", "skip"]
 
 
 def to_tensor01(image: Image.Image) -> torch.Tensor:
+    """PIL image -> float tensor [C, H, W] in [0, 1]."""
     return pil_to_tensor(image).float() / 255.0
+
+
+def condition_scale(target: tuple[int, int], cond: tuple[int, int]) -> int | None:
+    """The integer factor ``k`` with ``cond == target / k`` (floor or round, per side;
+    1 for equal sizes), or None when the sizes are not related by an integer factor."""
+    if cond == target:
+        return 1
+    (w, h), (cw, ch) = target, cond
+    k = round(w / cw)
+    if k < 2 or round(h / ch) != k:
+        return None
+    return k if abs(cw * k - w) < k and abs(ch * k - h) < k else None
 
 
 class PairTransform:
     """Resize, crop (random or centre) and flip target and condition identically; derive
     the condition when the sample has none; drop captions for guidance.
+
+    A stored condition an integer factor smaller than the target (a low-resolution SR
+    input) is scaled up (bicubic) straight to the target's resized size before the
+    shared crop. Other size mismatches are resized the same way (``cond_mismatch=
+    "resize"``) or skipped as ``size_mismatch`` (``"skip"``).
 
     Args:
         resolution: output side in pixels.
@@ -48,8 +50,12 @@ class PairTransform:
         hflip: random horizontal flips.
         resize_shorter: scale the shorter side to ``resolution`` before cropping
             (images smaller than ``resolution`` are always scaled up).
-        recipe: builds the condition from the cropped target when none is stored.
+        recipe: builds the condition from the cropped target when none is stored; may
+            return ``(condition, mask)`` (inpainting), which adds a ``mask`` entry (so
+            does a stored ``mask.png`` next to a stored condition).
         caption_dropout: probability of replacing the caption with "".
+        cond_mismatch: what to do with a stored condition whose size is neither the
+            target's nor an integer factor smaller: ``resize`` or ``skip``.
     """
 
     def __init__(
@@ -60,55 +66,100 @@ class PairTransform:
         resize_shorter: bool = True,
         recipe: ConditionRecipe | None = None,
         caption_dropout: float = 0.0,
+        cond_mismatch: CondMismatch = "resize",
     ) -> None:
+        if cond_mismatch not in ("resize", "skip"):
+            raise ValueError(f"cond_mismatch={cond_mismatch!r}; choose 'resize' or 'skip'")
         self.resolution = resolution
         self.random_crop = random_crop
         self.hflip = hflip
         self.resize_shorter = resize_shorter
         self.recipe = recipe
         self.caption_dropout = caption_dropout
+        self.cond_mismatch = cond_mismatch
 
-    def __call__(self, sample: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    def _check_condition(self, sample: Mapping[str, Any]) -> None:
+        """Raise ``no_condition`` / ``size_mismatch`` for unusable stored conditions."""
         image, cond = sample["image"], sample["cond"]
         if cond is None and self.recipe is None:
             raise BadSample(
                 "no_condition", f"{sample['key']} has no cond.* and data.condition=stored"
             )
-        if cond is not None and cond.size != image.size:
-            cond = cond.resize(image.size, Image.BICUBIC)
+        if cond is not None and self.cond_mismatch == "skip":
+            if condition_scale(image.size, cond.size) is None:
+                raise BadSample(
+                    "size_mismatch",
+                    f"{sample['key']}: condition {cond.size} vs target {image.size} is not "
+                    "an integer factor; set data.cond_mismatch=resize to resize it",
+                )
+
+    def _resized_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The target size before cropping (shorter side scaled to ``resolution``)."""
         r = self.resolution
-        w, h = image.size
+        w, h = size
         if self.resize_shorter or min(w, h) < r:
             scale = r / min(w, h)
-            size = (max(r, round(w * scale)), max(r, round(h * scale)))
-            image = image.resize(size, Image.BICUBIC)
-            cond = cond.resize(size, Image.BICUBIC) if cond is not None else None
-            w, h = size
+            return max(r, round(w * scale)), max(r, round(h * scale))
+        return size
+
+    def _crop_box(self, size: tuple[int, int], rng: random.Random) -> tuple[int, int, int, int]:
+        r = self.resolution
+        w, h = size
         if self.random_crop:
             left, top = rng.randint(0, w - r), rng.randint(0, h - r)
         else:
             left, top = (w - r) // 2, (h - r) // 2
-        box = (left, top, left + r, top + r)
+        return left, top, left + r, top + r
+
+    def __call__(self, sample: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+        self._check_condition(sample)
+        image, cond = sample["image"], sample["cond"]
+        size = self._resized_size(image.size)
+        if image.size != size:
+            image = image.resize(size, Image.BICUBIC)
+        if cond is not None and cond.size != size:  # one resampling, from any stored size
+            cond = cond.resize(size, Image.BICUBIC)
+        mask = sample.get("mask") if cond is not None else None  # a stored inpainting mask
+        if mask is not None and mask.size != size:
+            mask = mask.resize(size, Image.NEAREST)
+        box = self._crop_box(size, rng)
         image = image.crop(box)
-        cond = cond.crop(box) if cond is not None else self.recipe(image, rng)
+        if cond is not None:
+            cond = cond.crop(box)
+            mask = mask.crop(box) if mask is not None else None
+        else:
+            made = self.recipe(image, rng)
+            cond, mask = made if isinstance(made, tuple) else (made, None)
         if self.hflip and rng.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
             cond = cond.transpose(Image.FLIP_LEFT_RIGHT)
+            mask = mask.transpose(Image.FLIP_LEFT_RIGHT) if mask is not None else None
         caption = sample["caption"]
         if self.caption_dropout and rng.random() < self.caption_dropout:
             caption = ""
-        return {
+        out = {
             "image": to_tensor01(image) * 2 - 1,  # x in [-1, 1]
-            "cond": to_tensor01(cond),  # c in [0, 1]
+            "cond": to_tensor01(cond.convert("RGB")),  # c in [0, 1]
             "caption": caption,
             "key": sample["key"],
         }
+        if mask is not None:
+            out["mask"] = to_tensor01(mask.convert("L"))  # 1 = pixels to fill
+        return out
 
 
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
+def collate(
+    samples: list[dict[str, Any]], skipped: Mapping[str, int] | None = None
+) -> dict[str, Any]:
+    """Stack samples into a batch; ``skipped`` (the worker's cumulative skip counts) is
+    copied into ``batch["skipped"]``; ``mask`` is stacked when every sample has one."""
+    batch = {
         "image": torch.stack([s["image"] for s in samples]),
         "cond": torch.stack([s["cond"] for s in samples]),
         "caption": [s["caption"] for s in samples],
         "key": [s["key"] for s in samples],
+        "skipped": dict(skipped or {}),
     }
+    if samples and all("mask" in s for s in samples):
+        batch["mask"] = torch.stack([s["mask"] for s in samples])
+    return batch

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .features import InceptionFeatures, RandomConvFeatures
+from .swd import SlicedWassersteinDistance
 from .weights import (
     INCEPTION_URL,
     LPIPS_BACKBONE_URLS,
@@ -47,6 +48,8 @@ class MetricsConfig:
             (e.g. ``alexnet-owt-7be5be79.pth``).
         clip_model: hub id or local folder of a CLIP model.
         kid_subset_size: KID subset size (lowered to the number of images if larger).
+        swd: sliced Wasserstein distance over Laplacian-pyramid patches (x 1e3; needs
+            no weights; images of at least 28 px for 3 levels).
     """
 
     fid: bool = True
@@ -62,6 +65,7 @@ class MetricsConfig:
     lpips_weights: str | None = None
     clip_model: str = "openai/clip-vit-large-patch14"
     kid_subset_size: int = 100
+    swd: bool = False
 
 
 class _ClipImageText(nn.Module):
@@ -164,6 +168,8 @@ class EvalSuite(nn.Module):
                 group["psnr"] = PeakSignalNoiseRatio(data_range=1.0)
             if config.ssim:
                 group["ssim"] = StructuralSimilarityIndexMeasure(data_range=1.0)
+            if config.swd:
+                group["swd"] = SlicedWassersteinDistance()
             if config.input_consistency_factor:
                 group["input_psnr"] = PeakSignalNoiseRatio(data_range=1.0)
             if clip is not None:
@@ -191,6 +197,9 @@ class EvalSuite(nn.Module):
             g["psnr"].update(preds, target)
         if "ssim" in g:
             g["ssim"].update(preds, target)
+        if "swd" in g:
+            g["swd"].update(target, real=True)
+            g["swd"].update(preds, real=False)
         if "input_psnr" in g:
             f = self.config.input_consistency_factor
             g["input_psnr"].update(downscale(preds, f), downscale(target, f))
@@ -229,7 +238,7 @@ class EvalSuite(nn.Module):
                 metric.reset()
 
 
-LOWER_IS_BETTER = {"fid", "kid", "kid_std", "lpips"}
+LOWER_IS_BETTER = {"fid", "kid", "kid_std", "lpips", "swd"}
 
 
 def results_markdown(results: dict[int, dict[str, float]], title: str = "") -> str:

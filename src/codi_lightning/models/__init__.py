@@ -8,15 +8,22 @@ from .builders import (
     check_resolution,
     load_teacher,
 )
-from .tiny import build_tiny_tokenizer, write_tiny_teacher
+from .tiny import (
+    build_tiny_text_encoder,
+    build_tiny_tokenizer,
+    save_teacher_folder,
+    write_tiny_teacher,
+)
 
 __all__ = [
     "TeacherParts",
     "adapter_cond_channels",
     "build_adapter",
+    "build_tiny_text_encoder",
     "build_tiny_tokenizer",
     "check_condition_downsampling",
     "check_resolution",
     "load_teacher",
+    "save_teacher_folder",
     "write_tiny_teacher",
 ]

@@ -103,6 +103,46 @@ def build_tiny_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
+def save_teacher_folder(
+    folder: str | Path,
+    unet,
+    text_encoder,
+    tokenizer,
+    scheduler_config: dict[str, Any],
+    vae=None,
+) -> Path:
+    """Write teacher parts in the Stable Diffusion folder layout (safetensors) with a
+    ``model_index.json``, so ``load_teacher`` and diffusers pipelines can read it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    text_encoder.save_pretrained(folder / "text_encoder")
+    unet.save_pretrained(folder / "unet")
+    components: dict[str, Any] = {
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+    }
+    if vae is not None:
+        vae.save_pretrained(folder / "vae")
+        components["vae"] = ["diffusers", "AutoencoderKL"]
+        components |= {"safety_checker": [None, None], "feature_extractor": [None, None]}
+        components["requires_safety_checker"] = False
+    (folder / "scheduler").mkdir(exist_ok=True)
+    config = {"_class_name": "DDPMScheduler", **dict(scheduler_config)}
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config, indent=2))
+    index = {"_class_name": "StableDiffusionPipeline", **components}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+def build_tiny_text_encoder(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(**tiny_text_config(len(tokenizer))))
+
+
 def write_tiny_teacher(
     folder: str | Path,
     *,
@@ -117,34 +157,14 @@ def write_tiny_teacher(
     [-1, 1] directly.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     folder = Path(folder)
     if (folder / "unet").exists() and not overwrite:
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     tokenizer = build_tiny_tokenizer()
-    text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_text_config(len(tokenizer))))
+    text_encoder = build_tiny_text_encoder(tokenizer)
     unet = UNet2DConditionModel(**tiny_unet_config(in_channels=3 if pixel_space else 4))
-    tokenizer.save_pretrained(folder / "tokenizer")
-    text_encoder.save_pretrained(folder / "text_encoder")
-    unet.save_pretrained(folder / "unet")
-    components: dict[str, list[str | None]] = {
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-    }
-    if not pixel_space:
-        AutoencoderKL(**tiny_vae_config()).save_pretrained(folder / "vae")
-        components["vae"] = ["diffusers", "AutoencoderKL"]
-    (folder / "scheduler").mkdir(exist_ok=True)
+    vae = None if pixel_space else AutoencoderKL(**tiny_vae_config())
     scheduler = {**SD_SCHEDULER, "prediction_type": prediction_type}
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-    index = {"_class_name": "StableDiffusionPipeline", **components}
-    if not pixel_space:
-        index |= {"safety_checker": [None, None], "feature_extractor": [None, None]}
-        index["requires_safety_checker"] = False
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    return folder
+    return save_teacher_folder(folder, unet, text_encoder, tokenizer, scheduler, vae)

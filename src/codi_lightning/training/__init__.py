@@ -1,6 +1,8 @@
 """LightningModules and their helpers."""
 
+from .baseline import ControlNetBaseline
 from .callbacks import ImageWriter
 from .module import CoDiDistillation
+from .teacher import DiffusionTraining
 
-__all__ = ["CoDiDistillation", "ImageWriter"]
+__all__ = ["CoDiDistillation", "ControlNetBaseline", "DiffusionTraining", "ImageWriter"]

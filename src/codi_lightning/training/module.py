@@ -364,6 +364,8 @@ class CoDiDistillation(L.LightningModule):
         self.log("train/loss", terms.pop("loss"), prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in terms.items()})
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        for reason, count in (batch.get("skipped") or {}).items():  # bad samples, per worker
+            self.log(f"data/skipped_{reason}", float(count))
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

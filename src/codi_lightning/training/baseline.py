@@ -1,0 +1,58 @@
+"""The two-stage baseline: a ControlNet trained with the ordinary diffusion loss on the
+condition (teacher frozen), sampled with DDIM. What CoDi is compared against."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..diffusion import to_output
+from .ddim import ddim_sample
+from .module import CoDiDistillation
+
+
+class ControlNetBaseline(CoDiDistillation):
+    """Same parts, data, EMA, validation, test and predict as :class:`CoDiDistillation`,
+    but the loss is ``|| F_theta(z_t, t, y, c) - target ||^2`` with t uniform in [0, T)
+    and sampling is DDIM (``test_steps`` e.g. [4, 8, 50]). The ``loss`` options and
+    ``num_grid`` are unused."""
+
+    def compute_loss(self, batch: dict[str, Any], gen: torch.Generator) -> tuple[Tensor, dict]:
+        x = self.encode_images(batch["image"], gen)
+        cond, text = batch["cond"], self.encode_text(batch["caption"])
+        noise = self.rank_slice_randn(x.shape, gen)
+        rank, world = self._rank_and_world()
+        b = x.shape[0]
+        t = torch.randint(
+            0, self.schedule.num_train_timesteps, (b * world,), generator=gen, device=gen.device
+        )
+        t = t[rank * b : (rank + 1) * b].to(x.device)
+        alpha, sigma = self.schedule.alpha_sigma(t, x)
+        z = alpha * x + sigma * noise
+        target = to_output(x, noise, alpha, sigma, self.schedule.prediction_type)
+        loss = F.mse_loss(self.denoiser("online", text, cond)(z, t).float(), target)
+        return loss, {"loss": loss.detach(), "diffusion": loss.detach()}
+
+    @torch.no_grad()
+    def sample_images(
+        self,
+        cond: Tensor,
+        captions: Sequence[str],
+        num_steps: int = 50,
+        *,
+        use_target: bool = True,
+        stochastic: bool = False,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """DDIM (eta = 0) in ``num_steps`` steps; ``stochastic`` and guidance are unused."""
+        text = self.encode_text(captions)
+        model = self.denoiser("target" if use_target else "online", text, cond)
+        size = cond.shape[-1] // self.vae_scale
+        shape = (cond.shape[0], self.unet.config.in_channels, size, size)
+        noise = torch.randn(shape, generator=generator, device=self.device)
+        return self.decode_latents(ddim_sample(model, noise, self.scheduler_config, num_steps))

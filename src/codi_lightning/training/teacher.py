@@ -1,0 +1,189 @@
+"""Ordinary diffusion training: make or adapt a teacher (``configs/toy/teacher.yaml``)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from ..diffusion import NoiseSchedule, ema_update, to_output
+from ..models import (
+    build_tiny_text_encoder,
+    build_tiny_tokenizer,
+    load_teacher,
+    save_teacher_folder,
+)
+from ..models.tiny import SD_SCHEDULER
+from .ddim import ddim_sample
+from .visualize import save_grid
+
+
+class DiffusionTraining(L.LightningModule):
+    """Train a text-conditional UNet with the ordinary diffusion loss and write it as a
+    diffusers teacher folder (EMA weights) that the distillation configs point at.
+
+    Args:
+        output_dir: where the teacher folder is written at the end of ``fit``.
+        init_from: an existing teacher (hub id or folder) to adapt; ``None`` builds a
+            fresh pixel-space model from ``unet`` (there is no pretrained VAE to use).
+        pixel_space: the UNet works on images in [-1, 1] (no VAE).
+        prediction_type: ``epsilon`` or ``v_prediction`` (fresh models only).
+        unet: UNet2DConditionModel config of a fresh model.
+        ema_decay: decay of the EMA copy that is exported.
+        optimizer, lr_scheduler: factories (YAML-injectable).
+        val_steps: DDIM steps of the validation samples.
+        val_images: validation grid rows.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        init_from: str | None = None,
+        pixel_space: bool = True,
+        prediction_type: Literal["epsilon", "v_prediction"] = "epsilon",
+        unet: dict[str, Any] | None = None,
+        ema_decay: float = 0.999,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        val_steps: int = 50,
+        val_images: int = 8,
+    ) -> None:
+        super().__init__()
+        from diffusers import UNet2DConditionModel
+
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        if init_from:
+            parts = load_teacher(init_from, pixel_space=pixel_space)
+            self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
+            self.tokenizer, self.scheduler_config = parts.tokenizer, parts.scheduler_config
+            self.scaling_factor = parts.scaling_factor
+            self.unet.requires_grad_(True).train()
+        else:
+            if not pixel_space:
+                raise ValueError(
+                    "a fresh teacher needs model.pixel_space: true (there is no pretrained VAE "
+                    "to train in latent space); or set model.init_from to adapt a teacher"
+                )
+            if unet is None:
+                raise ValueError(
+                    "give model.unet (a UNet2DConditionModel config) or model.init_from"
+                )
+            self.tokenizer = build_tiny_tokenizer()
+            with torch.random.fork_rng(devices=[]):  # frozen and not checkpointed: rebuild it
+                torch.manual_seed(0)  # identically on every rank and every load
+                self.text_encoder = build_tiny_text_encoder(self.tokenizer)
+            self.text_encoder.requires_grad_(False).eval()
+            self.unet = UNet2DConditionModel(**unet)
+            self.vae, self.scaling_factor = None, 1.0
+            self.scheduler_config = {**SD_SCHEDULER, "prediction_type": prediction_type}
+        self.schedule = NoiseSchedule.from_config(self.scheduler_config)
+        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        if self.vae is not None:
+            self.vae.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> DiffusionTraining:
+        super().train(mode)
+        for frozen in (self.vae, self.text_encoder, self.ema_unet):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> Tensor:
+        ids = self.tokenizer(list(captions), padding="max_length", truncation=True,
+                             max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids  # fmt: skip
+        return self.text_encoder(ids.to(self.device))[0]
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        if self.vae is None:
+            return images.float()
+        return self.vae.encode(images).latent_dist.sample() * self.scaling_factor
+
+    def diffusion_loss(self, batch: dict[str, Any]) -> Tensor:
+        """``|| F(z_t, t, y) - target ||^2`` with t uniform in [0, T)."""
+        x = self.encode_images(batch["image"])
+        text = self.encode_text(batch["caption"])
+        noise = torch.randn_like(x)
+        t = torch.randint(0, self.schedule.num_train_timesteps, (x.shape[0],), device=x.device)
+        alpha, sigma = self.schedule.alpha_sigma(t, x)
+        z = alpha * x + sigma * noise
+        target = to_output(x, noise, alpha, sigma, self.schedule.prediction_type)
+        return F.mse_loss(self.unet(z, t, encoder_hidden_states=text).sample.float(), target)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss = self.diffusion_loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        ema_update(self.ema_unet.parameters(), self.unet.parameters(), self.hparams.ema_decay)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.unet.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.log("val/loss", self.diffusion_loss(batch), batch_size=len(batch["image"]))
+        if batch_idx == 0 and self.global_rank == 0 and not self.trainer.sanity_checking:
+            n = min(self.hparams.val_images, len(batch["image"]))
+            text = self.encode_text(batch["caption"][:n])
+            gen = torch.Generator(device=self.device).manual_seed(0)
+            shape = self.encode_images(batch["image"][:n]).shape
+            noise = torch.randn(shape, generator=gen, device=self.device)
+            model = lambda z, t: self.ema_unet(z, t, encoder_hidden_states=text).sample  # noqa: E731
+            out = ddim_sample(model, noise, self.scheduler_config, self.hparams.val_steps)
+            if self.vae is not None:
+                out = self.vae.decode(out / self.scaling_factor).sample
+            images = ((out + 1) / 2).clamp(0, 1)
+            log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            grid = save_grid(
+                [images, (batch["image"][:n] + 1) / 2],
+                log_dir / "samples" / f"step_{self.global_step:07d}.png",
+            )
+            experiment = getattr(self.logger, "experiment", None)
+            if hasattr(experiment, "add_image"):
+                experiment.add_image("val/samples", grid, self.global_step)
+
+    def on_train_end(self) -> None:
+        """Write the EMA UNet with the other parts as a teacher folder (rank 0)."""
+        if self.global_rank == 0:
+            path = self.export(self.hparams.output_dir)
+            print(f"teacher written to {path}")
+
+    def export(self, folder: str) -> Path:
+        unet = copy.deepcopy(self.ema_unet).float().cpu()
+        return save_teacher_folder(
+            folder, unet, self.text_encoder, self.tokenizer, self.scheduler_config, self.vae
+        )
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        state = super().state_dict(*args, **kwargs)
+        for key in [k for k in state if k.startswith(("vae.", "text_encoder."))]:
+            del state[key]
+        return state
+
+    def load_state_dict(
+        self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False
+    ):
+        own = nn.Module.state_dict(self, keep_vars=True)
+        merged = dict(state_dict)
+        for key, value in own.items():
+            if key.startswith(("vae.", "text_encoder.")) and key not in merged:
+                merged[key] = value
+        return super().load_state_dict(merged, strict=strict, assign=assign)

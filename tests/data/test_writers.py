@@ -1,0 +1,158 @@
+"""Shard writers: condition recipes, instructed-editing manifests, summaries."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from data_helpers import structured
+from jsonargparse import CLI
+from PIL import Image
+
+from codi_lightning.data import ShardDataModule, decode_sample, write_edit_shards, write_shards
+from codi_lightning.data.recipes import INPAINT_FILL
+from codi_lightning.data.transforms import sr_bicubic, to_tensor01
+
+
+def _folder(tmp_path, n=3, size=(64, 48)):
+    root = tmp_path / "img"
+    root.mkdir()
+    for i in range(n):
+        structured(size, seed=i).save(root / f"im{i}.png")
+    return root
+
+
+def _samples(pattern: str) -> list[dict]:
+    return list(wds.WebDataset(pattern, shardshuffle=False))
+
+
+def test_sr_recipe_stores_the_low_resolution_input(tmp_path, capsys):
+    root = _folder(tmp_path)
+    summary = write_shards(str(root), str(tmp_path / "sr-%06d.tar"), recipe="sr", sr_factor=4,
+                           progress=False)  # fmt: skip
+    assert summary == {"written": 3}
+    assert '"written": 3' in capsys.readouterr().out
+    s = _samples(str(tmp_path / "sr-000000.tar"))[0]
+    decoded = decode_sample(s)
+    assert decoded["cond"].size == (16, 12) and decoded["image"].size == (64, 48)
+    meta = json.loads(s["json"])
+    assert meta["cond"] == {"recipe": "sr", "seed": 0, "width": 16, "height": 12, "sr_factor": 4}
+    # the data module scales it back up: the same condition as the on-the-fly recipe
+    shard = str(tmp_path / "sr-000000.tar")
+    dm = ShardDataModule(shard, shard, resolution=48, batch_size=3, num_workers=0,
+                         condition="stored", resize_shorter=False)  # fmt: skip
+    batch = next(iter(dm.val_dataloader()))
+    img = structured((64, 48), seed=0)
+    expected = sr_bicubic(img, 4).crop((8, 0, 56, 48))
+    torch.testing.assert_close(batch["cond"][0], to_tensor01(expected), atol=0, rtol=0)
+
+
+def test_realesrgan_recipe_is_seeded_per_sample(tmp_path):
+    root = _folder(tmp_path, n=2)
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        write_shards(str(root), str(tmp_path / f"{name}-%06d.tar"), recipe="sr_realesrgan",
+                     sr_factor=2, seed=seed, progress=False)  # fmt: skip
+    a, b, c = (_samples(str(tmp_path / f"{n}-000000.tar")) for n in "abc")
+    assert [s["cond.png"] for s in a] == [s["cond.png"] for s in b]
+    assert a[0]["cond.png"] != c[0]["cond.png"]
+    assert Image.open(io.BytesIO(a[0]["cond.png"])).size == (32, 24)
+
+
+def test_inpaint_and_canny_recipes(tmp_path):
+    root = _folder(tmp_path, n=2)
+    write_shards(str(root), str(tmp_path / "in-%06d.tar"), recipe="inpaint", progress=False)
+    write_shards(str(root), str(tmp_path / "ca-%06d.tar"), recipe="canny", progress=False)
+    s = _samples(str(tmp_path / "in-000000.tar"))[0]
+    assert {"png", "cond.png", "mask.png", "json"} <= set(s)
+    shard = str(tmp_path / "in-000000.tar")
+    dm = ShardDataModule(shard, shard, resolution=48, batch_size=2, num_workers=0,
+                         condition="stored", resize_shorter=False)  # fmt: skip
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["mask"].shape == (2, 1, 48, 48)
+    masked = batch["mask"][0, 0] > 0.5
+    assert masked.any() and torch.allclose(batch["cond"][0][:, masked], torch.tensor(INPAINT_FILL[0] / 255))  # fmt: skip
+    edges = decode_sample(_samples(str(tmp_path / "ca-000000.tar"))[0])["cond"]
+    assert edges.size == (64, 48) and set(np.unique(np.asarray(edges))) <= {0, 255}
+
+
+def test_writer_recipe_errors_and_skips(tmp_path):
+    root = _folder(tmp_path, n=2)
+    Image.new("RGB", (1100, 1000)).save(root / "big.png")
+    (root / "bad.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(ValueError, match="not both"):
+        write_shards(str(root), str(tmp_path / "x-%06d.tar"), conditions=str(root), recipe="sr")
+    with pytest.raises(ValueError, match="integer >= 2"):
+        write_shards(str(root), str(tmp_path / "x-%06d.tar"), recipe="sr", sr_factor=0)
+    summary = write_shards(str(root), str(tmp_path / "ok-%06d.tar"), recipe="canny",
+                           max_pixels=1_000_000, progress=False)  # fmt: skip
+    assert summary == {"written": 2, "skipped_too_large": 1, "skipped_unreadable": 1}
+
+
+def _manifest(tmp_path) -> str:
+    (tmp_path / "pics").mkdir()
+    structured((40, 32), seed=1).save(tmp_path / "pics" / "src.png")
+    structured((40, 32), seed=2).save(tmp_path / "pics" / "out.jpg")
+    (tmp_path / "pics" / "broken.png").write_bytes(b"nope")
+    good = {"source": "pics/src.png", "edited": "pics/out.jpg", "instruction": " make it blue "}
+    lines = [
+        json.dumps(good),
+        "",
+        "{not json",
+        json.dumps({"source": "pics/src.png", "edited": "pics/out.jpg"}),
+        json.dumps({**good, "instruction": "  "}),
+        json.dumps({**good, "edited": "pics/missing.png"}),
+        json.dumps({**good, "source": "pics/broken.png"}),
+        json.dumps({**good, "instruction": "add a hat"}),
+    ]
+    path = tmp_path / "edits.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_edit_manifest_to_shards(tmp_path, capsys):
+    out = str(tmp_path / "shards" / "edit-%06d.tar")
+    summary = write_edit_shards(_manifest(tmp_path), out, progress=False)
+    assert summary == {"written": 2, "skipped_bad_line": 2, "skipped_no_instruction": 1,
+                       "skipped_missing_file": 1, "skipped_unreadable": 1}  # fmt: skip
+    assert "skipped_bad_line" in capsys.readouterr().out
+    samples = _samples(str(tmp_path / "shards" / "edit-000000.tar"))
+    assert [s["txt"].decode() for s in samples] == ["make it blue", "add a hat"]
+    s = samples[0]
+    assert {"jpg", "cond.png", "txt", "json"} <= set(s)
+    decoded = decode_sample(s)
+    src = np.asarray(structured((40, 32), seed=1))
+    assert np.array_equal(np.asarray(decoded["cond"]), src)  # the source is the condition
+    meta = json.loads(s["json"])
+    assert meta["source"] == "pics/src.png" and meta["edited"] == "pics/out.jpg"
+    assert (meta["width"], meta["height"]) == (40, 32)
+    shard = str(tmp_path / "shards" / "edit-000000.tar")
+    dm = ShardDataModule(shard, shard, resolution=32, batch_size=2, num_workers=0)
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["caption"] == ["make it blue", "add a hat"] and batch["skipped"] == {}
+
+
+def test_edit_writer_errors_and_cli(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        write_edit_shards(str(tmp_path / "none.jsonl"), str(tmp_path / "e-%06d.tar"))
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(ValueError, match="no entries"):
+        write_edit_shards(str(tmp_path / "empty.jsonl"), str(tmp_path / "e-%06d.tar"))
+    with pytest.raises(ValueError, match="shard number field"):
+        write_edit_shards(_manifest(tmp_path), str(tmp_path / "e.tar"))
+    summary = CLI(write_edit_shards, as_positional=False, args=[
+        "--manifest", str(tmp_path / "edits.jsonl"), "--output", str(tmp_path / "c-%06d.tar"),
+        "--progress", "false"])  # fmt: skip
+    assert summary["written"] == 2
+
+
+def test_shards_cli_accepts_the_recipe_options(tmp_path):
+    root = _folder(tmp_path, n=1)
+    summary = CLI(write_shards, as_positional=False, args=[
+        "--images", str(root), "--output", str(tmp_path / "r-%06d.tar"), "--recipe",
+        "sr_realesrgan", "--sr_factor", "8", "--seed", "3", "--progress", "false"])  # fmt: skip
+    assert summary == {"written": 1}
+    with pytest.raises(SystemExit):
+        CLI(write_shards, as_positional=False, args=[
+            "--images", str(root), "--output", str(tmp_path / "r-%06d.tar"), "--recipe", "depth"])  # fmt: skip
