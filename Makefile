@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all lint format demo clean
+.PHONY: install test test-all lint format demo bench-quality clean
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,11 @@ demo: install
 	$(VENV)/bin/codi-lightning test --config configs/tiny_cpu.yaml --ckpt_path $(DEMO_OUT)/checkpoints/last.ckpt
 	$(VENV)/bin/codi-lightning predict --config configs/tiny_cpu.yaml --ckpt_path $(DEMO_OUT)/checkpoints/last.ckpt --data.predict_images $(DEMO_OUT)/lowres
 	$(PY) -m codi_lightning.demo --out $(DEMO_OUT) --report
+
+# the small-scale reproduction of the paper's SR table (docs/results.md); ~45 min on 2 cores
+bench-quality: install
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	$(PY) bench/quality.py
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache

@@ -94,7 +94,7 @@ def _tiny_config(tmp_path, teacher, shards, **trainer):
     cfg["trainer"]["callbacks"][0]["init_args"].update(
         dirpath=str(out / "ckpt"), every_n_train_steps=2
     )
-    cfg["model"].update(pretrained=str(teacher), val_images=2, num_grid=10)
+    cfg["model"].update(pretrained=str(teacher), pixel_space=False, val_images=2, num_grid=10)
     cfg["data"].update(
         train_shards=shards["train"], val_shards=shards["val"], num_workers=0, batch_size=2
     )

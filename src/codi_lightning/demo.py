@@ -1,7 +1,7 @@
-"""Prepare the CPU demo: a tiny teacher folder and shards of generated images.
+"""Prepare the CPU demo: shards of generated images and low-resolution inputs.
 
-``python -m codi_lightning.demo --out demo_out`` writes ``demo_out/teacher`` (diffusers
-layout, random weights) and ``demo_out/shards/{train,val}-*.tar``. No network needed.
+``python -m codi_lightning.demo --out demo_out`` writes ``demo_out/shards/{train,val}-*.tar``
+and ``demo_out/lowres/``; the teacher is the committed toy teacher. No network needed.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .data import write_shards
-from .models import write_tiny_teacher
 
 COLORS = ["red", "green", "blue", "orange", "purple", "yellow", "white", "cyan"]
 SHAPES = ["circle", "square", "stripes"]
@@ -51,10 +50,18 @@ def write_image_folder(folder: Path, count: int, seed: int) -> None:
         (folder / f"img{i:05d}.txt").write_text(caption)
 
 
+TOY_TEACHER = Path("bench/assets/toy_teacher")
+
+
 def prepare(out: str | Path, train_images: int = 512, val_images: int = 16) -> Path:
-    """Teacher folder, train/val shards, and 8x8 low-resolution inputs for ``predict``."""
+    """Train/val shards and 8x8 low-resolution inputs for ``predict``. The teacher is the
+    committed toy teacher (pretrained on photo patches by ``configs/toy/teacher.yaml``)."""
     out = Path(out)
-    write_tiny_teacher(out / "teacher")
+    if not (TOY_TEACHER / "unet").is_dir():
+        raise FileNotFoundError(
+            f"{TOY_TEACHER} is missing: run the demo from the repository root, or make the "
+            "teacher with `codi-lightning fit --config configs/toy/teacher.yaml`"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         for split, count, seed in (("train", train_images, 0), ("val", val_images, 1)):
             folder = Path(tmp) / split

@@ -20,7 +20,9 @@ def ddim_sample(
 
     Uses "trailing" timestep spacing, so the first step starts at t = T - 1 for every
     step count (the "leading" default of SD's config starts 4-step sampling at t = 751,
-    from an image that is not pure noise, which would handicap few-step baselines).
+    from an image that is not pure noise, which would handicap few-step baselines), and
+    ``set_alpha_to_one`` so the last step lands on the clean prediction rather than on
+    the noise level of t = 0.
     """
     from diffusers import DDIMScheduler
 
@@ -28,7 +30,7 @@ def ddim_sample(
     scheduler = DDIMScheduler.from_config(
         config,
         clip_sample=False,
-        set_alpha_to_one=False,
+        set_alpha_to_one=True,
         timestep_spacing="trailing",
         steps_offset=0,
     )

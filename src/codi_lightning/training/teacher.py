@@ -124,9 +124,15 @@ class DiffusionTraining(L.LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
+    def ema_decay_now(self) -> float:
+        """EMA decay with warm-up, ``min(decay, (1 + n) / (10 + n))`` after n updates, so
+        short runs do not export weights still dominated by the random initialisation."""
+        n = self.global_step
+        return min(self.hparams.ema_decay, (1 + n) / (10 + n))
+
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        ema_update(self.ema_unet.parameters(), self.unet.parameters(), self.hparams.ema_decay)
+        ema_update(self.ema_unet.parameters(), self.unet.parameters(), self.ema_decay_now())
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.unet.parameters())
