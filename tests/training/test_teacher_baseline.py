@@ -57,5 +57,7 @@ def test_baseline_uses_the_diffusion_loss_and_ddim(tiny_pixel_teacher):
     loss.backward()
     assert set(terms) == {"loss", "diffusion"}
     assert any(p.grad is not None for p in m.controlnet.parameters())
-    out = m.sample_images(batch["cond"], batch["caption"], 2, generator=torch.Generator().manual_seed(0))
+    out = m.sample_images(
+        batch["cond"], batch["caption"], 2, generator=torch.Generator().manual_seed(0)
+    )
     assert out.shape == (2, 3, 16, 16) and 0 <= out.min() and out.max() <= 1

@@ -3,7 +3,6 @@ condition (teacher frozen), sampled with DDIM. What CoDi is compared against."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -37,22 +36,7 @@ class ControlNetBaseline(CoDiDistillation):
         loss = F.mse_loss(self.denoiser("online", text, cond)(z, t).float(), target)
         return loss, {"loss": loss.detach(), "diffusion": loss.detach()}
 
-    @torch.no_grad()
-    def sample_images(
-        self,
-        cond: Tensor,
-        captions: Sequence[str],
-        num_steps: int = 50,
-        *,
-        use_target: bool = True,
-        stochastic: bool = False,
-        guidance_scale: float = 1.0,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """DDIM (eta = 0) in ``num_steps`` steps; ``stochastic`` and guidance are unused."""
-        text = self.encode_text(captions)
-        model = self.denoiser("target" if use_target else "online", text, cond)
-        size = cond.shape[-1] // self.vae_scale
-        shape = (cond.shape[0], self.unet.config.in_channels, size, size)
-        noise = torch.randn(shape, generator=generator, device=self.device)
-        return self.decode_latents(ddim_sample(model, noise, self.scheduler_config, num_steps))
+    def run_sampler(self, model, noise: Tensor, num_steps: int, **kwargs: Any) -> Tensor:
+        """DDIM (eta = 0) in ``num_steps`` steps; the consistency-sampler options
+        (``stochastic``, guidance) do not apply."""
+        return ddim_sample(model, noise, self.scheduler_config, num_steps)

@@ -29,6 +29,7 @@ from ..diffusion import (
 )
 from ..metrics import EvalSuite, MetricsConfig, write_results
 from ..models import build_adapter, check_resolution, load_teacher
+from .optim import optimizers_for
 from .parallel import data_parallel_mesh, enable_memory_savers, shard_blocks
 from .visualize import save_grid
 
@@ -401,14 +402,9 @@ class CoDiDistillation(L.LightningModule):
         return [p for m in self.trainable_modules().values() for p in m.parameters()]
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.trainable_parameters())
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return optimizers_for(
+            self.trainable_parameters(), self.optimizer_factory, self.lr_scheduler_factory
+        )
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -435,14 +431,24 @@ class CoDiDistillation(L.LightningModule):
         noise = torch.randn(
             (cond.shape[0], channels, size, size), generator=generator, device=self.device
         )
+        latents = self.run_sampler(
+            model, noise, num_steps, stochastic=stochastic, generator=generator,
+            uncond_model=uncond, guidance_scale=guidance_scale,
+        )  # fmt: skip
+        return self.decode_latents(latents)
+
+    def run_sampler(
+        self,
+        model: Callable[[Tensor, Tensor], Tensor],
+        noise: Tensor,
+        num_steps: int,
+        **kwargs: Any,
+    ) -> Tensor:
+        """The consistency sampler on the training grid (subclasses swap the sampler)."""
         timesteps = sampling_timesteps(
             num_steps, self.schedule.num_train_timesteps, self.hparams.num_grid
         )
-        latents = sample(
-            model, noise, self.schedule, timesteps, stochastic=stochastic,
-            generator=generator, uncond_model=uncond, guidance_scale=guidance_scale,
-        )  # fmt: skip
-        return self.decode_latents(latents)
+        return sample(model, noise, self.schedule, timesteps, **kwargs)
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

@@ -21,6 +21,7 @@ from ..models import (
 )
 from ..models.tiny import SD_SCHEDULER
 from .ddim import ddim_sample
+from .optim import optimizers_for
 from .visualize import save_grid
 
 
@@ -135,14 +136,9 @@ class DiffusionTraining(L.LightningModule):
         ema_update(self.ema_unet.parameters(), self.unet.parameters(), self.ema_decay_now())
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.unet.parameters())
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return optimizers_for(
+            self.unet.parameters(), self.optimizer_factory, self.lr_scheduler_factory
+        )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.log("val/loss", self.diffusion_loss(batch), batch_size=len(batch["image"]))
