@@ -5,8 +5,8 @@
 4x super-resolution of 32x32 patches (from 8x8) cut from photographs that ship with
 scikit-image; held-out test patches come from two other photographs. Pixel space: the
 toy teacher is a 1.4M-parameter UNet trained by `configs/toy/teacher.yaml` (committed in
-bench/assets/toy_teacher, with that command). Every number in docs/results.md is written
-by this script from its own runs.
+bench/assets/toy_teacher, with that command). A complete run writes docs/results.md,
+every number from its own runs.
 """
 
 from __future__ import annotations
