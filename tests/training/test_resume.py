@@ -69,6 +69,14 @@ def test_resume_continues_exactly(tiny_teacher, tmp_path):
         torch.testing.assert_close(got, full_losses[step], rtol=1e-5, atol=1e-6)
     for a, b in zip(full.target.parameters(), resumed.target.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # the EMA really moved during fit (Lightning calls the optimizer_step override)
+    torch.manual_seed(0)
+    fresh = CoDiDistillation(str(tiny_teacher), method="codi", num_grid=10)
+    moved = [
+        not torch.equal(a, b)
+        for a, b in zip(fresh.target.parameters(), full.target.parameters(), strict=True)
+    ]
+    assert sum(moved) > len(moved) // 2
     opt_full = trainer2.optimizers[0].state_dict()
     sched = trainer2.lr_scheduler_configs[0].scheduler
     assert sched.last_epoch == n and trainer2.optimizers[0].param_groups[0]["lr"] == 1e-3 * 0.5**3
