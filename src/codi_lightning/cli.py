@@ -12,7 +12,7 @@ from jsonargparse import CLI
 from lightning.pytorch.cli import LightningCLI
 
 from .checkpoints import consolidate_checkpoint
-from .data import ShardDataModule, write_edit_shards, write_shards
+from .data import ShardDataModule, write_depth_shards, write_edit_shards, write_shards
 from .export import export_checkpoint
 from .training import CoDiDistillation, ImageWriter
 
@@ -21,6 +21,7 @@ DEFAULT_MODEL = CoDiDistillation
 EXTRA_COMMANDS = {
     "shards": write_shards,
     "edit-shards": write_edit_shards,
+    "depth-shards": write_depth_shards,
     "export": export_checkpoint,
     "consolidate": consolidate_checkpoint,
 }
@@ -30,7 +31,8 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 EPILOG = (
     "Also: `codi-lightning shards --help` writes WebDataset shards from an image folder "
-    "(`edit-shards` from a JSONL manifest of editing triples); "
+    "(`edit-shards` from a JSONL manifest of editing triples, `depth-shards` with depth "
+    "maps estimated at write time); "
     "`codi-lightning export --help` writes diffusers folders from a checkpoint; "
     "`codi-lightning consolidate --help` gathers a sharded checkpoint into one file."
 )

@@ -3,6 +3,7 @@ the shard writers."""
 
 from .datamodule import PairStage, ShardDataModule, ShardSource
 from .decode import BadSample, decode_sample
+from .depth import write_depth_shards
 from .recipes import CONDITIONS, canny_edges, inpaint_condition, make_recipe, realesrgan_low
 from .shards import write_edit_shards, write_shards
 from .transforms import PairTransform, sr_bicubic
@@ -20,6 +21,7 @@ __all__ = [
     "make_recipe",
     "realesrgan_low",
     "sr_bicubic",
+    "write_depth_shards",
     "write_edit_shards",
     "write_shards",
 ]
