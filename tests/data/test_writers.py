@@ -2,6 +2,7 @@
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,3 +157,29 @@ def test_shards_cli_accepts_the_recipe_options(tmp_path):
     with pytest.raises(SystemExit):
         CLI(write_shards, as_positional=False, args=[
             "--images", str(root), "--output", str(tmp_path / "r-%06d.tar"), "--recipe", "depth"])  # fmt: skip
+
+
+def test_parquet_manifest_gives_the_same_shards_as_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    jsonl = Path(_manifest(tmp_path))
+    rows = []
+    for line in jsonl.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and all(
+            isinstance(row.get(k), str) for k in ("source", "edited", "instruction")
+        ):
+            rows.append(row)
+    table = pa.Table.from_pylist(rows)
+    parquet = jsonl.with_suffix(".parquet")
+    pq.write_table(table, parquet)
+    a = write_edit_shards(str(jsonl), str(tmp_path / "j-%06d.tar"), progress=False)
+    b = write_edit_shards(str(parquet), str(tmp_path / "p-%06d.tar"), progress=False)
+    assert a["written"] == b["written"] == 2
+    ja, pb = _samples(str(tmp_path / "j-000000.tar")), _samples(str(tmp_path / "p-000000.tar"))
+    assert [s["txt"] for s in ja] == [s["txt"] for s in pb]
+    assert [s["jpg"] for s in ja] == [s["jpg"] for s in pb]

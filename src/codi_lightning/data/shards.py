@@ -252,6 +252,19 @@ def _edit_samples(lines: list[str], base: Path, max_pixels: int) -> Iterator[dic
         }
 
 
+def _manifest_lines(path: Path) -> list[str]:
+    """JSONL lines, or one JSON line per row of a Parquet manifest (needs pyarrow)."""
+    if path.suffix.lower() != ".parquet":
+        return path.read_text(encoding="utf-8", errors="replace").splitlines()
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise ImportError(
+            "Parquet manifests need pyarrow: `pip install pyarrow` (or use a JSONL manifest)"
+        ) from err
+    return [json.dumps(row, default=str) for row in pq.read_table(path).to_pylist()]
+
+
 def write_edit_shards(
     manifest: str,
     output: str,
@@ -263,7 +276,8 @@ def write_edit_shards(
 
     Args:
         manifest: JSONL file, one ``{"source": path, "edited": path, "instruction": str}``
-            per line; paths are relative to the manifest's folder.
+            per line, or a ``.parquet`` file with those three columns (needs pyarrow);
+            paths are relative to the manifest's folder.
         output: shard pattern with a printf field, e.g. ``shards/edit-%06d.tar``.
         maxcount: samples per shard.
         progress: show a progress bar.
@@ -283,7 +297,7 @@ def write_edit_shards(
     if not path.is_file():
         raise FileNotFoundError(f"--manifest {manifest!r} is not a file")
     _check_output(output)
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    lines = _manifest_lines(path)
     if not any(line.strip() for line in lines):
         raise ValueError(f"--manifest {manifest!r} has no entries (one JSON object per line)")
     samples = _edit_samples(lines, path.parent, max_pixels)
