@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .decode import DEFAULT_MAX_PIXELS, IMAGE_EXTS, BadSample, decode_image
-from .shards import _check_output, _ext, _images, _key, _png, _probe, _write_all
+from .decode import DEFAULT_MAX_PIXELS, BadSample, decode_image
+from .shards import _check_output, _ext, _image_folder, _key, _png, _probe, _write_all
 
 
 def load_depth_estimator(name: str, device: torch.device):
@@ -109,15 +109,10 @@ def write_depth_shards(
     Returns:
         Counts: ``written`` and ``skipped_<reason>`` (also printed).
     """
-    root = Path(images)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--images {images!r} is not a folder")
     _check_output(output)
+    root, files = _image_folder(images)
     if batch_size < 1:
         raise ValueError(f"--batch_size {batch_size} must be >= 1")
-    files = _images(root)
-    if not files:
-        raise FileNotFoundError(f"no {'/'.join(IMAGE_EXTS)} images under {images!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model, processor = load_depth_estimator(depth_model, torch.device(device))

@@ -30,6 +30,17 @@ def _images(root: Path) -> list[Path]:
     )
 
 
+def _image_folder(images: str) -> tuple[Path, list[Path]]:
+    """The folder and its image files; errors name the option when there are none."""
+    root = Path(images)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--images {images!r} is not a folder")
+    files = _images(root)
+    if not files:
+        raise FileNotFoundError(f"no {'/'.join(IMAGE_EXTS)} images under {images!r}")
+    return root, files
+
+
 def _key(rel: Path) -> str:
     """A WebDataset key from a relative path: no dots (they start the extension)."""
     return re.sub(r"[^A-Za-z0-9_\-/]", "_", str(rel.with_suffix(""))).replace("/", "__")
@@ -187,10 +198,8 @@ def write_shards(
     Returns:
         Counts: ``written`` and ``skipped_<reason>`` (also printed).
     """
-    root = Path(images)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--images {images!r} is not a folder")
     _check_output(output)
+    root, files = _image_folder(images)
     cond_root = Path(conditions) if conditions else None
     if cond_root is not None and not cond_root.is_dir():
         raise FileNotFoundError(f"--conditions {conditions!r} is not a folder")
@@ -198,9 +207,6 @@ def write_shards(
         raise ValueError("give either --conditions (stored) or --recipe (computed), not both")
     if recipe is not None:
         make_recipe(recipe, sr_factor)  # validates the name and the factor
-    files = _images(root)
-    if not files:
-        raise FileNotFoundError(f"no {'/'.join(IMAGE_EXTS)} images under {images!r}")
     samples = _folder_samples(root, files, cond_root, recipe, sr_factor, seed, max_pixels)
     return _write_all(samples, output, maxcount, len(files), progress, "writing shards")
 
