@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..diffusion import NoiseSchedule, sample, sampling_timesteps
-from ..models import TeacherParts, load_teacher
+from ..models import TeacherParts, encode_prompts, load_teacher
 
 
 class CoDiPipeline:
@@ -54,12 +54,8 @@ class CoDiPipeline:
         self.device = torch.device(device)
         return self
 
-    @torch.no_grad()
     def encode_text(self, prompts: Sequence[str]) -> Tensor:
-        tok = self.parts.tokenizer
-        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length,
-                  truncation=True, return_tensors="pt").input_ids  # fmt: skip
-        return self.parts.text_encoder(ids.to(self.device))[0]
+        return encode_prompts(self.parts.tokenizer, self.parts.text_encoder, prompts, self.device)
 
     def _denoiser(self, text: Tensor, cond: Tensor):
         unet, controlnet = self.parts.unet, self.controlnet

@@ -6,6 +6,7 @@ from .builders import (
     build_adapter,
     check_condition_downsampling,
     check_resolution,
+    encode_prompts,
     load_teacher,
 )
 from .tiny import (
@@ -23,6 +24,7 @@ __all__ = [
     "build_tiny_tokenizer",
     "check_condition_downsampling",
     "check_resolution",
+    "encode_prompts",
     "load_teacher",
     "save_teacher_folder",
     "write_tiny_teacher",

@@ -73,6 +73,20 @@ def load_teacher(
     return TeacherParts(unet, vae, text_encoder, tokenizer, scheduler_config)
 
 
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder: nn.Module, prompts, device: torch.device | str):
+    """y: CLIP last hidden states [B, L, D], prompts padded to the tokenizer's maximum
+    length (as Stable Diffusion pipelines do)."""
+    ids = tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return text_encoder(ids.to(device))[0]
+
+
 def adapter_cond_channels(vae_scale: int) -> tuple[int, ...]:
     """Condition-embedder widths whose downsampling 2^(L-1) equals the VAE's factor."""
     levels = int(math.log2(vae_scale)) + 1

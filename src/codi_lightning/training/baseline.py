@@ -24,12 +24,11 @@ class ControlNetBaseline(CoDiDistillation):
         x = self.encode_images(batch["image"], gen)
         cond, text = batch["cond"], self.encode_text(batch["caption"])
         noise = self.rank_slice_randn(x.shape, gen)
-        rank, world = self._rank_and_world()
-        b = x.shape[0]
+        b, world = x.shape[0], self._rank_and_world()[1]
         t = torch.randint(
             0, self.schedule.num_train_timesteps, (b * world,), generator=gen, device=gen.device
         )
-        t = t[rank * b : (rank + 1) * b].to(x.device)
+        t = self.rank_slice(t, b).to(x.device)  # drawn for the global batch, as the noise
         alpha, sigma = self.schedule.alpha_sigma(t, x)
         z = alpha * x + sigma * noise
         target = to_output(x, noise, alpha, sigma, self.schedule.prediction_type)

@@ -28,23 +28,24 @@ from ..diffusion import (
     sampling_timesteps,
 )
 from ..metrics import EvalSuite, MetricsConfig, write_results
-from ..models import build_adapter, check_resolution, load_teacher
+from ..models import build_adapter, check_resolution, encode_prompts, load_teacher
+from .frozen import SkipFrozenState
 from .optim import optimizers_for
 from .parallel import data_parallel_mesh, enable_memory_savers, shard_blocks
 from .visualize import save_grid
 
 FROZEN_PREFIXES = ("unet.", "vae.", "text_encoder.")
-SKIPPED_PREFIXES = FROZEN_PREFIXES + ("eval_suite.",)  # left out of every state dict
 
 
-class CoDiDistillation(L.LightningModule):
+class CoDiDistillation(SkipFrozenState, L.LightningModule):
     """Distil a text-to-image teacher into a 1-4 step conditional model, in one stage.
 
     Submodules: ``unet`` (the frozen pretrained UNet, the teacher; in PE-CoDi it is
     also the student's backbone, shared, never copied), ``vae`` and ``text_encoder``
     (frozen), ``controlnet`` (the trainable adapter), ``student_unet`` (a trainable copy
     of the UNet, full CoDi only) and ``target`` (the EMA network theta^-, fp32, saved).
-    Frozen parts are left out of checkpoints and rebuilt from ``pretrained``.
+    Frozen parts (and the evaluation metrics) are left out of every state dict and
+    rebuilt from ``pretrained``.
 
     Args:
         pretrained: hub id or local diffusers folder of the teacher (SD 1.x/2.x layout).
@@ -84,6 +85,8 @@ class CoDiDistillation(L.LightningModule):
         frozen_dtype: dtype of the frozen teacher, VAE and text encoder: ``auto`` (bf16 on
             CUDA under bf16 precision, else fp32), ``fp32`` or ``bf16``.
     """
+
+    skipped_prefixes = FROZEN_PREFIXES + ("eval_suite.",)
 
     def __init__(
         self,
@@ -278,14 +281,7 @@ class CoDiDistillation(L.LightningModule):
     @torch.no_grad()
     def encode_text(self, captions: Sequence[str]) -> Tensor:
         """y: CLIP last hidden states [B, L, D]."""
-        ids = self.tokenizer(
-            list(captions),
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0]
+        return encode_prompts(self.tokenizer, self.text_encoder, captions, self.device)
 
     def empty_text(self, batch: int) -> Tensor:
         """The empty-prompt embedding, computed once per device."""
@@ -316,9 +312,14 @@ class CoDiDistillation(L.LightningModule):
         """Standard normal noise for this rank's part of the GLOBAL batch: every rank draws
         the global tensor from the same generator and keeps its slice (cheap next to the
         networks), so DDP/FSDP runs equal a one-process run with the global batch."""
-        rank, world = self._rank_and_world()
+        world = self._rank_and_world()[1]
         full = torch.randn((shape[0] * world, *shape[1:]), generator=generator, device=self.device)
-        return full[rank * shape[0] : (rank + 1) * shape[0]]
+        return self.rank_slice(full, shape[0])
+
+    def rank_slice(self, full: Tensor, per_rank: int) -> Tensor:
+        """This rank's rows of a tensor drawn for the global batch."""
+        rank = self._rank_and_world()[0]
+        return full[rank * per_rank : (rank + 1) * per_rank]
 
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
@@ -340,13 +341,13 @@ class CoDiDistillation(L.LightningModule):
         x = self.encode_images(batch["image"], gen)  # clean latent x (METHOD.md, Notation)
         cond, text = batch["cond"], self.encode_text(batch["caption"])  # c in [0, 1], y
         noise = self.rank_slice_randn(x.shape, gen)  # eps ~ N(0, I)
-        rank, world = self._rank_and_world()
-        b = x.shape[0]
+        b, world = x.shape[0], self._rank_and_world()[1]
         t, s = sample_pairs(  # (t, s = max(t - k, 0)) on the grid, drawn for the global batch
             b * world, self.schedule.num_train_timesteps, hp.num_grid,
             hp.per_sample_timesteps, generator=gen, device=x.device,
         )  # fmt: skip
-        t, s = t[rank * b : (rank + 1) * b], s[rank * b : (rank + 1) * b]
+        t, s = self.rank_slice(t, b), self.rank_slice(s, b)
+
         w = None
         if hp.cfg_aware:  # released code: one integer w per step, never inside the ODE step
             low, high = hp.guidance_range
@@ -552,24 +553,3 @@ class CoDiDistillation(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._checkpoint_step = int(checkpoint.get("global_step", 0))
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """Without the frozen teacher, VAE and text encoder (they come from ``pretrained``)
-        and the evaluation metrics. Every checkpoint path (full file, distributed
-        checkpoint, ``get_model_state_dict``) goes through here."""
-        state = super().state_dict(*args, **kwargs)
-        for key in [k for k in state if k.startswith(SKIPPED_PREFIXES)]:
-            del state[key]
-        return state
-
-    def load_state_dict(
-        self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False
-    ):
-        """Accept checkpoints without the frozen parts (they were loaded from ``pretrained``);
-        every trainable and target key must still be present when ``strict``."""
-        own = super().state_dict(keep_vars=True)
-        merged = dict(state_dict)
-        for key, value in own.items():
-            if key.startswith(SKIPPED_PREFIXES) and key not in merged:
-                merged[key] = value
-        return super().load_state_dict(merged, strict=strict, assign=assign)

@@ -10,22 +10,24 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..diffusion import NoiseSchedule, ema_update, to_output
 from ..models import (
     build_tiny_text_encoder,
     build_tiny_tokenizer,
+    encode_prompts,
     load_teacher,
     save_teacher_folder,
 )
 from ..models.tiny import SD_SCHEDULER
 from .ddim import ddim_sample
+from .frozen import SkipFrozenState
 from .optim import optimizers_for
 from .visualize import save_grid
 
 
-class DiffusionTraining(L.LightningModule):
+class DiffusionTraining(SkipFrozenState, L.LightningModule):
     """Train a text-conditional UNet with the ordinary diffusion loss and write it as a
     diffusers teacher folder (EMA weights) that the distillation configs point at.
 
@@ -41,6 +43,8 @@ class DiffusionTraining(L.LightningModule):
         val_steps: DDIM steps of the validation samples.
         val_images: validation grid rows.
     """
+
+    skipped_prefixes = ("vae.", "text_encoder.")  # frozen, rebuilt in __init__
 
     def __init__(
         self,
@@ -96,11 +100,8 @@ class DiffusionTraining(L.LightningModule):
                 frozen.eval()
         return self
 
-    @torch.no_grad()
     def encode_text(self, captions: list[str]) -> Tensor:
-        ids = self.tokenizer(list(captions), padding="max_length", truncation=True,
-                             max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids  # fmt: skip
-        return self.text_encoder(ids.to(self.device))[0]
+        return encode_prompts(self.tokenizer, self.text_encoder, captions, self.device)
 
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
@@ -173,19 +174,3 @@ class DiffusionTraining(L.LightningModule):
         return save_teacher_folder(
             folder, unet, self.text_encoder, self.tokenizer, self.scheduler_config, self.vae
         )
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        state = super().state_dict(*args, **kwargs)
-        for key in [k for k in state if k.startswith(("vae.", "text_encoder."))]:
-            del state[key]
-        return state
-
-    def load_state_dict(
-        self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False
-    ):
-        own = nn.Module.state_dict(self, keep_vars=True)
-        merged = dict(state_dict)
-        for key, value in own.items():
-            if key.startswith(("vae.", "text_encoder.")) and key not in merged:
-                merged[key] = value
-        return super().load_state_dict(merged, strict=strict, assign=assign)
