@@ -85,7 +85,7 @@ class NoiseSchedule:
         Returned in ``like``'s dtype and device, shaped ``[B, 1, 1, ...]`` to broadcast
         against ``like`` ([B, C, H, W]). The gather happens in fp64 first.
         """
-        abar = self.alphas_cumprod.to(t.device)[t.long()]
+        abar = self._table(t.device)[t.long()]
         alpha, sigma = abar.sqrt(), (1.0 - abar).sqrt()
         shape = (-1,) + (1,) * (like.ndim - 1)
         if abar.ndim == 0:
@@ -94,6 +94,13 @@ class NoiseSchedule:
             alpha.to(like.dtype).reshape(shape).to(like.device),
             sigma.to(like.dtype).reshape(shape).to(like.device),
         )
+
+    def _table(self, device: torch.device) -> Tensor:
+        """``alphas_cumprod`` on ``device``, copied there once (it is read every step)."""
+        cache = self.__dict__.setdefault("_device_tables", {})
+        if device not in cache:
+            cache[device] = self.alphas_cumprod.to(device)
+        return cache[device]
 
     def add_noise(self, x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """Forward process ``z_t = alpha_t x + sigma_t eps`` (METHOD.md step 1)."""
