@@ -48,10 +48,12 @@ def test_missing_teacher_names_the_fix(tmp_path):
         load_teacher(str(tmp_path / "nope"))
 
 
-def test_adapter_starts_as_the_teacher(tiny_teacher):
-    """Zero convolutions: at step 0 the adapted UNet equals the pretrained one."""
+@pytest.mark.parametrize("condition_init", ["zero", "random"])
+def test_adapter_starts_as_the_teacher(tiny_teacher, condition_init):
+    """Zero output convolutions: at step 0 the adapted UNet equals the pretrained one,
+    whichever way the condition embedder starts."""
     parts = load_teacher(str(tiny_teacher))
-    adapter = build_adapter(parts.unet, parts.vae_scale)
+    adapter = build_adapter(parts.unet, parts.vae_scale, condition_init=condition_init)
     z = torch.randn(2, 4, 8, 8)
     t = torch.tensor([10, 900])
     text = torch.randn(2, 77, 32)
@@ -64,6 +66,42 @@ def test_adapter_starts_as_the_teacher(tiny_teacher):
             down_block_additional_residuals=down, mid_block_additional_residual=mid,
         ).sample  # fmt: skip
     torch.testing.assert_close(adapted, plain)
+
+
+def _zero_conv_grad(adapter, unet, cond):
+    """Gradient of the first output zero convolution for a fixed z_t and this condition."""
+    adapter.zero_grad()
+    gen = torch.Generator().manual_seed(0)
+    z, text = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 32, generator=gen)
+    t = torch.tensor([500, 500])
+    down, mid = adapter(z, t, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False)
+    out = unet(
+        z, t, encoder_hidden_states=text,
+        down_block_additional_residuals=down, mid_block_additional_residual=mid,
+    ).sample  # fmt: skip
+    out.square().mean().backward()
+    return adapter.controlnet_down_blocks[0].weight.grad.clone()
+
+
+def test_random_condition_init_lets_the_condition_reach_the_first_gradient(tiny_teacher):
+    """With the reference zero init, the condition cannot influence the first update
+    (two zero factors in a row); with ``random`` it does, and only its embedder differs."""
+    parts = load_teacher(str(tiny_teacher))
+    c1, c2 = torch.zeros(2, 3, 32, 32), torch.ones(2, 3, 32, 32)
+    for init, differs in (("zero", False), ("random", True)):
+        torch.manual_seed(0)
+        adapter = build_adapter(parts.unet, parts.vae_scale, condition_init=init)
+        g1, g2 = _zero_conv_grad(adapter, parts.unet, c1), _zero_conv_grad(adapter, parts.unet, c2)
+        assert g1.abs().sum() > 0
+        assert (not torch.allclose(g1, g2)) is differs, init
+        conv_out = adapter.controlnet_cond_embedding.conv_out.weight
+        assert bool(conv_out.abs().sum() > 0) is differs, init
+
+
+def test_unknown_condition_init_names_the_choices(tiny_teacher):
+    parts = load_teacher(str(tiny_teacher))
+    with pytest.raises(ValueError, match="'zero'.*'random'"):
+        build_adapter(parts.unet, parts.vae_scale, condition_init="gaussian")
 
 
 @pytest.mark.parametrize(("scale", "levels"), [(1, 1), (2, 2), (4, 3), (8, 4), (16, 5)])

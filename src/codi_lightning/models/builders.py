@@ -101,18 +101,37 @@ def build_adapter(
     vae_scale: int,
     conditioning_embedding_out_channels: tuple[int, ...] | None = None,
     conditioning_channels: int = 3,
+    condition_init: str = "zero",
 ) -> nn.Module:
     """ControlNet initialised from the UNet (``ControlNetModel.from_unet``); its zero
-    convolutions make the adapted model equal the teacher at step 0."""
+    output convolutions make the adapted model equal the teacher at step 0.
+
+    ``condition_init`` sets the last convolution of the condition embedder: ``zero`` as
+    in the reference ControlNet code and diffusers, or ``random`` (PyTorch's default
+    init), as the ControlNet paper describes its condition encoder ("initialized with
+    Gaussian weights"). With ``zero``, no gradient reaches the condition path until the
+    output convolutions have grown (two zero factors in a row), which is what makes a
+    small ControlNet slow to start reading its input; ``random`` keeps the model equal
+    to the teacher at step 0 (the output convolutions are still zero) but lets the
+    adapter's features depend on the condition from the first step.
+    """
     from diffusers import ControlNetModel
 
+    if condition_init not in ("zero", "random"):
+        raise ValueError(
+            f"adapter condition_init={condition_init!r}; choose 'zero' (reference ControlNet "
+            "code) or 'random' (the ControlNet paper's Gaussian init)"
+        )
     channels = conditioning_embedding_out_channels or adapter_cond_channels(vae_scale)
     check_condition_downsampling(tuple(channels), vae_scale)
-    return ControlNetModel.from_unet(
+    adapter = ControlNetModel.from_unet(
         unet,
         conditioning_embedding_out_channels=tuple(channels),
         conditioning_channels=conditioning_channels,
     )
+    if condition_init == "random":
+        adapter.controlnet_cond_embedding.conv_out.reset_parameters()
+    return adapter
 
 
 def check_condition_downsampling(channels: tuple[int, ...], vae_scale: int) -> None:

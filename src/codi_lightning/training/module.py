@@ -54,6 +54,8 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         pixel_space: the teacher has no VAE and works on images in [-1, 1].
         method: ``pe-codi`` (only the adapter trains) or ``codi`` (adapter + UNet copy).
         adapter_cond_channels: condition-embedder widths; derived from the VAE if unset.
+        adapter_condition_init: last layer of the condition embedder, ``zero`` (reference
+            ControlNet code) or ``random`` (ControlNet paper); see ``build_adapter``.
         loss: the loss switches (README's table, METHOD.md step 3-5).
         num_grid: N, points of the distillation grid (k = T / N).
         per_sample_timesteps: one t per sample instead of one per batch.
@@ -96,6 +98,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         pixel_space: bool = False,
         method: Literal["pe-codi", "codi"] = "pe-codi",
         adapter_cond_channels: tuple[int, ...] | None = None,
+        adapter_condition_init: Literal["zero", "random"] = "zero",
         loss: CoDiLossConfig = CoDiLossConfig(),
         num_grid: int = 50,
         per_sample_timesteps: bool = False,
@@ -154,7 +157,12 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         # not broadcast) and every rerun builds the same adapter
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.controlnet = build_adapter(self.unet, self.vae_scale, adapter_cond_channels)
+            self.controlnet = build_adapter(
+                self.unet,
+                self.vae_scale,
+                adapter_cond_channels,
+                condition_init=adapter_condition_init,
+            )
         self.controlnet.train()
         self.student_unet = None
         if method == "codi":
