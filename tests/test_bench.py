@@ -25,3 +25,49 @@ def test_gpu_check_plumbing_on_cpu(tmp_path):
             < 0.05
         )
     assert data["sampling"]["codi_4_steps_s"] > 0 and data["sampling"]["teacher_50_steps_s"] > 0
+
+
+def _quality_module():
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "bench" / "quality.py"
+    spec = importlib.util.spec_from_file_location("bench_quality", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(psnr, fid):
+    return {"psnr": psnr, "ssim": 0.5, "input_psnr": 30.0, "fid": fid, "kid": 0.01, "swd": fid * 10}
+
+
+def test_quality_report_checks_the_claim_from_the_numbers():
+    """The report's claim table is computed from the results, not written by hand: the
+    same template says yes for one set of numbers and no for the reverse."""
+    q = _quality_module()
+    good = {
+        "codi": {"results": {"4": _row(25.0, 1.0)}},
+        "pe-codi": {"results": {"4": _row(22.0, 2.0)}},
+        "baseline": {"results": {"4": _row(18.0, 5.0), "50": _row(24.0, 1.5)}},
+    }
+    lines = q.claim_check(good).splitlines()[2:]
+    assert [line.split("|")[6].strip() for line in lines] == ["yes"] * 3  # beats baseline 4
+    assert lines[0].split("|")[7].strip() == "yes (+1.00)"  # PSNR vs baseline 50
+    assert all(line.split("|")[8].strip() == "yes" for line in lines)  # PE-CoDi between
+    bad = {
+        "codi": {"results": {"4": _row(17.0, 6.0)}},
+        "pe-codi": {"results": {"4": _row(30.0, 0.5)}},
+        "baseline": {"results": {"4": _row(18.0, 5.0), "50": _row(24.0, 1.5)}},
+    }
+    lines = q.claim_check(bad).splitlines()[2:]
+    assert [line.split("|")[6].strip() for line in lines] == ["no"] * 3
+    assert lines[0].split("|")[7].strip() == "no (-7.00)"
+    assert all(line.split("|")[8].strip() == "no" for line in lines)
+
+
+def test_quality_report_reads_its_settings_from_the_configs():
+    q = _quality_module()
+    settings = q.config_settings()
+    assert settings["teacher"]["prediction_type"] == "v prediction"
+    assert settings["distill"]["adapter_condition_init"] in ("zero", "random")
+    assert settings["distill"]["lr"] > 0 and settings["baseline"]["lr"] > 0
