@@ -159,6 +159,12 @@ def test_test_predict_export_end_to_end(tmp_path, tiny_teacher, tiny_shards):
     acc.Reload()
     assert {"test/psnr@1", "test/fid@4", "test/images@2"} <= set(acc.Tags()["scalars"])
 
+    # evaluation options of this command win over the ones saved in the checkpoint
+    main(["test", "--config", str(config), "--ckpt_path", last, "--model.test_steps", "[2]",
+          "--model.eval_weights", "online", "--trainer.logger.init_args.save_dir", str(tmp_path / "t2")])  # fmt: skip
+    again = json.loads(next((tmp_path / "t2").rglob("metrics.json")).read_text())
+    assert sorted(again["results"]) == ["2"] and again["meta"]["weights"] == "online"
+
     inputs = tmp_path / "lowres"
     inputs.mkdir()
     for i in range(3):

@@ -38,6 +38,24 @@ EPILOG = (
 )
 
 
+# Options that say how to evaluate or sample, not what was trained. With `--ckpt_path`,
+# Lightning's CLI applies the checkpoint's saved hyperparameters over the parsed command
+# line (upstream: Lightning-AI/pytorch-lightning#21455, open), so `test --ckpt_path X
+# --model.test_steps [1]` would silently evaluate the training run's step counts. For
+# validate/test/predict these options keep the values of this command (flags, --config).
+RUN_TIME_OPTIONS = (
+    "val_steps",
+    "val_images",
+    "val_guidance_scale",
+    "test_steps",
+    "eval_weights",
+    "eval_guidance_scale",
+    "eval_stochastic",
+    "metrics",
+    "predict_steps",
+)
+
+
 class CoDiCLI(LightningCLI):
     """The Lightning CLI over any LightningModule (default :class:`CoDiDistillation`, so
     configs without ``model.class_path`` distil; ``DiffusionTraining`` trains a teacher,
@@ -54,6 +72,18 @@ class CoDiCLI(LightningCLI):
         parser.set_defaults(
             {"model": {"class_path": f"{DEFAULT_MODEL.__module__}.{DEFAULT_MODEL.__name__}"}}
         )
+
+    def _parse_ckpt_path(self) -> None:
+        command = self.config.get("subcommand")
+        init = None
+        if command in ("validate", "test", "predict"):
+            init = self.config[command].get("model", {}).get("init_args")
+        keep = {k: init[k] for k in RUN_TIME_OPTIONS if init is not None and k in init}
+        super()._parse_ckpt_path()
+        if keep:
+            restored = self.config[command]["model"]["init_args"]
+            for key, value in keep.items():
+                restored[key] = value
 
     def before_predict(self) -> None:
         """Write predictions to files unless the config already has a writer."""
