@@ -110,8 +110,8 @@ def build_adapter(
     in the reference ControlNet code and diffusers, or ``random`` (PyTorch's default
     init), as the ControlNet paper describes its condition encoder ("initialized with
     Gaussian weights"). With ``zero``, no gradient reaches the condition path until the
-    output convolutions have grown (two zero factors in a row), which is what makes a
-    small ControlNet slow to start reading its input; ``random`` keeps the model equal
+    output convolutions have grown (two zero factors in a row), one reason a ControlNet
+    is slow to start reading its input; ``random`` keeps the model equal
     to the teacher at step 0 (the output convolutions are still zero) but lets the
     adapter's features depend on the condition from the first step.
     """
