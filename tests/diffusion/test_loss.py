@@ -175,3 +175,24 @@ def test_x_space_target_at_s0_is_the_boundary_sample():
 def test_bad_switch_names_choices(bad):
     with pytest.raises(ValueError, match="choose one of"):
         CoDiLossConfig(**bad)
+
+
+@pytest.mark.parametrize("pt", ["epsilon", "v_prediction", "sample"])
+def test_diffusion_loss_matches_longhand_and_is_zero_for_an_oracle(pt):
+    from codi_lightning.diffusion import diffusion_loss
+
+    sched = NoiseSchedule.from_config({**SCHED, "prediction_type": pt})
+    x, noise, t, _ = _inputs()
+    abar = sched.alphas_cumprod[t].float()[:, None, None, None]
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    z = a * x + s * noise
+    target = {"epsilon": noise, "v_prediction": a * noise - s * x, "sample": x}[pt]
+    net = Net(0)
+    expected = ((net(z, t) - target) ** 2).mean()
+    torch.testing.assert_close(diffusion_loss(net, x, noise, t, sched), expected)
+
+    def oracle(zz, tt):
+        torch.testing.assert_close(zz, z)  # the model sees z_t = alpha x + sigma eps
+        return target
+
+    assert diffusion_loss(oracle, x, noise, t, sched) < 1e-10

@@ -2,7 +2,7 @@
 
 from .boundary import apply_boundary, boundary_scalings
 from .ema import ema_update
-from .losses import CoDiLossConfig, codi_loss, distance
+from .losses import CoDiLossConfig, codi_loss, diffusion_loss, distance
 from .parameterization import to_output, to_x_eps
 from .sampling import guided_output, sample
 from .schedule import NoiseSchedule, betas_from_config
@@ -16,6 +16,7 @@ __all__ = [
     "betas_from_config",
     "boundary_scalings",
     "codi_loss",
+    "diffusion_loss",
     "distance",
     "ema_update",
     "grid",

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .boundary import apply_boundary
-from .parameterization import to_x_eps
+from .parameterization import to_output, to_x_eps
 from .schedule import NoiseSchedule
 from .solvers import ode_step
 
@@ -138,3 +139,15 @@ def codi_loss(
         "loss": loss.detach(),
     }
     return loss, terms
+
+
+def diffusion_loss(
+    model: Denoiser, x: Tensor, noise: Tensor, t: Tensor, schedule: NoiseSchedule
+) -> Tensor:
+    """The ordinary diffusion loss ``|| F(z_t, t) - target ||^2`` with ``z_t = alpha_t x +
+    sigma_t eps`` and the target of the schedule's prediction type (eps, v or x); used to
+    train a teacher and the two-stage baseline."""
+    x, noise = x.float(), noise.float()
+    alpha, sigma = schedule.alpha_sigma(t, x)
+    target = to_output(x, noise, alpha, sigma, schedule.prediction_type)
+    return F.mse_loss(model(alpha * x + sigma * noise, t).float(), target)

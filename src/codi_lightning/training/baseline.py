@@ -6,10 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..diffusion import to_output
+from ..diffusion import diffusion_loss
 from .ddim import ddim_sample
 from .module import CoDiDistillation
 
@@ -29,10 +28,7 @@ class ControlNetBaseline(CoDiDistillation):
             0, self.schedule.num_train_timesteps, (b * world,), generator=gen, device=gen.device
         )
         t = self.rank_slice(t, b).to(x.device)  # drawn for the global batch, as the noise
-        alpha, sigma = self.schedule.alpha_sigma(t, x)
-        z = alpha * x + sigma * noise
-        target = to_output(x, noise, alpha, sigma, self.schedule.prediction_type)
-        loss = F.mse_loss(self.denoiser("online", text, cond)(z, t).float(), target)
+        loss = diffusion_loss(self.denoiser("online", text, cond), x, noise, t, self.schedule)
         return loss, {"loss": loss.detach(), "diffusion": loss.detach()}
 
     def run_sampler(self, model, noise: Tensor, num_steps: int, **kwargs: Any) -> Tensor:

@@ -8,11 +8,10 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from ..diffusion import NoiseSchedule, ema_update, to_output
+from ..diffusion import NoiseSchedule, diffusion_loss, ema_update
 from ..models import (
     build_tiny_text_encoder,
     build_tiny_tokenizer,
@@ -115,10 +114,8 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
         text = self.encode_text(batch["caption"])
         noise = torch.randn_like(x)
         t = torch.randint(0, self.schedule.num_train_timesteps, (x.shape[0],), device=x.device)
-        alpha, sigma = self.schedule.alpha_sigma(t, x)
-        z = alpha * x + sigma * noise
-        target = to_output(x, noise, alpha, sigma, self.schedule.prediction_type)
-        return F.mse_loss(self.unet(z, t, encoder_hidden_states=text).sample.float(), target)
+        model = lambda z, tt: self.unet(z, tt, encoder_hidden_states=text).sample  # noqa: E731
+        return diffusion_loss(model, x, noise, t, self.schedule)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = self.diffusion_loss(batch)
