@@ -51,14 +51,17 @@ def select_member(name: str) -> bool:
     return member_extension(name) in ALLOWED
 
 
-def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def open_image(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, corrupt: str = "corrupt_image"
+) -> Image.Image:
     """Open image bytes lazily (header only) and refuse images above ``max_pixels``.
 
     PIL's own decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``) also applies: its
     warning and error both become ``BadSample("too_large")``.
 
     Raises:
-        BadSample: ``too_large`` or ``corrupt_image`` (the caller may rename the latter).
+        BadSample: ``too_large``, or ``corrupt`` (the reason for an unreadable header,
+            e.g. ``corrupt_condition`` for a condition image).
     """
     try:
         with warnings.catch_warnings():
@@ -67,7 +70,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise BadSample("too_large", str(err)) from err
     except Exception as err:  # PIL raises many types for corrupt data
-        raise BadSample("corrupt_image", str(err)) from err
+        raise BadSample(corrupt, str(err)) from err
     w, h = img.size
     if w * h > max_pixels:
         raise BadSample("too_large", f"{w}x{h} is above max_pixels={max_pixels}")
@@ -185,11 +188,7 @@ def decode_sample(
     raw_cond = next((sample[k] for k in COND_KEYS if k in sample), None)
     cond_header = None
     if raw_cond is not None:
-        try:
-            cond_header = open_image(raw_cond, max_pixels)
-        except BadSample as err:
-            reason = "corrupt_condition" if err.reason == "corrupt_image" else err.reason
-            raise BadSample(reason, f"{key}: {err}") from err
+        cond_header = open_image(raw_cond, max_pixels, "corrupt_condition")
     image = _load(header, "corrupt_image", key)
     cond = _load(cond_header, "corrupt_condition", key) if cond_header is not None else None
     mask = _decode_mask(sample.get("mask.png"), max_pixels, key) if cond is not None else None
@@ -201,10 +200,8 @@ def _decode_mask(data: bytes | None, max_pixels: int, key: str) -> Image.Image |
     """A stored inpainting mask (``mask.png``) as an ``L`` image, or None."""
     if data is None:
         return None
+    mask = open_image(data, max_pixels, "corrupt_mask")
     try:
-        return open_image(data, max_pixels).convert("L")
-    except BadSample as err:
-        reason = "corrupt_mask" if err.reason == "corrupt_image" else err.reason
-        raise BadSample(reason, f"{key}: {err}") from err
+        return mask.convert("L")  # decodes the pixels
     except Exception as err:
         raise BadSample("corrupt_mask", f"{key}: {err}") from err

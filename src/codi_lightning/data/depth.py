@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .decode import DEFAULT_MAX_PIXELS, BadSample, decode_image
-from .shards import _check_output, _ext, _image_folder, _key, _png, _probe, _write_all
+from .shards import _check_output, _ext, _image_folder, _key, _png, _read, _write_all
 
 
 def load_depth_estimator(name: str, device: torch.device):
@@ -71,8 +71,7 @@ def _depth_samples(
 
     for path in files:
         try:
-            _probe(path, max_pixels)
-            data = path.read_bytes()
+            data, _ = _read(path, max_pixels)
             batch.append((path, data, decode_image(data, max_pixels)))
         except BadSample as err:
             yield err.reason

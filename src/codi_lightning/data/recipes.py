@@ -52,13 +52,6 @@ def low_size(size: tuple[int, int], factor: int) -> tuple[int, int]:
     return max(1, size[0] // factor), max(1, size[1] // factor)
 
 
-def sr_bicubic(image: Image.Image, factor: int) -> Image.Image:
-    """Super-resolution condition: bicubic downscale by ``factor``, upscale back (the
-    condition enters the adapter at the target's pixel resolution)."""
-    low = image.resize(low_size(image.size, factor), Image.BICUBIC)
-    return low.resize(image.size, Image.BICUBIC)
-
-
 def _to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB image -> [1, 3, H, W] float in [0, 1]."""
     arr = np.asarray(image, dtype=np.float32) / 255.0
@@ -198,6 +191,12 @@ class SuperResolution:
 
     def __call__(self, image: Image.Image, rng: random.Random) -> Image.Image:
         return self.low(image, rng).resize(image.size, Image.BICUBIC)
+
+
+def sr_bicubic(image: Image.Image, factor: int) -> Image.Image:
+    """Super-resolution condition: bicubic downscale by ``factor``, upscale back (the
+    condition enters the adapter at the target's pixel resolution)."""
+    return SuperResolution(factor)(image, random.Random(0))  # no randomness in bicubic
 
 
 # ---------------------------------------------------------------------- inpaint

@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .decode import DEFAULT_MAX_PIXELS, IMAGE_EXTS, BadSample, decode_image, open_image
-from .recipes import SuperResolution, make_recipe
+from .recipes import ConditionRecipe, SuperResolution, make_recipe
 
 WriterRecipe = Literal["sr", "sr_realesrgan", "inpaint", "canny"]
 
@@ -59,22 +59,23 @@ def _check_output(output: str) -> None:
     Path(output).parent.mkdir(parents=True, exist_ok=True)
 
 
-def _probe(path: Path, max_pixels: int) -> tuple[int, int]:
-    """The image size from the header, after checking the pixel data decodes.
+def _read(path: Path, max_pixels: int) -> tuple[bytes, tuple[int, int]]:
+    """The file's bytes and the image size from the header, after checking that the
+    file is a valid image (PIL's ``verify``) of at most ``max_pixels``.
 
     Raises:
         BadSample: ``unreadable`` or ``too_large``.
     """
     try:
         data = path.read_bytes()
-        img = open_image(data, max_pixels)
-        size = img.size
+    except OSError as err:
+        raise BadSample("unreadable", f"{path}: {err}") from err
+    img = open_image(data, max_pixels, corrupt="unreadable")
+    try:
         img.verify()
-    except BadSample as err:
-        raise BadSample("unreadable" if err.reason == "corrupt_image" else err.reason) from err
     except Exception as err:
         raise BadSample("unreadable", f"{path}: {err}") from err
-    return size
+    return data, img.size
 
 
 def _png(image: Image.Image) -> bytes:
@@ -102,8 +103,8 @@ def _write_all(
 
 
 def _with_recipe(
-    sample: dict[str, Any], data: bytes, recipe_name: str, sr_factor: int, seed: int,
-    max_pixels: int,
+    sample: dict[str, Any], data: bytes, recipe: ConditionRecipe, recipe_name: str,
+    sr_factor: int, seed: int, max_pixels: int,
 ) -> None:  # fmt: skip
     """Add the recipe's condition as ``cond.png`` (and ``mask.png`` for inpainting).
 
@@ -111,7 +112,6 @@ def _with_recipe(
     the data module scales it back up. The per-sample rng is seeded from ``seed`` and the
     key, so the result does not depend on the order of the files.
     """
-    recipe = make_recipe(recipe_name, sr_factor)
     image = decode_image(data, max_pixels)
     rng = random.Random(f"{seed}:{sample['__key__']}")
     made = recipe.low(image, rng) if isinstance(recipe, SuperResolution) else recipe(image, rng)
@@ -131,14 +131,14 @@ def _folder_samples(
     seed: int, max_pixels: int,
 ) -> Iterator[dict[str, Any] | str]:  # fmt: skip
     """One sample dict (or a skip reason) per target image of the folder."""
+    recipe_fn = make_recipe(recipe, sr_factor) if recipe is not None else None
     for path in files:
         rel = path.relative_to(root)
         try:
-            width, height = _probe(path, max_pixels)
+            data, (width, height) = _read(path, max_pixels)
         except BadSample as err:
             yield err.reason
             continue
-        data = path.read_bytes()
         sample: dict[str, Any] = {
             "__key__": _key(rel),
             _ext(path): data,
@@ -154,9 +154,9 @@ def _folder_samples(
                 yield "no_condition"
                 continue
             sample[f"cond.{_ext(found[0])}"] = found[0].read_bytes()
-        elif recipe is not None:
+        elif recipe_fn is not None:
             try:
-                _with_recipe(sample, data, recipe, sr_factor, seed, max_pixels)
+                _with_recipe(sample, data, recipe_fn, recipe, sr_factor, seed, max_pixels)
             except Exception:  # pixel data that verify() let through but cannot decode
                 yield "unreadable"
                 continue
@@ -241,8 +241,8 @@ def _edit_samples(lines: list[str], base: Path, max_pixels: int) -> Iterator[dic
         try:
             entry = _manifest_entry(line, base)
             source, edited = entry["source_path"], entry["edited_path"]
-            width, height = _probe(edited, max_pixels)
-            cond_width, cond_height = _probe(source, max_pixels)
+            edited_data, (width, height) = _read(edited, max_pixels)
+            source_data, (cond_width, cond_height) = _read(source, max_pixels)
         except BadSample as err:
             yield err.reason
             continue
@@ -251,8 +251,8 @@ def _edit_samples(lines: list[str], base: Path, max_pixels: int) -> Iterator[dic
                 "edited": entry["edited"], "line": number}  # fmt: skip
         yield {
             "__key__": f"{number:08d}_{_key(Path(edited.name))}",
-            _ext(edited): edited.read_bytes(),
-            f"cond.{_ext(source)}": source.read_bytes(),
+            _ext(edited): edited_data,
+            f"cond.{_ext(source)}": source_data,
             "txt": entry["instruction"].strip(),
             "json": json.dumps(meta).encode(),
         }
