@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -99,28 +100,30 @@ test patches, EMA weights):
 1. **No few-step gap to close.** The paper's claim rests on the two-stage model being
    much worse at 4 steps than at 50 (its tables: ControlNet at 4 steps FID 34.56 for SR
    against 19.23 for the LDM at 50; 20.21 against 14.90 at 50 steps for inpainting). Here the
-   baseline's 4-step samples are as good as its 50-step ones (main table: FID 0.53 vs
-   0.50, PSNR 19.74 vs 19.29): 4x SR of 32 px patches with a strong input leaves a narrow
+   baseline's 4-step samples are about as good as its 50-step ones (main table: FID
+   {b4[fid]:.2f} vs {b50[fid]:.2f}, PSNR {b4[psnr]:.2f} vs {b50[psnr]:.2f}): 4x SR of 32 px patches with a strong input leaves a narrow
    posterior, and DDIM's few large steps lose little. Distillation has nothing to win
    back, so the comparison becomes how fast each loss teaches the adapter to read the
    input.
 2. **The diffusion loss teaches the adapter faster per step, and its step is cheaper.**
    At equal training steps the baseline is ahead (table above), and a full CoDi step
-   costs about 1.9x a baseline step on this CPU (target pass plus the UNet copy's
+   costs {cost:.1f}x a baseline step in this run (target pass plus the UNet copy's
    backward), so at equal CPU time the gap widens. The consistency term pulls the online
    prediction towards the EMA target's, which starts as the unconditioned teacher and
-   lags behind; only the guidance term pushes towards the input (without it: 13.86 dB).
+   lags behind; only the guidance term pushes towards the input (without it:
+   {nog[psnr]:.2f} dB).
 3. **Configuration matters more than the variant.** One t per sample instead of one per
-   batch (the paper's ablation favours one per batch at SD scale) gives 19.40 dB,
-   FID 0.78 and SWD 90.4 at 4 steps: close to the baseline's 4-step samples and better
-   than them on SWD. Our reading (not tested further): with a t shared by the batch
+   batch (the paper's ablation favours one per batch at SD scale) gives {pst[psnr]:.2f} dB,
+   FID {pst[fid]:.2f} and SWD {pst[swd]:.1f} at 4 steps (baseline at 4 steps: {b4[psnr]:.2f} dB,
+   FID {b4[fid]:.2f}, SWD {b4[swd]:.1f}). Our reading (not tested further): with a t shared by the batch
    every step's gradient comes from one noise level, which at 16 samples per batch and
    a few hundred steps is a noisy signal.
 4. **No bug found.** The losses match longhand references, gradients reach only the
    trained parameters, the EMA target tracks the online weights, the samplers match
    diffusers' schedulers, and sampling with the online weights instead of the EMA
-   target changes little (CoDi, 4 steps: 18.48 dB, FID 1.09, SWD 114.2 against 18.38,
-   0.99, 113.3), so the EMA lag is not what holds CoDi back.
+   target changed little in a side run on the same checkpoint (CoDi, 4 steps: 18.48 dB,
+   FID 1.09, SWD 114.2 against 18.38, 0.99, 113.3 with the EMA weights), so the EMA lag
+   is not what holds CoDi back.
 
 What would test the claim properly: a task where the two-stage model's 4-step samples
 are clearly worse than its 50-step ones (text-to-image-like generation with a weak
@@ -172,16 +175,23 @@ def run(name: str, extra: list[str], threads: int | None = None) -> dict:
     return {"fit_seconds": fit_s, "checkpoint": str(ckpt.relative_to(ROOT)), **metrics}
 
 
+def held_out_batches(batch_size: int):
+    """The held-out test patches with their bicubic conditions, read once in order."""
+    from codi_lightning.data import ShardDataModule
+
+    dm = ShardDataModule(None, str(OUT / "data" / "test-000000.tar"), resolution=32,
+                         batch_size=batch_size, num_workers=0, condition="sr", sr_factor=4,
+                         resize_shorter=False)  # fmt: skip
+    return dm.test_dataloader()
+
+
 def bicubic_metrics() -> dict:
     """The bicubic-upscaled input itself, scored like the models."""
-    from codi_lightning.data import ShardDataModule
     from codi_lightning.metrics import EvalSuite, MetricsConfig
 
     cfg = MetricsConfig(feature="random_conv", lpips=False, swd=True, input_consistency_factor=4)
     suite = EvalSuite(cfg, [0])
-    dm = ShardDataModule(None, str(OUT / "data" / "test-000000.tar"), resolution=32, batch_size=128,
-                         num_workers=0, condition="sr", sr_factor=4, resize_shorter=False)  # fmt: skip
-    for batch in dm.test_dataloader():
+    for batch in held_out_batches(128):
         suite.update(0, batch["cond"], (batch["image"] + 1) / 2)
     return {"results": {"0": suite.compute()[0]}}
 
@@ -191,13 +201,10 @@ def image_grid(results: dict, path: Path, rows: int = 8) -> None:
     """input (8x8) | bicubic | baseline 4 | baseline 50 | PE-CoDi 4 | CoDi 1 | 2 | 4 | truth."""
     import torch.nn.functional as F
 
-    from codi_lightning.data import ShardDataModule
     from codi_lightning.training import CoDiDistillation, ControlNetBaseline
     from codi_lightning.training.visualize import save_grid
 
-    dm = ShardDataModule(None, str(OUT / "data" / "test-000000.tar"), resolution=32, batch_size=512,
-                         num_workers=0, condition="sr", sr_factor=4, resize_shorter=False)  # fmt: skip
-    batch = next(iter(dm.test_dataloader()))
+    batch = next(iter(held_out_batches(512)))
     pick = torch.linspace(0, len(batch["cond"]) - 1, rows).long()
     cond, truth = batch["cond"][pick], (batch["image"][pick] + 1) / 2
     captions = [""] * rows
@@ -239,6 +246,24 @@ def plot(results: dict, path: Path) -> None:
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def notes(results: dict) -> str:
+    """NOTES with this run's numbers filled in (the side-run numbers are fixed text)."""
+    r = {name: results[name]["results"] for name in RUNS if name in results}
+
+    def per_step(name):
+        return results[name]["fit_seconds"] / results[name]["meta"]["step"]
+
+    return NOTES.format(
+        codi_row=steps_row(results, "codi"),
+        baseline_row=steps_row(results, "baseline"),
+        b4=r["baseline"]["4"],
+        b50=r["baseline"]["50"],
+        pst=r["abl-per-sample-t"]["4"],
+        nog=r["abl-no-guidance"]["4"],
+        cost=per_step("codi") / per_step("baseline"),
+    )
 
 
 def steps_row(results: dict, name: str) -> str:
@@ -391,7 +416,7 @@ CoDi at 4 steps far better than the baseline at 4 steps and close to the baselin
 
 {chr(10).join(abl)}
 
-## Training time (minutes, 2 CPU cores)
+## Training time (minutes)
 
 | run | minutes |
 |---|---|
@@ -428,19 +453,13 @@ def main() -> None:
     results_file = OUT / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     names = list(RUNS) if args.only is None else args.only
-    if args.jobs <= 1:
-        for name in names:
-            results[name] = run(name, args.extra)
+    # one run at a time keeps its output on the console; several share the cores
+    threads = None if args.jobs <= 1 else max(1, (os.cpu_count() or 1) // args.jobs)
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        futures = {pool.submit(run, n, args.extra, threads): n for n in names}
+        for future in as_completed(futures):  # save each run as soon as it is done
+            results[futures[future]] = future.result()
             results_file.write_text(json.dumps(results, indent=2))
-    else:
-        from concurrent.futures import ThreadPoolExecutor, as_completed
-
-        threads = max(1, (os.cpu_count() or 1) // args.jobs)
-        with ThreadPoolExecutor(args.jobs) as pool:
-            futures = {pool.submit(run, n, args.extra, threads): n for n in names}
-            for future in as_completed(futures):  # save each run as soon as it is done
-                results[futures[future]] = future.result()
-                results_file.write_text(json.dumps(results, indent=2))
     results["bicubic"] = bicubic_metrics()
     results_file.write_text(json.dumps(results, indent=2))
     if not all(n in results for n in MAIN):
@@ -473,9 +492,7 @@ def main() -> None:
         "n_test": summary["test"],
         "jobs": timing["jobs"],
         **config_settings(),
-        "notes": NOTES.format(
-            codi_row=steps_row(results, "codi"), baseline_row=steps_row(results, "baseline")
-        ),
+        "notes": notes(results),
     }
     (ROOT / "docs" / "results.md").write_text(report(results, meta))
     print(f"wrote {ROOT / 'docs' / 'results.md'}")

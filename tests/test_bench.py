@@ -71,3 +71,22 @@ def test_quality_report_reads_its_settings_from_the_configs():
     assert settings["teacher"]["prediction_type"] == "v prediction"
     assert settings["distill"]["adapter_condition_init"] in ("zero", "random")
     assert settings["distill"]["lr"] > 0 and settings["baseline"]["lr"] > 0
+
+
+def test_quality_notes_quote_this_runs_numbers():
+    """The notes' numbers about this run come from the results (a rerun cannot leave
+    stale values behind)."""
+    q = _quality_module()
+    results = {
+        name: {"results": {"4": _row(10.0 + i, 1.0 + i), "50": _row(30.5, 0.25)},
+               "meta": {"step": 100}, "fit_seconds": 60.0}
+        for i, name in enumerate(q.RUNS)
+    }  # fmt: skip
+    results["codi"]["fit_seconds"] = 150.0
+    text = q.notes(results)
+    base = results["baseline"]["results"]["4"]
+    assert f"PSNR {base['psnr']:.2f} vs 30.50" in text
+    assert "costs 2.5x a baseline step" in text
+    pst = results["abl-per-sample-t"]["results"]["4"]
+    assert f"gives {pst['psnr']:.2f} dB" in text
+    assert "| CoDi (this run) | 100 | 10.00 | 1.00 | 10.0 |" in text
