@@ -41,7 +41,7 @@ demo: install
 	$(VENV)/bin/codi-lightning predict --config configs/tiny_cpu.yaml --ckpt_path $(DEMO_OUT)/checkpoints/last.ckpt --data.predict_images $(DEMO_OUT)/lowres
 	$(PY) -m codi_lightning.demo --out $(DEMO_OUT) --report
 
-# the small-scale reproduction of the paper's SR table (docs/results.md); 47 min on 2 cores
+# the small-scale reproduction of the paper's SR table (docs/results.md); 41 min on 2 cores
 bench-quality: install
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
 	$(PY) bench/quality.py

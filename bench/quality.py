@@ -85,17 +85,21 @@ the teacher 13.1 dB): the adapters read the input within the budget of this run.
 
 ## Why CoDi does not beat the baseline here
 
-Checked on this run's numbers and on side runs with the same configs stopped earlier
-(`codi-lightning test` on their 300- and 600-step checkpoints; 4 sampling steps, all 512
-test patches, EMA weights):
+Checked on this run's numbers and on side runs: the same configs stopped earlier, and
+the online weights of the checkpoints of the 2026-11-28 run (`codi-lightning test
+--ckpt_path ... --model.eval_weights online`); 4 sampling steps, all 512 test patches,
+test batch 32. Side-run numbers are typed in bench/quality.py; "this run" rows are filled
+from the run that wrote this page:
 
-| model | training steps | PSNR | FID (rc) | SWD |
-|---|---|---|---|---|
-| CoDi | 300 | 16.14 | 2.12 | 131.4 |
-| two-stage baseline | 300 | 17.27 | 1.68 | 115.0 |
+| model | training steps | weights | PSNR | FID (rc) | SWD |
+|---|---|---|---|---|---|
+| CoDi | 300 | EMA | 16.15 | 2.06 | 132.1 |
+| two-stage baseline | 300 | EMA | 17.26 | 1.58 | 115.8 |
 | CoDi (this run) | {codi_row} |
-| two-stage baseline | 600 | 19.36 | 0.65 | 97.1 |
+| CoDi (2026-11-28 run) | 450 | online | 18.33 | 0.75 | 102.7 |
+| two-stage baseline | 600 | EMA | 19.35 | 0.62 | 98.1 |
 | two-stage baseline (this run) | {baseline_row} |
+| two-stage baseline (2026-11-28 run) | 720 | online | 19.63 | 0.51 | 95.8 |
 
 1. **No few-step gap to close.** The paper's claim rests on the two-stage model being
    much worse at 4 steps than at 50 (its tables: ControlNet at 4 steps FID 34.56 for SR
@@ -119,11 +123,12 @@ test patches, EMA weights):
    every step's gradient comes from one noise level, which at 16 samples per batch and
    a few hundred steps is a noisy signal.
 4. **No bug found.** The losses match longhand references, gradients reach only the
-   trained parameters, the EMA target tracks the online weights, the samplers match
-   diffusers' schedulers, and sampling with the online weights instead of the EMA
-   target changed little in a side run on the same checkpoint (CoDi, 4 steps: 18.48 dB,
-   FID 1.09, SWD 114.2 against 18.38, 0.99, 113.3 with the EMA weights), so the EMA lag
-   is not what holds CoDi back.
+   trained parameters, the EMA target tracks the online weights, and the samplers match
+   diffusers' schedulers.
+5. **The EMA lag costs CoDi some, not the gap.** With EMA decay 0.99 the target
+   averages the last ~100 of a few hundred steps. Sampling CoDi's online weights
+   instead (table above) improves FID and SWD at 450 steps, while the baseline's online
+   and EMA weights score alike; CoDi's online weights still trail the baseline's.
 
 What would test the claim properly: a task where the two-stage model's 4-step samples
 are clearly worse than its 50-step ones (text-to-image-like generation with a weak
@@ -131,10 +136,19 @@ condition, larger images, or a latent teacher), and budgets long enough for both
 adapters to converge (a GPU).
 """
 ABLATIONS = ("codi", *(k for k in RUNS if k.startswith("abl-")))
-# Runs start in this order, then the rest (the longest first, so that the two run slots
-# end together; measured: baseline ~12 min with its 62-step test, solver-teacher ~11 min
-# with the extra teacher pass, PE-CoDi ~8 min, the others 9-10 min).
-LONGEST_FIRST = ("baseline", "abl-solver-teacher", "codi")
+# Runs start longest first, so that the two run slots end together (measured with two
+# one-thread runs side by side, 500/800 training steps: baseline 14.7 min with its
+# 62-step test, solver-teacher 10.9 with the extra teacher pass, PE-CoDi 8.9, CoDi 9.5).
+LONGEST_FIRST = (
+    "baseline",
+    "abl-solver-teacher",
+    "codi",
+    "abl-ode-noise-predicted",
+    "abl-x-space",
+    "abl-no-guidance",
+    "abl-per-sample-t",
+    "pe-codi",
+)
 
 
 def cli(*args: str, threads: int | None = None, log: Path | None = None, script=None) -> None:
@@ -280,10 +294,10 @@ def notes(results: dict) -> str:
 
 
 def steps_row(results: dict, name: str) -> str:
-    """'training steps | PSNR | FID | SWD' at 4 sampling steps, for the notes' table."""
-    row = results[name]["results"]["4"]
-    step = results[name]["meta"]["step"]
-    return f"{step} | {row['psnr']:.2f} | {row['fid']:.2f} | {row['swd']:.1f}"
+    """'training steps | weights | PSNR | FID | SWD' at 4 sampling steps, for the notes."""
+    row, meta = results[name]["results"]["4"], results[name]["meta"]
+    weights = {"target": "EMA"}.get(meta["weights"], meta["weights"])
+    return f"{meta['step']} | {weights} | {row['psnr']:.2f} | {row['fid']:.2f} | {row['swd']:.1f}"
 
 
 def claim_check(results: dict) -> str:

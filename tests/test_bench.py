@@ -79,7 +79,7 @@ def test_quality_notes_quote_this_runs_numbers():
     q = _quality_module()
     results = {
         name: {"results": {"4": _row(10.0 + i, 1.0 + i), "50": _row(30.5, 0.25)},
-               "meta": {"step": 100}, "fit_seconds": 60.0}
+               "meta": {"step": 100, "weights": "target"}, "fit_seconds": 60.0}
         for i, name in enumerate(q.RUNS)
     }  # fmt: skip
     results["codi"]["fit_seconds"] = 150.0
@@ -89,4 +89,4 @@ def test_quality_notes_quote_this_runs_numbers():
     assert "costs 2.5x a baseline step" in text
     pst = results["abl-per-sample-t"]["results"]["4"]
     assert f"gives {pst['psnr']:.2f} dB" in text
-    assert "| CoDi (this run) | 100 | 10.00 | 1.00 | 10.0 |" in text
+    assert "| CoDi (this run) | 100 | EMA | 10.00 | 1.00 | 10.0 |" in text
