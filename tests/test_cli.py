@@ -19,6 +19,7 @@ class ParseOnlyCLI(CoDiCLI):
     """Parses with the real parser, then stops before building models (no hub access)."""
 
     def before_instantiate_classes(self) -> None:
+        super().before_instantiate_classes()  # the CLI's own checks still run
         raise _Parsed(self.config)
 
 
@@ -40,6 +41,15 @@ def test_every_config_parses(path):
     assert config.trainer.max_steps > 0
     if path.parent.name == "trainer":
         assert config.trainer.strategy.class_path.startswith("lightning.pytorch.strategies.")
+
+
+def test_model_seed_without_data_seed_fails_early_with_the_fix():
+    """Lightning would fail at fit start on the hparams merge; the CLI says what to pass."""
+    tiny = str(Path(__file__).parents[1] / "configs" / "tiny_cpu.yaml")
+    with pytest.raises(ValueError, match="pass --data.seed 3 as well"):
+        CoDiCLI(args=["fit", "--config", tiny, "--model.seed", "3"])
+    with pytest.raises(_Parsed):  # equal seeds pass the check
+        ParseOnlyCLI(args=["fit", "--config", tiny, "--model.seed", "3", "--data.seed", "3"])
 
 
 def test_fsdp1_wrap_policy_covers_the_blocks():

@@ -73,6 +73,21 @@ class CoDiCLI(LightningCLI):
             {"model": {"class_path": f"{DEFAULT_MODEL.__module__}.{DEFAULT_MODEL.__name__}"}}
         )
 
+    def before_instantiate_classes(self) -> None:
+        """Fail early, with the fix, on a model seed that differs from the data seed:
+        Lightning refuses hparams that the module and the datamodule both have with
+        different values, but only once fitting starts, and its message names no option."""
+        command = self.config.get("subcommand")
+        config = self.config[command] if command else self.config
+        model_seed = (config.get("model") or {}).get("init_args", {}).get("seed")
+        data_seed = (config.get("data") or {}).get("seed")
+        if model_seed is not None and data_seed is not None and model_seed != data_seed:
+            raise ValueError(
+                f"model.seed={model_seed} but data.seed={data_seed}: Lightning requires the "
+                f"two to be equal (both are saved as hyperparameters); pass "
+                f"--data.seed {model_seed} as well (or --model.seed {data_seed})"
+            )
+
     def _parse_ckpt_path(self) -> None:
         command = self.config.get("subcommand")
         init = None
