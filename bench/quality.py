@@ -160,9 +160,10 @@ condition, larger images, or a latent teacher), and budgets long enough for both
 adapters to converge (a GPU).
 """
 ABLATIONS = ("codi", *(k for k in RUNS if k.startswith("abl-")))
-# Runs start longest first, so that the two run slots end together (measured with two
-# one-thread runs side by side, 500/800 training steps: baseline 14.7 min with its
-# 62-step test, solver-teacher 10.9 with the extra teacher pass, PE-CoDi 8.9, CoDi 9.5).
+# Runs start longest first, so that the two run slots end together (training + test with
+# two one-thread runs side by side, 2026-11-28: baseline 15.1 min with its 62-step test,
+# solver-teacher 10.3 with the extra teacher pass, CoDi and the other ablations 9.1-9.2,
+# PE-CoDi 7.2).
 LONGEST_FIRST = (
     "baseline",
     "abl-solver-teacher",
@@ -175,7 +176,9 @@ LONGEST_FIRST = (
 )
 
 
-def cli(*args: str, threads: int | None = None, log: Path | None = None, script=None) -> None:
+def cli(
+    *args: str, threads: int | None = None, log: Path | None = None, script: Path | None = None
+) -> None:
     """``codi-lightning *args`` (or ``python script *args``) in a child process."""
     cmd = [sys.executable, *(["-m", "codi_lightning"] if script is None else [str(script)]), *args]
     print("+", " ".join(cmd), flush=True)
@@ -201,9 +204,9 @@ def newest(pattern: str) -> Path:
 def run(name: str, extra: list[str], threads: int | None = None) -> dict:
     """Train and test one run; with ``threads`` its output goes to bench_out/<name>.log.
 
-    Fit and test share one process (bench/fit_and_test.py). No validation: the test
-    scores the held-out patches that validation would sample again (for the baseline
-    that is 128 patches x 62 DDIM steps, ~2.3 min on one thread).
+    Fit and test share one process (bench/fit_and_test.py). No validation: it would
+    sample a batch of the same held-out patches again at every step count the test
+    scores (62 DDIM steps for the baseline).
     """
     config, overrides, _ = RUNS[name]
     common = ["--config", config, *overrides, "--trainer.logger.init_args.name", name,
