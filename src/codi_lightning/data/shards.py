@@ -103,12 +103,12 @@ def _write_all(
 
 
 def _with_recipe(
-    sample: dict[str, Any], data: bytes, recipe: ConditionRecipe, recipe_name: str,
-    sr_factor: int, seed: int, max_pixels: int,
+    sample: dict[str, Any], data: bytes, recipe: ConditionRecipe, recipe_name: str, seed: int,
+    max_pixels: int,
 ) -> None:  # fmt: skip
     """Add the recipe's condition as ``cond.png`` (and ``mask.png`` for inpainting).
 
-    Super-resolution recipes store the low-resolution image (``sr_factor`` times smaller);
+    Super-resolution recipes store the low-resolution image (``factor`` times smaller);
     the data module scales it back up. The per-sample rng is seeded from ``seed`` and the
     key, so the result does not depend on the order of the files.
     """
@@ -122,7 +122,7 @@ def _with_recipe(
     meta = json.loads(sample["json"])
     meta["cond"] = {"recipe": recipe_name, "seed": seed, "width": cond.width, "height": cond.height}
     if isinstance(recipe, SuperResolution):
-        meta["cond"]["sr_factor"] = sr_factor
+        meta["cond"]["sr_factor"] = recipe.factor
     sample["json"] = json.dumps(meta).encode()
 
 
@@ -156,7 +156,7 @@ def _folder_samples(
             sample[f"cond.{_ext(found[0])}"] = found[0].read_bytes()
         elif recipe_fn is not None:
             try:
-                _with_recipe(sample, data, recipe_fn, recipe, sr_factor, seed, max_pixels)
+                _with_recipe(sample, data, recipe_fn, recipe, seed, max_pixels)
             except Exception:  # pixel data that verify() let through but cannot decode
                 yield "unreadable"
                 continue
