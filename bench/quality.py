@@ -188,7 +188,7 @@ def cli(
     if log is None:
         subprocess.run(cmd, check=True, cwd=ROOT, env=env)
         return
-    with open(log, "a") as fh:
+    with open(log, "w") as fh:
         done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
     if done.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}); see {log}")
@@ -216,7 +216,6 @@ def run(name: str, extra: list[str], threads: int | None = None) -> dict:
     if threads is not None:
         common += ["--trainer.enable_progress_bar", "false"]
         log = OUT / f"{name}.log"
-        log.unlink(missing_ok=True)
     start = time.time()
     cli(*common, threads=threads, log=log, script=ROOT / "bench" / "fit_and_test.py")
     total_s = time.time() - start
@@ -439,9 +438,9 @@ UNet is cheap enough on a CPU.
 {tc["prediction_type"]}, {tc["max_steps"]:,} steps of batch {tc["batch_size"]}, committed
 in `bench/assets/toy_teacher`). CoDi and its ablations: {meta["codi_steps"]} steps;
 PE-CoDi the same; the two-stage baseline (ControlNet trained with the diffusion loss,
-teacher frozen, DDIM with trailing timesteps): {meta["baseline_steps"]} steps, about the
-same CPU time or more (its step is one forward/backward, CoDi's adds the target pass
-and, for full CoDi, the UNet's backward). Batch {d["batch_size"]}, AdamW lr {d["lr"]}
+teacher frozen, DDIM with trailing timesteps): {meta["baseline_steps"]} steps. Training
+took {meta["train_minutes"]}: a baseline step is one forward/backward, a CoDi step adds
+the target pass and, for full CoDi, the UNet's backward. Batch {d["batch_size"]}, AdamW lr {d["lr"]}
 (baseline {b["lr"]}), EMA {d["ema_decay"]}, N = {d["num_grid"]}, adapter condition
 embedder `{d["adapter_condition_init"]}`-initialised; samples use the EMA weights and
 the deterministic sampler, one seed. These budgets are tiny (minutes on a CPU): the
@@ -554,6 +553,10 @@ def main() -> None:
         "jobs": timing["jobs"],
         **config_settings(),
         "notes": notes(results),
+        "train_minutes": ", ".join(
+            f"{results[n]['fit_seconds'] / 60:.1f} min for {RUNS[n][2].split(' (')[0]}"
+            for n in ("baseline", "codi", "pe-codi")
+        ),
     }
     (ROOT / "docs" / "results.md").write_text(report(results, meta))
     print(f"wrote {ROOT / 'docs' / 'results.md'}")
