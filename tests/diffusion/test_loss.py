@@ -1,12 +1,13 @@
 """The CoDi loss: gradient flow, every switch, and a hand-written reference."""
 
 import itertools
+import math
 
 import pytest
 import torch
 from torch import nn
 
-from codi_lightning.diffusion import CoDiLossConfig, NoiseSchedule, codi_loss
+from codi_lightning.diffusion import CoDiLossConfig, NoiseSchedule, codi_loss, distance
 
 SCHED = {
     "num_train_timesteps": 1000,
@@ -82,8 +83,17 @@ def test_reused_online_prediction_is_detached():
         torch.testing.assert_close(a, b)
 
 
-def _reference_loss(online, target, x, noise, t, s, sched, consistency_space, ode_noise):
-    """The paper's equations written out longhand for epsilon prediction and L2."""
+def _l2(a, b):
+    return ((a - b) ** 2).mean()
+
+
+def _huber(a, b, c=0.001):
+    """LCM's pseudo-Huber sqrt(d^2 + c^2) - c per element, averaged."""
+    return (((a - b) ** 2 + c * c).sqrt() - c).mean()
+
+
+def _reference_loss(online, target, x, noise, t, s, sched, consistency_space, ode_noise, dist=_l2):
+    """The paper's equations written out longhand for epsilon prediction (L2 by default)."""
     abar = sched.alphas_cumprod.float()
     a_t, s_t = abar[t].sqrt().view(-1, 1, 1, 1), (1 - abar[t]).sqrt().view(-1, 1, 1, 1)
     a_s, s_s = abar[s].sqrt().view(-1, 1, 1, 1), (1 - abar[s]).sqrt().view(-1, 1, 1, 1)
@@ -109,10 +119,10 @@ def _reference_loss(online, target, x, noise, t, s, sched, consistency_space, od
         cs, co = cskip_cout(s)
         f_s = cs * z_s + co * x_s
     if consistency_space == "epsilon":
-        cons = ((eps_t - eps_s) ** 2).mean()
+        cons = dist(eps_t, eps_s)
     else:
-        cons = ((f_t - f_s) ** 2).mean()
-    return cons + ((f_t - x) ** 2).mean()
+        cons = dist(f_t, f_s)
+    return cons + dist(f_t, x)
 
 
 @pytest.mark.parametrize("space", ["epsilon", "x"])
@@ -125,6 +135,37 @@ def test_matches_longhand_reference(space, ode_noise):
     loss, _ = codi_loss(online, target, None, x, noise, t, s, sched, cfg)
     ref = _reference_loss(online, target, x, noise, t, s, sched, space, ode_noise)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("space", ["epsilon", "x"])
+def test_huber_loss_matches_longhand_reference(space):
+    sched = NoiseSchedule.from_config(SCHED)
+    online, target = Net(0), Net(1)
+    x, noise, t, s = _inputs()
+    cfg = CoDiLossConfig(consistency_space=space, distance="huber")
+    loss, _ = codi_loss(online, target, None, x, noise, t, s, sched, cfg)
+    ref = _reference_loss(online, target, x, noise, t, s, sched, space, "true", dist=_huber)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_huber_distance_on_known_values():
+    """d(a, b) = mean over elements of sqrt((a - b)^2 + c^2) - c, one value per sample."""
+    a = torch.tensor([[[0.001, -0.002], [0.5, 3.0]], [[0.0, 0.0005], [-0.1, 0.02]]])
+    b = torch.tensor([[[0.0, 0.0], [0.0, 1.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    for c in (0.001, 0.1):
+        expected = torch.tensor(
+            [
+                sum(math.sqrt(d * d + c * c) - c for d in row) / len(row)
+                for row in ([0.001, -0.002, 0.5, 2.0], [0.0, 0.0005, -0.1, 0.02])
+            ]
+        )
+        got = distance(a, b, "huber", huber_c=c)
+        assert got.shape == (2,)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-9)
+    # the default constant is c = 0.001: at |d| = c the element is (sqrt(2) - 1) c
+    one = distance(torch.full((1, 4), 0.001), torch.zeros(1, 4), "huber")
+    assert one.item() == pytest.approx((math.sqrt(2) - 1) * 0.001, rel=1e-4)
+    assert CoDiLossConfig(distance="huber").huber_c == 0.001
 
 
 def test_switches_change_the_loss():

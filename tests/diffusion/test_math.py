@@ -1,5 +1,6 @@
 """Diffusion math against independent references (diffusers' DDPM/DDIM/LCM schedulers)."""
 
+import itertools
 import subprocess
 import sys
 
@@ -167,3 +168,88 @@ def test_sampler_guidance_mixes_outputs():
     scaled = sample(lambda z, t: 3 * torch.ones_like(z), noise, sched, [999])
     torch.testing.assert_close(guided, scaled)
     assert not torch.allclose(one, guided)
+
+
+class _ToyDenoiser:
+    """A fixed, non-linear function of (z, t) that records every call it gets."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(7)
+        self.weight = 0.3 * torch.randn(4, 4, 3, 3, generator=g, dtype=torch.float64)
+        self.calls = []
+
+    def __call__(self, z, t):
+        self.calls.append((z.detach().clone(), t.detach().clone()))
+        tt = t.to(z.dtype).view(-1, 1, 1, 1) / 1000
+        conv = torch.nn.functional.conv2d(z, self.weight.to(z.dtype), padding=1)
+        return 0.5 * torch.tanh(conv) * (1 + tt) + z * (0.6 + 0.3 * torch.cos(3 * tt)) + 0.2 * tt
+
+
+def _longhand_deterministic_sampler(net, noise, timesteps, pt):
+    """The S-step deterministic consistency sampler written out from the equations, in
+    fp64: at each t predict x_hat and eps_hat from the raw output o, take the boundary
+    prediction f = c_skip z + c_out x_hat, and move to the next t with
+    z <- alpha_next f + sigma_next eps_hat. Returns (the z fed at every step, final f)."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    abar = torch.cumprod(1 - betas, dim=0)
+    lcm = LCMScheduler.from_config(SD_CONFIG)
+    z = noise.double()
+    fed = []
+    for i, t in enumerate(timesteps):
+        fed.append(z)
+        alpha, sigma = abar[t].sqrt(), (1 - abar[t]).sqrt()
+        o = net(z, torch.full((z.shape[0],), t))
+        if pt == "epsilon":
+            x_hat, eps_hat = (z - sigma * o) / alpha, o
+        elif pt == "v_prediction":
+            x_hat, eps_hat = alpha * z - sigma * o, alpha * o + sigma * z
+        else:
+            x_hat, eps_hat = o, (z - alpha * o) / sigma
+        c_skip, c_out = lcm.get_scalings_for_boundary_condition_discrete(t)
+        f = float(c_skip) * z + float(c_out) * x_hat
+        if i == len(timesteps) - 1:
+            return fed, f
+        t_next = timesteps[i + 1]
+        z = abar[t_next].sqrt() * f + (1 - abar[t_next]).sqrt() * eps_hat
+    raise AssertionError("unreachable")
+
+
+def _check_trajectory(pt, timesteps, noise):
+    net = _ToyDenoiser()
+    sched = NoiseSchedule.from_config({**SD_CONFIG, "prediction_type": pt})
+    out = sample(net, noise, sched, list(timesteps))
+    ref_z, ref_out = _longhand_deterministic_sampler(_ToyDenoiser(), noise, timesteps, pt)
+
+    batch = noise.shape[0]
+    assert [c[1].tolist() for c in net.calls] == [[t] * batch for t in timesteps]
+    assert len(net.calls) == len(ref_z) == len(timesteps)
+    for i, ((z, _), zr) in enumerate(zip(net.calls, ref_z, strict=True)):
+        torch.testing.assert_close(z.double(), zr, rtol=1e-5, atol=1e-5, msg=f"z at step {i}")
+    # the trajectory really moves: each step's input differs from the previous one
+    for (a, _), (b, _) in itertools.pairwise(net.calls):
+        assert (a - b).abs().max() > 1e-2
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pt", PRED_TYPES)
+@pytest.mark.parametrize("steps", [2, 4, 8])
+def test_deterministic_sampler_trajectory_matches_longhand(pt, steps):
+    """Every intermediate (z, t) the network sees, and the final sample, equal the
+    longhand multistep sampler driven by LCMScheduler's timesteps and scalings."""
+    lcm = LCMScheduler.from_config(SD_CONFIG)
+    lcm.set_timesteps(steps, original_inference_steps=50)
+    ref_ts = [int(t) for t in lcm.timesteps]
+    assert len(set(ref_ts)) == steps
+    assert sampling_timesteps(steps, 1000, 50) == ref_ts
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    _check_trajectory(pt, ref_ts, noise)
+
+
+@pytest.mark.parametrize("pt", PRED_TYPES)
+@pytest.mark.parametrize("timesteps", [[999, 259, 3, 1], [999, 499, 1, 0]], ids=str)
+def test_deterministic_sampler_applies_the_boundary_near_t0(pt, timesteps):
+    """On the LCM grid c_skip is ~1e-7, so f ~ x_hat; near t = 0 the boundary condition
+    f = c_skip z + c_out x_hat matters and must be applied at every step and at the end
+    (at t = 0 the sampler returns its input z)."""
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    _check_trajectory(pt, timesteps, noise)

@@ -185,3 +185,35 @@ def test_skip_counts_from_the_data_are_logged(tiny_teacher):
     trainer.fit(m, train_dataloaders=DataLoader([batch], batch_size=None))
     assert trainer.callback_metrics["data/skipped_corrupt_image"] == 3
     assert trainer.callback_metrics["data/skipped_too_large"] == 1
+
+
+def test_ema_follows_the_optimizer_step_in_fit(tiny_teacher):
+    """In a real fit, theta^- is updated after the optimizer step:
+    theta^- = gamma theta^-_before + (1 - gamma) theta_after, not theta_before."""
+    from torch.utils.data import DataLoader
+
+    decay = 0.75
+    m = _module(tiny_teacher, ema_decay=decay, optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+    with torch.no_grad():  # start the target away from theta, so every term is visible
+        g = torch.Generator().manual_seed(0)
+        for p in m.target.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    online_before = [p.detach().clone() for p in m.controlnet.parameters()]
+    target_before = [p.detach().clone() for p in m.target["controlnet"].parameters()]
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(m, train_dataloaders=DataLoader([make_batch()], batch_size=None))
+    assert trainer.global_step == 1
+
+    online_after = [p.detach() for p in m.controlnet.parameters()]
+    target_after = [p.detach() for p in m.target["controlnet"].parameters()]
+    moved = [not torch.equal(a, b) for a, b in zip(online_after, online_before, strict=True)]
+    assert any(moved), "the optimizer step did not change theta"
+    for i, (tb, ta, on_b, on_a) in enumerate(
+        zip(target_before, target_after, online_before, online_after, strict=True)
+    ):
+        expected = decay * tb + (1 - decay) * on_a
+        torch.testing.assert_close(ta, expected, rtol=1e-6, atol=1e-7, msg=f"param {i}")
+        if moved[i]:
+            stale = decay * tb + (1 - decay) * on_b
+            assert not torch.allclose(ta, stale, rtol=1e-6, atol=1e-7), f"param {i}"
