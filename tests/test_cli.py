@@ -189,3 +189,31 @@ def test_test_predict_export_end_to_end(tmp_path, tiny_teacher, tiny_shards):
 
     main(["export", "--ckpt", last, "--output", str(tmp_path / "exported")])
     assert (tmp_path / "exported" / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_predict_skips_unreadable_inputs_and_names_them(tmp_path, tiny_teacher, tiny_shards,
+                                                         capsys):  # fmt: skip
+    """A truncated PNG, a text file named .png and an image above the pixel limit are
+    named with their reasons; the good images around them are still written."""
+    from PIL import Image
+
+    config, _ = _tiny_config(tmp_path, tiny_teacher, tiny_shards)
+    inputs = tmp_path / "inputs"
+    (inputs / "photos").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (200, 40, 40)).save(inputs / "a_good.png")
+    whole = inputs / "photos" / "bad.png"
+    Image.effect_noise((8, 8), 60).convert("RGB").save(whole)
+    whole.write_bytes(whole.read_bytes()[:60])  # truncated in the pixel data
+    (inputs / "photos" / "notes.png").write_text("not a picture")
+    Image.new("RGB", (16, 16)).save(inputs / "photos" / "huge.png")  # 256 px > the limit
+    Image.new("RGB", (8, 8), (40, 40, 200)).save(inputs / "z_good.png")
+    preds = tmp_path / "preds"
+    main(["predict", "--config", str(config), "--data.predict_images", str(inputs),
+          "--data.predict_output", str(preds), "--data.predict_batch_size", "2",
+          "--data.max_pixels", "100"])  # fmt: skip
+    assert sorted(p.name for p in preds.rglob("*.png")) == ["a_good.png", "z_good.png"]
+    out = capsys.readouterr().out
+    assert "skipped photos/bad: not a readable image (truncated image)" in out
+    assert "skipped photos/notes: not a readable image (cannot identify image file)" in out
+    assert "skipped photos/huge: too large (16x16 pixels, above max_pixels=100)" in out
+    assert f"wrote 2 images to {preds}; skipped 3 unreadable inputs (see above)" in out

@@ -3,13 +3,25 @@
 import io
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
+import webdataset as wds
 from data_helpers import encode, first_batch, png_header, solid, structured, write_tar
 from PIL import Image, ImageFile
+from torch.utils.data import DataLoader
 
-from codi_lightning.data import BadSample, PairTransform, ShardDataModule, decode_sample
+from codi_lightning.data import (
+    BadSample,
+    PairTransform,
+    ShardDataModule,
+    decode_sample,
+    write_edit_shards,
+    write_shards,
+)
+from codi_lightning.data.datamodule import PairStage
+from codi_lightning.data.folder import ConditionFolder, collate_conditions
 from codi_lightning.data.transforms import condition_scale
 
 
@@ -239,3 +251,129 @@ def test_decode_sample_keeps_old_call_signature():
     out = decode_sample({"__key__": "k", "jpg": solid(fmt="JPEG"), "txt": b" hi \n"})
     assert out["caption"] == "hi" and out["cond"] is None and out["mask"] is None
     assert io.BytesIO  # (keeps the import used)
+
+
+# ---------------------------------------------------------------- predict folders
+
+
+def _predict_folder(tmp_path):
+    """Good images (one in a subfolder) among a truncated PNG, a text file named .png and
+    an image above a 5000-pixel limit."""
+    root = tmp_path / "inputs"
+    (root / "photos").mkdir(parents=True)
+    good = encode(structured((48, 48), seed=1))
+    (root / "a_good.png").write_bytes(good)
+    (root / "photos" / "bad.png").write_bytes(good[: len(good) // 2])  # truncated
+    (root / "photos" / "notes.png").write_text("just some notes, not a picture\n")
+    (root / "photos" / "z_good.png").write_bytes(encode(structured((48, 48), seed=2)))
+    (root / "huge.png").write_bytes(encode(Image.new("RGB", (100, 100), "blue")))  # 10000 px
+    return root
+
+
+BAD_INPUTS = {
+    "huge": "too large (100x100 pixels, above max_pixels=5000)",
+    "photos/bad": "not a readable image (truncated image)",
+    "photos/notes": "not a readable image (cannot identify image file)",
+}
+
+
+def test_predict_folder_skips_bad_files_and_keeps_the_rest(tmp_path):
+    dataset = ConditionFolder(str(_predict_folder(tmp_path)), multiple=16, max_pixels=5000)
+    loader = DataLoader(dataset, batch_size=2, collate_fn=collate_conditions)
+    batches = list(loader)  # a_good, huge | photos/bad, photos/notes | photos/z_good
+    assert [b["name"] for b in batches] == [["a_good"], [], ["photos/z_good"]]
+    assert batches[0]["cond"].shape == (1, 3, 48, 48) and batches[1]["cond"] is None
+    assert batches[1]["caption"] == [] and batches[2]["skipped"] == []
+    skipped = {s["name"]: s["reason"] for b in batches for s in b["skipped"]}
+    assert skipped == BAD_INPUTS
+    assert dataset[1] == {"name": "huge", "error": BAD_INPUTS["huge"]}  # no exception
+
+
+def test_predict_folder_unreadable_file_is_named(tmp_path, monkeypatch):
+    root = _predict_folder(tmp_path)
+    original = Path.read_bytes
+
+    def read_bytes(self):
+        if self.name == "a_good.png":
+            raise PermissionError(13, "Permission denied")
+        return original(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    item = ConditionFolder(str(root))[0]
+    assert item == {"name": "a_good", "error": "unreadable file (Permission denied)"}
+
+
+# ---------------------------------------------------------------- training skip messages
+
+
+def test_training_skip_message_names_the_shard_and_the_key(tmp_path):
+    shard = write_tar(tmp_path / "shard-000007.tar",
+                      {"k1.png": b"plain text, not a picture", "k2.jpg": solid(fmt="JPEG")[:300],
+                       "k3.png": solid(), "k3.cond.png": b"junk", "k4.png": solid()})  # fmt: skip
+    stage = PairStage(PairTransform(16, recipe=None), seed=0, rank=0)
+    samples = wds.DataPipeline(wds.SimpleShardList([str(shard)]), stage.read_shards)
+    details = []
+    stage.skip = lambda reason, detail="", url=None: details.append(detail)
+    assert [s["key"] for s in stage(iter(samples))] == []  # k4: no condition stored
+    assert details == [
+        f"{shard} sample k1: k1.png is not a readable image (cannot identify image file)",
+        f"{shard} sample k2: k2.jpg is not a readable image (truncated image)",
+        f"{shard} sample k3: k3.cond.png is not a readable image (cannot identify image file)",
+        f"{shard} sample k4: no cond.* member while data.condition=stored; store conditions "
+        "in the shards or pick a recipe (data.condition=sr, inpaint, canny, ...)",
+    ]
+
+
+def test_training_skip_log_line_has_no_object_repr(tmp_path, caplog):
+    shard = write_tar(tmp_path / "s.tar", {"a.png": solid(), "b.png": b"junk"})
+    with caplog.at_level("WARNING", logger="codi_lightning.data.datamodule"):
+        keys, skipped = _val(_dm(str(shard)))
+    assert keys == ["a"] and skipped == {"corrupt_image": 1}
+    assert f"last: corrupt_image: {shard} sample b: b.png is not a readable image (" in caplog.text
+    assert "object at 0x" not in caplog.text
+
+
+def test_bad_sample_error_names_the_sample():
+    with pytest.raises(BadSample) as err:
+        decode_sample({"__key__": "k", "__url__": "s.tar", "png": b"junk"})
+    e = err.value
+    assert (e.reason, e.where, e.detail) == (
+        "corrupt_image", "s.tar sample k", "k.png is not a readable image (cannot identify image file)"
+    )  # fmt: skip
+    assert str(e) == f"corrupt_image: s.tar sample k: {e.detail}"
+
+
+# ---------------------------------------------------------------- shard writers
+
+
+def test_shards_of_an_all_bad_folder_leave_no_tar_and_name_the_files(tmp_path, capsys):
+    root = tmp_path / "img"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "notes.png").write_text("not a picture")
+    whole = solid(size=(64, 64))
+    (root / "cut.png").write_bytes(whole[: len(whole) // 2])
+    for i in range(11):
+        (root / f"x{i:02d}.jpg").write_bytes(b"\xff\xd8 not a jpeg either")
+    summary = write_shards(str(root), str(tmp_path / "out" / "s-%06d.tar"), progress=False)
+    assert summary == {"written": 0, "skipped_unreadable": 13}
+    assert not list((tmp_path / "out").iterdir())  # no empty tar
+    out = capsys.readouterr().out
+    assert "skipped 13 inputs:" in out
+    assert "  cut.png (unreadable): not a readable image (" in out
+    assert "  sub/notes.png (unreadable): not a readable image (cannot identify image file)" in out
+    assert "x07.jpg" in out and "x08.jpg" not in out and "  ... and 3 more" in out
+    assert "no shard written" in out and "fix or replace those files" in out
+
+
+def test_edit_shards_name_the_bad_lines(tmp_path, capsys):
+    (tmp_path / "a.png").write_bytes(b"nope")
+    lines = [json.dumps({"source": "a.png", "edited": "gone.png", "instruction": "x"}),
+             json.dumps({"source": "a.png", "edited": "a.png", "instruction": "x"})]  # fmt: skip
+    (tmp_path / "m.jsonl").write_text("\n".join(lines))
+    summary = write_edit_shards(str(tmp_path / "m.jsonl"), str(tmp_path / "e-%06d.tar"),
+                                progress=False)  # fmt: skip
+    assert summary == {"written": 0, "skipped_missing_file": 1, "skipped_unreadable": 1}
+    assert not list(tmp_path.glob("*.tar"))
+    out = capsys.readouterr().out
+    assert "  line 1 (missing_file): no such file: gone.png" in out
+    assert "  line 2 (unreadable): a.png is not a readable image (cannot identify" in out

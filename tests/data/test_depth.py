@@ -1,5 +1,7 @@
 """Depth-to-image shards with a tiny randomly initialised transformers depth estimator."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -28,7 +30,7 @@ def tiny_estimator(tmp_path_factory):
     return str(folder)
 
 
-def test_depth_shards_store_a_depth_map_per_image(tmp_path, tiny_estimator):
+def test_depth_shards_store_a_depth_map_per_image(tmp_path, tiny_estimator, capsys):
     imgs = tmp_path / "img"
     imgs.mkdir()
     g = np.random.default_rng(0)
@@ -38,9 +40,15 @@ def test_depth_shards_store_a_depth_map_per_image(tmp_path, tiny_estimator):
         )
     (imgs / "0.txt").write_text("a room")
     (imgs / "broken.png").write_bytes(b"nope")
+    jpeg = io.BytesIO()
+    Image.fromarray(g.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(jpeg, "JPEG")
+    (imgs / "cut.jpg").write_bytes(jpeg.getvalue()[:-200])  # passes verify(), fails to decode
     summary = write_depth_shards(str(imgs), str(tmp_path / "d-%06d.tar"), depth_model=tiny_estimator,
                                  batch_size=2, progress=False)  # fmt: skip
-    assert summary == {"written": 3, "skipped_unreadable": 1}
+    assert summary == {"written": 3, "skipped_unreadable": 2}
+    out = capsys.readouterr().out
+    assert "  cut.jpg (unreadable): not a readable image (truncated image)" in out
+    assert "  broken.png (unreadable): not a readable image (cannot identify image file)" in out
     samples = {
         s["__key__"]: decode_sample(s)
         for s in wds.WebDataset(str(tmp_path / "d-000000.tar"), shardshuffle=False)

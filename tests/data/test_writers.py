@@ -1,4 +1,5 @@
-"""Shard writers: condition recipes, instructed-editing manifests, summaries."""
+"""Shard writers: condition recipes, instructed-editing manifests, summaries; the
+predict image writer."""
 
 import io
 import json
@@ -15,6 +16,7 @@ from PIL import Image
 from codi_lightning.data import ShardDataModule, decode_sample, write_edit_shards, write_shards
 from codi_lightning.data.recipes import INPAINT_FILL
 from codi_lightning.data.transforms import sr_bicubic, to_tensor01
+from codi_lightning.training import ImageWriter
 
 
 def _folder(tmp_path, n=3, size=(64, 48)):
@@ -183,3 +185,67 @@ def test_parquet_manifest_gives_the_same_shards_as_jsonl(tmp_path):
     ja, pb = _samples(str(tmp_path / "j-000000.tar")), _samples(str(tmp_path / "p-000000.tar"))
     assert [s["txt"] for s in ja] == [s["txt"] for s in pb]
     assert [s["jpg"] for s in ja] == [s["jpg"] for s in pb]
+
+
+# ---------------------------------------------------------------- predict image writer
+
+
+class _Strategy:
+    """Stands in for a 2-process strategy: ``reduce`` adds the other rank's counts."""
+
+    root_device = torch.device("cpu")
+
+    def __init__(self, other_rank: torch.Tensor) -> None:
+        self.other_rank, self.calls = other_rank, 0
+
+    def reduce(self, tensor, reduce_op="mean"):
+        assert reduce_op == "sum"
+        self.calls += 1
+        return tensor + self.other_rank
+
+
+class _Trainer:
+    def __init__(self, rank: int, other_rank=(0, 0)) -> None:
+        self.is_global_zero = rank == 0
+        self.strategy = _Strategy(torch.tensor(other_rank))
+
+
+def _predict(writer, trainer, images, names, **extra):
+    writer.write_on_batch_end(trainer, None, {"images": images, "names": names, **extra},
+                              None, None, 0)  # fmt: skip
+
+
+def test_image_writer_names_skipped_inputs_and_sums_the_ranks(tmp_path, capsys):
+    rank0 = _Trainer(0, other_rank=(3, 1))  # rank 1 wrote 3 and skipped 1
+    writer = ImageWriter(str(tmp_path / "out"))
+    writer.on_predict_start(rank0, None)
+    bad = [{"name": "photos/bad", "reason": "not a readable image (truncated image)"}]
+    _predict(writer, rank0, torch.rand(2, 3, 8, 8), ["a", "sub/b"], skipped=bad)
+    _predict(writer, rank0, torch.rand(0, 3, 8, 8), [],
+             skipped=[{"name": "huge", "reason": "too large"}])  # an all-bad batch  # fmt: skip
+    _predict(writer, rank0, torch.rand(1, 3, 8, 8), ["c"])  # no "skipped": still fine
+    out = capsys.readouterr().out
+    assert "skipped photos/bad: not a readable image (truncated image)\n" in out
+    assert "skipped huge: too large\n" in out
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png")) == [
+        "a.png", "c.png", "sub/b.png"
+    ]  # fmt: skip
+    assert writer.written == 3 and [s["name"] for s in writer.skipped] == ["photos/bad", "huge"]
+    writer.on_predict_end(rank0, None)
+    assert capsys.readouterr().out == (
+        f"wrote 6 images to {tmp_path / 'out'}; skipped 3 unreadable inputs (see above)\n"
+    )
+    assert rank0.strategy.calls == 1
+
+
+def test_image_writer_reduces_on_every_rank_and_prints_on_rank_zero(tmp_path, capsys):
+    rank1 = _Trainer(1, other_rank=(5, 0))
+    writer = ImageWriter(str(tmp_path / "out"))
+    _predict(writer, rank1, torch.rand(0, 3, 8, 8), [], skipped=[])  # padding: nothing
+    writer.on_predict_end(rank1, None)
+    assert rank1.strategy.calls == 1  # the collective runs here too, or rank 0 would hang
+    assert capsys.readouterr().out == "" and not (tmp_path / "out").exists()
+    rank0 = _Trainer(0)
+    writer = ImageWriter(str(tmp_path / "out"))
+    writer.on_predict_end(rank0, None)
+    assert capsys.readouterr().out == f"wrote 0 images to {tmp_path / 'out'}\n"

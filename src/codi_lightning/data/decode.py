@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import warnings
 from typing import Any, Literal
 
@@ -32,11 +33,52 @@ CaptionErrors = Literal["replace", "skip"]
 
 
 class BadSample(ValueError):
-    """A sample that cannot be used; ``reason`` names why (for skip counts)."""
+    """A sample that cannot be used.
 
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+    Attributes:
+        reason: why, as a short key (for skip counts), e.g. ``corrupt_image``.
+        detail: what is wrong, for people: ``a.png is not a readable image (truncated
+            image)``.
+        where: which sample: ``<shard url> sample <key>`` (set by the readers that know
+            it; may be empty).
+    """
+
+    def __init__(self, reason: str, detail: str = "", where: str = "") -> None:
+        super().__init__(reason, detail, where)
+        self.reason, self.detail, self.where = reason, detail, where
+
+    def locate(self, where: str) -> None:
+        """Set ``where`` unless it is set already."""
+        if not self.where:
+            self.where = where
+
+    @property
+    def message(self) -> str:
+        """``where: detail`` (without the reason)."""
+        return ": ".join(part for part in (self.where, self.detail) if part)
+
+    def __str__(self) -> str:
+        return ": ".join(part for part in (self.reason, self.message) if part)
+
+
+_OBJECT_REPR = re.compile(r"\s*<[^<>]*\bobject at 0x[0-9a-fA-F]+>")
+
+
+def image_error(err: BaseException) -> str:
+    """A short description of a PIL decoding failure, without object reprs:
+    ``truncated image``, ``cannot identify image file``, or PIL's own message."""
+    text = _OBJECT_REPR.sub("", str(err)).strip()
+    if "truncated" in text.lower():
+        return "truncated image"
+    return text or type(err).__name__
+
+
+def sample_location(sample: dict[str, Any]) -> str:
+    """``<shard url> sample <key>`` for a raw WebDataset sample (``sample <key>`` when the
+    sample does not say which shard it came from)."""
+    key = sample.get("__key__", "?")
+    url = sample.get("__url__")
+    return f"{url} sample {key}" if url else f"sample {key}"
 
 
 def member_extension(name: str) -> str:
@@ -61,20 +103,26 @@ def open_image(
 
     Raises:
         BadSample: ``too_large``, or ``corrupt`` (the reason for an unreadable header,
-            e.g. ``corrupt_condition`` for a condition image).
+            e.g. ``corrupt_condition`` for a condition image). The ``detail`` names no
+            file: ``not a readable image (cannot identify image file)`` or ``too large
+            (9000x9000 pixels, above max_pixels=64000000)``; callers add the name.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise BadSample("too_large", str(err)) from err
+        raise BadSample("too_large", _bomb(err)) from err
     except Exception as err:  # PIL raises many types for corrupt data
-        raise BadSample(corrupt, str(err)) from err
+        raise BadSample(corrupt, f"not a readable image ({image_error(err)})") from err
     w, h = img.size
     if w * h > max_pixels:
-        raise BadSample("too_large", f"{w}x{h} is above max_pixels={max_pixels}")
+        raise BadSample("too_large", f"too large ({w}x{h} pixels, above max_pixels={max_pixels})")
     return img
+
+
+def _bomb(err: BaseException) -> str:
+    return f"too large for PIL's decompression-bomb guard ({image_error(err)})"
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -103,14 +151,29 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     return to_rgb(open_image(data, max_pixels))
 
 
-def _load(img: Image.Image, reason: str, key: str) -> Image.Image:
+def _member(sample: dict[str, Any], ext: str) -> str:
+    """The tar member a sample entry came from: ``<key>.<ext>``."""
+    return f"{sample.get('__key__', '?')}.{ext}"
+
+
+def _open(
+    sample: dict[str, Any], ext: str, max_pixels: int, corrupt: str = "corrupt_image"
+) -> Image.Image:
+    """``open_image`` of ``sample[ext]``, the error naming the member."""
+    try:
+        return open_image(sample[ext], max_pixels, corrupt)
+    except BadSample as err:
+        raise BadSample(err.reason, f"{_member(sample, ext)} is {err.detail}") from err
+
+
+def _load(img: Image.Image, reason: str, member: str) -> Image.Image:
     """``to_rgb`` with decoding failures turned into ``BadSample(reason)``."""
     try:
         return to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise BadSample("too_large", f"{key}: {err}") from err
+        raise BadSample("too_large", f"{member} is {_bomb(err)}") from err
     except Exception as err:  # truncated or corrupt pixel data
-        raise BadSample(reason, f"{key}: {err}") from err
+        raise BadSample(reason, f"{member} is not a readable image ({image_error(err)})") from err
 
 
 def _meta(sample: dict[str, Any]) -> dict[str, Any]:
@@ -149,7 +212,11 @@ def decode_caption(raw: bytes | None, errors: CaptionErrors = "replace") -> str:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         if errors == "skip":
-            raise BadSample("caption_not_utf8", str(err)) from err
+            raise BadSample(
+                "caption_not_utf8",
+                f"the caption is not valid UTF-8 ({err.reason} at byte {err.start}); set "
+                "data.caption_errors=replace to keep it with the bad bytes replaced",
+            ) from err
         text = raw.decode("utf-8", errors="replace")
     return text.replace("\x00", "").strip()
 
@@ -172,36 +239,54 @@ def decode_sample(
     Raises:
         BadSample: reasons ``no_target``, ``too_large``, ``too_small``, ``aspect_ratio``,
             ``corrupt_image``, ``corrupt_condition``, ``corrupt_mask``,
-            ``caption_not_utf8``.
+            ``caption_not_utf8``; ``where`` is ``<shard url> sample <key>`` and
+            ``detail`` names the member, e.g. ``k.png is not a readable image (cannot
+            identify image file)``.
     """
+    try:
+        return _decode_sample(sample, max_pixels, min_size, max_aspect, caption_errors)
+    except BadSample as err:
+        err.locate(sample_location(sample))
+        raise
+
+
+def _decode_sample(
+    sample: dict[str, Any], max_pixels: int, min_size: int, max_aspect: float | None,
+    caption_errors: CaptionErrors,
+) -> dict[str, Any]:  # fmt: skip
     key = sample.get("__key__", "?")
-    target = next((sample[k] for k in TARGET_KEYS if k in sample), None)
+    target = next((k for k in TARGET_KEYS if k in sample), None)
     if target is None:
-        raise BadSample("no_target", f"sample {key!r} has none of {TARGET_KEYS}")
+        raise BadSample("no_target", f"no target image member (one of {', '.join(TARGET_KEYS)})")
     meta = _meta(sample)
     if (size := _meta_size(meta)) is not None:
         check_size(size, min_size, max_aspect)  # before even opening the image
-    header = open_image(target, max_pixels)
+    header = _open(sample, target, max_pixels)
     if size is None:
         check_size(header.size, min_size, max_aspect)
     caption = decode_caption(sample.get("txt"), caption_errors)
-    raw_cond = next((sample[k] for k in COND_KEYS if k in sample), None)
+    cond_key = next((k for k in COND_KEYS if k in sample), None)
     cond_header = None
-    if raw_cond is not None:
-        cond_header = open_image(raw_cond, max_pixels, "corrupt_condition")
-    image = _load(header, "corrupt_image", key)
-    cond = _load(cond_header, "corrupt_condition", key) if cond_header is not None else None
-    mask = _decode_mask(sample.get("mask.png"), max_pixels, key) if cond is not None else None
+    if cond_key is not None:
+        cond_header = _open(sample, cond_key, max_pixels, "corrupt_condition")
+    image = _load(header, "corrupt_image", _member(sample, target))
+    cond = None
+    if cond_header is not None:
+        cond = _load(cond_header, "corrupt_condition", _member(sample, cond_key))
+    mask = _decode_mask(sample, max_pixels) if cond is not None else None
     return {"key": key, "image": image, "cond": cond, "mask": mask, "caption": caption,
             "meta": meta}  # fmt: skip
 
 
-def _decode_mask(data: bytes | None, max_pixels: int, key: str) -> Image.Image | None:
+def _decode_mask(sample: dict[str, Any], max_pixels: int) -> Image.Image | None:
     """A stored inpainting mask (``mask.png``) as an ``L`` image, or None."""
-    if data is None:
+    if "mask.png" not in sample:
         return None
-    mask = open_image(data, max_pixels, "corrupt_mask")
+    mask = _open(sample, "mask.png", max_pixels, "corrupt_mask")
     try:
         return mask.convert("L")  # decodes the pixels
     except Exception as err:
-        raise BadSample("corrupt_mask", f"{key}: {err}") from err
+        member = _member(sample, "mask.png")
+        raise BadSample(
+            "corrupt_mask", f"{member} is not a readable image ({image_error(err)})"
+        ) from err

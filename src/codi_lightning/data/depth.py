@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .decode import DEFAULT_MAX_PIXELS, BadSample, decode_image
-from .shards import _check_output, _ext, _image_folder, _key, _png, _read, _write_all
+from .decode import DEFAULT_MAX_PIXELS, BadSample, decode_image, image_error
+from .shards import Skipped, _check_output, _ext, _image_folder, _key, _png, _read, _write_all
 
 
 def load_depth_estimator(name: str, device: torch.device):
@@ -52,7 +52,7 @@ def estimate_depth(model, processor, images: list[Image.Image]) -> list[Image.Im
 def _depth_samples(
     root: Path, files: list[Path], model, processor, batch_size: int, model_name: str,
     max_pixels: int,
-) -> Iterator[dict[str, Any] | str]:  # fmt: skip
+) -> Iterator[dict[str, Any] | Skipped]:  # fmt: skip
     batch: list[tuple[Path, bytes, Image.Image]] = []
 
     def flush() -> Iterator[dict[str, Any]]:
@@ -70,12 +70,17 @@ def _depth_samples(
         batch.clear()
 
     for path in files:
+        rel = str(path.relative_to(root))
         try:
             data, _ = _read(path, max_pixels)
-            batch.append((path, data, decode_image(data, max_pixels)))
+            image = decode_image(data, max_pixels)
         except BadSample as err:
-            yield err.reason
+            yield Skipped(rel, err.reason, err.detail)
             continue
+        except Exception as err:  # pixel data that verify() let through but cannot decode
+            yield Skipped(rel, "unreadable", f"not a readable image ({image_error(err)})")
+            continue
+        batch.append((path, data, image))
         if len(batch) == batch_size:
             yield from flush()
     if batch:

@@ -12,16 +12,33 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from .decode import DEFAULT_MAX_PIXELS, IMAGE_EXTS, BadSample, decode_image, open_image
+from .decode import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTS,
+    BadSample,
+    decode_image,
+    image_error,
+    open_image,
+)
 from .recipes import ConditionRecipe, SuperResolution, make_recipe
 
 WriterRecipe = Literal["sr", "sr_realesrgan", "inpaint", "canny"]
+SHOW_SKIPPED = 10  # skipped inputs named in the summary (then "... and N more")
+
+
+class Skipped(NamedTuple):
+    """An input the writers left out: which (a path, a manifest line), why (the key of
+    the ``skipped_<reason>`` count) and what exactly is wrong."""
+
+    name: str
+    reason: str
+    detail: str = ""
 
 
 def _images(root: Path) -> list[Path]:
@@ -64,17 +81,18 @@ def _read(path: Path, max_pixels: int) -> tuple[bytes, tuple[int, int]]:
     file is a valid image (PIL's ``verify``) of at most ``max_pixels``.
 
     Raises:
-        BadSample: ``unreadable`` or ``too_large``.
+        BadSample: ``unreadable`` or ``too_large``; the detail does not name the file
+            (``not a readable image (truncated image)``).
     """
     try:
         data = path.read_bytes()
     except OSError as err:
-        raise BadSample("unreadable", f"{path}: {err}") from err
+        raise BadSample("unreadable", f"not readable ({err.strerror or err})") from err
     img = open_image(data, max_pixels, corrupt="unreadable")
     try:
         img.verify()
     except Exception as err:
-        raise BadSample("unreadable", f"{path}: {err}") from err
+        raise BadSample("unreadable", f"not a readable image ({image_error(err)})") from err
     return data, img.size
 
 
@@ -85,21 +103,48 @@ def _png(image: Image.Image) -> bytes:
 
 
 def _write_all(
-    samples: Iterable[dict[str, Any] | str], output: str, maxcount: int, total: int,
+    samples: Iterable[dict[str, Any] | Skipped], output: str, maxcount: int, total: int,
     progress: bool, desc: str,
 ) -> dict[str, int]:  # fmt: skip
-    """Write the samples (a str is a skip reason), print and return the summary."""
+    """Write the samples (a ``Skipped`` is an input left out), print and return the
+    summary; the first shard is only opened for the first sample, so a run that skips
+    every input leaves no (empty) tar behind."""
     counts: Counter[str] = Counter()
-    with wds.ShardWriter(output, maxcount=maxcount, verbose=0) as sink:
+    skipped: list[Skipped] = []
+    sink: wds.ShardWriter | None = None
+    try:
         for sample in tqdm(samples, desc=desc, unit="sample", total=total, disable=not progress):
-            if isinstance(sample, str):
-                counts[f"skipped_{sample}"] += 1
+            if isinstance(sample, Skipped):
+                counts[f"skipped_{sample.reason}"] += 1
+                skipped.append(sample)
                 continue
+            if sink is None:
+                sink = wds.ShardWriter(output, maxcount=maxcount, verbose=0)
             sink.write(sample)
             counts["written"] += 1
+    finally:
+        if sink is not None:
+            sink.close()
     summary = {"written": counts["written"], **{k: v for k, v in counts.items() if k != "written"}}
     print(f"shards: {json.dumps(summary)} -> {output}")
+    if skipped:
+        print(_describe_skipped(skipped))
+    if not counts["written"]:
+        print(
+            f"no shard written to {output}: all {len(skipped)} inputs were skipped (see above); "
+            "fix or replace those files and run again"
+        )
     return summary
+
+
+def _describe_skipped(skipped: list[Skipped], limit: int = SHOW_SKIPPED) -> str:
+    """``skipped N inputs:`` and one line per input (the first ``limit``)."""
+    lines = [f"skipped {len(skipped)} input{'s' if len(skipped) != 1 else ''}:"]
+    for item in skipped[:limit]:
+        lines.append(f"  {item.name} ({item.reason})" + (f": {item.detail}" if item.detail else ""))
+    if len(skipped) > limit:
+        lines.append(f"  ... and {len(skipped) - limit} more")
+    return "\n".join(lines)
 
 
 def _with_recipe(
@@ -129,15 +174,15 @@ def _with_recipe(
 def _folder_samples(
     root: Path, files: list[Path], cond_root: Path | None, recipe: str | None, sr_factor: int,
     seed: int, max_pixels: int,
-) -> Iterator[dict[str, Any] | str]:  # fmt: skip
-    """One sample dict (or a skip reason) per target image of the folder."""
+) -> Iterator[dict[str, Any] | Skipped]:  # fmt: skip
+    """One sample dict (or a ``Skipped``) per target image of the folder."""
     recipe_fn = make_recipe(recipe, sr_factor) if recipe is not None else None
     for path in files:
         rel = path.relative_to(root)
         try:
             data, (width, height) = _read(path, max_pixels)
         except BadSample as err:
-            yield err.reason
+            yield Skipped(str(rel), err.reason, err.detail)
             continue
         sample: dict[str, Any] = {
             "__key__": _key(rel),
@@ -151,14 +196,15 @@ def _folder_samples(
             found = sorted(c for c in (cond_root / rel).parent.glob(path.stem + ".*")
                            if c.suffix.lower().lstrip(".") in IMAGE_EXTS)  # fmt: skip
             if not found:
-                yield "no_condition"
+                where = (cond_root / rel).parent / f"{path.stem}.*"
+                yield Skipped(str(rel), "no_condition", f"no condition image {where}")
                 continue
             sample[f"cond.{_ext(found[0])}"] = found[0].read_bytes()
         elif recipe_fn is not None:
             try:
                 _with_recipe(sample, data, recipe_fn, recipe, seed, max_pixels)
-            except Exception:  # pixel data that verify() let through but cannot decode
-                yield "unreadable"
+            except Exception as err:  # pixel data that verify() let through but cannot decode
+                yield Skipped(str(rel), "unreadable", f"not a readable image ({image_error(err)})")
                 continue
         yield sample
 
@@ -220,31 +266,39 @@ def _manifest_entry(line: str, base: Path) -> dict[str, Any]:
     try:
         entry = json.loads(line)
     except ValueError as err:
-        raise BadSample("bad_line", str(err)) from err
+        raise BadSample("bad_line", f"not JSON ({err})") from err
     if not isinstance(entry, dict) or not all(
         isinstance(entry.get(k), str) for k in ("source", "edited", "instruction")
     ):
         raise BadSample("bad_line", "needs string fields source, edited, instruction")
     if not entry["instruction"].strip():
-        raise BadSample("no_instruction")
+        raise BadSample("no_instruction", "the instruction is empty")
     entry["source_path"], entry["edited_path"] = base / entry["source"], base / entry["edited"]
     if not (entry["source_path"].is_file() and entry["edited_path"].is_file()):
-        raise BadSample("missing_file", f"{entry['source']} or {entry['edited']}")
+        missing = [entry[k] for k in ("source", "edited") if not entry[f"{k}_path"].is_file()]
+        raise BadSample("missing_file", f"no such file: {', '.join(missing)}")
     return entry
 
 
-def _edit_samples(lines: list[str], base: Path, max_pixels: int) -> Iterator[dict[str, Any] | str]:
-    """One sample dict (or a skip reason) per non-empty manifest line."""
+def _edit_samples(
+    lines: list[str], base: Path, max_pixels: int
+) -> Iterator[dict[str, Any] | Skipped]:
+    """One sample dict (or a ``Skipped``) per non-empty manifest line."""
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             entry = _manifest_entry(line, base)
             source, edited = entry["source_path"], entry["edited_path"]
+            current = entry["edited"]
             edited_data, (width, height) = _read(edited, max_pixels)
+            current = entry["source"]
             source_data, (cond_width, cond_height) = _read(source, max_pixels)
         except BadSample as err:
-            yield err.reason
+            detail = err.detail
+            if err.reason in ("unreadable", "too_large"):
+                detail = f"{current} is {detail}"
+            yield Skipped(f"line {number}", err.reason, detail)
             continue
         meta = {"width": width, "height": height, "cond_width": cond_width,
                 "cond_height": cond_height, "source": entry["source"],

@@ -81,16 +81,21 @@ class PairTransform:
     def _check_condition(self, sample: Mapping[str, Any]) -> None:
         """Raise ``no_condition`` / ``size_mismatch`` for unusable stored conditions."""
         image, cond = sample["image"], sample["cond"]
+        where = f"sample {sample['key']}"
         if cond is None and self.recipe is None:
             raise BadSample(
-                "no_condition", f"{sample['key']} has no cond.* and data.condition=stored"
+                "no_condition",
+                "no cond.* member while data.condition=stored; store conditions in the "
+                "shards or pick a recipe (data.condition=sr, inpaint, canny, ...)",
+                where,
             )
         if cond is not None and self.cond_mismatch == "skip":
             if condition_scale(image.size, cond.size) is None:
                 raise BadSample(
                     "size_mismatch",
-                    f"{sample['key']}: condition {cond.size} vs target {image.size} is not "
-                    "an integer factor; set data.cond_mismatch=resize to resize it",
+                    f"condition {cond.size} vs target {image.size} is not an integer "
+                    "factor; set data.cond_mismatch=resize to resize it",
+                    where,
                 )
 
     def _resized_size(self, size: tuple[int, int]) -> tuple[int, int]:

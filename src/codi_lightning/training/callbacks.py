@@ -2,32 +2,82 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torchvision.utils import save_image
 
 
 class ImageWriter(BasePredictionWriter):
-    """Write each predicted image as ``<output_dir>/<input relative name>.png``."""
+    """Write each predicted image as ``<output_dir>/<input relative name>.png``.
+
+    Inputs the data could not read arrive in ``prediction["skipped"]`` (``[{"name",
+    "reason"}, ...]``, see ``collate_conditions``): each is printed when its batch ends,
+    on the rank that met it. At the end, the written and skipped counts are summed over
+    all ranks and rank 0 prints one summary line.
+    """
 
     def __init__(self, output_dir: str) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self.written = 0
+        self.skipped: list[dict[str, str]] = []
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.written, self.skipped = 0, []  # per predict run
 
     def write_on_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: dict[str, Any],
         batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0,
     ) -> None:  # fmt: skip
-        for image, name in zip(prediction["images"], prediction["names"], strict=True):
+        for entry in _skipped_entries(prediction):
+            print(f"skipped {entry['name']}: {entry['reason']}", flush=True)
+            self.skipped.append(entry)
+        names = prediction.get("names") or []
+        images = prediction.get("images")
+        if images is None or len(images) == 0:
+            if names:
+                raise ValueError(
+                    f"predict_step returned {len(names)} names but no images: return one "
+                    "image per name"
+                )
+            return
+        for image, name in zip(images, names, strict=True):
             path = self.output_dir / f"{name}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             save_image(image, path)
             self.written += 1
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            print(f"wrote {self.written} images to {self.output_dir}")
+        # a collective: every rank calls it (on one rank only it would wait forever)
+        counts = torch.tensor(
+            [self.written, len(self.skipped)], dtype=torch.long, device=_device(trainer)
+        )
+        written, skipped = (int(v) for v in trainer.strategy.reduce(counts, reduce_op="sum"))
+        if not trainer.is_global_zero:
+            return
+        line = f"wrote {written} images to {self.output_dir}"
+        if skipped:
+            line += f"; skipped {skipped} unreadable inputs (see above)"
+        print(line, flush=True)
+
+
+def _skipped_entries(prediction: dict[str, Any]) -> list[dict[str, str]]:
+    """``prediction["skipped"]`` as ``[{"name", "reason"}]`` (none when absent)."""
+    entries = prediction.get("skipped") or []
+    if not isinstance(entries, Sequence) or isinstance(entries, str):
+        return []  # e.g. a training-style {reason: count} dict: no file names to report
+    return [
+        {"name": str(e.get("name", "?")), "reason": str(e.get("reason", "unreadable"))}
+        for e in entries
+        if isinstance(e, dict)
+    ]
+
+
+def _device(trainer: L.Trainer) -> torch.device:
+    """Where the strategy's collectives run (CUDA for NCCL)."""
+    return getattr(trainer.strategy, "root_device", None) or torch.device("cpu")
