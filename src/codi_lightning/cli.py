@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from jsonargparse import CLI
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from .checkpoints import consolidate_checkpoint
+from .checkpoints import (
+    CheckpointError,
+    TeacherNotFoundError,
+    check_checkpoint,
+    consolidate_checkpoint,
+    is_missing_local_path,
+    newest_checkpoint,
+)
 from .data import ShardDataModule, write_depth_shards, write_edit_shards, write_shards
 from .export import export_checkpoint
 from .training import CoDiDistillation, ImageWriter
@@ -28,6 +41,8 @@ EXTRA_COMMANDS = {
 # the teacher, VAE, text encoder and EMA target are in eval mode on purpose
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+# predict batches are named by the data (ImageWriter), not by Lightning's sampler indices
+warnings.filterwarnings("ignore", message=r"Couldn't infer the batch indices .*LockstepLoader")
 
 EPILOG = (
     "Also: `codi-lightning shards --help` writes WebDataset shards from an image folder "
@@ -54,6 +69,57 @@ RUN_TIME_OPTIONS = (
     "metrics",
     "predict_steps",
 )
+# Teacher locations: a local path recorded in the checkpoint that does not exist here
+# gives way to this command's value (flags, --config) when that one resolves.
+TEACHER_OPTIONS = ("pretrained", "init_from")
+# `--ckpt_path` values that are not local paths (before any ":"): Lightning's keywords
+# (`registry:<name>:<version>` too), URLs, and our `auto`
+CKPT_KEYWORDS = ("last", "best", "hpc", "registry", "auto", "http", "https", "s3", "gs")
+
+
+def _say(message: str) -> None:
+    """One line to stderr, from the first process only."""
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None or isinstance(value, bool):
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _is_checkpoint_callback(class_path: str | None) -> bool:
+    module, _, name = (class_path or "").rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, ModelCheckpoint)
+
+
+def checkpoint_folders(trainer: Any) -> tuple[list[str], list[str]]:
+    """Where a run configured by ``trainer`` (the parsed ``trainer`` section) writes its
+    checkpoints: the ``dirpath`` of each ModelCheckpoint in ``trainer.callbacks``; and the
+    folders to search recursively when one has none (Lightning then writes under the
+    logger's folder): ``default_root_dir`` (else ``./lightning_logs``) and each logger's
+    ``save_dir``."""
+    folders, search = [], False
+    for callback in _as_list(trainer.get("callbacks")):
+        if _is_checkpoint_callback(callback.get("class_path")):
+            dirpath = (callback.get("init_args") or {}).get("dirpath")
+            if dirpath:
+                folders.append(str(dirpath))
+            else:
+                search = True
+    if folders and not search:
+        return folders, []
+    roots = [str(trainer.get("default_root_dir") or "lightning_logs")]
+    for logger in _as_list(trainer.get("logger")):
+        save_dir = (logger.get("init_args") or {}).get("save_dir")
+        if save_dir:
+            roots.append(str(save_dir))
+    return folders, roots
 
 
 class CoDiCLI(LightningCLI):
@@ -73,6 +139,14 @@ class CoDiCLI(LightningCLI):
             {"model": {"class_path": f"{DEFAULT_MODEL.__module__}.{DEFAULT_MODEL.__name__}"}}
         )
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
+        """``--weights_only`` defaults to true: the trainer unpickles a checkpoint with
+        ``weights_only=True`` even on torch < 2.6 or with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD."""
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if "weights_only" in self._subcommand_method_arguments.get(subcommand, ()):
+            parser.set_defaults(weights_only=True)
+        return parser
+
     def before_instantiate_classes(self) -> None:
         """Fail early, with the fix, on a model seed that differs from the data seed:
         Lightning refuses hparams that the module and the datamodule both have with
@@ -89,16 +163,64 @@ class CoDiCLI(LightningCLI):
             )
 
     def _parse_ckpt_path(self) -> None:
+        """Before Lightning applies the checkpoint's hyperparameters over the command line:
+        resolve ``--ckpt_path auto``, check the checkpoint up front (one-line
+        :class:`CheckpointError`), and afterwards restore this command's run-time options
+        and, where the recorded teacher is missing here, its teacher location."""
         command = self.config.get("subcommand")
-        init = None
+        if not command:
+            return super()._parse_ckpt_path()
+        ckpt_path = self.config[command].get("ckpt_path")
+        if ckpt_path == "auto":
+            ckpt_path = self._newest_checkpoint(command)
+            self.config[command]["ckpt_path"] = ckpt_path
+        elif ckpt_path and str(ckpt_path).split(":")[0] not in CKPT_KEYWORDS:
+            check_checkpoint(ckpt_path)
+        init = (self.config[command].get("model") or {}).get("init_args") or {}
+        keep = {}
         if command in ("validate", "test", "predict"):
-            init = self.config[command].get("model", {}).get("init_args")
-        keep = {k: init[k] for k in RUN_TIME_OPTIONS if init is not None and k in init}
+            keep = {k: init[k] for k in RUN_TIME_OPTIONS if k in init}
+        given = {k: init.get(k) for k in TEACHER_OPTIONS}
         super()._parse_ckpt_path()
-        if keep:
-            restored = self.config[command]["model"]["init_args"]
-            for key, value in keep.items():
-                restored[key] = value
+        restored = (self.config[command].get("model") or {}).get("init_args")
+        if restored is None:
+            return None
+        for key, value in keep.items():
+            restored[key] = value
+        if not (ckpt_path and Path(ckpt_path).is_file()):
+            return None  # Lightning applied no recorded hyperparameters
+        for key in TEACHER_OPTIONS:
+            recorded = restored.get(key)
+            if not is_missing_local_path(recorded):
+                continue
+            if given[key] and not is_missing_local_path(given[key]):
+                _say(f"{ckpt_path}: model.{key} {recorded!r} recorded in the checkpoint is not "
+                     f"found here; using {given[key]!r} from this command")  # fmt: skip
+                restored[key] = given[key]
+            else:
+                raise TeacherNotFoundError(
+                    f"{ckpt_path}: teacher {recorded!r} recorded in the checkpoint is not found "
+                    f"here; give its location with --model.{key} PATH"
+                )
+        return None
+
+    def _newest_checkpoint(self, command: str) -> str | None:
+        """``--ckpt_path auto``: the newest complete checkpoint of this run's folders."""
+        if command != "fit":
+            raise CheckpointError(
+                f"--ckpt_path auto resumes fit; give {command} a checkpoint path "
+                "(or Lightning's 'best' / 'last')"
+            )
+        folders, search = checkpoint_folders(self.config[command].get("trainer") or {})
+        found, skipped = newest_checkpoint(folders, search)
+        if skipped:
+            _say(f"--ckpt_path auto: skipped {len(skipped)}: " + "; ".join(skipped))
+        if found is None:
+            where = ", ".join(folders + [f"{s} (recursively)" for s in search])
+            _say(f"--ckpt_path auto: no checkpoint in {where}: starting from scratch")
+            return None
+        _say(f"--ckpt_path auto: resuming from {found[0]} (global_step {found[1]})")
+        return str(found[0])
 
     def before_predict(self) -> None:
         """Write predictions to files unless the config already has a writer."""
@@ -109,6 +231,19 @@ class CoDiCLI(LightningCLI):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Run the CLI. A :class:`CheckpointError` (a bad checkpoint file, a teacher that is
+    not found) ends with ``error: <message>`` on stderr and exit code 2; ``CODI_DEBUG=1``
+    prints the traceback as well."""
+    try:
+        _main(argv)
+    except CheckpointError as err:
+        if os.environ.get("CODI_DEBUG") == "1":
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def _main(argv: Sequence[str] | None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in EXTRA_COMMANDS:
         CLI(

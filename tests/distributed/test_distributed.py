@@ -10,12 +10,12 @@ rank losses), hence rtol 1e-4 on losses and atol 1e-5 on the EMA target.
 
 import json
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from procwatch import run_watched
 
 pytestmark = pytest.mark.distributed
 WORKER = str(Path(__file__).with_name("worker.py"))
@@ -33,8 +33,7 @@ def _run(args: list[str], procs: int, tmp: Path) -> None:
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
                f"--master_port={_free_port()}", WORKER, *args]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    run_watched(cmd, tmp, timeout=300)
 
 
 def _load(out: Path) -> tuple[dict[int, float], dict]:
@@ -113,6 +112,55 @@ def test_each_rank_reads_different_shards(tiny_shards, tmp_path):
     assert set(r0["val"]).isdisjoint(r1["val"])
     assert len(set(r0["val"]) | set(r1["val"])) == 32  # every sample once
     assert r0["train"] != r1["train"]  # resampled streams seeded per rank
+
+
+@pytest.fixture(scope="module")
+def uneven_shards(tmp_path_factory) -> Path:
+    """10 validation samples in 3 shards (4, 4, 2), in 2 shards (8, 2) and in 1 shard."""
+    from codi_lightning.data import write_shards
+    from codi_lightning.demo import write_image_folder
+
+    root = tmp_path_factory.mktemp("uneven")
+    write_image_folder(root / "img", 10, seed=3)
+    for name, count in (("three", 4), ("two", 8), ("one", 10)):
+        write_shards(str(root / "img"), str(root / f"{name}-%06d.tar"), maxcount=count,
+                     progress=False)  # fmt: skip
+    return root
+
+
+@pytest.mark.parametrize(
+    "pattern,workers",
+    [("three-{000000..000002}.tar", 2), ("one-000000.tar", 1), ("two-{000000..000001}.tar", 2)],
+    ids=["3-shards-2x2", "1-shard-2-ranks", "2-shards-2x2"],
+)
+def test_uneven_eval_shards_give_every_rank_as_many_batches(uneven_shards, pattern, workers,
+                                                           tiny_shards, tmp_path):  # fmt: skip
+    """Ranks run the same number of evaluation batches (padding where a rank ran out), and
+    every sample is seen exactly once over the ranks."""
+    out = tmp_path / "keys"
+    args = ["data", "--out", str(out), "--train-shards", tiny_shards["train"],
+            "--val-shards", str(uneven_shards / pattern), "--workers", str(workers)]  # fmt: skip
+    _run(args, 2, tmp_path)
+    r0 = json.loads((out / "rank0.json").read_text())
+    r1 = json.loads((out / "rank1.json").read_text())
+    assert r0["batches"] == r1["batches"]
+    assert r0["pads"] + r1["pads"] > 0  # the split is uneven: someone was padded
+    assert len(r0["val"]) + len(r1["val"]) == 10
+    assert len(set(r0["val"]) | set(r1["val"])) == 10
+
+
+@pytest.mark.parametrize("rows", ["0-6/6-10", "0-10/"], ids=["uneven", "one-rank-empty"])
+def test_metrics_over_uneven_ranks_equal_one_process(rows, tmp_path):
+    """FID, KID, SWD, PSNR... over ranks that saw different numbers of batches (or none)
+    equal the one-process values over the same samples."""
+    _run(["metrics", "--out", str(tmp_path / "one"), "--rows", "0-10"], 1, tmp_path)
+    _run(["metrics", "--out", str(tmp_path / "two"), "--rows", rows], 2, tmp_path)
+    ref = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    for rank in (0, 1):
+        got = json.loads((tmp_path / "two" / f"rank{rank}.json").read_text())
+        assert got["images"] == ref["images"] == 10
+        for name, value in ref.items():
+            assert got[name] == pytest.approx(value, rel=1e-4, abs=1e-6), (rank, name)
 
 
 def test_fsdp_bf16_mixed_keeps_fp32_master_and_ema(tiny_teacher, tmp_path):

@@ -98,18 +98,46 @@ def data(args: argparse.Namespace) -> None:
     rank = torch.distributed.get_rank()
     dm = ShardDataModule(args.train_shards, args.val_shards, resolution=32, batch_size=2,
                          num_workers=args.workers, condition="sr")  # fmt: skip
-    val = [k for batch in dm.val_dataloader() for k in batch["key"]]
+    batches = list(dm.val_dataloader())
+    val = [k for batch in batches if not batch["pad"] for k in batch["key"]]
+    pads = sum(batch["pad"] for batch in batches)
     it = iter(dm.train_dataloader())
     train_keys = [k for _ in range(3) for k in next(it)["key"]]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"rank{rank}.json").write_text(json.dumps({"val": val, "train": train_keys}))
+    record = {"val": val, "train": train_keys, "batches": len(batches), "pads": pads}
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
     torch.distributed.destroy_process_group()
+
+
+def metrics(args: argparse.Namespace) -> None:
+    """EvalSuite over 10 fixed image pairs; rank r updates with the rows it is given
+    (``--rows`` as ``r0rows/r1rows``, e.g. ``0-6/6-10`` or ``0-10/``), in batches of 2."""
+    from codi_lightning.metrics import EvalSuite, MetricsConfig
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        torch.distributed.init_process_group("gloo")
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    g = torch.Generator().manual_seed(0)
+    preds, target = torch.rand(2, 10, 3, 32, 32, generator=g)
+    part = args.rows.split("/")[rank]
+    lo, hi = (int(v) for v in part.split("-")) if part else (0, 0)
+    config = MetricsConfig(feature="random_conv", lpips=False, kid_subset_size=1000, swd=True,
+                           input_consistency_factor=4)  # fmt: skip
+    suite = EvalSuite(config, [1])
+    for i in range(lo, hi, 2):
+        suite.update(1, preds[i : min(i + 2, hi)], target[i : min(i + 2, hi)])
+    results = suite.compute()[1]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{rank}.json").write_text(json.dumps(results))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["train", "data"])
+    parser.add_argument("mode", choices=["train", "data", "metrics"])
     parser.add_argument("--out", required=True)
     parser.add_argument("--teacher")
     parser.add_argument("--strategy", default="single", choices=["single", "ddp", "fsdp"])
@@ -122,8 +150,9 @@ def main() -> None:
     parser.add_argument("--train-shards")
     parser.add_argument("--val-shards")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--rows", default="0-10")
     args = parser.parse_args()
-    {"train": train, "data": data}[args.mode](args)
+    {"train": train, "data": data, "metrics": metrics}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Export to diffusers folders, stock-diffusers equivalence, and downstream loading."""
 
+import json
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from codi_lightning.diffusion import sampling_timesteps
 from codi_lightning.export import CoDiPipeline, export_checkpoint
 from codi_lightning.training import CoDiDistillation
 
@@ -33,6 +35,16 @@ def _same(module, folder):
     return all(torch.equal(saved[k], own[k]) for k in own)
 
 
+def _run_card(folder, condition):
+    """Run the model card's Python snippet as written (``condition`` given, the export's
+    path for ``THIS_FOLDER``); returns its namespace."""
+    card = (folder / "README.md").read_text()
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace = {"condition": condition}
+    exec(compile(code.replace("THIS_FOLDER", str(folder)), "README.md", "exec"), namespace)
+    return namespace
+
+
 @pytest.fixture(scope="module")
 def pe_export(tiny_teacher, tmp_path_factory):
     root = tmp_path_factory.mktemp("pe")
@@ -41,9 +53,19 @@ def pe_export(tiny_teacher, tmp_path_factory):
     return m, out, root
 
 
+@pytest.fixture(scope="module")
+def pixel_export(tiny_pixel_teacher, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pixel")
+    m = _checkpoint(tiny_pixel_teacher, root / "pixel.ckpt", pixel_space=True)
+    out = export_checkpoint(str(root / "pixel.ckpt"), str(root / "export"))
+    return m, out
+
+
 def test_pe_codi_export_layout(pe_export):
     m, out, root = pe_export
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "controlnet", "scheduler"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "controlnet", "scheduler", "scheduler_deterministic"
+    ]  # fmt: skip
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt*"))
     assert _same(m.target["controlnet"], out / "controlnet")
     assert not _same(m.controlnet, out / "controlnet")
@@ -56,11 +78,16 @@ def test_pe_codi_export_layout(pe_export):
     assert "base_model:" in (out / "README.md").read_text()
 
 
-def test_full_codi_exports_the_unet(tiny_teacher, tmp_path):
+def test_full_codi_exports_the_unet(tiny_teacher, tmp_path, capsys):
     m = _checkpoint(tiny_teacher, tmp_path / "codi.ckpt", method="codi")
+    capsys.readouterr()
     out = export_checkpoint(str(tmp_path / "codi.ckpt"), str(tmp_path / "export"))
     assert _same(m.target["unet"], out / "unet")
     assert _same(m.target["controlnet"], out / "controlnet")
+    # one line on success: where, which weights, which schedulers
+    (line,) = capsys.readouterr().out.splitlines()
+    for part in (str(out), "target", "unet/", "scheduler/", "scheduler_deterministic/"):
+        assert part in line
 
 
 def test_export_errors(tmp_path):
@@ -98,11 +125,90 @@ def test_stock_diffusers_pipeline_matches_our_sampler(pe_export, tiny_teacher):
         )
         torch.testing.assert_close(stock, mine, rtol=0, atol=1e-5)
         torch.testing.assert_close(module, mine, rtol=0, atol=1e-5)
-    # the deterministic sampler (eps_hat instead of fresh noise) is not LCMScheduler's,
-    # but the exported pipeline and the module agree on it
+    # the deterministic sampler (eps_hat instead of fresh noise) is not LCMScheduler's
+    # (see the next test), but the exported pipeline and the module agree on it
     det = ours(cond, prompts, 4, generator=torch.Generator().manual_seed(0))
     det_module = m.sample_images(cond, prompts, 4, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(det, det_module, rtol=0, atol=1e-5)
+
+
+def test_stock_deterministic_scheduler_matches_our_sampler(pe_export):
+    """The card's StableDiffusionControlNetPipeline with ``scheduler_deterministic/``
+    (first-order DPM-Solver++, i.e. DDIM with eps_hat) on the card's timesteps gives the
+    images of our default deterministic sampler, at 1, 2, 4 and 8 steps. The boundary
+    condition it leaves out has c_skip <= 1e-7 at t >= 149; tolerance 1e-5 (fp32)."""
+    from diffusers import DPMSolverMultistepScheduler, LCMScheduler
+
+    m, out, _ = pe_export
+    cond = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    prompts = ["a red circle", ""]
+    pipe = _run_card(out, cond[:1])["pipe"]  # the snippet runs as written
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_pretrained(out / "scheduler_deterministic")
+    card = (out / "README.md").read_text()
+    lcm = LCMScheduler.from_pretrained(out / "scheduler")
+    for steps in (1, 2, 4, 8):
+        lcm.set_timesteps(steps)
+        timesteps = lcm.timesteps.tolist()
+        assert f"| {steps} | `{timesteps}` |" in card
+        stock = pipe(
+            prompts, image=cond, timesteps=timesteps, guidance_scale=1.0, height=32, width=32,
+            output_type="pt", generator=torch.Generator().manual_seed(steps),
+        ).images  # fmt: skip
+        module = m.sample_images(
+            cond, prompts, steps, stochastic=False, generator=torch.Generator().manual_seed(steps)
+        )
+        torch.testing.assert_close(stock, module, rtol=0, atol=1e-5)
+
+
+def test_pixel_space_card_loop_matches_both_samplers(pixel_export):
+    """For a pixel-space (v-prediction, no VAE) model the card shows a UNet + ControlNet +
+    scheduler loop, not the latent pipeline; run as written, it reproduces the module's
+    deterministic sampler with ``scheduler_deterministic/`` and its stochastic one with
+    ``scheduler/`` for the same generator."""
+    m, out = pixel_export
+    cond = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    prompts = ["a red circle", ""]
+    card_code = _run_card(out, cond)
+    generate = card_code["generate"]
+    for steps in (1, 2, 4):
+        timesteps = sampling_timesteps(steps, 1000, 20)
+        for stochastic, scheduler in ((False, "deterministic"), (True, "stochastic")):
+            stock = generate(
+                cond, prompts, timesteps, card_code[scheduler], torch.Generator().manual_seed(steps)
+            )
+            module = m.sample_images(
+                cond, prompts, steps, stochastic=stochastic,
+                generator=torch.Generator().manual_seed(steps),
+            )  # fmt: skip
+            torch.testing.assert_close(stock, module, rtol=0, atol=1e-5)
+
+
+def test_model_card_pairs_scheduler_folders_with_test_settings(pe_export, pixel_export):
+    """Each scheduler folder's row in the card names the class saved there, its sampler and
+    the ``codi-lightning test`` setting that gives comparable numbers; the usage snippet is
+    the stock latent pipeline for a latent model, and not for a pixel-space one (it has
+    no VAE)."""
+    expected = {
+        "scheduler_deterministic": ("deterministic", "--model.eval_stochastic false"),
+        "scheduler": ("stochastic", "--model.eval_stochastic true"),
+    }
+    for out in (pe_export[1], pixel_export[1]):
+        card = (out / "README.md").read_text()
+        rows = {
+            line.split("|")[1].strip(" `/"): line
+            for line in card.splitlines()
+            if line.startswith("| `scheduler")
+        }
+        assert set(rows) == set(expected)
+        for folder, (sampler, setting) in expected.items():
+            saved = json.loads((out / folder / "scheduler_config.json").read_text())
+            cells = [c.strip() for c in rows[folder].split("|")]
+            assert f"`{saved['_class_name']}`" in cells[2]
+            assert cells[3].startswith(sampler)
+            assert setting in cells[4]
+    assert "StableDiffusionControlNetPipeline" in (pe_export[1] / "README.md").read_text()
+    assert "StableDiffusionControlNetPipeline" not in (pixel_export[1] / "README.md").read_text()
 
 
 def test_load_from_checkpoint_in_a_fresh_process(pe_export):

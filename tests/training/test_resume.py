@@ -16,13 +16,15 @@ from codi_lightning.training import CoDiDistillation
 
 
 class OneBatch(L.LightningDataModule):
-    def __init__(self):
+    """The same batch of 2, ``repeats`` times per epoch."""
+
+    def __init__(self, repeats: int = 1):
         super().__init__()
         batch = make_batch(batch=2)
         self.samples = [
             {"image": batch["image"][i], "cond": batch["cond"][i], "caption": batch["caption"][i]}
             for i in range(2)
-        ]
+        ] * repeats
 
     def train_dataloader(self):
         return DataLoader(self.samples, batch_size=2, shuffle=False)
@@ -31,14 +33,28 @@ class OneBatch(L.LightningDataModule):
 class LossRecorder(L.Callback):
     def __init__(self):
         self.losses = {}
+        self.micro = {}  # batch_idx -> (global step before the batch, loss)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self._step = trainer.global_step
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.losses[trainer.global_step] = outputs["loss"].item()
+        self.micro[batch_idx] = (self._step, outputs["loss"].item())
 
 
-def _fit(teacher, root, max_steps, ckpt_path=None):
+class SeedRecorder(CoDiDistillation):
+    """Records the seed of each training batch's generator (noise, t, VAE posterior)."""
+
+    def training_step(self, batch, batch_idx):
+        gen = self.step_generator(micro_batch=self.micro_batch_index(batch_idx))
+        self.seeds = {**getattr(self, "seeds", {}), batch_idx: gen.initial_seed()}
+        return super().training_step(batch, batch_idx)
+
+
+def _fit(teacher, root, max_steps, ckpt_path=None, accumulate=1, cls=CoDiDistillation):
     torch.manual_seed(0)
-    module = CoDiDistillation(
+    module = cls(
         str(teacher), method="codi", num_grid=10, ema_decay=0.9,
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
         lr_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5),
@@ -47,9 +63,12 @@ def _fit(teacher, root, max_steps, ckpt_path=None):
     trainer = L.Trainer(
         accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
-        callbacks=[recorder], num_sanity_val_steps=0,
+        callbacks=[recorder], num_sanity_val_steps=0, accumulate_grad_batches=accumulate,
     )  # fmt: skip
-    trainer.fit(module, datamodule=OneBatch(), ckpt_path=ckpt_path)
+    data = OneBatch(repeats=1 if accumulate == 1 else 50)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    if accumulate > 1:
+        return trainer, module, recorder.micro
     return trainer, module, recorder.losses
 
 
@@ -81,3 +100,26 @@ def test_resume_continues_exactly(tiny_teacher, tmp_path):
     sched = trainer2.lr_scheduler_configs[0].scheduler
     assert sched.last_epoch == n and trainer2.optimizers[0].param_groups[0]["lr"] == 1e-3 * 0.5**3
     assert all(s["step"].item() == n for s in opt_full["state"].values())
+
+
+def test_gradient_accumulation_draws_fresh_noise_and_resumes_exactly(tiny_teacher, tmp_path):
+    """With 2 micro-batches per optimizer step, each micro-batch gets its own noise,
+    timesteps and posterior noise (global_step alone would repeat them), and a run resumed
+    after 2 optimizer steps continues exactly."""
+    _, full, micro = _fit(tiny_teacher, tmp_path / "a", 4, accumulate=2, cls=SeedRecorder)
+    assert sorted(micro) == list(range(8))
+    assert [micro[i][0] for i in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]  # 2 batches a step
+    assert len(set(full.seeds.values())) == 8  # a fresh generator for every micro-batch
+    # the same batch twice in one step: different draws give different losses
+    assert micro[0][1] != micro[1][1] and micro[2][1] != micro[3][1]
+
+    trainer, _, first = _fit(tiny_teacher, tmp_path / "b", 2, accumulate=2)
+    ckpt = tmp_path / "k.ckpt"
+    trainer.save_checkpoint(ckpt)
+    _, resumed, rest = _fit(tiny_teacher, tmp_path / "c", 4, ckpt_path=str(ckpt), accumulate=2)
+    assert sorted(first) == [0, 1, 2, 3] and sorted(rest) == [4, 5, 6, 7]
+    for i in range(8):
+        got = first.get(i, rest.get(i))
+        torch.testing.assert_close(got, micro[i], rtol=1e-5, atol=1e-6)
+    for a, b in zip(full.target.parameters(), resumed.target.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .decode import DEFAULT_MAX_PIXELS, BadSample, CaptionErrors, decode_sample, select_member
 from .folder import ConditionFolder, collate_conditions
+from .lockstep import LockstepLoader, distributed_world
 from .recipes import SR_RECIPES
 from .transforms import CondMismatch, PairTransform, collate, make_recipe
 
@@ -209,8 +210,9 @@ class PairStage:
         for raw in src:
             try:
                 out = self.transform(self.decode(raw), rng)
-            except BadSample as err:
-                self.skip(err.reason, str(err), raw.get("__url__"))
+            except BadSample as err:  # named by shard and key: "<url> sample <key>: ..."
+                where = f"{raw.get('__url__', '?')} sample {raw.get('__key__', '?')}"
+                self.skip(err.reason, f"{where}: {err.detail or err.reason}", raw.get("__url__"))
                 continue
             self.good += 1
             self.bad_in_a_row = 0
@@ -437,22 +439,69 @@ class ShardDataModule(L.LightningDataModule):
             stage,
             stage.batches(self.val_batch_size, partial=True),
         )
-        return self._loader(pipeline, min(self.num_workers, len(urls)))
+        loader = self._loader(pipeline, min(self.num_workers, len(urls)))
+        return LockstepLoader(loader, self._eval_padding)
 
-    def val_dataloader(self) -> DataLoader:
+    def _world(self) -> int:
+        trainer = self.trainer
+        return trainer.world_size if trainer is not None else distributed_world()
+
+    def _eval_padding(self) -> dict[str, Any]:
+        """A padding batch for a rank whose shards gave no sample (see ``LockstepLoader``)."""
+        r = self.resolution
+        batch = {
+            "image": torch.zeros(1, 3, r, r),
+            "cond": torch.zeros(1, 3, r, r),
+            "caption": [""],
+            "key": [""],
+            "skipped": {},
+        }
+        if self.hparams.condition == "inpaint":
+            batch["mask"] = torch.zeros(1, 1, r, r)
+        return batch
+
+    def val_dataloader(self) -> LockstepLoader:
+        """This rank's share of ``val_shards``, padded so every rank runs as many batches."""
         return self._eval_dataloader("val")
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> LockstepLoader:
+        """This rank's share of ``val_shards``, padded so every rank runs as many batches."""
         return self._eval_dataloader("test")
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> LockstepLoader:
+        """Rank r predicts images r, r + W, r + 2W, ... of the folder (each image once),
+        padded so every rank runs as many batches."""
         hp = self.hparams
         if not hp.predict_images:
             raise ValueError("data.predict_images is empty: give a folder of condition images")
         dataset = ConditionFolder(
-            hp.predict_images, hp.predict_prompt, hp.predict_upscale, hp.predict_multiple
-        )
-        return DataLoader(
-            dataset, batch_size=hp.predict_batch_size, shuffle=False,
+            hp.predict_images, hp.predict_prompt, hp.predict_upscale, hp.predict_multiple,
+            max_pixels=hp.max_pixels,
+        )  # fmt: skip
+        rank, world = self._rank_and_step()[0], self._world()
+        mine = list(range(rank, len(dataset), world))
+        loader = DataLoader(
+            dataset, batch_size=hp.predict_batch_size, shuffle=False, sampler=mine,
             num_workers=min(self.num_workers, 4), collate_fn=collate_conditions,
         )  # fmt: skip
+        return LockstepLoader(
+            _PaddedWhenEmpty(loader, self._predict_padding), self._predict_padding
+        )
+
+    def _predict_padding(self) -> dict[str, Any]:
+        r = self.resolution
+        return {"cond": torch.zeros(1, 3, r, r), "caption": [""], "name": [""], "skipped": []}
+
+
+class _PaddedWhenEmpty:
+    """Predict batches whose every input was unreadable (``cond`` is None) become padding
+    batches that keep their ``skipped`` list, so the writer still names the files."""
+
+    def __init__(self, loader: DataLoader, make_padding: Any) -> None:
+        self.loader, self.make_padding = loader, make_padding
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            if batch.get("cond") is None:
+                batch = {**self.make_padding(), "skipped": batch.get("skipped", []), "pad": True}
+            yield batch

@@ -4,7 +4,7 @@ from .boundary import apply_boundary, boundary_scalings
 from .ema import ema_update
 from .losses import CoDiLossConfig, codi_loss, diffusion_loss, distance
 from .parameterization import to_output, to_x_eps
-from .sampling import guided_output, sample
+from .sampling import guided_output, randn, sample
 from .schedule import NoiseSchedule, betas_from_config
 from .solvers import ode_step
 from .timesteps import grid, sample_pairs, sampling_timesteps, step_ratio
@@ -22,6 +22,7 @@ __all__ = [
     "grid",
     "guided_output",
     "ode_step",
+    "randn",
     "sample",
     "sample_pairs",
     "sampling_timesteps",

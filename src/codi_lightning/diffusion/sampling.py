@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -13,6 +13,26 @@ from .schedule import NoiseSchedule
 from .solvers import ode_step
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def randn(
+    shape: Sequence[int],
+    generator: Generators = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Standard normal noise of ``shape``. With a list of generators, row i is drawn from
+    generator i (as diffusers' ``randn_tensor``), so a sample's noise does not depend on
+    the batch it is in."""
+    if isinstance(generator, Sequence):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        rows = [
+            torch.randn((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in generator
+        ]
+        return torch.cat(rows)
+    return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
 
 
 def guided_output(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
@@ -28,7 +48,7 @@ def sample(
     timesteps: list[int],
     *,
     stochastic: bool = False,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     uncond_model: Denoiser | None = None,
     guidance_scale: float = 1.0,
 ) -> Tensor:
@@ -38,7 +58,8 @@ def sample(
     predict, apply the boundary condition ``f = c_skip z + c_out x_hat``, then move to
     ``t_{i+1}`` with ``z = alpha f + sigma eps``, where eps is the model's ``eps_hat``
     (deterministic, DDIM-style) or fresh noise (``stochastic=True``: the consistency-model
-    multistep sampler, what ``LCMScheduler`` does). After the last step ``f`` is returned.
+    multistep sampler, what ``LCMScheduler`` does; ``generator`` may be one per sample).
+    After the last step ``f`` is returned.
 
     With ``uncond_model`` and ``guidance_scale != 1`` the output is guided
     (``uncond + w (cond - uncond)``).
@@ -60,7 +81,7 @@ def sample(
         t_next = torch.full_like(t, int(timesteps[i + 1]))
         alpha_n, sigma_n = schedule.alpha_sigma(t_next, z)
         if stochastic:
-            eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            eps = randn(z.shape, generator, device=z.device, dtype=z.dtype)
         else:
             eps = eps_hat
         z = ode_step(f, eps, alpha_n, sigma_n)

@@ -1,9 +1,24 @@
 """Lightning checkpoint -> diffusers folders (``codi-lightning export``).
 
 Writes ``controlnet/`` (EMA target weights by default), ``unet/`` when the UNet was
-trained (full CoDi), ``scheduler/`` (an ``LCMScheduler`` carrying the training grid N as
-``original_inference_steps``) and a ``README.md`` model card. Safetensors only. Needs
-the checkpoint and access to the base model recorded in it (for configs, not weights).
+trained (full CoDi), two stock diffusers schedulers and a ``README.md`` model card.
+Safetensors only. Needs the checkpoint and access to the base model recorded in it (for
+configs, not weights).
+
+The schedulers reproduce the two samplers of ``diffusion.sample`` (METHOD.md, "Sampling"):
+
+- ``scheduler/``: ``LCMScheduler`` carrying the training grid N as
+  ``original_inference_steps``: the stochastic consistency multistep sampler (fresh noise
+  each step), ``stochastic=True`` / ``model.eval_stochastic: true``.
+- ``scheduler_deterministic/``: first-order ``DPMSolverMultistepScheduler``
+  (``dpmsolver++``, final sigma zero), which is the DDIM step
+  ``z <- alpha_next x_hat + sigma_next eps_hat`` and ``x_hat`` after the last step: the
+  deterministic sampler (the default, ``model.eval_stochastic: false``) when given the
+  same timesteps as ``timesteps=`` (``LCMScheduler.set_timesteps`` picks them; DPMSolver's
+  own spacing differs). It leaves out the boundary condition, whose ``c_skip(t) =
+  0.25 / ((10 t)^2 + 0.25)`` is 6.9e-6 at t = 19, N = 50's smallest grid point.
+  (``TCDScheduler`` with ``eta=0`` picks the right timesteps but ends at ``t = 0``, not
+  at ``x_hat``; ``DDIMScheduler`` cannot take the grid's timesteps.)
 """
 
 from __future__ import annotations
@@ -14,7 +29,8 @@ from typing import Any, Literal
 
 import torch
 
-from ..checkpoints import read_checkpoint
+from ..checkpoints import check_teacher, read_checkpoint
+from ..diffusion import sampling_timesteps
 from ..models import adapter_cond_channels, check_condition_downsampling
 
 
@@ -36,18 +52,26 @@ def export_checkpoint(
     Args:
         ckpt: Lightning checkpoint written by ``codi-lightning fit``: a file, or a
             distributed-checkpoint folder (FSDP2).
-        output: folder to write (``controlnet/``, ``unet/``, ``scheduler/``, ``README.md``).
+        output: folder to write (``controlnet/``, ``unet/``, ``scheduler/``,
+            ``scheduler_deterministic/``, ``README.md``); one line on stdout says what.
         weights: ``target`` (EMA, what validation samples with) or ``online``.
         pretrained: base model to read configs from, if not the one recorded in the
             checkpoint (e.g. the same model at another path).
     """
-    from diffusers import ControlNetModel, DDPMScheduler, LCMScheduler, UNet2DConditionModel
+    from diffusers import (
+        ControlNetModel,
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+        LCMScheduler,
+        UNet2DConditionModel,
+    )
 
     if weights not in ("target", "online"):
         raise ValueError(f"--weights {weights!r}; choose 'target' or 'online'")
     checkpoint = read_checkpoint(ckpt)
     hp = dict(checkpoint["hyper_parameters"])
     base = pretrained or hp["pretrained"]
+    check_teacher(base, "--pretrained PATH")
     state = checkpoint["state_dict"]
     kw = {"revision": hp.get("revision")}
     unet_config = UNet2DConditionModel.load_config(base, subfolder="unet", **kw)
@@ -83,14 +107,54 @@ def export_checkpoint(
         set_alpha_to_one=False,
     )
     lcm.save_pretrained(out / "scheduler")
-    (out / "README.md").write_text(_model_card(hp, base, weights, checkpoint.get("global_step", 0)))
+    # first-order DPM-Solver++ = DDIM with eps_hat, x_hat at the end (see the module doc)
+    deterministic = DPMSolverMultistepScheduler.from_config(
+        {k: v for k, v in scheduler_config.items() if k in _SCHEDULE_KEYS},
+        solver_order=1,
+        algorithm_type="dpmsolver++",
+        final_sigmas_type="zero",
+        timestep_spacing="trailing",
+    )
+    deterministic.save_pretrained(out / "scheduler_deterministic")
+    num_train = int(lcm.config.num_train_timesteps)
+    (out / "README.md").write_text(
+        _model_card(hp, base, weights, checkpoint.get("global_step", 0), num_train)
+    )
+    which = "unet/ + controlnet/" if hp.get("method") == "codi" else "controlnet/"
+    print(
+        f"exported {weights} weights ({which}) to {out}; schedulers: scheduler/ (LCMScheduler, "
+        "stochastic) and scheduler_deterministic/ (DPMSolverMultistepScheduler, deterministic)",
+        flush=True,
+    )
     return out
 
 
-def _model_card(hp: dict[str, Any], base: str, weights: str, step: int) -> str:
+# what the deterministic scheduler takes from the base model's scheduler config: the noise
+# schedule and the parameterization, nothing that changes its update rule
+_SCHEDULE_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+)
+
+
+def _model_card(hp: dict[str, Any], base: str, weights: str, step: int, num_train: int) -> str:
     method = {"pe-codi": "PE-CoDi (adapter only)", "codi": "CoDi (adapter + UNet)"}
     method = method.get(hp.get("method", "pe-codi"), hp.get("method"))
     config = json.dumps(hp, indent=2, default=str)
+    num_grid = int(hp.get("num_grid", 50))
+    budgets = {1, 2, 4, 8, *hp.get("test_steps", ()), hp.get("predict_steps", 1)}
+    budgets = sorted(int(s) for s in budgets if 1 <= int(s) <= num_grid)
+    timesteps = {s: sampling_timesteps(s, num_train, num_grid) for s in budgets}
+    table = "\n".join(f"| {s} | `{ts}` |" for s, ts in timesteps.items())
+    smallest = min(ts[-1] for ts in timesteps.values())
+    c_skip = 0.25 / ((10.0 * smallest) ** 2 + 0.25)
+    steps = 4 if 4 in timesteps else budgets[-1]
+    usage = _pixel_usage if hp.get("pixel_space", False) else _latent_usage
+    snippet = usage(base, hp.get("revision"), hp.get("method") == "codi", steps, timesteps[steps])
     return f"""---
 library_name: diffusers
 base_model: {base}
@@ -99,19 +163,35 @@ tags: [controlnet, consistency-distillation, codi, lcm]
 # CoDi distilled model
 
 Conditional diffusion distillation (CoDi, Mei et al., CVPR 2024) of `{base}`:
-{method}, {weights} weights, after {step} optimizer steps. Samples in 1-4 steps with
-`LCMScheduler` (grid N = {hp.get("num_grid", 50)}).
+{method}, {weights} weights, after {step} optimizer steps, training grid N = {num_grid}.
 
-```python
-from diffusers import ControlNetModel, LCMScheduler, StableDiffusionControlNetPipeline
+## Samplers
 
-controlnet = ControlNetModel.from_pretrained("THIS_FOLDER/controlnet")
-pipe = StableDiffusionControlNetPipeline.from_pretrained(
-    "{base}", controlnet=controlnet, safety_checker=None
-)  # for full CoDi also pass unet=UNet2DConditionModel.from_pretrained("THIS_FOLDER/unet")
-pipe.scheduler = LCMScheduler.from_pretrained("THIS_FOLDER/scheduler")
-image = pipe("", image=condition, num_inference_steps=4, guidance_scale=1.0).images[0]
-```
+Two few-step samplers, each a stock diffusers scheduler in its own folder. They give
+different images (and metrics) for the same seed; compare numbers only with the
+`codi-lightning test` setting of the same row (`metrics.json` records it as `sampler`).
+
+| folder | scheduler | sampler | `codi-lightning test` setting |
+|---|---|---|---|
+| `scheduler_deterministic/` | `DPMSolverMultistepScheduler`, first order, pass `timesteps=` | deterministic: moves with the model's own noise estimate | `--model.eval_stochastic false` (the default) |
+| `scheduler/` | `LCMScheduler` | stochastic consistency multistep: fresh noise each step | `--model.eval_stochastic true` |
+
+Both run on these timesteps of the training grid. `LCMScheduler` picks them itself from
+`num_inference_steps`; the deterministic scheduler needs them as `timesteps=`
+(`LCMScheduler.set_timesteps(S)` gives them for any S):
+
+| steps | timesteps |
+|---|---|
+{table}
+
+With the same `torch.Generator` both reproduce the project's sampler
+(`CoDiDistillation.sample_images(..., stochastic=False / True)`) to float precision; the
+deterministic scheduler leaves out the boundary condition's `c_skip` term, at most
+{c_skip:.1e} at these timesteps.
+
+## Usage
+
+{snippet}
 
 ## Training configuration
 
@@ -119,3 +199,97 @@ image = pipe("", image=condition, num_inference_steps=4, guidance_scale=1.0).ima
 {config}
 ```
 """
+
+
+def _revision(revision: str | None) -> str:
+    return "" if revision is None else f", revision={json.dumps(revision)}"
+
+
+def _latent_usage(base: str, revision: str | None, unet: bool, steps: int, ts: list[int]) -> str:
+    rev = _revision(revision)
+    unet_arg = (
+        '\n    unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),' if unet else ""
+    )
+    return f"""```python
+import torch
+from diffusers import (
+    ControlNetModel, DPMSolverMultistepScheduler, LCMScheduler,
+    StableDiffusionControlNetPipeline, UNet2DConditionModel,
+)
+
+folder = "THIS_FOLDER"  # this export
+controlnet = ControlNetModel.from_pretrained(folder, subfolder="controlnet")
+pipe = StableDiffusionControlNetPipeline.from_pretrained(
+    {json.dumps(base)}, controlnet=controlnet,{unet_arg}
+    safety_checker=None, requires_safety_checker=False{rev},
+)
+# condition: the control image, a PIL image or a [1, 3, H, W] tensor in [0, 1]
+prompt = ""
+
+# deterministic sampler (codi-lightning test --model.eval_stochastic false), {steps} steps
+pipe.scheduler = DPMSolverMultistepScheduler.from_pretrained(
+    folder, subfolder="scheduler_deterministic"
+)
+image = pipe(prompt, image=condition, timesteps={ts}, guidance_scale=1.0,
+             generator=torch.Generator().manual_seed(0)).images[0]
+
+# stochastic sampler (codi-lightning test --model.eval_stochastic true), {steps} steps
+pipe.scheduler = LCMScheduler.from_pretrained(folder, subfolder="scheduler")
+image = pipe(prompt, image=condition, num_inference_steps={steps}, guidance_scale=1.0,
+             generator=torch.Generator().manual_seed(0)).images[0]
+```"""
+
+
+def _pixel_usage(base: str, revision: str | None, unet: bool, steps: int, ts: list[int]) -> str:
+    rev = _revision(revision)
+    unet_from = "folder" if unet else f"base{rev}"
+    return f"""A pixel-space model (no VAE): stock diffusers has no pipeline for it, so call the
+UNet, the ControlNet and a scheduler in a short loop (the project's
+`codi_lightning.export.CoDiPipeline.from_exported(folder, base, pixel_space=True)` does
+the same).
+
+```python
+import torch
+from diffusers import (
+    ControlNetModel, DPMSolverMultistepScheduler, LCMScheduler, UNet2DConditionModel,
+)
+from transformers import CLIPTextModel, CLIPTokenizer
+
+base, folder = {json.dumps(base)}, "THIS_FOLDER"  # the base model, this export
+unet = UNet2DConditionModel.from_pretrained({unet_from}, subfolder="unet").eval()
+controlnet = ControlNetModel.from_pretrained(folder, subfolder="controlnet").eval()
+tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"{rev})
+text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder"{rev}).eval()
+
+
+@torch.no_grad()
+def generate(condition, prompts, timesteps, scheduler, generator):
+    \"\"\"condition: [B, 3, H, W] in [0, 1]; returns images in [0, 1].\"\"\"
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    text = text_encoder(ids)[0]
+    scheduler.set_timesteps(timesteps=timesteps)
+    shape = (len(condition), unet.config.in_channels, *condition.shape[-2:])
+    x = torch.randn(shape, generator=generator)
+    for t in scheduler.timesteps:
+        down, mid = controlnet(x, t, encoder_hidden_states=text, controlnet_cond=condition,
+                               return_dict=False)
+        out = unet(x, t, encoder_hidden_states=text, down_block_additional_residuals=down,
+                   mid_block_additional_residual=mid).sample
+        x = scheduler.step(out, t, x, generator=generator).prev_sample
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+# condition: a [B, 3, H, W] tensor in [0, 1]
+prompts = [""] * len(condition)
+# deterministic sampler (codi-lightning test --model.eval_stochastic false), {steps} steps
+deterministic = DPMSolverMultistepScheduler.from_pretrained(
+    folder, subfolder="scheduler_deterministic"
+)
+images = generate(condition, prompts, {ts}, deterministic,
+                  torch.Generator().manual_seed(0))
+# stochastic sampler (codi-lightning test --model.eval_stochastic true), {steps} steps
+stochastic = LCMScheduler.from_pretrained(folder, subfolder="scheduler")
+images = generate(condition, prompts, {ts}, stochastic,
+                  torch.Generator().manual_seed(0))
+```"""

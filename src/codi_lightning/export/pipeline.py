@@ -17,7 +17,9 @@ class CoDiPipeline:
 
     ``pipe(cond, prompts, num_steps=4)`` returns images in [0, 1]. The sampler is the
     project's (``diffusion.sample``); ``stochastic=True`` is exactly what stock
-    diffusers' ``LCMScheduler`` does, so ``to_diffusers()`` gives the same images.
+    diffusers' ``LCMScheduler`` (``scheduler/``) does, so ``to_diffusers()`` gives the
+    same images; the default deterministic one is the exported ``scheduler_deterministic/``
+    given the same timesteps as ``timesteps=`` (see the export's model card).
     """
 
     def __init__(self, parts: TeacherParts, controlnet: torch.nn.Module, num_grid: int) -> None:

@@ -18,6 +18,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import Metric
+from torchmetrics.image import FrechetInceptionDistance
 
 from .features import InceptionFeatures, RandomConvFeatures
 from .swd import SlicedWassersteinDistance
@@ -208,8 +210,46 @@ class EvalSuite(nn.Module):
                 (preds * 255).round().to(torch.uint8), list(captions or [""] * len(preds))
             )
 
+    def _align_list_states(self) -> None:
+        """Prepare this rank's states for the sync when ranks saw different numbers of
+        batches, or none. Every list state (KID's features, SWD's patches) becomes ONE
+        tensor, ``[0, *shape]`` where this rank saw nothing: torchmetrics gathers such
+        states element by element when their reduction is None (KID) and pads only the
+        first dimension, so ranks that ran different numbers of updates would call
+        different numbers of gathers with different shapes, and fail or hang. FID gets the
+        output dtype its first update would have set. A collective: every rank calls it."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        states = {
+            f"{path}.{attr}": (metric, attr)
+            for path, metric in self.named_modules()
+            if isinstance(metric, Metric)
+            for attr, default in metric._defaults.items()
+            if isinstance(default, list)
+        }
+        mine = {}
+        for key, (metric, attr) in states.items():
+            value = getattr(metric, attr)
+            if value:
+                mine[key] = (tuple(value[0].shape[1:]), value[0].dtype)
+        gathered: list[dict] = [{} for _ in range(dist.get_world_size())]
+        dist.all_gather_object(gathered, mine)
+        known = {k: v for ranks in gathered for k, v in ranks.items()}
+        for key, (metric, attr) in states.items():
+            value = getattr(metric, attr)
+            if value:
+                setattr(metric, attr, [torch.cat(value)])
+            elif key in known:
+                shape, dtype = known[key]
+                setattr(metric, attr, [torch.empty((0, *shape), dtype=dtype, device=metric.device)])
+        for metric in self.modules():  # FID sets its output dtype in its first update only
+            if isinstance(metric, FrechetInceptionDistance) and not hasattr(metric, "orig_dtype"):
+                metric.orig_dtype = torch.float32
+
     def compute(self) -> dict[int, dict[str, float]]:
         """All metrics for every step count (reduced across processes: call on every rank)."""
+        self._align_list_states()
         results: dict[int, dict[str, float]] = {}
         for steps in self.step_counts:
             g = self.groups[str(steps)]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
@@ -17,12 +16,19 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from ..checkpoints import is_sharded, read_checkpoint
+from ..checkpoints import (
+    check_checkpoint,
+    check_teacher,
+    is_sharded,
+    read_checkpoint,
+    resolve_local_path,
+)
 from ..diffusion import (
     CoDiLossConfig,
     NoiseSchedule,
     codi_loss,
     ema_update,
+    randn,
     sample,
     sample_pairs,
     sampling_timesteps,
@@ -32,9 +38,17 @@ from ..models import build_adapter, check_resolution, encode_prompts, load_teach
 from .frozen import SkipFrozenState
 from .optim import optimizers_for
 from .parallel import data_parallel_mesh, enable_memory_savers, shard_blocks
+from .run import run_dir, seeded_generator
 from .visualize import save_grid
 
 FROZEN_PREFIXES = ("unet.", "vae.", "text_encoder.")
+
+
+def sample_keys(batch: dict[str, Any], field: str, batch_idx: int) -> list[str]:
+    """Per-sample keys that seed the evaluation noise: the shard key (test) or the input's
+    name (predict); ``batch_idx:i`` for batches that carry neither."""
+    keys = batch.get(field)
+    return list(keys) if keys else [f"{batch_idx}:{i}" for i in range(len(batch["cond"]))]
 
 
 class CoDiDistillation(SkipFrozenState, L.LightningModule):
@@ -143,6 +157,13 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
 
+        check_teacher(
+            pretrained,
+            f"{type(self).__name__}.load_from_checkpoint(ckpt, pretrained=...) "
+            "or --model.pretrained PATH",
+        )
+        # recorded absolute: the checkpoint loads from any working directory
+        pretrained = self.hparams["pretrained"] = resolve_local_path(pretrained)
         parts = load_teacher(
             pretrained, revision=revision, variant=weights_variant, pixel_space=pixel_space
         )
@@ -175,6 +196,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         self._checkpoint_step = 0
         self.eval_suite: EvalSuite | None = None
         self._model_configured = False
+        self._run_dir: Path | None = None
 
     # ------------------------------------------------------------------ networks
     def trainable_modules(self) -> dict[str, nn.Module]:
@@ -337,12 +359,21 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         return ((latents.float() + 1) / 2).clamp(0, 1)
 
     # ------------------------------------------------------------------ training
-    def step_generator(self, salt: int = 0) -> torch.Generator:
-        """Generator seeded by (seed, global step, salt): the same draws after resume, the
-        same on every rank (each rank keeps its slice of the global draws)."""
-        key = f"{self.hparams.seed}:{self.global_step}:{salt}".encode()
-        seed = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1)
-        return torch.Generator(device=self.device).manual_seed(seed)
+    def step_generator(self, salt: int = 0, micro_batch: int = 0) -> torch.Generator:
+        """Generator seeded by (seed, global step, micro-batch, salt): the same draws after
+        resume, the same on every rank (each rank keeps its slice of the global draws), and
+        fresh draws for each micro-batch of a gradient-accumulation step (``global_step``
+        only advances per optimizer step)."""
+        micro = f":m{micro_batch}" if micro_batch else ""  # micro-batch 0: the plain key
+        return seeded_generator(
+            f"{self.hparams.seed}:{self.global_step}{micro}:{salt}", self.device
+        )
+
+    def micro_batch_index(self, batch_idx: int) -> int:
+        """Position of this batch in its gradient-accumulation step (0 without accumulation),
+        counted as Lightning counts it (``batch_idx`` is restored on resume)."""
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        return batch_idx % accumulate
 
     def compute_loss(self, batch: dict[str, Any], gen: torch.Generator) -> tuple[Tensor, dict]:
         hp = self.hparams
@@ -370,7 +401,8 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         return codi_loss(online, target, solver, x, noise, t, s, self.schedule, self.loss_config)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss, terms = self.compute_loss(batch, self.step_generator())  # METHOD.md steps 1-5
+        gen = self.step_generator(micro_batch=self.micro_batch_index(batch_idx))
+        loss, terms = self.compute_loss(batch, gen)  # METHOD.md steps 1-5
         self.log("train/loss", terms.pop("loss"), prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in terms.items()})
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
@@ -426,9 +458,11 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         use_target: bool = True,
         stochastic: bool = False,
         guidance_scale: float = 1.0,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> Tensor:
-        """Sample images in [0, 1] for conditions ``cond`` ([B, 3, H, W] in [0, 1])."""
+        """Sample images in [0, 1] for conditions ``cond`` ([B, 3, H, W] in [0, 1]).
+
+        ``generator`` may be a list, one per sample (row i's noise from generator i)."""
         text = self.encode_text(captions)
         which = "target" if use_target else "online"
         model = self.denoiser(which, text, cond)
@@ -437,9 +471,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
             uncond = self.denoiser(which, self.empty_text(cond.shape[0]), cond)
         channels = self.unet.config.in_channels
         size = cond.shape[-1] // self.vae_scale
-        noise = torch.randn(
-            (cond.shape[0], channels, size, size), generator=generator, device=self.device
-        )
+        noise = randn((cond.shape[0], channels, size, size), generator, device=self.device)
         latents = self.run_sampler(
             model, noise, num_steps, stochastic=stochastic, generator=generator,
             uncond_model=uncond, guidance_scale=guidance_scale,
@@ -461,17 +493,26 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Validation loss terms and, for the first batch, the sample grid.
+
+        Every rank runs the same networks on every batch, padding batches included (under
+        FSDP2 each forward is a collective; see ``data.lockstep``); padding batches count
+        with weight 0 in the logged means."""
         gen = torch.Generator(device=self.device).manual_seed(self.hparams.seed + batch_idx)
         _, terms = self.compute_loss(batch, gen)
+        weight = 0 if batch.get("pad") else batch["image"].shape[0]
         for k, v in terms.items():
-            self.log(f"val/{k}", v, sync_dist=True, batch_size=batch["image"].shape[0])
+            self.log(f"val/{k}", v, sync_dist=True, batch_size=weight)
         if batch_idx == 0:
             self.log_sample_grid(batch)
 
     @torch.no_grad()
     def log_sample_grid(self, batch: dict[str, Any]) -> Path | None:
-        """Rows of condition | 1 | 2 | 4 steps | target; to TensorBoard and a PNG."""
-        if self.global_rank != 0 or self.trainer.sanity_checking:
+        """Rows of condition | 1 | 2 | 4 steps | target; to TensorBoard and a PNG.
+
+        Every rank samples its own first batch (the same number of forwards everywhere,
+        as FSDP2 needs); rank 0 writes its grid."""
+        if self.trainer.sanity_checking:
             return None
         n = min(self.hparams.val_images, batch["image"].shape[0])
         cond, captions = batch["cond"][:n], batch["caption"][:n]
@@ -488,9 +529,10 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
                 )  # fmt: skip
             )
         columns.append((batch["image"][:n].float() + 1) / 2)
+        if self.global_rank != 0 or batch.get("pad"):
+            return None
         step = self.global_step or self._checkpoint_step  # validate/test: the checkpoint's step
-        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        path = log_dir / "samples" / f"step_{step:07d}.png"
+        path = self.run_dir / "samples" / f"step_{step:07d}.png"
         grid = save_grid(columns, path)
         experiment = getattr(self.logger, "experiment", None)
         if hasattr(experiment, "add_image"):
@@ -498,9 +540,11 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         return path
 
     # ------------------------------------------------------------------ test and predict
-    def _eval_samples(self, batch: dict[str, Any], steps: int, seed: int) -> Tensor:
+    def _eval_samples(self, batch: dict[str, Any], steps: int, keys: Sequence[str]) -> Tensor:
+        """Samples whose noise is seeded by (seed, sample key): the same image for a sample
+        whichever rank, batch or batch size it comes in."""
         hp = self.hparams
-        gen = torch.Generator(device=self.device).manual_seed(seed)
+        gen = [seeded_generator(f"{hp.seed}:{key}", self.device) for key in keys]
         return self.sample_images(
             batch["cond"], batch["caption"], steps, use_target=hp.eval_weights == "target",
             stochastic=hp.eval_stochastic, guidance_scale=hp.eval_guidance_scale, generator=gen,
@@ -514,11 +558,13 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         self.eval_suite.reset()
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        seed = self.hparams.seed + 7919 * batch_idx + 104729 * self.global_rank
+        """Sample at every step count (padding batches too, for FSDP2) and update the
+        metrics with the real samples."""
         target = (batch["image"].float() + 1) / 2
         for steps in self.hparams.test_steps:  # the same noise for every step count
-            preds = self._eval_samples(batch, steps, seed)
-            self.eval_suite.update(steps, preds, target, batch["caption"])
+            preds = self._eval_samples(batch, steps, sample_keys(batch, "key", batch_idx))
+            if not batch.get("pad"):
+                self.eval_suite.update(steps, preds, target, batch["caption"])
 
     def on_test_epoch_end(self) -> None:
         results = self.eval_suite.compute()  # reduced across ranks; every rank computes
@@ -527,7 +573,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
                 self.log(f"test/{name}@{steps}", float(value), rank_zero_only=True)
         self.test_results = results
         if self.global_rank == 0:
-            folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            folder = self.run_dir
             meta = {
                 "weights": self.hparams.eval_weights,
                 "step": self.global_step or self._checkpoint_step,
@@ -539,19 +585,37 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
             print(f"metrics written to {json_path} and {md_path}")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        seed = self.hparams.seed + 7919 * batch_idx + 104729 * self.global_rank
-        images = self._eval_samples(batch, self.hparams.predict_steps, seed)
-        return {"images": images.cpu(), "names": batch["name"]}
+        """Images for the batch's inputs; a padding batch is sampled too (FSDP2) and
+        returns none. ``skipped`` passes the unreadable inputs on to the writer."""
+        keys = sample_keys(batch, "name", batch_idx)
+        images = self._eval_samples(batch, self.hparams.predict_steps, keys)
+        if batch.get("pad"):
+            images, names = images[:0], []
+        else:
+            names = batch["name"]
+        return {"images": images.cpu(), "names": names, "skipped": batch.get("skipped", [])}
+
+    @property
+    def run_dir(self) -> Path:
+        """The run folder, found in ``setup`` on every rank (``Trainer.log_dir`` is a
+        collective); ``default_root_dir`` before that."""
+        return self._run_dir or Path(self.trainer.default_root_dir)
 
     # ------------------------------------------------------------------ checkpoints
     def setup(self, stage: str) -> None:
+        self._run_dir = run_dir(self.trainer)  # a collective: here, where every rank is
         resolution = getattr(getattr(self.trainer, "datamodule", None), "resolution", None)
         if resolution is not None and stage in ("fit", "validate", "test"):
             check_resolution(int(resolution), self.vae_scale, self.unet)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path, *args: Any, **kwargs: Any):
-        """Lightning's ``load_from_checkpoint``, also from a sharded (FSDP2) folder."""
+        """Lightning's ``load_from_checkpoint``, also from a sharded (FSDP2) folder; checked
+        up front (:class:`~codi_lightning.checkpoints.CheckpointError`) and unpickled with
+        ``weights_only=True``. ``pretrained=...`` overrides a teacher that has moved."""
+        check_checkpoint(checkpoint_path)
+        if len(args) < 4:  # (map_location, hparams_file, strict, weights_only)
+            kwargs.setdefault("weights_only", True)
         if is_sharded(checkpoint_path):
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "consolidated.ckpt"

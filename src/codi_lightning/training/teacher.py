@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
+from ..checkpoints import check_teacher, resolve_local_path
 from ..diffusion import NoiseSchedule, diffusion_loss, ema_update
 from ..models import (
     build_tiny_text_encoder,
@@ -23,6 +24,7 @@ from ..models.tiny import SD_SCHEDULER
 from .ddim import ddim_sample
 from .frozen import SkipFrozenState
 from .optim import optimizers_for
+from .run import run_dir
 from .visualize import save_grid
 
 
@@ -63,6 +65,14 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
 
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        check_teacher(
+            init_from,
+            f"{type(self).__name__}.load_from_checkpoint(ckpt, init_from=...) "
+            "or --model.init_from PATH",
+        )
+        # recorded absolute: the checkpoint works from any working directory
+        init_from = self.hparams["init_from"] = resolve_local_path(init_from)
+        self.hparams["output_dir"] = resolve_local_path(output_dir, always_local=True)
         if init_from:
             parts = load_teacher(init_from, pixel_space=pixel_space)
             self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
@@ -138,9 +148,15 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
             self.unet.parameters(), self.optimizer_factory, self.lr_scheduler_factory
         )
 
+    def setup(self, stage: str) -> None:
+        self.run_dir = run_dir(self.trainer)  # a collective: here, where every rank is
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.log("val/loss", self.diffusion_loss(batch), batch_size=len(batch["image"]))
-        if batch_idx == 0 and self.global_rank == 0 and not self.trainer.sanity_checking:
+        """Validation loss (padding batches weigh 0) and, for the first batch, a grid of
+        DDIM samples: every rank samples (the same forwards everywhere), rank 0 writes."""
+        weight = 0 if batch.get("pad") else len(batch["image"])
+        self.log("val/loss", self.diffusion_loss(batch), batch_size=weight, sync_dist=True)
+        if batch_idx == 0 and not self.trainer.sanity_checking:
             n = min(self.hparams.val_images, len(batch["image"]))
             text = self.encode_text(batch["caption"][:n])
             gen = torch.Generator(device=self.device).manual_seed(0)
@@ -151,10 +167,11 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
             if self.vae is not None:
                 out = self.vae.decode(out / self.scaling_factor).sample
             images = ((out + 1) / 2).clamp(0, 1)
-            log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            if self.global_rank != 0 or batch.get("pad"):
+                return
             grid = save_grid(
                 [images, (batch["image"][:n] + 1) / 2],
-                log_dir / "samples" / f"step_{self.global_step:07d}.png",
+                self.run_dir / "samples" / f"step_{self.global_step:07d}.png",
             )
             experiment = getattr(self.logger, "experiment", None)
             if hasattr(experiment, "add_image"):

@@ -1,0 +1,156 @@
+"""The real CLI on 2 processes (CPU, gloo), DDP and FSDP2, as users run it.
+
+fit with validation and periodic checkpoints, resume, validate, test (metrics equal to a
+1-process run over the same samples), predict (every input written once) and export.
+The validation/test shards split unevenly: 3 shards of 4, 4 and 2 samples over 2 ranks
+x 2 workers (rank 1's second worker gets nothing) and, for ``validate``, 1 shard over 2
+ranks (rank 1 gets nothing at all). Every command runs under a watchdog: a hang is killed
+with SIGABRT (Python's faulthandler prints every thread's stack) and fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from procwatch import run_watched
+
+pytestmark = pytest.mark.distributed
+ROOT = Path(__file__).parents[2]
+CLI = str(Path(sys.executable).with_name("codi-lightning"))
+WATCHDOG_S = int(os.environ.get("CODI_TEST_WATCHDOG_S", "300"))  # per command
+
+STRATEGIES = {
+    "ddp": ["--trainer.strategy", "ddp"],
+    "fsdp": [
+        "--config", str(ROOT / "configs" / "trainer" / "fsdp.yaml"),
+        "--trainer.strategy.init_args.data_parallel_size", "2",
+    ],
+}  # fmt: skip
+
+
+def run_cli(args: list[str], cwd: Path, procs: int = 2, timeout: int = WATCHDOG_S) -> str:
+    """``codi-lightning ARGS`` on ``procs`` CPU processes (Lightning launches the others
+    itself, as for users) under the watchdog."""
+    if procs > 1:
+        args = [*args, "--trainer.accelerator", "cpu", "--trainer.devices", str(procs)]
+    return run_watched([CLI, *args], cwd, timeout)
+
+
+@pytest.fixture(scope="module")
+def uneven_val(tmp_path_factory) -> dict[str, str]:
+    """3 validation shards of 4, 4 and 2 samples, and 1 shard of 3 samples."""
+    from codi_lightning.data import write_shards
+    from codi_lightning.demo import write_image_folder
+
+    root = tmp_path_factory.mktemp("uneven")
+    write_image_folder(root / "img", 10, seed=5)
+    write_shards(str(root / "img"), str(root / "three-%06d.tar"), maxcount=4, progress=False)
+    write_image_folder(root / "img1", 3, seed=6)
+    write_shards(str(root / "img1"), str(root / "one-%06d.tar"), maxcount=16, progress=False)
+    return {"three": str(root / "three-{000000..000002}.tar"), "one": str(root / "one-000000.tar")}
+
+
+def _config(root: Path, teacher: Path, train: str, val: str) -> Path:
+    cfg = yaml.safe_load((ROOT / "configs" / "tiny_cpu.yaml").read_text())
+    out = root / "run"
+    cfg["trainer"].update(
+        default_root_dir=str(out), max_steps=4, val_check_interval=2, limit_val_batches=None,
+        enable_progress_bar=False, log_every_n_steps=1, enable_model_summary=False,
+    )  # fmt: skip
+    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(out / "logs")
+    cfg["trainer"]["callbacks"][0]["init_args"].update(
+        dirpath=str(out / "ckpt"), every_n_train_steps=2
+    )
+    cfg["model"].update(pretrained=str(teacher), pixel_space=False, val_images=2, num_grid=10)
+    cfg["model"]["test_steps"] = [1, 2]
+    cfg["model"]["metrics"].update(kid_subset_size=1000, swd=True)  # KID over all: deterministic
+    cfg["data"].update(
+        train_shards=train, val_shards=val, num_workers=2, batch_size=2, val_batch_size=2,
+        predict_multiple=8, predict_batch_size=2,
+    )  # fmt: skip
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _metrics(folder: Path) -> dict:
+    files = sorted(folder.rglob("metrics.json"), key=lambda p: p.stat().st_mtime)
+    assert files, f"no metrics.json under {folder}"
+    return json.loads(files[-1].read_text())["results"]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_process_cli(strategy, tmp_path, tiny_teacher, tiny_shards, uneven_val):
+    from PIL import Image
+
+    config = _config(tmp_path, tiny_teacher, tiny_shards["train"], uneven_val["three"])
+    base = ["--config", str(config), *STRATEGIES[strategy]]
+    out = tmp_path / "run"
+
+    # fit: validation at steps 2 and 4 over the uneven shards, a checkpoint every 2 steps
+    run_cli(["fit", *base], tmp_path)
+    ckpts = out / "ckpt"
+    assert {p.name for p in ckpts.iterdir()} >= {"epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt",
+                                                  "last.ckpt"}  # fmt: skip
+    grids = sorted(p.name for p in out.rglob("samples/*.png"))
+    assert grids == ["step_0000002.png", "step_0000004.png"]
+
+    # resume from the last checkpoint and train 2 more steps
+    run_cli(["fit", *base, "--trainer.max_steps", "6", "--ckpt_path", str(ckpts / "last.ckpt")],
+            tmp_path)  # fmt: skip
+    assert (ckpts / "epoch=0-step=6.ckpt").exists()
+    grids = sorted(p.name for p in out.rglob("samples/*.png"))
+    assert grids[-1] == "step_0000006.png"
+
+    last = ckpts / "last.ckpt"
+    # validate on 1 shard over 2 ranks: rank 1 has no sample at all
+    run_cli(["validate", *base, "--ckpt_path", str(last), "--data.val_shards", uneven_val["one"]],
+            tmp_path)  # fmt: skip
+
+    # test: metrics over the uneven shards equal a 1-process run over the same samples
+    two = tmp_path / "test2"
+    run_cli(["test", *base, "--ckpt_path", str(last),
+             "--trainer.logger.init_args.save_dir", str(two)], tmp_path)  # fmt: skip
+    single_ckpt = last
+    if strategy == "fsdp":  # a distributed-checkpoint folder: gather it for one process
+        single_ckpt = tmp_path / "consolidated.ckpt"
+        run_cli(["consolidate", "--ckpt", str(last), "--output", str(single_ckpt)], tmp_path, 1)
+    one = tmp_path / "test1"
+    run_cli(["test", "--config", str(config), "--ckpt_path", str(single_ckpt),
+             "--trainer.logger.init_args.save_dir", str(one)], tmp_path, procs=1)  # fmt: skip
+    got, ref = _metrics(two), _metrics(one)
+    assert sorted(got) == sorted(ref) == ["1", "2"]
+    for steps, row in ref.items():
+        assert got[steps]["images"] == row["images"] == 10  # every sample once
+        for name, value in row.items():
+            assert got[steps][name] == pytest.approx(value, rel=1e-3, abs=1e-5), (steps, name)
+
+    # predict: 5 inputs over 2 ranks in batches of 2, each written exactly once
+    inputs = tmp_path / "lowres"
+    inputs.mkdir()
+    for i in range(5):
+        Image.new("RGB", (8, 8), (40 * i, 100, 200)).save(inputs / f"in{i}.png")
+    preds = tmp_path / "preds"
+    log = run_cli(["predict", *base, "--ckpt_path", str(last), "--data.predict_images",
+                   str(inputs), "--data.predict_output", str(preds)], tmp_path)  # fmt: skip
+    assert sorted(p.name for p in preds.iterdir()) == [f"in{i}.png" for i in range(5)]
+    assert "wrote 5 images" in log
+
+    # export from the 2-process checkpoint (file or distributed folder)
+    exported = tmp_path / "exported"
+    run_cli(["export", "--ckpt", str(last), "--output", str(exported)], tmp_path, 1)
+    weights = exported / "controlnet" / "diffusion_pytorch_model.safetensors"
+    assert weights.is_file()
+    from safetensors.torch import load_file
+
+    from codi_lightning.checkpoints import read_checkpoint
+
+    state = read_checkpoint(last)["state_dict"]
+    for name, value in load_file(weights).items():
+        torch.testing.assert_close(value, state[f"target.controlnet.{name}"].float())

@@ -1,0 +1,211 @@
+"""Checkpoint files: up-front checks with one-line errors, safe unpickling, and
+`--ckpt_path auto` (resume from the newest complete checkpoint after a kill)."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_cli import ParseOnlyCLI, _Parsed, _tiny_config
+
+from codi_lightning.checkpoints import (
+    CheckpointError,
+    checkpoint_step,
+    newest_checkpoint,
+    read_checkpoint,
+)
+from codi_lightning.cli import CoDiCLI, main
+from codi_lightning.training import CoDiDistillation
+
+TESTS = Path(__file__).parent
+TINY = str(TESTS.parent / "configs" / "tiny_cpu.yaml")
+CLI = [str(Path(sys.executable).parent / "codi-lightning")]
+if not Path(CLI[0]).is_file():
+    CLI = [sys.executable, "-m", "codi_lightning"]
+
+
+def _bad_files(folder: Path) -> dict[str, tuple[Path, str]]:
+    """Bad checkpoints and the words their error must contain."""
+    folder.mkdir(parents=True, exist_ok=True)
+    good = folder / "good.ckpt"
+    torch.save({"global_step": 3, "state_dict": {"w": torch.randn(1000)}}, good)
+    data = good.read_bytes()
+    files = {
+        "empty": (folder / "empty.ckpt", b"", "empty file (0 bytes)"),
+        "truncated": (folder / "truncated.ckpt", data[: len(data) // 2], "truncated checkpoint"),
+        "garbage": (folder / "garbage.ckpt", b"W" + os.urandom(999), "not a checkpoint"),
+    }
+    for path, content, _ in files.values():
+        path.write_bytes(content)
+    return {name: (path, words) for name, (path, _, words) in files.items()}
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "garbage"])
+def test_bad_file_fails_in_one_line_on_the_cli(kind, tmp_path):
+    path, words = _bad_files(tmp_path)[kind]
+    result = subprocess.run(
+        [*CLI, "test", "--config", TINY, "--ckpt_path", str(path)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert lines[-1].startswith(f"error: {path}: {words}"), lines[-1]
+    assert len(lines) <= 5, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_files_fail_with_the_file_name_in_python(tmp_path):
+    for path, words in _bad_files(tmp_path).values():
+        with pytest.raises(CheckpointError, match="^" + re.escape(f"{path}: {words}")):
+            CoDiDistillation.load_from_checkpoint(path)
+        with pytest.raises(CheckpointError, match="^" + re.escape(f"{path}: {words}")):
+            read_checkpoint(path)
+    (tmp_path / "folder.ckpt").mkdir()
+    with pytest.raises(CheckpointError, match="folder.ckpt: a folder but not a distributed"):
+        CoDiDistillation.load_from_checkpoint(tmp_path / "folder.ckpt")
+
+
+class _Payload:
+    """Unpickling this runs os.mkdir(marker): what a malicious checkpoint could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_poisoned_checkpoint_is_refused_even_with_the_old_default(tmp_path, monkeypatch):
+    marker = tmp_path / "payload_ran"
+    poisoned = tmp_path / "poisoned.ckpt"
+    torch.save({"global_step": 1, "hyper_parameters": {}, "x": _Payload(marker)}, poisoned)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.warns(UserWarning, match="TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
+        torch.load(poisoned)  # the variable restores the old default: the payload runs
+    assert marker.is_dir()
+    marker.rmdir()
+    loads = {
+        "load_from_checkpoint": lambda: CoDiDistillation.load_from_checkpoint(poisoned),
+        "read_checkpoint": lambda: read_checkpoint(poisoned),
+    }
+    for name, load in loads.items():
+        with pytest.raises(Exception, match="Weights only load failed"):
+            load()
+        assert not marker.exists(), name
+    with pytest.raises(CheckpointError, match="unreadable"):
+        checkpoint_step(poisoned)
+    assert not marker.exists()
+
+
+class _KwargsCLI(CoDiCLI):
+    """Builds everything, then records the arguments of trainer.fit/test instead of running."""
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        self.calls = self._prepare_subcommand_kwargs(subcommand)
+
+
+def test_cli_passes_weights_only_to_the_trainer(tmp_path, tiny_teacher, tiny_shards):
+    """Lightning's own default is None (torch's default, False before torch 2.6)."""
+    config, _ = _tiny_config(tmp_path, tiny_teacher, tiny_shards)
+    for command in ("fit", "test"):
+        assert _KwargsCLI(args=[command, "--config", str(config)]).calls["weights_only"] is True
+
+
+def _write_ckpt(path: Path, step: int, mtime: float) -> Path:
+    torch.save({"global_step": step, "state_dict": {"w": torch.zeros(3)}}, path)
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_newest_checkpoint_by_step_then_time(tmp_path):
+    now = time.time()
+    a, b = tmp_path / "a", tmp_path / "b" / "deep"
+    b.mkdir(parents=True)
+    a.mkdir()
+    _write_ckpt(a / "step=2.ckpt", 2, now - 50)
+    _write_ckpt(a / "last.ckpt", 2, now)  # newest file, older step
+    _write_ckpt(a / "step=4.ckpt", 4, now - 40)
+    _write_ckpt(b / "step=4.ckpt", 4, now - 30)  # same step, newer: wins the tie
+    (a / "empty.ckpt").write_bytes(b"")
+    (a / "cut.ckpt").write_bytes((a / "step=4.ckpt").read_bytes()[:100])
+    sharded = a / "step=3.ckpt"  # a distributed-checkpoint folder counts too
+    sharded.mkdir()
+    (sharded / ".metadata").write_bytes(b"x")
+    torch.save({"global_step": 3}, sharded / "meta.pt")
+    unfinished = a / "step=9.ckpt"  # DCP writes .metadata last: a kill leaves none
+    unfinished.mkdir()
+    assert newest_checkpoint([a])[0] == (a / "step=4.ckpt", 4)
+    found, skipped = newest_checkpoint([a], [tmp_path / "b"])
+    assert found == (b / "step=4.ckpt", 4)
+    assert sorted(line.split(":")[0] for line in skipped) == sorted(
+        str(p) for p in (a / "cut.ckpt", a / "empty.ckpt", unfinished)
+    )
+    (a / "step=4.ckpt").unlink()
+    (b / "step=4.ckpt").unlink()
+    assert newest_checkpoint([a])[0] == (sharded, 3)
+    assert newest_checkpoint([tmp_path / "nothing"]) == (None, [])
+
+
+def test_auto_without_checkpoints_starts_from_scratch(tmp_path, tiny_teacher, tiny_shards, capsys):
+    config, out = _tiny_config(tmp_path, tiny_teacher, tiny_shards)
+    with pytest.raises(_Parsed) as info:
+        ParseOnlyCLI(args=["fit", "--config", str(config), "--ckpt_path", "auto"])
+    assert info.value.args[0]["fit"]["ckpt_path"] is None
+    err = capsys.readouterr().err
+    assert f"--ckpt_path auto: no checkpoint in {out / 'ckpt'}: starting from scratch" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "--config", str(config), "--ckpt_path", "auto"])
+    assert exit_info.value.code == 2
+
+
+def _kill_config(tmp_path, teacher, shards, name, max_steps, kill_at_step):
+    config, out = _tiny_config(tmp_path, teacher, shards, max_steps=max_steps, limit_val_batches=0)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["trainer"]["callbacks"] = [
+        {
+            "class_path": "kill_checkpoint.KillBeforeLastCheckpoint",
+            "init_args": {
+                "dirpath": str(out / "ckpt"),
+                "every_n_train_steps": 2,
+                "kill_at_step": kill_at_step,
+                "record_start": str(tmp_path / f"{name}.start"),
+            },
+        }
+    ]
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, out / "ckpt"
+
+
+def test_killed_between_the_two_writes_resumes_from_the_step_file(
+    tmp_path, tiny_teacher, tiny_shards
+):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS / "helpers"), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    first, ckpts = _kill_config(tmp_path, tiny_teacher, tiny_shards, "first", 6, kill_at_step=4)
+    run = subprocess.run(
+        [*CLI, "fit", "--config", str(first)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == -9, run.stderr[-3000:]  # SIGKILL, between the two writes
+    step_file = ckpts / "epoch=0-step=4.ckpt"
+    assert torch.load(step_file, weights_only=True, mmap=True)["global_step"] == 4
+    last = ckpts / "last.ckpt"
+    assert torch.load(last, weights_only=True, mmap=True)["global_step"] == 2
+    future = time.time() + 60
+    os.utime(last, (future, future))  # the newest file by time is not the newest state
+    (ckpts / "partial.ckpt").write_bytes(step_file.read_bytes()[:4096])
+
+    second, _ = _kill_config(tmp_path, tiny_teacher, tiny_shards, "second", 6, kill_at_step=None)
+    run = subprocess.run(
+        [*CLI, "fit", "--config", str(second), "--ckpt_path", "auto"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"--ckpt_path auto: resuming from {step_file} (global_step 4)" in run.stderr
+    assert f"--ckpt_path auto: skipped 1: {ckpts / 'partial.ckpt'}: truncated" in run.stderr
+    assert (tmp_path / "second.start").read_text() == "4"
+    assert torch.load(last, weights_only=True, mmap=True)["global_step"] == 6
