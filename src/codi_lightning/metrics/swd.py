@@ -1,15 +1,14 @@
 """Sliced Wasserstein distance over Laplacian-pyramid patches (Karras et al., ICLR 2018).
 
-For each pyramid level, random 7x7 patches of real and generated images (positions seeded
-per image by its content, so the value does not depend on batching or ranks) are flattened
-into descriptors, each set is normalised per channel, and the Wasserstein-1 distance
-between their 1-D projections on random unit directions is averaged. Needs no weights:
+For each pyramid level, 7x7 patches of real and generated images are flattened into
+descriptors (at random positions drawn once per level from the seed, the same in every
+image, so the value does not depend on batching, order or ranks), each set is
+normalised per channel, and the Wasserstein-1 distance between their 1-D projections on
+random unit directions is averaged. Needs no weights:
 it compares local colour and texture statistics at each scale.
 """
 
 from __future__ import annotations
-
-import hashlib
 
 import torch
 import torch.nn.functional as F
@@ -38,22 +37,12 @@ def laplacian_pyramid(images: Tensor, levels: int) -> list[Tensor]:
     return out
 
 
-def image_generators(images: Tensor, seed: int) -> list[torch.Generator]:
-    """One generator per image, seeded by ``seed`` and the image's 8-bit content: the patch
-    positions of an image do not depend on the batch, the rank or the order it came in."""
-    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-    out = []
-    for image in pixels:
-        digest = hashlib.sha256(image.numpy().tobytes()).digest()
-        out.append(torch.Generator().manual_seed(seed ^ int.from_bytes(digest[:7], "little")))
-    return out
-
-
-def _patches(level: Tensor, count: int, size: int, generators: list[torch.Generator]) -> Tensor:
+def _patches(level: Tensor, count: int, size: int, generator: torch.Generator) -> Tensor:
+    """``count`` patches of ``size`` px from every image, at the same positions in each."""
     b, c, h, w = level.shape
-    ys = torch.stack([torch.randint(0, h - size + 1, (count,), generator=g) for g in generators])
-    xs = torch.stack([torch.randint(0, w - size + 1, (count,), generator=g) for g in generators])
-    ys, xs = ys.to(level.device), xs.to(level.device)
+    ys = torch.randint(0, h - size + 1, (count,), generator=generator).to(level.device)
+    xs = torch.randint(0, w - size + 1, (count,), generator=generator).to(level.device)
+    ys, xs = ys.expand(b, count), xs.expand(b, count)
     offsets = torch.arange(size, device=level.device)
     rows = (ys[..., None] + offsets)[..., :, None].expand(b, count, size, size)
     cols = (xs[..., None] + offsets)[..., None, :].expand(b, count, size, size)
@@ -108,13 +97,13 @@ class SlicedWassersteinDistance(Metric):
 
     def update(self, images: Tensor, real: bool) -> None:
         pyramid = laplacian_pyramid(images.float() * 2 - 1, self.levels)
-        generators = image_generators(images, self.seed)
         for i, level in enumerate(pyramid):
             if min(level.shape[-2:]) < self.patch_size:
                 raise ValueError(
                     f"image too small for {self.levels} SWD levels with {self.patch_size}px patches"
                 )
-            desc = _patches(level, self.per_image, self.patch_size, generators)
+            positions = torch.Generator().manual_seed(self.seed + 1000 * i)  # per level
+            desc = _patches(level, self.per_image, self.patch_size, positions)
             getattr(self, f"{'real' if real else 'fake'}_{i}").append(desc)
 
     def compute(self) -> Tensor:
