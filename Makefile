@@ -7,6 +7,14 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
+# configs/tiny_cpu.yaml writes under demo_out/; these send every path to $(DEMO_OUT)
+# (`--trainer.callbacks.dirpath` sets the last callback of the config: its ModelCheckpoint)
+DEMO_PATHS = --trainer.default_root_dir $(DEMO_OUT) \
+	--trainer.logger.init_args.save_dir $(DEMO_OUT)/logs \
+	--trainer.callbacks.dirpath $(DEMO_OUT)/checkpoints \
+	--data.train_shards '$(DEMO_OUT)/shards/train-{000000..000003}.tar' \
+	--data.val_shards $(DEMO_OUT)/shards/val-000000.tar \
+	--data.predict_output $(DEMO_OUT)/predictions
 
 .PHONY: install test test-all lint format demo bench-quality clean
 
@@ -35,10 +43,10 @@ format: install
 
 demo: install
 	$(PY) -m codi_lightning.demo --out $(DEMO_OUT)
-	$(VENV)/bin/codi-lightning fit --config configs/tiny_cpu.yaml
-	$(VENV)/bin/codi-lightning validate --config configs/tiny_cpu.yaml --ckpt_path $(DEMO_OUT)/checkpoints/last.ckpt
-	$(VENV)/bin/codi-lightning test --config configs/tiny_cpu.yaml --ckpt_path $(DEMO_OUT)/checkpoints/last.ckpt
-	$(VENV)/bin/codi-lightning predict --config configs/tiny_cpu.yaml --ckpt_path $(DEMO_OUT)/checkpoints/last.ckpt --data.predict_images $(DEMO_OUT)/lowres
+	$(VENV)/bin/codi-lightning fit --config configs/tiny_cpu.yaml $(DEMO_PATHS)
+	$(VENV)/bin/codi-lightning validate --config configs/tiny_cpu.yaml $(DEMO_PATHS) --ckpt_path $(DEMO_OUT)/checkpoints/last.ckpt
+	$(VENV)/bin/codi-lightning test --config configs/tiny_cpu.yaml $(DEMO_PATHS) --ckpt_path $(DEMO_OUT)/checkpoints/last.ckpt
+	$(VENV)/bin/codi-lightning predict --config configs/tiny_cpu.yaml $(DEMO_PATHS) --ckpt_path $(DEMO_OUT)/checkpoints/last.ckpt --data.predict_images $(DEMO_OUT)/lowres
 	$(PY) -m codi_lightning.demo --out $(DEMO_OUT) --report
 
 # the small-scale reproduction of the paper's SR table (docs/results.md); 41 min on 2 cores

@@ -217,3 +217,200 @@ def test_predict_skips_unreadable_inputs_and_names_them(tmp_path, tiny_teacher, 
     assert "skipped photos/notes: not a readable image (cannot identify image file)" in out
     assert "skipped photos/huge: too large (16x16 pixels, above max_pixels=100)" in out
     assert f"wrote 2 images to {preds}; skipped 3 unreadable inputs (see above)" in out
+
+
+# ---- a newcomer's first commands: short errors, no noise, help that names the model's -----
+
+REPO = Path(__file__).parents[1]
+TINY = str(REPO / "configs" / "tiny_cpu.yaml")
+
+
+def _run_cli(*args, env=None):
+    """The real command in a subprocess (``python -m codi_lightning``): rc, stdout, stderr."""
+    import os
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, "CODI_DEBUG": "0", **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "codi_lightning", *args],
+        capture_output=True, text=True, cwd=REPO, env=full_env, timeout=300,
+    )  # fmt: skip
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def _error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.strip() and "Warning" not in line]
+
+
+def test_missing_config_file_is_a_short_error():
+    rc, _, err = _run_cli("fit", "--config", "configs/no_such.yaml")
+    assert rc == 2
+    lines = _error_lines(err)
+    assert len(lines) <= 5, err
+    assert lines[0].startswith("error: config file not found:") and "no_such.yaml" in lines[0]
+    assert "usage:" not in err and "Traceback" not in err
+
+
+def test_typo_option_suggests_the_closest_and_exits_2():
+    rc, _, err = _run_cli("fit", "--config", TINY, "--model.num_gird", "5")
+    assert rc == 2
+    lines = _error_lines(err)
+    assert len(lines) <= 5, err
+    assert "unknown option --model.num_gird; did you mean --model.num_grid?" in lines[0]
+    assert "codi-lightning fit --model.help CoDiDistillation" in err
+    assert "usage:" not in err and "Traceback" not in err
+
+
+def test_typo_trainer_option_in_process(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", TINY, "--trainer.max_stepz", "5"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown option --trainer.max_stepz; did you mean --trainer.max_steps?" in err
+    assert "usage:" not in err and len(_error_lines(err)) <= 5
+
+
+def test_codi_debug_prints_the_traceback_of_a_usage_error(capsys, monkeypatch):
+    monkeypatch.setenv("CODI_DEBUG", "1")
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", TINY, "--trainer.max_stepz", "5"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "UsageError" in err
+
+
+def test_empty_predict_folder_fails_before_the_model_loads(tmp_path):
+    """The teacher and the checkpoint do not exist: the folder error must come first."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc, out, err = _run_cli(
+        "predict", "--config", TINY, "--model.pretrained", str(tmp_path / "no_teacher"),
+        "--ckpt_path", str(tmp_path / "no.ckpt"), "--data.predict_images", str(empty),
+    )  # fmt: skip
+    assert rc == 2
+    lines = _error_lines(err)
+    assert len(lines) <= 5, err
+    assert lines[0] == f"error: no jpg/jpeg/png/webp images under {str(empty)!r}"
+    assert "--data.predict_images" in lines[1]
+    assert "no_teacher" not in err and "no.ckpt" not in err and "Traceback" not in err
+
+
+def test_help_is_named_codi_lightning_and_names_the_model_help():
+    """`python -m codi_lightning` prints `codi-lightning`, not `__main__.py`; `fit --help`
+    says how to list model.* (as the README does)."""
+    rc, out, _ = _run_cli("fit", "--help")
+    assert rc == 0
+    assert out.startswith("usage: codi-lightning ") and "__main__" not in out
+    assert "codi-lightning fit --model.help\nCoDiDistillation" in out or (
+        "codi-lightning fit --model.help CoDiDistillation" in out
+    )
+    readme = (REPO / "README.md").read_text()
+    assert "codi-lightning fit --model.help CoDiDistillation" in readme
+    assert "fit --help` shows every option" not in readme
+
+
+def test_no_cloud_tip_and_no_accelerate_warning():
+    """Lightning's litlogger/litmodels tips are filtered; accelerate is installed (else
+    diffusers warns on every model load) and is a dependency."""
+    import logging
+
+    import lightning as L
+    from diffusers.utils import is_accelerate_available
+
+    import codi_lightning.cli  # noqa: F401  (installs the filter)
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    messages = [r.getMessage() for r in records]
+    assert messages and not any("Tip" in m for m in messages), messages
+    assert is_accelerate_available()
+    assert '"accelerate' in (REPO / "pyproject.toml").read_text()
+
+
+def test_the_cli_defaults_to_the_step_progress_bar():
+    import lightning as L
+
+    from codi_lightning.training import StepProgressBar
+
+    cli = CoDiCLI.__new__(CoDiCLI)  # only _instantiate_trainer's attributes
+    cli.trainer_class, cli.trainer_defaults, cli.save_config_callback = L.Trainer, {}, None
+    cli.subcommand = "fit"
+    base = {"accelerator": "cpu", "logger": False, "enable_checkpointing": False}
+    trainer = cli._instantiate_trainer({**base, "callbacks": None}, [])
+    assert isinstance(trainer.progress_bar_callback, StepProgressBar)
+    trainer = cli._instantiate_trainer(
+        {**base, "callbacks": None, "enable_progress_bar": False}, []
+    )
+    assert trainer.progress_bar_callback is None
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    own = RichProgressBar()
+    trainer = cli._instantiate_trainer({**base, "callbacks": [own]}, [])
+    assert trainer.progress_bar_callback is own
+
+
+def test_make_demo_sends_every_path_to_demo_out(monkeypatch):
+    """`make demo DEMO_OUT=dir`: the commands name no demo_out path, and the config they
+    parse to writes and reads only under dir (configs/tiny_cpu.yaml hard-codes demo_out)."""
+    import shlex
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    lines = subprocess.run(
+        ["make", "-n", "demo", "DEMO_OUT=elsewhere"], cwd=REPO, capture_output=True, text=True,
+        check=True,
+    ).stdout.splitlines()  # fmt: skip
+    commands = [shlex.split(line) for line in lines if "codi-lightning " in line]
+    assert [c[1] for c in commands] == ["fit", "validate", "test", "predict"]
+    assert not any("demo_out" in line for line in lines)
+    monkeypatch.chdir(REPO)
+    with pytest.raises(_Parsed) as info:
+        ParseOnlyCLI(args=commands[0][1:])
+    config = info.value.args[0]["fit"]
+
+    def strings(value):
+        if isinstance(value, dict):
+            return [s for v in value.values() for s in strings(v)]
+        if isinstance(value, list):
+            return [s for v in value for s in strings(v)]
+        return [value] if isinstance(value, str) else []
+
+    paths = [s for s in strings(config.as_dict()) if "/" in s and not s.startswith("lightning.")]
+    assert not any("demo_out" in p for p in paths), paths
+    assert config.trainer.callbacks[-1].init_args.dirpath == "elsewhere/checkpoints"
+    assert config.trainer.callbacks[-1].init_args.every_n_train_steps == 150  # kept
+    assert config.trainer.logger.init_args.save_dir == "elsewhere/logs"
+
+
+def test_predict_adds_no_log_folder(tmp_path):
+    """fit/validate/test log to a new version_N each; predict logs nothing, so it gets no
+    logger (no empty version_N per run) and no config copy."""
+    import lightning as L
+    from lightning.pytorch.cli import SaveConfigCallback
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    cli = CoDiCLI.__new__(CoDiCLI)
+    cli.trainer_class, cli.trainer_defaults = L.Trainer, {}
+    cli.save_config_callback, cli.save_config_kwargs = SaveConfigCallback, {}
+    cli.parser, cli.config, cli._subcommand_parsers = None, {}, {"test": None, "predict": None}
+    for command, logged in (("test", True), ("predict", False)):
+        cli.subcommand = command
+        logger = TensorBoardLogger(save_dir=tmp_path / "logs", name="run")
+        trainer = cli._instantiate_trainer(
+            {"accelerator": "cpu", "logger": logger, "callbacks": None}, []
+        )
+        assert bool(trainer.loggers) is logged
+        assert any(isinstance(c, SaveConfigCallback) for c in trainer.callbacks) is logged

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import logging
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -12,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from jsonargparse import CLI
+from jsonargparse import CLI, ArgumentParser
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .checkpoints import (
     CheckpointError,
@@ -26,8 +29,9 @@ from .checkpoints import (
     newest_checkpoint,
 )
 from .data import ShardDataModule, write_depth_shards, write_edit_shards, write_shards
+from .data.folder import ConditionFolder
 from .export import export_checkpoint
-from .training import CoDiDistillation, ImageWriter
+from .training import CoDiDistillation, ImageWriter, StepProgressBar
 
 DEFAULT_MODEL = CoDiDistillation
 
@@ -44,6 +48,19 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 # predict batches are named by the data (ImageWriter), not by Lightning's sampler indices
 warnings.filterwarnings("ignore", message=r"Couldn't infer the batch indices .*LockstepLoader")
 
+
+class _NoCloudTips(logging.Filter):
+    """Drops Lightning's tips to install its cloud services (litlogger, litmodels), printed
+    at every Trainer start; Lightning has no switch for them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoCloudTips())
+
+PROG = "codi-lightning"
+
 EPILOG = (
     "Also: `codi-lightning shards --help` writes WebDataset shards from an image folder "
     "(`edit-shards` from a JSONL manifest of editing triples, `depth-shards` with depth "
@@ -51,6 +68,89 @@ EPILOG = (
     "`codi-lightning export --help` writes diffusers folders from a checkpoint; "
     "`codi-lightning consolidate --help` gathers a sharded checkpoint into one file."
 )
+SUBCOMMAND_EPILOG = (
+    "The model's options (model.*) are listed by `codi-lightning {command} --model.help "
+    "CoDiDistillation` (or DiffusionTraining, ControlNetBaseline)."
+)
+
+
+class UsageError(ValueError):
+    """A command line or config the parser refuses; the message names the problem and the
+    fix in a few lines (no usage dump)."""
+
+
+class _ShortErrors:
+    """Parser errors raise :class:`UsageError` with a short message (and, for an unknown
+    option, the closest known one) instead of printing the whole usage; ``main`` prints it.
+    Parsers that do not exit on errors (jsonargparse's inner ones) keep their behaviour,
+    and so does JSONARGPARSE_DEBUG."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        debug = os.environ.get("JSONARGPARSE_DEBUG", "").lower() not in ("", "0", "false")
+        if not self.exit_on_error or debug:
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        raise UsageError(short_error(parser, message)) from ex
+
+
+class CoDiArgumentParser(_ShortErrors, LightningArgumentParser):
+    pass
+
+
+class CommandArgumentParser(_ShortErrors, ArgumentParser):
+    pass
+
+
+def _option_strings(parser: Any) -> list[str]:
+    return [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+
+
+def _class_options(class_path: str, key: str) -> list[str]:
+    """``--key.*`` options of the class at ``class_path`` (its init args, nested ones too)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        inner = ArgumentParser(exit_on_error=False)
+        inner.add_class_arguments(cls, key, fail_untyped=False)
+    except Exception:
+        return []
+    return _option_strings(inner)
+
+
+def _did_you_mean(option: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def short_error(parser: Any, message: str) -> str:
+    """A few lines for a parser error: what is wrong, and what to do."""
+    prog = parser.prog.replace(" [options]", "")
+    see = f"see `{prog} --help` for the options"
+    missing = re.search(r'Parser key "config":.*File does not exist: (.+)', message)
+    if missing:
+        return (
+            f"config file not found: {missing.group(1).strip()}\n"
+            f"give an existing YAML file, e.g. --config configs/tiny_cpu.yaml"
+        )
+    unknown = re.match(r"unrecognized arguments: (\S+)", message)
+    if unknown:
+        option = unknown.group(1).split("=")[0]
+        return f"unknown option {option}{_did_you_mean(option, _option_strings(parser))}\n{see}"
+    nested = re.search(
+        r'Parser key "([\w.]+)":.*class_path \'([\w.]+)\':\s*Option \'([\w.]+)\' is not accepted',
+        message,
+        re.DOTALL,
+    )
+    if nested:
+        key, class_path, name = nested.groups()
+        option = f"--{key}.{name}"
+        hint = _did_you_mean(option, _class_options(class_path, key))
+        command = prog.split()[-1] if " " in prog else "fit"
+        return (
+            f"unknown option {option}{hint}\n"
+            f"see `{PROG} {command} --{key}.help {class_path.rpartition('.')[2]}` for the options"
+        )
+    return f"{message.rstrip()}\n{see}"
 
 
 # Options that say how to evaluate or sample, not what was trained. With `--ckpt_path`,
@@ -129,7 +229,12 @@ class CoDiCLI(LightningCLI):
 
     def __init__(self, args: Sequence[str] | None = None, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("parser_kwargs", {"epilog": EPILOG})
+        kwargs.setdefault(
+            "parser_kwargs",
+            {"prog": PROG, "epilog": EPILOG}
+            | {c: {"epilog": SUBCOMMAND_EPILOG.format(command=c)} for c in self.subcommands()},
+        )
+        kwargs.setdefault("parser_class", CoDiArgumentParser)
         super().__init__(
             L.LightningModule, ShardDataModule, subclass_mode_model=True, args=args, **kwargs
         )
@@ -170,6 +275,7 @@ class CoDiCLI(LightningCLI):
         command = self.config.get("subcommand")
         if not command:
             return super()._parse_ckpt_path()
+        self._check_predict_inputs(command)
         ckpt_path = self.config[command].get("ckpt_path")
         if ckpt_path == "auto":
             ckpt_path = self._newest_checkpoint(command)
@@ -204,6 +310,20 @@ class CoDiCLI(LightningCLI):
                 )
         return None
 
+    def _check_predict_inputs(self, command: str) -> None:
+        """``predict`` checks its input folder first (this is the first hook after parsing),
+        before a checkpoint is read or the model and its teacher load."""
+        if command != "predict":
+            return
+        config = self.config[command]
+        folder = (config.get("data") or {}).get("predict_images")
+        if not folder:
+            raise UsageError("predict needs input images: give --data.predict_images FOLDER")
+        try:
+            ConditionFolder(folder)
+        except FileNotFoundError as err:
+            raise UsageError(f"{err}\ngive --data.predict_images a folder of images") from None
+
     def _newest_checkpoint(self, command: str) -> str | None:
         """``--ckpt_path auto``: the newest complete checkpoint of this run's folders."""
         if command != "fit":
@@ -222,6 +342,20 @@ class CoDiCLI(LightningCLI):
         _say(f"--ckpt_path auto: resuming from {found[0]} (global_step {found[1]})")
         return str(found[0])
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> L.Trainer:
+        """Lightning's progress bar counts epochs; ours counts steps (StepProgressBar),
+        unless the config has a bar of its own or none. ``predict`` logs nothing, so it
+        runs without the logger and the config copy (each would add a ``version_N``)."""
+        if getattr(self, "subcommand", None) == "predict":
+            config["logger"] = False
+            self.save_config_callback = None
+        given = [*_as_list(config.get("callbacks")), *callbacks]
+        if config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in given
+        ):
+            callbacks = [*callbacks, StepProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
     def before_predict(self) -> None:
         """Write predictions to files unless the config already has a writer."""
         if not any(isinstance(cb, ImageWriter) for cb in self.trainer.callbacks):
@@ -232,11 +366,12 @@ class CoDiCLI(LightningCLI):
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the CLI. A :class:`CheckpointError` (a bad checkpoint file, a teacher that is
-    not found) ends with ``error: <message>`` on stderr and exit code 2; ``CODI_DEBUG=1``
-    prints the traceback as well."""
+    not found) or a :class:`UsageError` (an option or config the parser refuses, a missing
+    predict folder) ends with ``error: <message>`` on stderr and exit code 2;
+    ``CODI_DEBUG=1`` prints the traceback as well."""
     try:
         _main(argv)
-    except CheckpointError as err:
+    except (CheckpointError, UsageError) as err:
         if os.environ.get("CODI_DEBUG") == "1":
             traceback.print_exc()
         print(f"error: {err}", file=sys.stderr, flush=True)
@@ -249,8 +384,9 @@ def _main(argv: Sequence[str] | None) -> None:
         CLI(
             EXTRA_COMMANDS[args[0]],
             args=args[1:],
-            prog=f"codi-lightning {args[0]}",
+            prog=f"{PROG} {args[0]}",
             as_positional=False,
+            parser_class=CommandArgumentParser,
         )
         return
     CoDiCLI(args=None if argv is None else args)

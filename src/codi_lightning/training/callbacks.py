@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from torchvision.utils import save_image
 
 
@@ -64,6 +64,40 @@ class ImageWriter(BasePredictionWriter):
         if skipped:
             line += f"; skipped {skipped} unreadable inputs (see above)"
         print(line, flush=True)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """The training bar counts optimizer steps of ``trainer.max_steps`` (runs are step-based
+    over streamed shards, so epochs say nothing) and leaves out the logger's ``v_num``.
+    With ``max_steps`` unset it is Lightning's epoch bar. The CLI's default bar."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.max_steps <= 0:
+            return super().on_train_epoch_start(trainer, *args)
+        if self._leave:
+            self.train_progress_bar = self.init_train_tqdm()
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps)
+        bar.n = bar.last_print_n = trainer.global_step  # a resumed run starts where it was
+        bar.set_description("Step")
+        return None
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:  # fmt: skip
+        if trainer.max_steps <= 0:
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        bar = self.train_progress_bar
+        if bar is not None and self._should_update(trainer.global_step, bar.total):
+            bar.n = trainer.global_step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
+        return None
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
 
 
 def _skipped_entries(prediction: dict[str, Any]) -> list[dict[str, str]]:
