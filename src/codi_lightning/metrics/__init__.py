@@ -1,10 +1,12 @@
 """Evaluation metrics: tensors in, numbers out."""
 
-from .features import InceptionFeatures, RandomConvFeatures
+from .features import ClassifierFeatures, DigitsClassifier, InceptionFeatures, RandomConvFeatures
 from .suite import EvalSuite, MetricsConfig, results_markdown, write_results
 from .weights import MissingWeightsError, resolve_weights
 
 __all__ = [
+    "ClassifierFeatures",
+    "DigitsClassifier",
     "EvalSuite",
     "InceptionFeatures",
     "MetricsConfig",

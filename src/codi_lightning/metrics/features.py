@@ -63,3 +63,64 @@ class RandomConvFeatures(nn.Module):
         for conv in self.convs:
             h = torch.relu(conv(h))
         return torch.cat([h.mean(dim=(2, 3)), h.std(dim=(2, 3))], dim=1)
+
+
+class DigitsClassifier(nn.Module):
+    """A small CNN for 32x32 digit images (bench/digits_classifier.py trains it).
+
+    Input: [B, 3, H, W] in [0, 1] (resized to 32 px if needed; the channels are averaged,
+    the digits are grey). Three conv stages (32, 64, 128 channels, 2x2 max-pool each) to
+    4x4x128, then a 128-unit ReLU layer (the penultimate layer, :meth:`features`) and
+    the 10-way linear head (:meth:`forward` returns logits).
+    """
+
+    num_features = 128
+    num_classes = 10
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def stage(c_in: int, c_out: int, convs: int) -> list[nn.Module]:
+            layers: list[nn.Module] = []
+            for i in range(convs):
+                layers += [nn.Conv2d(c_in if i == 0 else c_out, c_out, 3, padding=1), nn.ReLU()]
+            return [*layers, nn.MaxPool2d(2)]
+
+        self.body = nn.Sequential(*stage(1, 32, 2), *stage(32, 64, 2), *stage(64, 128, 1))
+        self.penultimate = nn.Sequential(nn.Flatten(), nn.Linear(128 * 4 * 4, 128), nn.ReLU())
+        self.head = nn.Linear(128, self.num_classes)
+
+    def features(self, images: Tensor) -> Tensor:
+        h = images.float().mean(dim=1, keepdim=True)
+        if h.shape[-1] != 32 or h.shape[-2] != 32:
+            h = torch.nn.functional.interpolate(h, size=(32, 32), mode="bilinear", antialias=True)
+        return self.penultimate(self.body(h * 2 - 1))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.features(images))
+
+
+class ClassifierFeatures(nn.Module):
+    """FID/KID features from a trained classifier: the penultimate layer (128 values) of
+    :class:`DigitsClassifier` loaded from ``weights_path`` (safetensors), images in
+    [0, 1]. :meth:`predict` gives the classifier's class, for class consistency."""
+
+    num_features = DigitsClassifier.num_features
+
+    def __init__(self, weights_path: str) -> None:
+        super().__init__()
+        from safetensors.torch import load_file
+
+        self.net = DigitsClassifier()
+        self.net.load_state_dict(load_file(str(weights_path)))
+        self.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> ClassifierFeatures:
+        return super().train(False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net.features(images)
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> Tensor:
+        return self.net(images).argmax(dim=1)

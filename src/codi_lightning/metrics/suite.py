@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.image import FrechetInceptionDistance
 
-from .features import InceptionFeatures, RandomConvFeatures
+from .features import ClassifierFeatures, InceptionFeatures, RandomConvFeatures
 from .swd import SlicedWassersteinDistance
 from .weights import (
     INCEPTION_URL,
@@ -42,8 +42,14 @@ class MetricsConfig:
         clip: CLIP score of the output against the caption (text-conditioned tasks).
         input_consistency_factor: for super-resolution, the factor f of the PSNR between
             the output and the target both downscaled by f (agreement with the input).
-        feature: FID/KID features: ``inception`` (torch-fidelity's, the standard) or
-            ``random_conv`` (a fixed seeded conv net that needs no weights).
+        feature: FID/KID features: ``inception`` (torch-fidelity's, the standard),
+            ``random_conv`` (a fixed seeded conv net that needs no weights) or
+            ``classifier`` (the penultimate layer of a trained digit classifier,
+            ``classifier_weights``; also turns on ``class_consistency``).
+        classifier_weights: safetensors of :class:`DigitsClassifier`
+            (bench/digits_classifier.py), for ``feature: classifier``.
+        fid_random_conv: also report FID over the random conv net as ``fid_rc`` (a
+            secondary column next to classifier or Inception FID).
         inception_weights: local ``weights-inception-2015-12-05-6726825d.pth``.
         lpips_net: LPIPS backbone (``alex`` is the standard).
         lpips_weights: local torchvision weights of that backbone
@@ -52,6 +58,11 @@ class MetricsConfig:
         kid_subset_size: KID subset size (lowered to the number of images if larger).
         swd: sliced Wasserstein distance over Laplacian-pyramid patches (x 1e3; needs
             no weights; images of at least 28 px for 3 levels).
+
+    With ``feature: classifier`` the suite also reports ``class_consistency``: the share
+    of outputs the classifier puts in the class it predicts for the ground-truth image
+    (its prediction on the ground truth stands in for the label, which the test batch
+    does not carry).
     """
 
     fid: bool = True
@@ -61,8 +72,10 @@ class MetricsConfig:
     ssim: bool = True
     clip: bool = False
     input_consistency_factor: int | None = None
-    feature: Literal["inception", "random_conv"] = "inception"
+    feature: Literal["inception", "random_conv", "classifier"] = "inception"
     inception_weights: str | None = None
+    classifier_weights: str | None = None
+    fid_random_conv: bool = False
     lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
     lpips_weights: str | None = None
     clip_model: str = "openai/clip-vit-large-patch14"
@@ -125,6 +138,14 @@ def build_lpips(net: str, weights: str | None) -> nn.Module:
 def build_feature(config: MetricsConfig) -> nn.Module:
     if config.feature == "random_conv":
         return RandomConvFeatures()
+    if config.feature == "classifier":
+        if not config.classifier_weights or not Path(config.classifier_weights).is_file():
+            raise MissingWeightsError(
+                "metrics.feature: classifier needs model.metrics.classifier_weights, the "
+                f"classifier's safetensors (got {config.classifier_weights!r}); train one with "
+                "bench/digits_classifier.py"
+            )
+        return ClassifierFeatures(config.classifier_weights)
     path = resolve_weights(
         "FID Inception", INCEPTION_URL, config.inception_weights, "model.metrics.inception_weights"
     )
@@ -135,6 +156,27 @@ def downscale(images: Tensor, factor: int) -> Tensor:
     return F.interpolate(
         images, scale_factor=1 / factor, mode="bicubic", antialias=True, align_corners=False
     ).clamp(0, 1)
+
+
+class ClassConsistency(Metric):
+    """Share of ``preds`` that ``classifier.predict`` puts in the class it predicts for
+    ``target`` (the classifier's prediction on the ground truth stands in for its label)."""
+
+    higher_is_better = True
+
+    def __init__(self, classifier: ClassifierFeatures, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.classifier = classifier
+        self.add_state("agree", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        same = self.classifier.predict(preds) == self.classifier.predict(target)
+        self.agree += same.sum().float()
+        self.total += same.numel()
+
+    def compute(self) -> Tensor:
+        return self.agree / self.total
 
 
 class EvalSuite(nn.Module):
@@ -153,17 +195,23 @@ class EvalSuite(nn.Module):
 
         self.config = config
         self.step_counts = [int(s) for s in step_counts]
-        feature = build_feature(config) if (config.fid or config.kid) else None
+        use_classifier = config.feature == "classifier"
+        feature = build_feature(config) if (config.fid or config.kid or use_classifier) else None
+        random_conv = RandomConvFeatures() if config.fid_random_conv else None
         clip = clip_loader(config.clip_model)() if config.clip else None
         groups = {}
         for steps in self.step_counts:
             group: dict[str, nn.Module] = {"images": SumMetric()}
             if config.fid:
                 group["fid"] = FrechetInceptionDistance(feature=feature, normalize=True)
+            if random_conv is not None:
+                group["fid_rc"] = FrechetInceptionDistance(feature=random_conv, normalize=True)
             if config.kid:
                 group["kid"] = KernelInceptionDistance(
                     feature=feature, normalize=True, subset_size=config.kid_subset_size
                 )
+            if use_classifier:
+                group["class_consistency"] = ClassConsistency(feature)
             if config.lpips:
                 group["lpips"] = build_lpips(config.lpips_net, config.lpips_weights)
             if config.psnr:
@@ -190,9 +238,14 @@ class EvalSuite(nn.Module):
         if "fid" in g:
             g["fid"].update(target, real=True)
             g["fid"].update(preds, real=False)
+        if "fid_rc" in g:
+            g["fid_rc"].update(target, real=True)
+            g["fid_rc"].update(preds, real=False)
         if "kid" in g:
             g["kid"].update(target, real=True)
             g["kid"].update(preds, real=False)
+        if "class_consistency" in g:
+            g["class_consistency"].update(preds, target)
         if "lpips" in g:
             g["lpips"].update(preds, target)
         if "psnr" in g:
@@ -278,7 +331,7 @@ class EvalSuite(nn.Module):
                 metric.reset()
 
 
-LOWER_IS_BETTER = {"fid", "kid", "kid_std", "lpips", "swd"}
+LOWER_IS_BETTER = {"fid", "fid_rc", "kid", "kid_std", "lpips", "swd"}
 
 
 def results_markdown(results: dict[int, dict[str, float]], title: str = "") -> str:
