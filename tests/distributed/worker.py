@@ -89,6 +89,11 @@ def train(args: argparse.Namespace) -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "losses.json").write_text(json.dumps(recorder.losses))
         torch.save({"target": target, "global_step": trainer.global_step}, out / "state.pt")
+    # leave the process group before exit: gloo's threads at interpreter exit otherwise
+    # abort the process now and then ("terminate called without an active exception")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def data(args: argparse.Namespace) -> None:
