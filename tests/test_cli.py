@@ -191,6 +191,44 @@ def test_test_predict_export_end_to_end(tmp_path, tiny_teacher, tiny_shards):
     assert (tmp_path / "exported" / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("model", ["CoDiDistillation", "ControlNetBaseline"])
+def test_test_writes_the_sample_grid(model, tmp_path, tiny_teacher, tiny_shards):
+    """`test` saves condition | samples at each test step count | ground truth of its first
+    batch (val_images rows) as test_samples.png, embeds it in metrics.md and adds it to
+    TensorBoard at the checkpoint's step."""
+    import json
+
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config, out = _tiny_config(tmp_path, tiny_teacher, tiny_shards, max_steps=2,
+                               limit_val_batches=0)  # fmt: skip
+    cfg = yaml.safe_load(config.read_text())
+    cfg["model"] = {"class_path": f"codi_lightning.training.{model}", "init_args": cfg["model"]}
+    config.write_text(yaml.safe_dump(cfg))
+    main(["fit", "--config", str(config)])
+    main(["test", "--config", str(config), "--ckpt_path", str(out / "ckpt" / "last.ckpt"),
+          "--model.test_steps", "[1, 2]", "--model.val_images", "3",
+          "--data.val_batch_size", "4"])  # fmt: skip
+    (folder,) = {p.parent for p in out.rglob("metrics.json")}
+    grid = folder / "test_samples.png"
+    assert grid.is_file()
+    # save_grid: 32 px tiles enlarged 3x (nearest) to 96 >= min_size, 2 px padding around
+    # each tile; 3 rows (val_images, of a batch of 4), 1 + 2 + 1 columns
+    tile, pad, rows, cols = 32 * 3, 2, 3, 1 + 2 + 1
+    assert Image.open(grid).size == (cols * (tile + pad) + pad, rows * (tile + pad) + pad)
+    md = (folder / "metrics.md").read_text()
+    assert md.index("| steps |") < md.index("![test samples](test_samples.png)")
+    assert "condition | 1 step | 2 steps | ground truth" in md
+    step = json.loads((folder / "metrics.json").read_text())["meta"]["step"]
+    assert step == 2
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    assert "test/samples" in acc.Tags()["images"]
+    (event,) = acc.Images("test/samples")
+    assert event.step == step and (event.width, event.height) == Image.open(grid).size
+
+
 def test_predict_skips_unreadable_inputs_and_names_them(tmp_path, tiny_teacher, tiny_shards,
                                                          capsys):  # fmt: skip
     """A truncated PNG, a text file named .png and an image above the pixel limit are

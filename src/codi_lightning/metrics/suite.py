@@ -334,8 +334,12 @@ class EvalSuite(nn.Module):
 LOWER_IS_BETTER = {"fid", "fid_rc", "kid", "kid_std", "lpips", "swd"}
 
 
-def results_markdown(results: dict[int, dict[str, float]], title: str = "") -> str:
-    """One table: a row per step count, a column per metric."""
+def results_markdown(
+    results: dict[int, dict[str, float]], title: str = "", image: str | None = None
+) -> str:
+    """One table: a row per step count, a column per metric; then ``image`` (a path
+    relative to the markdown file), a grid of condition | samples at each step count of
+    ``results`` | ground truth, if given."""
     columns = [c for c in next(iter(results.values())) if c != "images"] + ["images"]
     arrows = {c: (" ↓" if c in LOWER_IS_BETTER else " ↑") if c != "images" else "" for c in columns}
     lines = [f"### {title}", ""] if title else []
@@ -344,17 +348,26 @@ def results_markdown(results: dict[int, dict[str, float]], title: str = "") -> s
     for steps, row in results.items():
         cells = [f"{int(row[c])}" if c == "images" else f"{row[c]:.4f}" for c in columns]
         lines.append(f"| {steps} | " + " | ".join(cells) + " |")
+    if image is not None:
+        steps = " | ".join(f"{s} {'step' if s == 1 else 'steps'}" for s in results)
+        lines += [
+            "",
+            f"Samples of the first test batch, one per row: condition | {steps} | ground truth.",
+            "",
+            f"![test samples]({image})",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def write_results(
-    results: dict[int, dict[str, float]], folder: Path, meta: dict
+    results: dict[int, dict[str, float]], folder: Path, meta: dict, image: str | None = None
 ) -> tuple[Path, Path]:
-    """``metrics.json`` and ``metrics.md`` in ``folder``."""
+    """``metrics.json`` and ``metrics.md`` in ``folder``; ``image`` (a path relative to
+    ``folder``, e.g. ``test_samples.png``) is embedded in ``metrics.md`` below the table."""
     folder.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta, "results": {str(k): v for k, v in results.items()}}
     json_path, md_path = folder / "metrics.json", folder / "metrics.md"
     json_path.write_text(json.dumps(payload, indent=2))
     title = ", ".join(f"{k}: {v}" for k, v in meta.items())
-    md_path.write_text(results_markdown(results, title))
+    md_path.write_text(results_markdown(results, title, image))
     return json_path, md_path

@@ -195,6 +195,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         self._empty_text: Tensor | None = None
         self._checkpoint_step = 0
         self.eval_suite: EvalSuite | None = None
+        self._test_grid: dict[str, Tensor] = {}  # rank 0: columns of test_samples.png
         self._model_configured = False
         self._run_dir: Path | None = None
 
@@ -556,15 +557,24 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
                 self.device
             )
         self.eval_suite.reset()
+        self._test_grid = {}
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Sample at every step count (padding batches too, for FSDP2) and update the
-        metrics with the real samples."""
+        metrics with the real samples; rank 0 keeps its first real batch's samples (at
+        most ``val_images`` rows) for ``test_samples.png``."""
         target = (batch["image"].float() + 1) / 2
+        n = min(self.hparams.val_images, target.shape[0])
+        keep = self.global_rank == 0 and not batch.get("pad") and not self._test_grid and n > 0
         for steps in self.hparams.test_steps:  # the same noise for every step count
             preds = self._eval_samples(batch, steps, sample_keys(batch, "key", batch_idx))
             if not batch.get("pad"):
                 self.eval_suite.update(steps, preds, target, batch["caption"])
+            if keep:
+                self._test_grid[str(steps)] = preds[:n].detach().float().cpu()
+        if keep:
+            self._test_grid["cond"] = batch["cond"][:n].detach().float().cpu()
+            self._test_grid["truth"] = target[:n].detach().cpu()
 
     def on_test_epoch_end(self) -> None:
         results = self.eval_suite.compute()  # reduced across ranks; every rank computes
@@ -572,17 +582,36 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
             for name, value in row.items():
                 self.log(f"test/{name}@{steps}", float(value), rank_zero_only=True)
         self.test_results = results
-        if self.global_rank == 0:
+        if self.global_rank == 0:  # files and images only: no collective in here
             folder = self.run_dir
+            step = self.global_step or self._checkpoint_step
             meta = {
                 "weights": self.hparams.eval_weights,
-                "step": self.global_step or self._checkpoint_step,
+                "step": step,
                 "guidance": self.hparams.eval_guidance_scale,
                 "sampler": "stochastic" if self.hparams.eval_stochastic else "deterministic",
             }
-            json_path, md_path = write_results(results, folder, meta)
+            grid = self.save_test_grid(folder / "test_samples.png", step)
+            image = grid.name if grid is not None else None
+            json_path, md_path = write_results(results, folder, meta, image=image)
             print(md_path.read_text())
-            print(f"metrics written to {json_path} and {md_path}")
+            written = f"{json_path}, {md_path} and {grid}" if grid else f"{json_path} and {md_path}"
+            print(f"metrics written to {written}")
+        self._test_grid = {}
+
+    def save_test_grid(self, path: Path, step: int) -> Path | None:
+        """Rank 0: the first test batch as rows of condition | samples at each of
+        ``test_steps`` | ground truth, saved at ``path`` and added to TensorBoard
+        (``test/samples``). None when no real batch was kept."""
+        kept = self._test_grid
+        if not kept:
+            return None
+        columns = [kept["cond"], *(kept[str(s)] for s in self.hparams.test_steps), kept["truth"]]
+        grid = save_grid(columns, path)
+        experiment = getattr(self.logger, "experiment", None)
+        if hasattr(experiment, "add_image"):
+            experiment.add_image("test/samples", grid, step)
+        return path
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Images for the batch's inputs; a padding batch is sampled too (FSDP2) and
