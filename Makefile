@@ -16,7 +16,7 @@ DEMO_PATHS = --trainer.default_root_dir $(DEMO_OUT) \
 	--data.val_shards $(DEMO_OUT)/shards/val-000000.tar \
 	--data.predict_output $(DEMO_OUT)/predictions
 
-.PHONY: install test test-all lint format demo bench-quality clean
+.PHONY: install test test-all lint format demo bench-quality bench-quality-photos clean
 
 install: $(VENV)/.installed
 
@@ -49,10 +49,17 @@ demo: install
 	$(VENV)/bin/codi-lightning predict --config configs/tiny_cpu.yaml $(DEMO_PATHS) --ckpt_path $(DEMO_OUT)/checkpoints/last.ckpt --data.predict_images $(DEMO_OUT)/lowres
 	$(PY) -m codi_lightning.demo --out $(DEMO_OUT) --report
 
-# the small-scale reproduction of the paper's SR table (docs/results.md); 41 min on 2 cores
+# the few-step claim on the digits testbed (docs/results.md); QUICK=1: the same code on a
+# few steps (under 2 min)
+QUICK ?=
 bench-quality: install
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
-	$(PY) bench/quality.py
+	$(PY) bench/quality.py $(if $(QUICK),--quick)
+
+# the second panel: 4x SR of photo patches (docs/results_photos.md); 41 min on 2 cores
+bench-quality-photos: install
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	$(PY) bench/quality_photos.py
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache

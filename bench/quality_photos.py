@@ -1,11 +1,11 @@
 """Small-scale reproduction of the paper's super-resolution comparison and ablation.
 
-    make bench-quality        # = python bench/quality.py (data, teacher if missing, runs, report)
+    make bench-quality-photos   # = python bench/quality_photos.py (data, teacher if missing, runs, report)
 
 4x super-resolution of 32x32 patches (from 8x8) cut from photographs that ship with
 scikit-image; held-out test patches come from two other photographs. Pixel space: the
 toy teacher is a 1.4M-parameter UNet trained by `configs/toy/teacher.yaml` (committed in
-bench/assets/toy_teacher, with that command). A complete run writes docs/results.md,
+bench/assets/toy_teacher, with that command). A complete run writes docs/results_photos.md,
 every number from its own runs.
 """
 
@@ -88,7 +88,7 @@ the teacher 13.1 dB): the adapters read the input within the budget of this run.
 
 The tables above are one seed each. Side runs of the CoDi config on 2026-11-28
 (`--seed_everything N --model.seed N --data.seed N`: adapter init, training noise, data
-order and sampling noise all change; numbers typed in bench/quality.py), 4 sampling
+order and sampling noise all change; numbers typed in bench/quality_photos.py), 4 sampling
 steps:
 
 | run | seed | PSNR | FID (rc) | SWD |
@@ -112,7 +112,7 @@ reads its input.
 Checked on this run's numbers and on side runs: the same configs stopped earlier, and
 the online weights of the checkpoints of the 2026-11-28 run (`codi-lightning test
 --ckpt_path ... --model.eval_weights online`); 4 sampling steps, all 512 test patches,
-test batch 32. Side-run numbers are typed in bench/quality.py; "this run" rows are filled
+test batch 32. Side-run numbers are typed in bench/quality_photos.py; "this run" rows are filled
 from the run that wrote this page:
 
 | model | training steps | weights | PSNR | FID (rc) | SWD |
@@ -416,9 +416,9 @@ def report(results: dict, meta: dict) -> str:
         if n in results
     )
     d, b, tc = meta["distill"], meta["baseline"], meta["teacher"]
-    return f"""# Results: super-resolution at small scale (CPU)
+    return f"""# Results, second panel: 4x super-resolution of photo patches (CPU)
 
-Written by `bench/quality.py` (`make bench-quality`) on {meta["machine"]}, {meta["date"]};
+Written by `bench/quality_photos.py` (`make bench-quality-photos`) on {meta["machine"]}, {meta["date"]};
 the whole run took {meta["minutes"]:.0f} minutes ({meta["jobs"]} runs at a time). Every
 number in the tables, the plot and the grid comes from this run; the settings below are
 read from the configs it used.
@@ -457,12 +457,12 @@ sliced Wasserstein distance over Laplacian-pyramid 7x7 patches (x 1e3).
 
 {table}
 
-![metrics against steps](results/metrics_vs_steps.png)
+![metrics against steps](results/photos_metrics_vs_steps.png)
 
 Grid, one test patch per row: input (8x8, nearest) | bicubic | baseline DDIM 4 |
 baseline DDIM 50 | PE-CoDi 4 | CoDi 1 | CoDi 2 | CoDi 4 | ground truth.
 
-![samples](results/grid.png)
+![samples](results/photos_grid.png)
 
 ## The paper's claim on this run
 
@@ -527,8 +527,8 @@ def main() -> None:
         return
     docs = ROOT / "docs" / "results"
     docs.mkdir(parents=True, exist_ok=True)
-    plot(results, docs / "metrics_vs_steps.png")
-    image_grid(results, docs / "grid.png")
+    plot(results, docs / "photos_metrics_vs_steps.png")
+    image_grid(results, docs / "photos_grid.png")
     import platform
 
     summary = json.loads((OUT / "data" / "summary.json").read_text())
@@ -558,8 +558,8 @@ def main() -> None:
             for n in ("baseline", "codi", "pe-codi")
         ),
     }
-    (ROOT / "docs" / "results.md").write_text(report(results, meta))
-    print(f"wrote {ROOT / 'docs' / 'results.md'}")
+    (ROOT / "docs" / "results_photos.md").write_text(report(results, meta))
+    print(f"wrote {ROOT / 'docs' / 'results_photos.md'}")
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ def test_gpu_check_plumbing_on_cpu(tmp_path):
 def _quality_module():
     import importlib.util
 
-    path = Path(__file__).parents[1] / "bench" / "quality.py"
-    spec = importlib.util.spec_from_file_location("bench_quality", path)
+    path = Path(__file__).parents[1] / "bench" / "quality_photos.py"
+    spec = importlib.util.spec_from_file_location("bench_quality_photos", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

