@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
-# configs/tiny_cpu.yaml writes under demo_out/; these send every path to $(DEMO_OUT)
+# configs/demo.yaml writes under demo_out/; these send every path to $(DEMO_OUT)
 # (`--trainer.callbacks.dirpath` sets the last callback of the config: its ModelCheckpoint)
 DEMO_PATHS = --trainer.default_root_dir $(DEMO_OUT) \
 	--trainer.logger.init_args.save_dir $(DEMO_OUT)/logs \
@@ -43,10 +43,10 @@ format: install
 
 demo: install
 	$(PY) -m codi_lightning.demo --out $(DEMO_OUT)
-	$(VENV)/bin/codi-lightning fit --config configs/tiny_cpu.yaml $(DEMO_PATHS)
-	$(VENV)/bin/codi-lightning validate --config configs/tiny_cpu.yaml $(DEMO_PATHS) --ckpt_path $(DEMO_OUT)/checkpoints/last.ckpt
-	$(VENV)/bin/codi-lightning test --config configs/tiny_cpu.yaml $(DEMO_PATHS) --ckpt_path $(DEMO_OUT)/checkpoints/last.ckpt
-	$(VENV)/bin/codi-lightning predict --config configs/tiny_cpu.yaml $(DEMO_PATHS) --ckpt_path $(DEMO_OUT)/checkpoints/last.ckpt --data.predict_images $(DEMO_OUT)/lowres
+	$(VENV)/bin/codi-lightning fit --config configs/demo.yaml $(DEMO_PATHS)
+	$(VENV)/bin/codi-lightning validate --config configs/demo.yaml $(DEMO_PATHS) --ckpt_path $(DEMO_OUT)/checkpoints/last.ckpt
+	$(VENV)/bin/codi-lightning test --config configs/demo.yaml $(DEMO_PATHS) --ckpt_path $(DEMO_OUT)/checkpoints/last.ckpt
+	$(VENV)/bin/codi-lightning predict --config configs/demo.yaml $(DEMO_PATHS) --ckpt_path $(DEMO_OUT)/checkpoints/last.ckpt --data.predict_images $(DEMO_OUT)/lowres
 	$(PY) -m codi_lightning.demo --out $(DEMO_OUT) --report
 
 # the few-step claim on the digits testbed (docs/results.md); QUICK=1: the same code on a

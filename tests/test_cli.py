@@ -400,7 +400,7 @@ def test_the_cli_defaults_to_the_step_progress_bar():
 
 def test_make_demo_sends_every_path_to_demo_out(monkeypatch):
     """`make demo DEMO_OUT=dir`: the commands name no demo_out path, and the config they
-    parse to writes and reads only under dir (configs/tiny_cpu.yaml hard-codes demo_out)."""
+    parse to writes and reads only under dir (configs/demo.yaml hard-codes demo_out)."""
     import shlex
     import shutil
     import subprocess
@@ -452,3 +452,46 @@ def test_predict_adds_no_log_folder(tmp_path):
         )
         assert bool(trainer.loggers) is logged
         assert any(isinstance(c, SaveConfigCallback) for c in trainer.callbacks) is logged
+
+
+def test_missing_shards_fail_before_the_model_loads(tmp_path):
+    """A typo'd shard path: one short error naming the option, before the teacher (which
+    does not exist either) is looked at; and no log folder is left behind."""
+    rc, _, err = _run_cli(
+        "fit", "--config", TINY, "--model.pretrained", str(tmp_path / "no_teacher"),
+        "--data.train_shards", str(tmp_path / "shards" / "train-{000000..000002}.tar"),
+        "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "run" / "logs"),
+    )  # fmt: skip
+    assert rc == 2
+    lines = [line for line in _error_lines(err) if not line.startswith("Seed set to")]
+    assert len(lines) <= 5, err
+    assert lines[0].startswith("error: data.train_shards: none of the 3 shard files exists")
+    assert "train-000000.tar" in lines[0] and "codi-lightning shards" in lines[0]
+    assert "no_teacher" not in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "logs").exists()
+
+
+@pytest.mark.parametrize("fail_at", [0, 2])
+def test_a_failed_run_leaves_no_empty_log_folder(fail_at, tmp_path, tiny_teacher, tiny_shards,
+                                                 monkeypatch):  # fmt: skip
+    """A run that fails before its first step leaves no version_N folder (only its config
+    copy was in it); one that trained keeps it (its scalars are worth keeping)."""
+    from codi_lightning.training import CoDiDistillation
+
+    config, out = _tiny_config(tmp_path, tiny_teacher, tiny_shards, val_check_interval=4)
+    step = CoDiDistillation.training_step
+
+    def failing_step(self, batch, batch_idx):
+        if self.global_step == fail_at:
+            raise RuntimeError("boom")
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(CoDiDistillation, "training_step", failing_step)
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["fit", "--config", str(config)])
+    folders = sorted((out / "logs").rglob("version_*"))
+    if fail_at == 0:
+        assert folders == []
+    else:
+        assert len(folders) == 1 and (folders[0] / "config.yaml").is_file()

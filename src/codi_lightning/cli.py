@@ -29,6 +29,7 @@ from .checkpoints import (
     newest_checkpoint,
 )
 from .data import ShardDataModule, write_depth_shards, write_edit_shards, write_shards
+from .data.datamodule import MissingShardsError, check_local_shards, shard_sources
 from .data.folder import ConditionFolder
 from .export import export_checkpoint
 from .training import CoDiDistillation, ImageWriter, StepProgressBar
@@ -222,6 +223,34 @@ def checkpoint_folders(trainer: Any) -> tuple[list[str], list[str]]:
     return folders, roots
 
 
+RUN_DIR_BOILERPLATE = ("config.yaml", "hparams.yaml")
+
+
+def discard_empty_run_dir(trainer: L.Trainer) -> Path | None:
+    """After a failed command, remove the run's log folder (``version_N``) if the run left
+    nothing in it but its config copies and event files: no training step done, no
+    checkpoint, sample grid or metrics written. Rank 0 only (it owns the folder); reads
+    the logger's own path, not the collective ``Trainer.log_dir``. Returns the folder
+    removed, if any."""
+    import shutil
+
+    logger = trainer.logger
+    if logger is None or trainer.global_rank != 0 or trainer.global_step > 0:
+        return None
+    folder = getattr(logger, "log_dir", None)
+    if folder is None or not Path(folder).is_dir():
+        return None
+    folder = Path(folder)
+    for entry in folder.iterdir():
+        boilerplate = entry.name in RUN_DIR_BOILERPLATE or entry.name.startswith(
+            "events.out.tfevents."
+        )
+        if entry.is_dir() or not boilerplate:
+            return None
+    shutil.rmtree(folder)
+    return folder
+
+
 class CoDiCLI(LightningCLI):
     """The Lightning CLI over any LightningModule (default :class:`CoDiDistillation`, so
     configs without ``model.class_path`` distil; ``DiffusionTraining`` trains a teacher,
@@ -243,6 +272,15 @@ class CoDiCLI(LightningCLI):
         parser.set_defaults(
             {"model": {"class_path": f"{DEFAULT_MODEL.__module__}.{DEFAULT_MODEL.__name__}"}}
         )
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            removed = discard_empty_run_dir(self.trainer)
+            if removed is not None:
+                print(f"removed the failed run's empty log folder {removed}", file=sys.stderr)
+            raise
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
         """``--weights_only`` defaults to true: the trainer unpickles a checkpoint with
@@ -266,6 +304,26 @@ class CoDiCLI(LightningCLI):
                 f"two to be equal (both are saved as hyperparameters); pass "
                 f"--data.seed {model_seed} as well (or --model.seed {data_seed})"
             )
+
+    def instantiate_classes(self) -> None:
+        """Local shard files the command will read exist, checked before any model loads."""
+        command = self.config.get("subcommand")
+        config = self.config[command] if command else self.config
+        self._check_shards(command, config.get("data") or {})
+        super().instantiate_classes()
+
+    @staticmethod
+    def _check_shards(command: str | None, data: Any) -> None:
+        """Local shard files the command will read exist, checked before any model loads
+        (fit: the training shards; validate and test: the validation shards; fit's
+        validation shards are checked when their loader is built)."""
+        key = {"fit": "train_shards", "validate": "val_shards", "test": "val_shards"}.get(
+            command or ""
+        )
+        spec = data.get(key) if key else None
+        if spec:
+            for urls, _ in shard_sources(spec, f"data.{key}"):
+                check_local_shards(urls, f"data.{key}")
 
     def _parse_ckpt_path(self) -> None:
         """Before Lightning applies the checkpoint's hyperparameters over the command line:
@@ -366,12 +424,12 @@ class CoDiCLI(LightningCLI):
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the CLI. A :class:`CheckpointError` (a bad checkpoint file, a teacher that is
-    not found) or a :class:`UsageError` (an option or config the parser refuses, a missing
-    predict folder) ends with ``error: <message>`` on stderr and exit code 2;
+    not found), a :class:`UsageError` (an option or config the parser refuses, a missing
+    predict folder) or a :class:`MissingShardsError` (shard files not there) ends with ``error: <message>`` on stderr and exit code 2;
     ``CODI_DEBUG=1`` prints the traceback as well."""
     try:
         _main(argv)
-    except (CheckpointError, UsageError) as err:
+    except (CheckpointError, UsageError, MissingShardsError) as err:
         if os.environ.get("CODI_DEBUG") == "1":
             traceback.print_exc()
         print(f"error: {err}", file=sys.stderr, flush=True)

@@ -1,20 +1,24 @@
-"""Prepare the CPU demo: shards of generated images and low-resolution inputs.
+"""Prepare the CPU demo: shards of handwritten digits and low-resolution inputs.
 
 ``python -m codi_lightning.demo --out demo_out`` writes ``demo_out/shards/{train,val}-*.tar``
-and ``demo_out/lowres/``; the teacher is the committed toy teacher. No network needed.
+(the digits testbed's 4,000 training digits; 128 of its held-out test digits) and
+``demo_out/lowres/`` (8 other held-out digits at 8x8, for ``predict``). The teacher and
+the classifier behind the metrics are committed in bench/assets (docs/results_digits.md).
+No network needed.
+
+``synthetic_image`` draws the coloured shapes the tests use as quick generated data.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .data import write_shards
+from .data.digits import digits, split, write
 
 COLORS = ["red", "green", "blue", "orange", "purple", "yellow", "white", "cyan"]
 SHAPES = ["circle", "square", "stripes"]
@@ -50,29 +54,34 @@ def write_image_folder(folder: Path, count: int, seed: int) -> None:
         (folder / f"img{i:05d}.txt").write_text(caption)
 
 
-TOY_TEACHER = Path("bench/assets/toy_teacher")
+DIGITS_TEACHER = Path("bench/assets/digits_teacher")
+DIGITS_CLASSIFIER = Path("bench/assets/digits_classifier/model.safetensors")
 
 
-def prepare(out: str | Path, train_images: int = 512, val_images: int = 16) -> Path:
-    """Train/val shards and 8x8 low-resolution inputs for ``predict``. The teacher is the
-    committed toy teacher (pretrained on photo patches by ``configs/toy/teacher.yaml``)."""
+def prepare(out: str | Path, val_images: int = 128, inputs: int = 8, factor: int = 4) -> Path:
+    """Train/val shards of digits and ``factor``-times downscaled held-out digits for
+    ``predict``. The teacher (``configs/digits/teacher.yaml``) and the metrics' classifier
+    (``bench/digits_classifier.py``) are committed in bench/assets."""
     out = Path(out)
-    if not (TOY_TEACHER / "unet").is_dir():
-        raise FileNotFoundError(
-            f"{TOY_TEACHER} is missing: run the demo from the repository root, or make the "
-            "teacher with `codi-lightning fit --config configs/toy/teacher.yaml`"
-        )
-    with tempfile.TemporaryDirectory() as tmp:
-        for split, count, seed in (("train", train_images, 0), ("val", val_images, 1)):
-            folder = Path(tmp) / split
-            write_image_folder(folder, count, seed)
-            write_shards(str(folder), str(out / "shards" / f"{split}-%06d.tar"), maxcount=128)
+    for path, how in ((DIGITS_TEACHER / "unet", "codi-lightning fit --config configs/digits/teacher.yaml"),
+                      (DIGITS_CLASSIFIER, "python bench/digits_classifier.py")):  # fmt: skip
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} is missing: run the demo from the repository root, or make it with `{how}`"
+            )
+    x, y = digits()
+    train, test = split()
+    shards = out / "shards"
+    names = [f"digit_{i:05d}" for i in range(len(x))]
+    write(x[train], y[train], [names[i] for i in train], str(shards / "train-%06d.tar"), 1000)
+    val = test[:val_images]
+    write(x[val], y[val], [names[i] for i in val], str(shards / "val-%06d.tar"), val_images)
     lowres = out / "lowres"
     lowres.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(2)
-    for i in range(8):
-        img, _ = synthetic_image(rng)
-        img.resize((8, 8), Image.BICUBIC).save(lowres / f"input{i}.png")
+    side = x.shape[-1] // factor
+    for i in test[val_images : val_images + inputs]:  # held out from training and val
+        image = Image.fromarray(x[i]).convert("RGB")
+        image.resize((side, side), Image.BICUBIC).save(lowres / f"{names[i]}.png")
     return out
 
 
@@ -83,13 +92,19 @@ def report(out: str | Path) -> str:
     if not grids:
         raise FileNotFoundError(f"no sample grid under {out / 'logs'}: did the fit run?")
     metrics = sorted((out / "logs").rglob("metrics.md"), key=lambda p: p.stat().st_mtime)
+    tests = sorted((out / "logs").rglob("test_samples.png"), key=lambda p: p.stat().st_mtime)
     return "\n".join(
         [
             "demo finished.",
-            f"  sample grid (condition | 1 | 2 | 4 steps | target): {grids[-1]}",
+            f"  validation grid (condition | 1 | 2 | 4 steps | target): {grids[-1]}",
             f"  checkpoints: {out / 'checkpoints'}",
             *([f"  test metrics: {metrics[-1]}"] if metrics else []),
-            f"  4x upscaled predictions of {out / 'lowres'}: {out / 'predictions'}",
+            *(
+                [f"  test grid (condition | 1 | 2 | 4 steps | target): {tests[-1]}"]
+                if tests
+                else []
+            ),
+            f"  4x upscaled predictions of {out / 'lowres'} (8x8 digits): {out / 'predictions'}",
             f"  TensorBoard: tensorboard --logdir {out / 'logs'}",
         ]
     )

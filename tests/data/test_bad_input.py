@@ -20,7 +20,7 @@ from codi_lightning.data import (
     write_edit_shards,
     write_shards,
 )
-from codi_lightning.data.datamodule import PairStage
+from codi_lightning.data.datamodule import MissingShardsError, PairStage
 from codi_lightning.data.folder import ConditionFolder, collate_conditions
 from codi_lightning.data.transforms import condition_scale
 
@@ -204,10 +204,11 @@ def test_all_bad_training_stream_raises_naming_the_shards(tmp_path):
 
 
 def test_all_missing_shards_raise_instead_of_hanging(tmp_path):
+    """No shard of the pattern exists: a config error, raised when the loader is built."""
     pattern = str(tmp_path / "gone-{000000..000002}.tar")
     dm = ShardDataModule(pattern, resolution=16, batch_size=2, num_workers=0,
                          condition="sr", max_consecutive_skips=20)  # fmt: skip
-    with pytest.raises(RuntimeError, match=r"gone-000000\.tar.*unreadable_shard"):
+    with pytest.raises(MissingShardsError, match=r"none of the 3 shard files.*gone-000000\.tar"):
         first_batch(dm)
 
 

@@ -16,6 +16,7 @@ import tarfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any, Literal, TypedDict
 
 import lightning as L
@@ -75,6 +76,26 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
 
 
 Sources = list[tuple[list[str], float]]
+
+
+class MissingShardsError(FileNotFoundError):
+    """Local shard files named by the config do not exist (the CLI prints the message
+    alone, as a usage error)."""
+
+
+def check_local_shards(urls: Sequence[str], name: str) -> None:
+    """Raise :class:`MissingShardsError` if the shards are local files (paths or ``file:``
+    URLs; not ``pipe:`` or remote URLs) and none of them exists: a typo'd path or pattern
+    then fails at once with the fix, instead of after ``max_consecutive_skips``
+    unreadable samples. Some missing among others are skipped and counted
+    (``unreadable_shard``), as any shard that cannot be read."""
+    local = [u.removeprefix("file:") for u in urls if "://" not in u and not u.startswith("pipe:")]
+    if urls and len(local) == len(urls) and not any(Path(u).is_file() for u in local):
+        raise MissingShardsError(
+            f"{name}: none of the {len(urls)} shard files exists {_describe(local)}; check "
+            "the path and the brace range, or write shards with "
+            "`codi-lightning shards --images DIR --output 'OUT/train-%06d.tar'`"
+        )
 
 
 def shard_sources(spec: ShardSpec | None, name: str = "data.train_shards") -> Sources:
@@ -400,6 +421,8 @@ class ShardDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         sources = shard_sources(self.train_shards)
+        for urls, _ in sources:
+            check_local_shards(urls, "data.train_shards")
         rank, step = self._rank_and_step()
         seed = self.hparams.seed + step  # reseed from the global step: no replay on resume
         stage = self._stage("train", seed, rank, [u for urls, _ in sources for u in urls])
@@ -429,6 +452,7 @@ class ShardDataModule(L.LightningDataModule):
         if not self.val_shards:
             raise ValueError(f"data.val_shards is empty: give shard paths for {name}")
         urls = expand_shards(self.val_shards)
+        check_local_shards(urls, "data.val_shards")
         rank, _ = self._rank_and_step()
         stage = self._stage(name, self.hparams.seed, rank, urls)
         pipeline = wds.DataPipeline(
