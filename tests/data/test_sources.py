@@ -7,7 +7,7 @@ from data_helpers import first_batch, solid, write_tar
 from jsonargparse import ArgumentParser
 
 from codi_lightning.data import PairStage, PairTransform, ShardDataModule
-from codi_lightning.data.datamodule import expand_shards, shard_sources
+from codi_lightning.data.datamodule import MissingShardsError, expand_shards, shard_sources
 
 
 def _shards(tmp_path, prefix: str, n_shards: int = 2, per_shard: int = 4) -> str:
@@ -63,11 +63,21 @@ def test_weighted_mix_follows_the_weights_and_is_seeded(tmp_path):
 
 
 def test_a_dead_source_in_a_mix_raises_instead_of_hanging(tmp_path):
+    for i in range(4):  # shards that exist but cannot be read
+        (tmp_path / f"dead-{i}.tar").write_bytes(b"this is not a tar file" * 40)
     sources = [{"shards": _shards(tmp_path, "a"), "weight": 1.0},
                {"shards": str(tmp_path / "dead-{0..3}.tar"), "weight": 1.0}]  # fmt: skip
     dm = _dm(sources, max_consecutive_skips=8)
-    with pytest.raises(RuntimeError, match=r"dead-\d\.tar.*unreadable_shard"):
+    with pytest.raises(RuntimeError, match=r"dead-\d\.tar.*corrupt_shard"):
         first_batch(dm)
+
+
+def test_a_missing_source_in_a_mix_is_named_before_reading(tmp_path):
+    """No file of one source exists: a config error naming it, when the loader is built."""
+    sources = [{"shards": _shards(tmp_path, "a"), "weight": 1.0},
+               {"shards": str(tmp_path / "gone-{0..3}.tar"), "weight": 1.0}]  # fmt: skip
+    with pytest.raises(MissingShardsError, match=r"none of the 4 shard files exists.*gone-0\.tar"):
+        _dm(sources).train_dataloader()
 
 
 def test_shard_guard_raises_even_after_good_samples(tmp_path):
