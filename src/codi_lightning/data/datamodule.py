@@ -271,7 +271,8 @@ class Batcher:
 
 class ShardDataModule(L.LightningDataModule):
     """WebDataset shards -> batches ``{"image": [-1, 1], "cond": [0, 1], "caption": [str],
-    "key": [str], "skipped": {reason: count}}`` (plus ``mask`` for ``inpaint``).
+    "key": [str], "skipped": {reason: count}, "original_size": [B, 2], "crop_top_left":
+    [B, 2]}`` (plus ``mask`` for ``inpaint``; the sizes are SDXL's micro-conditions).
 
     Args:
         train_shards: shard URLs: a brace pattern (``data/train-{000000..000099}.tar``),
@@ -479,6 +480,8 @@ class ShardDataModule(L.LightningDataModule):
             "caption": [""],
             "key": [""],
             "skipped": {},
+            "original_size": torch.tensor([[r, r]]),
+            "crop_top_left": torch.zeros(1, 2, dtype=torch.long),
         }
         if self.hparams.condition == "inpaint":
             batch["mask"] = torch.zeros(1, 1, r, r)

@@ -37,7 +37,10 @@ def condition_scale(target: tuple[int, int], cond: tuple[int, int]) -> int | Non
 
 class PairTransform:
     """Resize, crop (random or centre) and flip target and condition identically; derive
-    the condition when the sample has none; drop captions for guidance.
+    the condition when the sample has none; drop captions for guidance; record the
+    geometry SDXL conditions on (``original_size``: the stored image's (h, w) before
+    resizing; ``crop_top_left``: (top, left) of the crop in the resized image, mirrored
+    to the flipped image's left edge when the sample is flipped).
 
     A stored condition an integer factor smaller than the target (a low-resolution SR
     input) is scaled up (bicubic) straight to the target's resized size before the
@@ -119,6 +122,7 @@ class PairTransform:
     def __call__(self, sample: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         self._check_condition(sample)
         image, cond = sample["image"], sample["cond"]
+        original = (image.height, image.width)
         size = self._resized_size(image.size)
         if image.size != size:
             image = image.resize(size, Image.BICUBIC)
@@ -135,7 +139,9 @@ class PairTransform:
         else:
             made = self.recipe(image, rng)
             cond, mask = made if isinstance(made, tuple) else (made, None)
+        top, left = box[1], box[0]
         if self.hflip and rng.random() < 0.5:
+            left = size[0] - box[2]  # the crop's left edge in the mirrored resized image
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
             cond = cond.transpose(Image.FLIP_LEFT_RIGHT)
             mask = mask.transpose(Image.FLIP_LEFT_RIGHT) if mask is not None else None
@@ -147,6 +153,8 @@ class PairTransform:
             "cond": to_tensor01(cond.convert("RGB")),  # c in [0, 1]
             "caption": caption,
             "key": sample["key"],
+            "original_size": original,  # (h, w) before resizing
+            "crop_top_left": (top, left),  # in the resized image
         }
         if mask is not None:
             out["mask"] = to_tensor01(mask.convert("L"))  # 1 = pixels to fill
@@ -157,7 +165,8 @@ def collate(
     samples: list[dict[str, Any]], skipped: Mapping[str, int] | None = None
 ) -> dict[str, Any]:
     """Stack samples into a batch; ``skipped`` (the worker's cumulative skip counts) is
-    copied into ``batch["skipped"]``; ``mask`` is stacked when every sample has one."""
+    copied into ``batch["skipped"]``; ``mask`` is stacked when every sample has one, and
+    ``original_size`` / ``crop_top_left`` (long [B, 2]) when every sample records them."""
     batch = {
         "image": torch.stack([s["image"] for s in samples]),
         "cond": torch.stack([s["cond"] for s in samples]),
@@ -165,6 +174,9 @@ def collate(
         "key": [s["key"] for s in samples],
         "skipped": dict(skipped or {}),
     }
+    for field in ("original_size", "crop_top_left"):
+        if samples and all(field in s for s in samples):
+            batch[field] = torch.tensor([list(s[field]) for s in samples], dtype=torch.long)
     if samples and all("mask" in s for s in samples):
         batch["mask"] = torch.stack([s["mask"] for s in samples])
     return batch

@@ -9,14 +9,19 @@ from .builders import (
     encode_prompts,
     load_teacher,
 )
+from .conditioning import Conditioning, ImageSizes, PromptEncoder
 from .tiny import (
     build_tiny_text_encoder,
     build_tiny_tokenizer,
     save_teacher_folder,
+    write_tiny_sdxl_teacher,
     write_tiny_teacher,
 )
 
 __all__ = [
+    "Conditioning",
+    "ImageSizes",
+    "PromptEncoder",
     "TeacherParts",
     "adapter_cond_channels",
     "build_adapter",
@@ -27,5 +32,6 @@ __all__ = [
     "encode_prompts",
     "load_teacher",
     "save_teacher_folder",
+    "write_tiny_sdxl_teacher",
     "write_tiny_teacher",
 ]

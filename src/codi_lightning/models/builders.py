@@ -4,23 +4,41 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .conditioning import PromptEncoder, tokenize
 
 DEFAULT_COND_CHANNELS = (16, 32, 96, 256)
 
 
 @dataclass
 class TeacherParts:
-    """What a pretrained text-to-image model contributes: all of it stays frozen."""
+    """What a pretrained text-to-image model contributes: all of it stays frozen.
+
+    ``prompt_encoder`` is the family's text side (prompts -> :class:`Conditioning`);
+    ``family`` names the family (``sd``, ``sdxl``); ``vae_upcast``: never run the VAE in
+    fp16 (the SDXL VAE overflows there)."""
 
     unet: nn.Module
     vae: nn.Module | None
-    text_encoder: nn.Module
-    tokenizer: Any
+    prompt_encoder: PromptEncoder
     scheduler_config: dict[str, Any]
+    family: str = "sd"
+    vae_upcast: bool = False
+
+    @property
+    def text_encoder(self) -> nn.Module:
+        """The (first) CLIP text encoder."""
+        return self.prompt_encoder.text_encoder
+
+    @property
+    def tokenizer(self) -> Any:
+        """The (first) tokenizer."""
+        return self.prompt_encoder.tokenizer
 
     @property
     def vae_scale(self) -> int:
@@ -31,6 +49,7 @@ class TeacherParts:
 
     @property
     def scaling_factor(self) -> float:
+        """From the VAE's config (0.18215 SD, 0.13025 SDXL; 1 in pixel space)."""
         return 1.0 if self.vae is None else float(self.vae.config.scaling_factor)
 
 
@@ -41,13 +60,22 @@ def load_teacher(
     variant: str | None = None,
     pixel_space: bool = False,
     torch_dtype: torch.dtype | None = None,
+    vae_path: str | None = None,
 ) -> TeacherParts:
-    """Load UNet, VAE, text encoder, tokenizer and scheduler config from a hub id or a local
-    diffusers folder (``from_pretrained`` with subfolders). ``pixel_space=True`` skips the
-    VAE: the UNet then works on images in [-1, 1]."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    """Load UNet, VAE, text side and scheduler config from a hub id or a local diffusers
+    folder (``from_pretrained`` with subfolders). The family (SD 1.x/2.x or SDXL) comes
+    from the folder's ``model_index.json`` (``models.teachers``). ``pixel_space=True``
+    skips the VAE: the UNet then works on images in [-1, 1]. ``vae_path`` replaces the
+    folder's VAE (a VAE folder or hub id, e.g. ``madebyollin/sdxl-vae-fp16-fix``, or a
+    pipeline folder with ``vae/``)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
 
+    from .teachers import family_of, read_model_index
+
+    if pixel_space and vae_path:
+        raise ValueError("model.vae_path is given but model.pixel_space is true (no VAE)")
+    index = read_model_index(pretrained, revision)
+    family = family_of(index)
     kw: dict[str, Any] = {"revision": revision}
     weights = {**kw, "variant": variant}
     if torch_dtype is not None:
@@ -61,30 +89,41 @@ def load_teacher(
             "or the path of a local diffusers folder; `codi-lightning` tests use "
             "`codi_lightning.models.write_tiny_teacher` to make one."
         ) from err
-    vae = None
-    if not pixel_space:
-        vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **weights)
-    text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **weights)
-    tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kw)
+    vae = None if pixel_space else load_vae(pretrained, vae_path, weights)
+    prompt_encoder = family.load_prompt_encoder(pretrained, index, kw, weights)
     scheduler_config = dict(DDPMScheduler.load_config(pretrained, subfolder="scheduler", **kw))
-    for module in (unet, vae, text_encoder):
+    for module in (unet, vae, prompt_encoder):
         if module is not None:
             module.requires_grad_(False).eval()
-    return TeacherParts(unet, vae, text_encoder, tokenizer, scheduler_config)
+    upcast = vae is not None and family.vae_overflows_in_fp16
+    upcast = upcast and bool(vae.config.get("force_upcast", True))
+    return TeacherParts(unet, vae, prompt_encoder, scheduler_config, family.name, upcast)
+
+
+def load_vae(pretrained: str, vae_path: str | None, weights: dict[str, Any]) -> nn.Module:
+    """The teacher folder's ``vae/``, or the replacement at ``vae_path`` (its own weights:
+    the teacher's revision and variant do not apply)."""
+    from diffusers import AutoencoderKL
+
+    if not vae_path:
+        return AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **weights)
+    sub = "vae" if (Path(vae_path).expanduser() / "vae").is_dir() else None
+    dtype = {"torch_dtype": weights["torch_dtype"]} if "torch_dtype" in weights else {}
+    try:
+        return AutoencoderKL.from_pretrained(vae_path, subfolder=sub, **dtype)
+    except OSError as err:
+        raise OSError(
+            f"Could not load the replacement VAE model.vae_path={vae_path!r}: give a VAE "
+            "folder (config.json + weights), a pipeline folder with vae/, or a hub id"
+        ) from err
 
 
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder: nn.Module, prompts, device: torch.device | str):
     """y: CLIP last hidden states [B, L, D], prompts padded to the tokenizer's maximum
-    length (as Stable Diffusion pipelines do)."""
-    ids = tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    return text_encoder(ids.to(device))[0]
+    length (as Stable Diffusion pipelines do). SD 1.x/2.x only; the families' encoders
+    are :class:`PromptEncoder` subclasses."""
+    return text_encoder(tokenize(tokenizer, prompts).to(device))[0]
 
 
 def adapter_cond_channels(vae_scale: int) -> tuple[int, ...]:
@@ -115,7 +154,7 @@ def build_adapter(
     to the teacher at step 0 (the output convolutions are still zero) but lets the
     adapter's features depend on the condition from the first step. (On the toy
     super-resolution bench the two inits ended 450 CoDi steps within about the seed
-    spread of each other: docs/results.md.)
+    spread of each other: docs/results_photos.md.)
     """
     from diffusers import ControlNetModel
 

@@ -1,4 +1,4 @@
-"""Named tiny configurations and a writer for a tiny diffusers teacher folder.
+"""Named tiny configurations and writers for tiny diffusers teacher folders (SD, SDXL).
 
 The tiny teacher has the same layout as a Stable Diffusion folder (``unet/``, ``vae/``,
 ``text_encoder/``, ``tokenizer/``, ``scheduler/``), so tests and the demo go through the
@@ -168,3 +168,87 @@ def write_tiny_teacher(
     vae = None if pixel_space else AutoencoderKL(**tiny_vae_config())
     scheduler = {**SD_SCHEDULER, "prediction_type": prediction_type}
     return save_teacher_folder(folder, unet, text_encoder, tokenizer, scheduler, vae)
+
+
+# SDXL's scheduler (EulerDiscreteScheduler config; the same VP betas as SD)
+SDXL_SCHEDULER = {
+    **SD_SCHEDULER,
+    "_class_name": "EulerDiscreteScheduler",
+    "timestep_spacing": "leading",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+    "sample_max_value": 1.0,
+}
+TINY_SDXL_TEXT_WIDTHS = (32, 48)  # CLIP-L and CLIP-G stand-ins: y has 80 features
+TINY_SDXL_POOLED = 40  # projection_dim of the second encoder (text_embeds)
+TINY_SDXL_TIME_EMBED = 8  # addition_time_embed_dim, per entry of time_ids
+
+
+def tiny_sdxl_unet_config() -> dict[str, Any]:
+    """The tiny UNet with SDXL's added conditioning (``addition_embed_type="text_time"``):
+    cross-attention over the concatenated text widths, an added embedding over the
+    pooled text and the six ``time_ids``."""
+    return {
+        **tiny_unet_config(cross_attention_dim=sum(TINY_SDXL_TEXT_WIDTHS)),
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": TINY_SDXL_TIME_EMBED,
+        "projection_class_embeddings_input_dim": TINY_SDXL_POOLED + 6 * TINY_SDXL_TIME_EMBED,
+    }
+
+
+def build_tiny_sdxl_text_encoders(tokenizer, tokenizer_2):
+    """CLIPTextModel (width 32) and CLIPTextModelWithProjection (width 48, pooled 40)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    first = CLIPTextModel(CLIPTextConfig(**tiny_text_config(len(tokenizer))))
+    width = TINY_SDXL_TEXT_WIDTHS[1]
+    config_2 = {
+        **tiny_text_config(len(tokenizer_2)),
+        "hidden_size": width,
+        "intermediate_size": 2 * width,
+        "projection_dim": TINY_SDXL_POOLED,
+    }
+    return first, CLIPTextModelWithProjection(CLIPTextConfig(**config_2))
+
+
+def write_tiny_sdxl_teacher(folder: str | Path, *, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write a tiny randomly initialised SDXL teacher in the diffusers SDXL layout
+    (``unet/``, ``vae/``, ``text_encoder/``, ``text_encoder_2/``, ``tokenizer/``,
+    ``tokenizer_2/``, ``scheduler/``, and a ``model_index.json`` naming
+    ``StableDiffusionXLPipeline``, which stock diffusers loads). The VAE has SDXL's
+    ``scaling_factor`` 0.13025 and ``force_upcast``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    folder = Path(folder)
+    if (folder / "unet").exists() and not overwrite:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = build_tiny_tokenizer(), build_tiny_tokenizer()
+    text_encoder, text_encoder_2 = build_tiny_sdxl_text_encoders(tokenizer, tokenizer_2)
+    unet = UNet2DConditionModel(**tiny_sdxl_unet_config())
+    vae = AutoencoderKL(**tiny_vae_config(), scaling_factor=0.13025, force_upcast=True)
+    for name, part in {
+        "tokenizer": tokenizer, "tokenizer_2": tokenizer_2, "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2, "unet": unet, "vae": vae,
+    }.items():  # fmt: skip
+        part.save_pretrained(folder / name)
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(SDXL_SCHEDULER, indent=2)
+    )
+    index = {
+        "_class_name": "StableDiffusionXLPipeline",
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "image_encoder": [None, None],
+        "feature_extractor": [None, None],
+        "force_zeros_for_empty_prompt": True,
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder

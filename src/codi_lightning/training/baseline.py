@@ -21,7 +21,7 @@ class ControlNetBaseline(CoDiDistillation):
 
     def compute_loss(self, batch: dict[str, Any], gen: torch.Generator) -> tuple[Tensor, dict]:
         x = self.encode_images(batch["image"], gen)
-        cond, text = batch["cond"], self.encode_text(batch["caption"])
+        cond, text = batch["cond"], self.batch_conditioning(batch)
         noise = self.rank_slice_randn(x.shape, gen)
         b, world = x.shape[0], self._rank_and_world()[1]
         t = torch.randint(

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +35,7 @@ from ..diffusion import (
     sampling_timesteps,
 )
 from ..metrics import EvalSuite, MetricsConfig, write_results
-from ..models import build_adapter, check_resolution, encode_prompts, load_teacher
+from ..models import Conditioning, ImageSizes, build_adapter, check_resolution, load_teacher
 from .frozen import SkipFrozenState
 from .optim import optimizers_for
 from .parallel import data_parallel_mesh, enable_memory_savers, shard_blocks
@@ -56,16 +57,23 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
 
     Submodules: ``unet`` (the frozen pretrained UNet, the teacher; in PE-CoDi it is
     also the student's backbone, shared, never copied), ``vae`` and ``text_encoder``
-    (frozen), ``controlnet`` (the trainable adapter), ``student_unet`` (a trainable copy
-    of the UNet, full CoDi only) and ``target`` (the EMA network theta^-, fp32, saved).
+    (frozen; the teacher family's :class:`~codi_lightning.models.PromptEncoder`, which
+    turns captions and image sizes into the :class:`~codi_lightning.models.Conditioning`
+    y that every network call takes), ``controlnet`` (the trainable adapter),
+    ``student_unet`` (a trainable copy of the UNet, full CoDi only) and ``target`` (the
+    EMA network theta^-, fp32, saved).
     Frozen parts (and the evaluation metrics) are left out of every state dict and
     rebuilt from ``pretrained``.
 
     Args:
-        pretrained: hub id or local diffusers folder of the teacher (SD 1.x/2.x layout).
+        pretrained: hub id or local diffusers folder of the teacher: SD 1.x/2.x or SDXL,
+            told apart by its ``model_index.json``.
         revision: hub revision of ``pretrained``.
         weights_variant: diffusers weight variant (e.g. ``fp16``).
         pixel_space: the teacher has no VAE and works on images in [-1, 1].
+        vae_path: a replacement VAE (folder or hub id, e.g.
+            ``madebyollin/sdxl-vae-fp16-fix``); its config gives the scaling factor.
+            The stock SDXL VAE runs in fp32 (or bf16) whatever the training precision.
         method: ``pe-codi`` (only the adapter trains) or ``codi`` (adapter + UNet copy).
         adapter_cond_channels: condition-embedder widths; derived from the VAE if unset.
         adapter_condition_init: last layer of the condition embedder, ``zero`` (reference
@@ -110,6 +118,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         revision: str | None = None,
         weights_variant: str | None = None,
         pixel_space: bool = False,
+        vae_path: str | None = None,
         method: Literal["pe-codi", "codi"] = "pe-codi",
         adapter_cond_channels: tuple[int, ...] | None = None,
         adapter_condition_init: Literal["zero", "random"] = "zero",
@@ -164,12 +173,15 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         )
         # recorded absolute: the checkpoint loads from any working directory
         pretrained = self.hparams["pretrained"] = resolve_local_path(pretrained)
+        check_teacher(vae_path, "--model.vae_path PATH")
+        vae_path = self.hparams["vae_path"] = resolve_local_path(vae_path)
         parts = load_teacher(
-            pretrained, revision=revision, variant=weights_variant, pixel_space=pixel_space
-        )
-        self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
-        self.tokenizer = parts.tokenizer
+            pretrained, revision=revision, variant=weights_variant, pixel_space=pixel_space,
+            vae_path=vae_path,
+        )  # fmt: skip
+        self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.prompt_encoder
         self.vae_scale, self.scaling_factor = parts.vae_scale, parts.scaling_factor
+        self.vae_upcast = parts.vae_upcast  # never fp16 (SDXL's VAE overflows there)
         # plain tensors, not buffers: Lightning would cast buffers to bf16
         self.schedule = NoiseSchedule.from_config(parts.scheduler_config)
         self.scheduler_config = parts.scheduler_config
@@ -192,7 +204,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         if self.student_unet is not None:
             target["unet"] = copy.deepcopy(self.student_unet)
         self.target = nn.ModuleDict(target).requires_grad_(False).eval()
-        self._empty_text: Tensor | None = None
+        self._empty_text: Conditioning | None = None
         self._checkpoint_step = 0
         self.eval_suite: EvalSuite | None = None
         self._test_grid: dict[str, Tensor] = {}  # rank 0: columns of test_samples.png
@@ -220,35 +232,37 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         controlnet: nn.Module | None,
         z: Tensor,
         t: Tensor,
-        text: Tensor,
+        text: Conditioning,
         cond: Tensor,
     ) -> Tensor:
-        """F(z_t, t, y, c): UNet with the adapter's residuals (no adapter: the teacher)."""
+        """F(z_t, t, y, c): UNet with the adapter's residuals (no adapter: the teacher).
+        Both networks get y whole: the text sequence and any added conditions."""
         down = mid = None
+        y = text.network_kwargs()
         if controlnet is not None:
-            down, mid = controlnet(
-                z, t, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False
-            )
+            down, mid = controlnet(z, t, controlnet_cond=cond, return_dict=False, **y)
         return unet(
             z,
             t,
-            encoder_hidden_states=text,
             down_block_additional_residuals=down,
             mid_block_additional_residual=mid,
+            **y,
         ).sample
 
     def denoiser(
         self,
         which: Literal["online", "target", "teacher"],
-        text: Tensor,
+        text: Conditioning | Tensor,
         cond: Tensor,
         guidance: float | None = None,
     ) -> Callable[[Tensor, Tensor], Tensor]:
-        """A ``(z, t) -> o`` callable for the diffusion functions, condition bound.
+        """A ``(z, t) -> o`` callable for the diffusion functions, condition bound
+        (``text``: y as a :class:`Conditioning`; a bare text embedding is accepted).
 
         With ``guidance`` the output is ``uncond + w (cond - uncond)`` from one batched
-        pass over the conditional and the empty prompt.
+        pass over the conditional and the empty prompt (:meth:`unconditional`).
         """
+        text = Conditioning.of(text)
         if which == "online":
             unet = self.unet if self.student_unet is None else self.student_unet
             controlnet = self.controlnet
@@ -261,13 +275,12 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
             return partial(self._controlled, unet, controlnet, text=text, cond=cond)
 
         def guided(z: Tensor, t: Tensor) -> Tensor:
-            empty = self.empty_text(z.shape[0])
             both = self._controlled(
                 unet,
                 controlnet,
                 torch.cat([z, z]),
                 torch.cat([t, t]),
-                torch.cat([text, empty]),
+                Conditioning.cat([text, self.unconditional(text)]),
                 torch.cat([cond, cond]),
             )
             c, u = both.chunk(2)
@@ -310,15 +323,41 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
 
     # ------------------------------------------------------------------ encoders
     @torch.no_grad()
-    def encode_text(self, captions: Sequence[str]) -> Tensor:
-        """y: CLIP last hidden states [B, L, D]."""
-        return encode_prompts(self.tokenizer, self.text_encoder, captions, self.device)
+    def encode_text(self, captions: Sequence[str], sizes: ImageSizes | None = None) -> Conditioning:
+        """y for ``captions`` (SD: CLIP last hidden states [B, L, D]; SDXL: both encoders
+        and the pooled embedding), with the conditions the family derives from ``sizes``
+        (SDXL's ``time_ids``; none for SD)."""
+        text = self.text_encoder.encode(captions, self.device)
+        return text if sizes is None else self.text_encoder.add_sizes(text, sizes)
 
-    def empty_text(self, batch: int) -> Tensor:
-        """The empty-prompt embedding, computed once per device."""
-        if self._empty_text is None or self._empty_text.device != self.device:
+    def batch_conditioning(self, batch: dict[str, Any]) -> Conditioning:
+        """y for a batch: its captions and recorded image sizes (:meth:`ImageSizes.from_batch`)."""
+        return self.encode_text(batch["caption"], ImageSizes.from_batch(batch))
+
+    def empty_text(self, batch: int) -> Conditioning:
+        """The empty prompt's text conditioning, computed once per device, ``batch`` rows."""
+        if self._empty_text is None or self._empty_text.hidden_states.device != self.device:
             self._empty_text = self.encode_text([""])
-        return self._empty_text.expand(batch, -1, -1)
+        return self._empty_text.expand(batch)
+
+    def unconditional(self, like: Conditioning) -> Conditioning:
+        """The guidance branch for ``like``: the empty prompt with ``like``'s non-text
+        conditions (SDXL: the same ``time_ids``, as the stock pipeline)."""
+        return like.with_text(self.empty_text(len(like)))
+
+    @contextlib.contextmanager
+    def vae_precision(self) -> Iterator[None]:
+        """For VAEs that overflow in fp16 (``vae_upcast``: the stock SDXL VAE), run outside
+        autocast in the VAE's own dtype (fp32, or bf16 with ``frozen_dtype``), moving an
+        fp16 VAE (``precision=16-true``) to fp32 once. Other VAEs run as the precision
+        plugin sets."""
+        if not self.vae_upcast:
+            yield
+            return
+        if self.vae.dtype == torch.float16:
+            self.vae.float()
+        with torch.autocast(self.device.type, enabled=False):
+            yield
 
     @torch.no_grad()
     def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -328,7 +367,8 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         processes draws what one process with the global batch would."""
         if self.vae is None:
             return images.float()
-        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        with self.vae_precision():
+            dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
         eps = self.rank_slice_randn(dist.mean.shape, generator)
         return (dist.mean.float() + dist.std.float() * eps) * self.scaling_factor
 
@@ -356,7 +396,9 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
     def decode_latents(self, latents: Tensor) -> Tensor:
         """Latents -> images in [0, 1]."""
         if self.vae is not None:
-            latents = self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample
+            with self.vae_precision():
+                latents = latents.to(self.vae.dtype) / self.scaling_factor
+                latents = self.vae.decode(latents).sample
         return ((latents.float() + 1) / 2).clamp(0, 1)
 
     # ------------------------------------------------------------------ training
@@ -379,7 +421,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
     def compute_loss(self, batch: dict[str, Any], gen: torch.Generator) -> tuple[Tensor, dict]:
         hp = self.hparams
         x = self.encode_images(batch["image"], gen)  # clean latent x (METHOD.md, Notation)
-        cond, text = batch["cond"], self.encode_text(batch["caption"])  # c in [0, 1], y
+        cond, text = batch["cond"], self.batch_conditioning(batch)  # c in [0, 1], y
         noise = self.rank_slice_randn(x.shape, gen)  # eps ~ N(0, I)
         b, world = x.shape[0], self._rank_and_world()[1]
         t, s = sample_pairs(  # (t, s = max(t - k, 0)) on the grid, drawn for the global batch
@@ -460,16 +502,21 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         stochastic: bool = False,
         guidance_scale: float = 1.0,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        sizes: ImageSizes | None = None,
     ) -> Tensor:
         """Sample images in [0, 1] for conditions ``cond`` ([B, 3, H, W] in [0, 1]).
 
-        ``generator`` may be a list, one per sample (row i's noise from generator i)."""
-        text = self.encode_text(captions)
+        ``generator`` may be a list, one per sample (row i's noise from generator i).
+        ``sizes``: the samples' recorded geometry (default: original = the condition's
+        size, no crop)."""
+        if sizes is None:
+            sizes = ImageSizes.default(cond.shape[0], tuple(cond.shape[-2:]), self.device)
+        text = self.encode_text(captions, sizes)
         which = "target" if use_target else "online"
         model = self.denoiser(which, text, cond)
         uncond = None
         if guidance_scale != 1.0:
-            uncond = self.denoiser(which, self.empty_text(cond.shape[0]), cond)
+            uncond = self.denoiser(which, self.unconditional(text), cond)
         channels = self.unet.config.in_channels
         size = cond.shape[-1] // self.vae_scale
         noise = randn((cond.shape[0], channels, size, size), generator, device=self.device)
@@ -517,6 +564,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
             return None
         n = min(self.hparams.val_images, batch["image"].shape[0])
         cond, captions = batch["cond"][:n], batch["caption"][:n]
+        sizes = ImageSizes.from_batch(batch)[:n]
         columns = [cond]
         for steps in self.hparams.val_steps:
             gen = torch.Generator(device=self.device).manual_seed(self.hparams.seed)
@@ -527,6 +575,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
                     steps,
                     generator=gen,
                     guidance_scale=self.hparams.val_guidance_scale,
+                    sizes=sizes,
                 )  # fmt: skip
             )
         columns.append((batch["image"][:n].float() + 1) / 2)
@@ -549,6 +598,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         return self.sample_images(
             batch["cond"], batch["caption"], steps, use_target=hp.eval_weights == "target",
             stochastic=hp.eval_stochastic, guidance_scale=hp.eval_guidance_scale, generator=gen,
+            sizes=ImageSizes.from_batch(batch),
         )  # fmt: skip
 
     def on_test_start(self) -> None:

@@ -1,0 +1,36 @@
+"""Stable Diffusion 1.x/2.x: one CLIP text encoder, its last hidden states as y."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..conditioning import Conditioning, PromptEncoder, tokenize
+
+
+class CLIPPromptEncoder(PromptEncoder):
+    """y = CLIP last hidden states [B, L, D]; no added conditions."""
+
+    def __init__(self, text_encoder: nn.Module, tokenizer: Any) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str], device: torch.device | str) -> Conditioning:
+        ids = tokenize(self.tokenizer, prompts).to(device)
+        return Conditioning(self.text_encoder(ids)[0])
+
+
+def load_prompt_encoder(
+    pretrained: str, index: Mapping[str, Any], kw: dict[str, Any], weights: dict[str, Any]
+) -> CLIPPromptEncoder:
+    """``text_encoder/`` (CLIPTextModel) and ``tokenizer/`` of a diffusers folder."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **weights)
+    tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kw)
+    return CLIPPromptEncoder(text_encoder, tokenizer)
