@@ -1,16 +1,28 @@
-"""GPU check: CoDi training-step throughput, memory and MFU at SD 1.5 size, and sampling latency.
+"""GPU check: CoDi training-step throughput, memory and MFU at SD 1.5 and SDXL size, and
+sampling latency.
 
-    python bench/gpu_check.py --out bench/gpu_check.json        # on one GPU, ~3-5 min
+    python bench/gpu_check.py --out bench/gpu_check.json        # on one GPU, both models
+    python bench/gpu_check.py --models sd15                     # SD 1.5 only, ~3-5 min
     python bench/gpu_check.py --tiny --device cpu --steps 1     # syntax/plumbing check on CPU
 
-An SD 1.5-sized UNet (859.5M) and its ControlNet are built from config with random
-weights (timings do not depend on weight values); latents (64x64x4, i.e. 512 px) and
-text embeddings (77x768) are random, so VAE and text-encoder time is excluded. Each
+Two models, each a UNet and its ControlNet built from config with random weights (timings
+do not depend on weight values; nothing is downloaded):
+
+- ``sd15``: SD 1.5-sized UNet (859.5M); latents 64x64x4 (512 px), text 77x768; batch
+  ``--batch``.
+- ``sdxl``: the UNet of stabilityai/stable-diffusion-xl-base-1.0 (2567.5M; its
+  unet/config.json written out below), its ControlNet (1251.0M); latents 128x128x4
+  (1024 px), text 77x2048 plus SDXL's added conditions (pooled text [B, 1280],
+  time_ids [B, 6]) to UNet and adapter; batch ``--sdxl_batch``.
+
+Latents and text embeddings are random, so VAE and text-encoder time is excluded. Each
 configuration runs the project's CoDi loss (online + solver reuse + EMA target), AdamW
 and the EMA update under bf16 autocast, for PE-CoDi and full CoDi, with and without
 FSDP2 (one-rank mesh: the wrapping overhead, not multi-GPU scaling) and activation
-checkpointing. FLOPs of one step are counted with torch.utils.flop_counter; MFU divides
-achieved FLOP/s by the card's dense bf16 peak.
+checkpointing; a configuration that does not fit is recorded as ``oom`` (SDXL full CoDi
+holds ~76 GB of fp32 states alone on one card). FLOPs of one step are counted with
+torch.utils.flop_counter; MFU divides achieved FLOP/s by the card's dense bf16 peak.
+``--tiny`` runs the same code on tiny SD and tiny SDXL UNets (``codi_lightning.models.tiny``).
 """
 
 from __future__ import annotations
@@ -32,7 +44,14 @@ from codi_lightning.diffusion import (
     sample,
     sampling_timesteps,
 )
-from codi_lightning.models.tiny import SD_SCHEDULER, tiny_unet_config
+from codi_lightning.models import Conditioning
+from codi_lightning.models.tiny import (
+    SD_SCHEDULER,
+    TINY_SDXL_POOLED,
+    TINY_SDXL_TEXT_WIDTHS,
+    tiny_sdxl_unet_config,
+    tiny_unet_config,
+)
 from codi_lightning.training.parallel import shard_blocks
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
@@ -42,26 +61,77 @@ def sd15_unet_config() -> dict:
     return {"sample_size": 64, "cross_attention_dim": 768}  # diffusers defaults = SD 1.5 otherwise
 
 
-def build(tiny: bool, method: str, device: torch.device):
+def sdxl_unet_config() -> dict:
+    """stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the entries that differ
+    from diffusers' defaults): 2,567,463,684 parameters."""
+    return {
+        "sample_size": 128,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "block_out_channels": (320, 640, 1280),
+        "layers_per_block": 2,
+        "transformer_layers_per_block": (1, 2, 10),
+        "attention_head_dim": (5, 10, 20),
+        "cross_attention_dim": 2048,
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 2816,  # pooled 1280 + 6 time_ids x 256
+    }
+
+
+# per model: UNet config, latent size, VAE factor, adapter embedder widths, text width,
+# pooled-text width (SDXL's added conditions; None: none)
+MODELS = {
+    "sd15": (sd15_unet_config, 64, 8, (16, 32, 96, 256), 768, None),
+    "sdxl": (sdxl_unet_config, 128, 8, (16, 32, 96, 256), 2048, 1280),
+}
+TINY_MODELS = {
+    "sd15": (tiny_unet_config, 8, 4, (16, 32, 96), 32, None),
+    "sdxl": (tiny_sdxl_unet_config, 8, 4, (16, 32, 96), sum(TINY_SDXL_TEXT_WIDTHS),
+             TINY_SDXL_POOLED),
+}  # fmt: skip
+
+
+def spec(args, model: str) -> dict:
+    config, latent, vae_scale, channels, text_dim, pooled = (TINY_MODELS if args.tiny else MODELS)[
+        model
+    ]
+    return {"config": config(), "latent": latent, "pixels": latent * vae_scale,
+            "channels": channels, "text_dim": text_dim, "pooled": pooled}  # fmt: skip
+
+
+def build(spec: dict, method: str, device: torch.device):
+    """Built on ``device`` (random init there: seconds, not minutes, at SDXL size)."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     torch.manual_seed(0)
-    cfg = tiny_unet_config() if tiny else sd15_unet_config()
-    unet = UNet2DConditionModel(**cfg).to(device).requires_grad_(False).eval()
-    channels = (16, 32, 96) if tiny else (16, 32, 96, 256)
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels).to(
-        device
-    )
+    with device:
+        unet = UNet2DConditionModel(**spec["config"]).requires_grad_(False).eval()
+        controlnet = ControlNetModel.from_unet(
+            unet, conditioning_embedding_out_channels=spec["channels"]
+        )
     student = copy.deepcopy(unet).requires_grad_(True).train() if method == "codi" else None
     return unet, controlnet, student
 
 
-def controlled(unet, controlnet, z, t, text, cond):
-    down, mid = controlnet(
-        z, t, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False
-    )
-    return unet(z, t, encoder_hidden_states=text, down_block_additional_residuals=down,
-                mid_block_additional_residual=mid).sample  # fmt: skip
+def conditioning(spec: dict, batch: int, device: torch.device, dtype=None) -> Conditioning:
+    """Random text [B, 77, D]; SDXL: pooled text and time_ids (original = target size,
+    crop (0, 0)) as added conditions."""
+    text = torch.randn(batch, 77, spec["text_dim"], device=device, dtype=dtype)
+    if spec["pooled"] is None:
+        return Conditioning(text)
+    size = spec["pixels"]
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]] * batch, device=device)
+    pooled = torch.randn(batch, spec["pooled"], device=device, dtype=dtype)
+    return Conditioning(text, {"text_embeds": pooled, "time_ids": time_ids.float()})
+
+
+def controlled(unet, controlnet, z, t, y: Conditioning, cond):
+    kw = y.network_kwargs()
+    down, mid = controlnet(z, t, controlnet_cond=cond, return_dict=False, **kw)
+    return unet(z, t, down_block_additional_residuals=down,
+                mid_block_additional_residual=mid, **kw).sample  # fmt: skip
 
 
 def peak_tflops(device: torch.device) -> float | None:
@@ -71,9 +141,10 @@ def peak_tflops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def train_config(args, method: str, fsdp: bool, checkpointing: bool) -> dict:
+def train_config(args, model: str, method: str, fsdp: bool, checkpointing: bool) -> dict:
     device = torch.device(args.device)
-    unet, controlnet, student = build(args.tiny, method, device)
+    s = spec(args, model)
+    unet, controlnet, student = build(s, method, device)
     trained = {"controlnet": controlnet} | ({"unet": student} if student is not None else {})
     if checkpointing:
         for m in [unet, *trained.values()]:
@@ -89,13 +160,10 @@ def train_config(args, method: str, fsdp: bool, checkpointing: bool) -> dict:
     params = [p for m in trained.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-5)
     schedule = NoiseSchedule.from_config(SD_SCHEDULER)
-    latent = 8 if args.tiny else 64
-    text_dim = 32 if args.tiny else 768
-    b = args.batch
-    x = torch.randn(b, 4, latent, latent, device=device)
-    text = torch.randn(b, 77, text_dim, device=device)
-    pixels = latent * (4 if args.tiny else 8)  # the tiny adapter downsamples by 4, SD's by 8
-    cond = torch.rand(b, 3, pixels, pixels, device=device)
+    b = args.sdxl_batch if model == "sdxl" else args.batch
+    x = torch.randn(b, 4, s["latent"], s["latent"], device=device)
+    text = conditioning(s, b, device)
+    cond = torch.rand(b, 3, s["pixels"], s["pixels"], device=device)
     online_unet = student if student is not None else unet
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
@@ -137,7 +205,8 @@ def train_config(args, method: str, fsdp: bool, checkpointing: bool) -> dict:
     sync()
     dt = (time.perf_counter() - start) / args.steps
     row = {
-        "method": method, "fsdp2": fsdp, "checkpointing": checkpointing, "batch": b,
+        "model": model, "resolution": s["pixels"], "method": method, "fsdp2": fsdp,
+        "checkpointing": checkpointing, "batch": b,
         "step_s": dt, "samples_per_s": b / dt, "tflops_per_step": flops / 1e12,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         "trainable_params_m": sum(p.numel() for p in params) / 1e6,
@@ -148,24 +217,23 @@ def train_config(args, method: str, fsdp: bool, checkpointing: bool) -> dict:
 
 
 @torch.no_grad()
-def sampling_latency(args) -> dict:
+def sampling_latency(args, model: str) -> dict:
     device = torch.device(args.device)
-    unet, controlnet, _ = build(args.tiny, "pe-codi", device)
+    s = spec(args, model)
+    unet, controlnet, _ = build(s, "pe-codi", device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     unet.to(dtype)
     controlnet.to(dtype)
     schedule = NoiseSchedule.from_config(SD_SCHEDULER)
-    latent = 8 if args.tiny else 64
-    text = torch.randn(1, 77, 32 if args.tiny else 768, device=device, dtype=dtype)
-    pixels = latent * (4 if args.tiny else 8)
-    cond = torch.rand(1, 3, pixels, pixels, device=device, dtype=dtype)
-    noise = torch.randn(1, 4, latent, latent, device=device)
+    text = conditioning(s, 1, device, dtype)
+    cond = torch.rand(1, 3, s["pixels"], s["pixels"], device=device, dtype=dtype)
+    noise = torch.randn(1, 4, s["latent"], s["latent"], device=device)
 
     def student(z, t):
         return controlled(unet, controlnet, z.to(dtype), t, text, cond)
 
     def teacher(z, t):
-        return unet(z.to(dtype), t, encoder_hidden_states=text).sample
+        return unet(z.to(dtype), t, **text.network_kwargs()).sample
 
     def timed(fn) -> float:
         fn()
@@ -181,7 +249,8 @@ def sampling_latency(args) -> dict:
 
     four = timed(lambda: sample(student, noise, schedule, sampling_timesteps(4)))
     fifty = timed(lambda: sample(teacher, noise, schedule, sampling_timesteps(50, 1000, 50)))
-    return {"codi_4_steps_s": four, "teacher_50_steps_s": fifty, "speedup": fifty / four}
+    return {"resolution": s["pixels"], "codi_4_steps_s": four, "teacher_50_steps_s": fifty,
+            "speedup": fifty / four}  # fmt: skip
 
 
 def main() -> None:
@@ -190,10 +259,15 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny models (CPU plumbing check)")
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--models", default="sd15,sdxl", help="comma-separated: sd15, sdxl")
+    parser.add_argument("--batch", type=int, default=4, help="batch of the sd15 rows")
+    parser.add_argument("--sdxl_batch", type=int, default=2, help="batch of the sdxl rows")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     parser.add_argument("--out", default="bench/gpu_check.json")
     args = parser.parse_args()
+    models = [m for m in args.models.split(",") if m]
+    if not models or set(models) - set(MODELS):
+        parser.error(f"--models {args.models!r}: choose from {sorted(MODELS)}")
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -202,26 +276,26 @@ def main() -> None:
     if not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         torch.distributed.init_process_group(backend, rank=0, world_size=1)
-    rows = []
-    for method in ("pe-codi", "codi"):
-        for fsdp in (False, True):
-            for checkpointing in (False, True):
-                try:
-                    rows.append(train_config(args, method, fsdp, checkpointing))
-                except torch.cuda.OutOfMemoryError:
-                    rows.append(
-                        {
-                            "method": method,
-                            "fsdp2": fsdp,
-                            "checkpointing": checkpointing,
-                            "oom": True,
-                        }
-                    )
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()  # free the last configuration
-                print(json.dumps(rows[-1]), flush=True)
-    latency = sampling_latency(args)
-    print(json.dumps(latency), flush=True)
+    rows, latency = [], {}
+    for model in models:
+        for method in ("pe-codi", "codi"):
+            for fsdp in (False, True):
+                for checkpointing in (False, True):
+                    try:
+                        rows.append(train_config(args, model, method, fsdp, checkpointing))
+                    except torch.cuda.OutOfMemoryError:
+                        rows.append({"model": model, "method": method, "fsdp2": fsdp,
+                                     "checkpointing": checkpointing, "oom": True})  # fmt: skip
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()  # free the last configuration
+                    print(json.dumps(rows[-1]), flush=True)
+        try:
+            latency[model] = sampling_latency(args, model)
+        except torch.cuda.OutOfMemoryError:
+            latency[model] = {"oom": True}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(json.dumps({model: latency[model]}), flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"device": name, "torch": torch.__version__, "train": rows,

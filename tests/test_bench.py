@@ -15,16 +15,31 @@ def test_gpu_check_plumbing_on_cpu(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     data = json.loads(out.read_text())
-    assert len(data["train"]) == 8
+    # 2 models (SD 1.5 and SDXL layouts, tiny) x 2 methods x FSDP2 on/off x checkpointing
+    assert len(data["train"]) == 16
     assert all(row["tflops_per_step"] > 0 and row["samples_per_s"] > 0 for row in data["train"])
-    fsdp = {(r["method"], r["checkpointing"]): r for r in data["train"] if r["fsdp2"]}
-    plain = {(r["method"], r["checkpointing"]): r for r in data["train"] if not r["fsdp2"]}
-    for key, row in plain.items():  # the same model and step, so the same counted FLOPs
+    for model in ("sd15", "sdxl"):
+        rows = [r for r in data["train"] if r["model"] == model]
+        assert len(rows) == 8
+        fsdp = {(r["method"], r["checkpointing"]): r for r in rows if r["fsdp2"]}
+        plain = {(r["method"], r["checkpointing"]): r for r in rows if not r["fsdp2"]}
+        assert len(fsdp) == len(plain) == 4
+        for key, row in plain.items():  # the same model and step, so the same counted FLOPs
+            assert (
+                abs(row["tflops_per_step"] - fsdp[key]["tflops_per_step"]) / row["tflops_per_step"]
+                < 0.05
+            )
+        # full CoDi trains a UNet copy besides the adapter
         assert (
-            abs(row["tflops_per_step"] - fsdp[key]["tflops_per_step"]) / row["tflops_per_step"]
-            < 0.05
+            plain[("codi", False)]["trainable_params_m"]
+            > plain[("pe-codi", False)]["trainable_params_m"]
         )
-    assert data["sampling"]["codi_4_steps_s"] > 0 and data["sampling"]["teacher_50_steps_s"] > 0
+        sampling = data["sampling"][model]
+        assert sampling["codi_4_steps_s"] > 0 and sampling["teacher_50_steps_s"] > 0
+    # the SDXL rows run the SDXL UNet (added conditions): not the SD rows' model
+    sd, xl = ({r["trainable_params_m"] for r in data["train"] if r["model"] == m}
+              for m in ("sd15", "sdxl"))  # fmt: skip
+    assert sd.isdisjoint(xl)
 
 
 def _quality_module():

@@ -226,3 +226,93 @@ def test_load_from_checkpoint_in_a_fresh_process(pe_export):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("ok")
+
+
+@pytest.fixture(scope="module")
+def sdxl_exports(tmp_path_factory):
+    """PE-CoDi and full CoDi checkpoints on the tiny SDXL teacher, exported (EMA weights)."""
+    from codi_lightning.models import write_tiny_sdxl_teacher
+
+    root = tmp_path_factory.mktemp("sdxl")
+    teacher = write_tiny_sdxl_teacher(root / "tiny_sdxl")
+    exports = {}
+    for method in ("pe-codi", "codi"):
+        m = _checkpoint(teacher, root / f"{method}.ckpt", method=method)
+        exports[method] = (m, export_checkpoint(str(root / f"{method}.ckpt"), str(root / method)))
+    return teacher, exports
+
+
+@pytest.mark.parametrize("method", ["pe-codi", "codi"])
+def test_stock_sdxl_controlnet_pipeline_matches_our_sampler(sdxl_exports, method):
+    """SDXL: the card's StableDiffusionXLControlNetPipeline (loaded as the snippet does,
+    from the base folder plus this export; full CoDi swaps in ``unet/``) with its default
+    size conditioning reproduces ``sample_images`` (default ImageSizes: original = target,
+    crop (0, 0)) for the same generator: ``scheduler_deterministic/`` on the card's
+    timesteps at 1, 2, 4 and 8 steps, with an empty prompt given as zeros as the card
+    says; ``scheduler/`` (LCMScheduler) with prompt strings the pipeline encodes itself;
+    and classifier-free guidance (the pipeline's zero negative prompt, the module's zero
+    empty prompt, the same time_ids in both branches). Tolerance 1e-5 (fp32)."""
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        LCMScheduler,
+        StableDiffusionXLControlNetPipeline,
+    )
+
+    from codi_lightning.models.tiny import TINY_SDXL_POOLED, TINY_SDXL_TEXT_WIDTHS
+
+    teacher, exports = sdxl_exports
+    m, out = exports[method]
+    assert (out / "unet").is_dir() == (method == "codi")
+    if method == "codi":
+        assert _same(m.target["unet"], out / "unet")
+    assert _same(m.target["controlnet"], out / "controlnet")
+    cond = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    card = (out / "README.md").read_text()
+    assert "StableDiffusionXLControlNetPipeline" in card
+    card_code = _run_card(out, cond[:1])  # the snippet runs as written
+    pipe = card_code["pipe"]
+    assert isinstance(pipe, StableDiffusionXLControlNetPipeline)
+    assert set(card_code["text"]) == {"prompt_embeds", "pooled_prompt_embeds"}  # prompt ""
+    assert card_code["text"]["prompt_embeds"].shape[-1] == sum(TINY_SDXL_TEXT_WIDTHS)
+    assert card_code["text"]["pooled_prompt_embeds"].shape[-1] == TINY_SDXL_POOLED
+    pipe.set_progress_bar_config(disable=True)
+    seq, _, pooled, _ = pipe.encode_prompt("a red circle", do_classifier_free_guidance=False)
+    zeros = card_code["text"]
+    text = {
+        "prompt_embeds": torch.cat([seq, zeros["prompt_embeds"]]),
+        "pooled_prompt_embeds": torch.cat([pooled, zeros["pooled_prompt_embeds"]]),
+    }
+    prompts = ["a red circle", ""]
+
+    def stock(steps, guidance=1.0, **kw):
+        return pipe(
+            image=cond, guidance_scale=guidance, height=32, width=32, output_type="pt",
+            generator=torch.Generator().manual_seed(steps), **kw,
+        ).images  # fmt: skip
+
+    def module(steps, stochastic, captions=prompts, guidance=1.0):
+        return m.sample_images(
+            cond, captions, steps, stochastic=stochastic, guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(steps),
+        )  # fmt: skip
+
+    pipe.scheduler = DPMSolverMultistepScheduler.from_pretrained(out / "scheduler_deterministic")
+    lcm = LCMScheduler.from_pretrained(out / "scheduler")
+    for steps in (1, 2, 4, 8):
+        lcm.set_timesteps(steps)
+        timesteps = lcm.timesteps.tolist()
+        assert f"| {steps} | `{timesteps}` |" in card
+        got = stock(steps, timesteps=timesteps, **text)
+        torch.testing.assert_close(got, module(steps, False), rtol=0, atol=1e-5)
+    got = stock(2, 3.0, timesteps=sampling_timesteps(2, 1000, 20), **text)
+    torch.testing.assert_close(got, module(2, False, guidance=3.0), rtol=0, atol=1e-5)
+
+    pipe.scheduler = lcm
+    ours = CoDiPipeline.from_exported(str(out), str(teacher))
+    captions = ["a red circle", "a blue square"]
+    for steps in (1, 2, 4):
+        got = stock(steps, prompt=captions, num_inference_steps=steps)
+        torch.testing.assert_close(got, module(steps, True, captions), rtol=0, atol=1e-5)
+        mine = ours(cond, captions, steps, stochastic=True,
+                    generator=torch.Generator().manual_seed(steps))  # fmt: skip
+        torch.testing.assert_close(got, mine, rtol=0, atol=1e-5)

@@ -3,7 +3,11 @@
 Writes ``controlnet/`` (EMA target weights by default), ``unet/`` when the UNet was
 trained (full CoDi), two stock diffusers schedulers and a ``README.md`` model card.
 Safetensors only. Needs the checkpoint and access to the base model recorded in it (for
-configs, not weights).
+configs, not weights). The card's usage snippet loads the folder into the stock pipeline
+of the base model's family: ``StableDiffusionControlNetPipeline`` (SD 1.x/2.x) or
+``StableDiffusionXLControlNetPipeline`` (SDXL; its size conditioning defaults, original =
+target size and crop (0, 0), are what ``codi-lightning`` samples with when no sizes are
+recorded).
 
 The schedulers reproduce the two samplers of ``diffusion.sample`` (METHOD.md, "Sampling"):
 
@@ -32,6 +36,7 @@ import torch
 from ..checkpoints import check_teacher, read_checkpoint
 from ..diffusion import sampling_timesteps
 from ..models import adapter_cond_channels, check_condition_downsampling
+from ..models.teachers import family_of, read_model_index
 
 
 def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -74,6 +79,10 @@ def export_checkpoint(
     check_teacher(base, "--pretrained PATH")
     state = checkpoint["state_dict"]
     kw = {"revision": hp.get("revision")}
+    index = read_model_index(base, hp.get("revision"))
+    family = family_of(index).name
+    # SDXL: the module encodes an empty prompt as zeros when the base model says so
+    zero_empty = bool(index.get("force_zeros_for_empty_prompt", True))
     unet_config = UNet2DConditionModel.load_config(base, subfolder="unet", **kw)
     unet = UNet2DConditionModel.from_config(unet_config)
     vae_scale = 1
@@ -117,9 +126,9 @@ def export_checkpoint(
     )
     deterministic.save_pretrained(out / "scheduler_deterministic")
     num_train = int(lcm.config.num_train_timesteps)
-    (out / "README.md").write_text(
-        _model_card(hp, base, weights, checkpoint.get("global_step", 0), num_train)
-    )
+    step = checkpoint.get("global_step", 0)
+    card = _model_card(hp, base, weights, step, num_train, family, unet, zero_empty)
+    (out / "README.md").write_text(card)
     which = "unet/ + controlnet/" if hp.get("method") == "codi" else "controlnet/"
     print(
         f"exported {weights} weights ({which}) to {out}; schedulers: scheduler/ (LCMScheduler, "
@@ -141,7 +150,16 @@ _SCHEDULE_KEYS = (
 )
 
 
-def _model_card(hp: dict[str, Any], base: str, weights: str, step: int, num_train: int) -> str:
+def _model_card(
+    hp: dict[str, Any],
+    base: str,
+    weights: str,
+    step: int,
+    num_train: int,
+    family: str = "sd",
+    unet: Any = None,
+    zero_empty: bool = True,
+) -> str:
     method = {"pe-codi": "PE-CoDi (adapter only)", "codi": "CoDi (adapter + UNet)"}
     method = method.get(hp.get("method", "pe-codi"), hp.get("method"))
     config = json.dumps(hp, indent=2, default=str)
@@ -153,8 +171,13 @@ def _model_card(hp: dict[str, Any], base: str, weights: str, step: int, num_trai
     smallest = min(ts[-1] for ts in timesteps.values())
     c_skip = 0.25 / ((10.0 * smallest) ** 2 + 0.25)
     steps = 4 if 4 in timesteps else budgets[-1]
-    usage = _pixel_usage if hp.get("pixel_space", False) else _latent_usage
-    snippet = usage(base, hp.get("revision"), hp.get("method") == "codi", steps, timesteps[steps])
+    args = (base, hp.get("revision"), hp.get("method") == "codi", steps, timesteps[steps])
+    if hp.get("pixel_space", False):
+        snippet = _pixel_usage(*args)
+    elif family == "sdxl":
+        snippet = _sdxl_usage(*args, unet.config, hp.get("vae_path"), zero_empty)
+    else:
+        snippet = _latent_usage(*args, hp.get("vae_path"))
     return f"""---
 library_name: diffusers
 base_model: {base}
@@ -205,15 +228,27 @@ def _revision(revision: str | None) -> str:
     return "" if revision is None else f", revision={json.dumps(revision)}"
 
 
-def _latent_usage(base: str, revision: str | None, unet: bool, steps: int, ts: list[int]) -> str:
+def _vae_arg(vae_path: str | None) -> str:
+    """The ``vae=`` argument for a model trained with ``model.vae_path`` (a VAE folder or hub
+    id, or a pipeline folder with ``vae/``, as ``models.load_vae`` reads it)."""
+    if not vae_path:
+        return ""
+    sub = ', subfolder="vae"' if (Path(vae_path).expanduser() / "vae").is_dir() else ""
+    return f"\n    vae=AutoencoderKL.from_pretrained({json.dumps(vae_path)}{sub}),"
+
+
+def _latent_usage(
+    base: str, revision: str | None, unet: bool, steps: int, ts: list[int], vae_path=None
+) -> str:
     rev = _revision(revision)
     unet_arg = (
         '\n    unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),' if unet else ""
     )
+    unet_arg += _vae_arg(vae_path)
     return f"""```python
 import torch
 from diffusers import (
-    ControlNetModel, DPMSolverMultistepScheduler, LCMScheduler,
+    AutoencoderKL, ControlNetModel, DPMSolverMultistepScheduler, LCMScheduler,
     StableDiffusionControlNetPipeline, UNet2DConditionModel,
 )
 
@@ -236,6 +271,70 @@ image = pipe(prompt, image=condition, timesteps={ts}, guidance_scale=1.0,
 # stochastic sampler (codi-lightning test --model.eval_stochastic true), {steps} steps
 pipe.scheduler = LCMScheduler.from_pretrained(folder, subfolder="scheduler")
 image = pipe(prompt, image=condition, num_inference_steps={steps}, guidance_scale=1.0,
+             generator=torch.Generator().manual_seed(0)).images[0]
+```"""
+
+
+def _sdxl_usage(
+    base: str,
+    revision: str | None,
+    unet: bool,
+    steps: int,
+    ts: list[int],
+    unet_config: Any,
+    vae_path: str | None = None,
+    zero_empty: bool = True,
+) -> str:
+    rev = _revision(revision)
+    unet_arg = (
+        '\n    unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),' if unet else ""
+    )
+    unet_arg += _vae_arg(vae_path)
+    width = int(unet_config["cross_attention_dim"])
+    pooled = int(unet_config["projection_class_embeddings_input_dim"]) - 6 * int(
+        unet_config["addition_time_embed_dim"]
+    )
+    empty, zeros = "", ""
+    if zero_empty:
+        empty = """ The model saw an empty prompt as
+zeros (SDXL's `force_zeros_for_empty_prompt`, which the pipeline applies only to its
+negative prompt), so the snippet passes zero embeddings for `""`."""
+        zeros = f"""
+if prompt == "":  # zeros, as in training (not the encoded empty string)
+    text = {{"prompt_embeds": torch.zeros(1, 77, {width}, dtype=pipe.dtype),
+            "pooled_prompt_embeds": torch.zeros(1, {pooled}, dtype=pipe.dtype)}}"""
+    return f"""An SDXL model: the stock `StableDiffusionXLControlNetPipeline`. Its size conditioning
+(`original_size`, `crops_coords_top_left`, `target_size`) defaults to original = target =
+the output size and crop (0, 0), what `codi-lightning` samples with when a sample has no
+recorded sizes; pass other values as you would to SDXL.{empty}
+
+```python
+import torch
+from diffusers import (
+    AutoencoderKL, ControlNetModel, DPMSolverMultistepScheduler, LCMScheduler,
+    StableDiffusionXLControlNetPipeline, UNet2DConditionModel,
+)
+
+folder = "THIS_FOLDER"  # this export
+controlnet = ControlNetModel.from_pretrained(folder, subfolder="controlnet")
+pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
+    {json.dumps(base)}, controlnet=controlnet,{unet_arg}
+    add_watermarker=False{rev},
+)
+# condition: the control image, a PIL image or a [1, 3, H, W] tensor in [0, 1]
+prompt = ""
+text = {{"prompt": prompt}}{zeros}
+
+# deterministic sampler (codi-lightning test --model.eval_stochastic false), {steps} steps
+pipe.scheduler = DPMSolverMultistepScheduler.from_pretrained(
+    folder, subfolder="scheduler_deterministic"
+)
+image = pipe(**text, image=condition, timesteps={ts}, guidance_scale=1.0,
+             generator=torch.Generator().manual_seed(0)).images[0]
+
+# stochastic sampler (codi-lightning test --model.eval_stochastic true), {steps} steps
+pipe.scheduler = LCMScheduler.from_pretrained(folder, subfolder="scheduler")
+image = pipe(**text, image=condition, num_inference_steps={steps}, guidance_scale=1.0,
              generator=torch.Generator().manual_seed(0)).images[0]
 ```"""
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..diffusion import NoiseSchedule, sample, sampling_timesteps
-from ..models import TeacherParts, encode_prompts, load_teacher
+from ..models import Conditioning, ImageSizes, TeacherParts, load_teacher
 
 
 class CoDiPipeline:
@@ -19,7 +19,8 @@ class CoDiPipeline:
     project's (``diffusion.sample``); ``stochastic=True`` is exactly what stock
     diffusers' ``LCMScheduler`` (``scheduler/``) does, so ``to_diffusers()`` gives the
     same images; the default deterministic one is the exported ``scheduler_deterministic/``
-    given the same timesteps as ``timesteps=`` (see the export's model card).
+    given the same timesteps as ``timesteps=`` (see the export's model card). SD 1.x/2.x
+    and SDXL base models (``to_diffusers`` gives the family's stock ControlNet pipeline).
     """
 
     def __init__(self, parts: TeacherParts, controlnet: torch.nn.Module, num_grid: int) -> None:
@@ -50,25 +51,28 @@ class CoDiPipeline:
         return pipe.to(device)
 
     def to(self, device: str | torch.device) -> CoDiPipeline:
-        for m in (self.parts.unet, self.parts.vae, self.parts.text_encoder, self.controlnet):
+        for m in (self.parts.unet, self.parts.vae, self.parts.prompt_encoder, self.controlnet):
             if m is not None:
                 m.to(device)
         self.device = torch.device(device)
         return self
 
-    def encode_text(self, prompts: Sequence[str]) -> Tensor:
-        return encode_prompts(self.parts.tokenizer, self.parts.text_encoder, prompts, self.device)
+    def encode_text(self, prompts: Sequence[str], sizes: ImageSizes | None = None) -> Conditioning:
+        """y for ``prompts``, with the family's size conditions (SDXL ``time_ids``)."""
+        text = self.parts.prompt_encoder.encode(prompts, self.device)
+        return text if sizes is None else self.parts.prompt_encoder.add_sizes(text, sizes)
 
-    def _denoiser(self, text: Tensor, cond: Tensor):
+    def _denoiser(self, text: Conditioning, cond: Tensor):
         unet, controlnet = self.parts.unet, self.controlnet
 
         def f(z: Tensor, t: Tensor) -> Tensor:
             dtype = unet.dtype
-            down, mid = controlnet(z.to(dtype), t, encoder_hidden_states=text,
-                                   controlnet_cond=cond.to(dtype), return_dict=False)  # fmt: skip
-            return unet(z.to(dtype), t, encoder_hidden_states=text,
-                        down_block_additional_residuals=down,
-                        mid_block_additional_residual=mid).sample  # fmt: skip
+            y = text.network_kwargs()
+            y["encoder_hidden_states"] = y["encoder_hidden_states"].to(dtype)
+            down, mid = controlnet(z.to(dtype), t, controlnet_cond=cond.to(dtype),
+                                   return_dict=False, **y)  # fmt: skip
+            return unet(z.to(dtype), t, down_block_additional_residuals=down,
+                        mid_block_additional_residual=mid, **y).sample  # fmt: skip
 
         return f
 
@@ -82,14 +86,18 @@ class CoDiPipeline:
         generator: torch.Generator | None = None,
         stochastic: bool = False,
         guidance_scale: float = 1.0,
+        sizes: ImageSizes | None = None,
     ) -> Tensor:
-        """Images in [0, 1] for conditions ``cond`` ([B, 3, H, W] in [0, 1])."""
+        """Images in [0, 1] for conditions ``cond`` ([B, 3, H, W] in [0, 1]); ``sizes``
+        (SDXL) default to original = the condition's size, no crop, as the module's."""
         cond = cond.to(self.device)
         prompts = list(prompts) if prompts is not None else [""] * len(cond)
-        text = self.encode_text(prompts)
+        if sizes is None:
+            sizes = ImageSizes.default(len(cond), tuple(cond.shape[-2:]), self.device)
+        text = self.encode_text(prompts, sizes)
         uncond = None
         if guidance_scale != 1.0:
-            uncond = self._denoiser(self.encode_text([""] * len(cond)), cond)
+            uncond = self._denoiser(text.with_text(self.encode_text([""] * len(cond))), cond)
         size = cond.shape[-1] // self.parts.vae_scale
         shape = (len(cond), self.parts.unet.config.in_channels, size, size)
         noise = torch.randn(shape, generator=generator, device=self.device)
@@ -99,16 +107,30 @@ class CoDiPipeline:
                          guidance_scale=guidance_scale)  # fmt: skip
         vae = self.parts.vae
         if vae is not None:
+            if self.parts.vae_upcast and vae.dtype == torch.float16:
+                vae.float()  # the SDXL VAE overflows in fp16
             latents = vae.decode(latents.to(vae.dtype) / self.parts.scaling_factor).sample
         return ((latents.float() + 1) / 2).clamp(0, 1)
 
     def to_diffusers(self, folder: str):
-        """The stock ``StableDiffusionControlNetPipeline`` with ``LCMScheduler`` from
-        ``folder`` (latent models only)."""
+        """The stock ``StableDiffusionControlNetPipeline`` (SDXL:
+        ``StableDiffusionXLControlNetPipeline``) with ``LCMScheduler`` from ``folder``
+        (latent models only)."""
         from diffusers import LCMScheduler, StableDiffusionControlNetPipeline
 
         if self.parts.vae is None:
             raise ValueError("stock diffusers has no pixel-space ControlNet pipeline")
+        if self.parts.family == "sdxl":
+            from diffusers import StableDiffusionXLControlNetPipeline
+
+            text = self.parts.prompt_encoder
+            return StableDiffusionXLControlNetPipeline(
+                vae=self.parts.vae, text_encoder=text.text_encoder,
+                text_encoder_2=text.text_encoder_2, tokenizer=text.tokenizer,
+                tokenizer_2=text.tokenizer_2, unet=self.parts.unet, controlnet=self.controlnet,
+                scheduler=LCMScheduler.from_pretrained(folder, subfolder="scheduler"),
+                force_zeros_for_empty_prompt=text.zero_empty_prompt, add_watermarker=False,
+            )  # fmt: skip
         return StableDiffusionControlNetPipeline(
             vae=self.parts.vae, text_encoder=self.parts.text_encoder,
             tokenizer=self.parts.tokenizer, unet=self.parts.unet, controlnet=self.controlnet,
