@@ -62,6 +62,39 @@ def test_two_processes_match_one(runs, strategy):
         torch.testing.assert_close(state["target"][name], value, rtol=0, atol=1e-5, msg=name)
 
 
+@pytest.fixture(scope="module")
+def sdxl_runs(tiny_sdxl_teacher, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist_sdxl")
+    common = ["train", "--teacher", str(tiny_sdxl_teacher), "--max-steps", "2",
+              "--global-batch", "4"]  # fmt: skip
+    _run([*common, "--strategy", "single", "--out", str(root / "single")], 1, root)
+    _run([*common, "--strategy", "fsdp", "--out", str(root / "fsdp")], 2, root)
+    return root
+
+
+def test_fsdp_on_sdxl_matches_one_process(sdxl_runs):
+    """SDXL under FSDP2: each rank's teacher UNet calls get the time_ids of its own rows
+    of the global batch (the recorded sizes come through the batch), and 2 processes
+    compute the losses and EMA target of 1 process with the global batch."""
+    ref_losses, ref = _load(sdxl_runs / "single")
+    losses, state = _load(sdxl_runs / "fsdp")
+    # rows [original (h, w), crop (top, left), target (h, w)] of worker.global_batch(4)
+    rows = [[64 + 8 * i, 48 - 4 * i, i, 2 * i, 32, 32] for i in range(4)]
+    seen = {
+        name: json.loads((sdxl_runs / run / f"time_ids_rank{rank}.json").read_text())
+        for name, run, rank in (("single", "single", 0), ("r0", "fsdp", 0), ("r1", "fsdp", 1))
+    }
+    assert seen["single"] and len(seen["r0"]) == len(seen["r1"]) == len(seen["single"])
+    # every teacher UNet call (solver, guidance branch) gets this rank's rows' time_ids
+    for name, want in (("single", rows), ("r0", rows[:2]), ("r1", rows[2:])):
+        assert all(call == want for call in seen[name]), name
+    assert sorted(losses) == [1, 2] and state["global_step"] == 2
+    for step, value in ref_losses.items():
+        assert losses[step] == pytest.approx(value, rel=1e-4), step
+    for name, value in ref["target"].items():
+        torch.testing.assert_close(state["target"][name], value, rtol=0, atol=1e-5, msg=name)
+
+
 def test_fsdp_save_resume_consolidate_export(runs, tiny_teacher):
     from codi_lightning.checkpoints import consolidate_checkpoint, is_sharded
     from codi_lightning.export import export_checkpoint

@@ -2,7 +2,8 @@
 
 Modes:
   train: fit the tiny model on a fixed global batch split across ranks; write the
-         per-step losses (mean over ranks) and the full EMA target to --out.
+         per-step losses (mean over ranks) and the full EMA target to --out, and (SDXL)
+         the time_ids each rank's teacher UNet was called with.
   data:  read the validation stream and a few training batches of a ShardDataModule;
          write the sample keys each rank saw to --out.
 """
@@ -22,12 +23,17 @@ from codi_lightning.training import CoDiDistillation
 
 
 def global_batch(n: int) -> list[dict]:
+    """n fixed samples, each with its own recorded original size and crop (SDXL's
+    time_ids; other families ignore them)."""
     g = torch.Generator().manual_seed(0)
     image = torch.rand(n, 3, 32, 32, generator=g) * 2 - 1
     captions = ["a red circle", "", "a blue square", "stripes"] * n
     return [
-        {"image": image[i], "cond": (image[i] + 1) / 2, "caption": captions[i]} for i in range(n)
-    ]
+        {"image": image[i], "cond": (image[i] + 1) / 2, "caption": captions[i],
+         "original_size": torch.tensor([64 + 8 * i, 48 - 4 * i]),
+         "crop_top_left": torch.tensor([i, 2 * i])}
+        for i in range(n)
+    ]  # fmt: skip
 
 
 class RankSlice(L.LightningDataModule):
@@ -73,6 +79,13 @@ def train(args: argparse.Namespace) -> None:
         args.teacher, method=args.method, num_grid=10, ema_decay=0.9, grad_clip_norm=1.0,
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
     )  # fmt: skip
+    time_ids: list[list[list[float]]] = []  # per teacher UNet call: [b, 6]
+
+    def record_time_ids(unet, args, kwargs):
+        if kwargs.get("added_cond_kwargs"):  # SDXL
+            time_ids.append(kwargs["added_cond_kwargs"]["time_ids"].tolist())
+
+    module.unet.register_forward_pre_hook(record_time_ids, with_kwargs=True)
     recorder = Recorder()
     trainer = L.Trainer(
         accelerator="cpu", devices=world, num_nodes=1, strategy=strategy, max_steps=args.max_steps,
@@ -84,6 +97,10 @@ def train(args: argparse.Namespace) -> None:
     if args.save:
         trainer.save_checkpoint(args.save)
     target = full_target(module)
+    if time_ids:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"time_ids_rank{trainer.global_rank}.json").write_text(json.dumps(time_ids))
     if trainer.global_rank == 0:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

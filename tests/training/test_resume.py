@@ -1,4 +1,5 @@
-"""Stop after k steps, resume from the checkpoint: the run continues exactly.
+"""Stop after k steps, resume from the checkpoint: the run continues exactly (SD, and
+SDXL with each sample's recorded sizes in its time_ids).
 
 Noise and timesteps are drawn from a generator seeded by (seed, global step, rank), and
 the data here is one fixed batch, so an interrupted run and an uninterrupted one see the
@@ -8,23 +9,32 @@ kernels.
 """
 
 import lightning as L
+import pytest
 import torch
 from conftest import make_batch
 from torch.utils.data import DataLoader
 
 from codi_lightning.training import CoDiDistillation
 
+# recorded (h, w) before resizing and crop (top, left), per sample: SDXL's time_ids
+SIZES = {"original_size": [[64, 48], [40, 33]], "crop_top_left": [[3, 0], [0, 4]]}
+
 
 class OneBatch(L.LightningDataModule):
-    """The same batch of 2, ``repeats`` times per epoch."""
+    """The same batch of 2, ``repeats`` times per epoch (``sizes``: with each sample's
+    recorded original size and crop, as the data module gives them)."""
 
-    def __init__(self, repeats: int = 1):
+    def __init__(self, repeats: int = 1, sizes: bool = False):
         super().__init__()
         batch = make_batch(batch=2)
         self.samples = [
             {"image": batch["image"][i], "cond": batch["cond"][i], "caption": batch["caption"][i]}
             for i in range(2)
-        ] * repeats
+        ]
+        if sizes:
+            for i, sample in enumerate(self.samples):
+                sample.update({k: torch.tensor(v[i]) for k, v in SIZES.items()})
+        self.samples = self.samples * repeats
 
     def train_dataloader(self):
         return DataLoader(self.samples, batch_size=2, shuffle=False)
@@ -52,7 +62,8 @@ class SeedRecorder(CoDiDistillation):
         return super().training_step(batch, batch_idx)
 
 
-def _fit(teacher, root, max_steps, ckpt_path=None, accumulate=1, cls=CoDiDistillation):
+def _fit(teacher, root, max_steps, ckpt_path=None, accumulate=1, cls=CoDiDistillation,
+         sizes=False):  # fmt: skip
     torch.manual_seed(0)
     module = cls(
         str(teacher), method="codi", num_grid=10, ema_decay=0.9,
@@ -65,20 +76,40 @@ def _fit(teacher, root, max_steps, ckpt_path=None, accumulate=1, cls=CoDiDistill
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
         callbacks=[recorder], num_sanity_val_steps=0, accumulate_grad_batches=accumulate,
     )  # fmt: skip
-    data = OneBatch(repeats=1 if accumulate == 1 else 50)
+    data = OneBatch(repeats=1 if accumulate == 1 else 50, sizes=sizes)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     if accumulate > 1:
         return trainer, module, recorder.micro
     return trainer, module, recorder.losses
 
 
-def test_resume_continues_exactly(tiny_teacher, tmp_path):
+class TimeIdsRecorder(CoDiDistillation):
+    """Records the time_ids of each training batch's conditioning."""
+
+    def batch_conditioning(self, batch):
+        y = super().batch_conditioning(batch)
+        self.time_ids = [*getattr(self, "time_ids", []), y.added["time_ids"].clone()]
+        return y
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_resume_continues_exactly(family, request, tmp_path):
+    teacher = request.getfixturevalue({"sd": "tiny_teacher", "sdxl": "tiny_sdxl_teacher"}[family])
+    sdxl = family == "sdxl"
+    cls = TimeIdsRecorder if sdxl else CoDiDistillation
     k, n = 3, 6
-    _, full, full_losses = _fit(tiny_teacher, tmp_path / "a", n)
-    trainer, _, first_losses = _fit(tiny_teacher, tmp_path / "b", k)
+    _, full, full_losses = _fit(teacher, tmp_path / "a", n, sizes=sdxl, cls=cls)
+    trainer, _, first_losses = _fit(teacher, tmp_path / "b", k, sizes=sdxl)
     ckpt = tmp_path / "k.ckpt"
     trainer.save_checkpoint(ckpt)
-    trainer2, resumed, resumed_losses = _fit(tiny_teacher, tmp_path / "c", n, ckpt_path=str(ckpt))
+    trainer2, resumed, resumed_losses = _fit(
+        teacher, tmp_path / "c", n, ckpt_path=str(ckpt), sizes=sdxl, cls=cls
+    )
+    if sdxl:  # every step, before and after resume, conditions on the batch's sizes
+        want = torch.tensor([[64, 48, 3, 0, 32, 32], [40, 33, 0, 4, 32, 32]], dtype=torch.float32)
+        assert len(full.time_ids) == n and len(resumed.time_ids) == n - k
+        for got in full.time_ids + resumed.time_ids:
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
 
     assert trainer2.global_step == n
     assert sorted(first_losses) == list(range(1, k + 1))
@@ -90,7 +121,7 @@ def test_resume_continues_exactly(tiny_teacher, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # the EMA really moved during fit (Lightning calls the optimizer_step override)
     torch.manual_seed(0)
-    fresh = CoDiDistillation(str(tiny_teacher), method="codi", num_grid=10)
+    fresh = CoDiDistillation(str(teacher), method="codi", num_grid=10)
     moved = [
         not torch.equal(a, b)
         for a, b in zip(fresh.target.parameters(), full.target.parameters(), strict=True)
