@@ -78,6 +78,8 @@ def prepare(out: str | Path, val_images: int = 128, inputs: int = 8, factor: int
     write(x[val], y[val], [names[i] for i in val], str(shards / "val-%06d.tar"), val_images)
     lowres = out / "lowres"
     lowres.mkdir(parents=True, exist_ok=True)
+    for old in lowres.glob("*.png"):  # inputs of an earlier demo would be predicted too
+        old.unlink()
     side = x.shape[-1] // factor
     for i in test[val_images : val_images + inputs]:  # held out from training and val
         image = Image.fromarray(x[i]).convert("RGB")
