@@ -237,10 +237,13 @@ def _vae_arg(vae_path: str | None) -> str:
     return f"\n    vae=AutoencoderKL.from_pretrained({json.dumps(vae_path)}{sub}),"
 
 
-def _latent_usage(
-    base: str, revision: str | None, unet: bool, steps: int, ts: list[int], vae_path=None
-) -> str:
-    rev = _revision(revision)
+def _controlnet_snippet(
+    pipeline: str, base: str, extra_args: str, unet: bool, steps: int, ts: list[int],
+    vae_path: str | None, text: str = "", prompt: str = "prompt",
+) -> str:  # fmt: skip
+    """The stock ControlNet pipeline's usage, both samplers: ``pipeline`` is its class,
+    ``extra_args`` the family's own ``from_pretrained`` arguments, ``text`` lines after
+    ``prompt = ""`` and ``prompt`` how the prompt is passed to the call."""
     unet_arg = (
         '\n    unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),' if unet else ""
     )
@@ -249,30 +252,39 @@ def _latent_usage(
 import torch
 from diffusers import (
     AutoencoderKL, ControlNetModel, DPMSolverMultistepScheduler, LCMScheduler,
-    StableDiffusionControlNetPipeline, UNet2DConditionModel,
+    {pipeline}, UNet2DConditionModel,
 )
 
 folder = "THIS_FOLDER"  # this export
 controlnet = ControlNetModel.from_pretrained(folder, subfolder="controlnet")
-pipe = StableDiffusionControlNetPipeline.from_pretrained(
+pipe = {pipeline}.from_pretrained(
     {json.dumps(base)}, controlnet=controlnet,{unet_arg}
-    safety_checker=None, requires_safety_checker=False{rev},
+    {extra_args},
 )
 # condition: the control image, a PIL image or a [1, 3, H, W] tensor in [0, 1]
-prompt = ""
+prompt = ""{text}
 
 # deterministic sampler (codi-lightning test --model.eval_stochastic false), {steps} steps
 pipe.scheduler = DPMSolverMultistepScheduler.from_pretrained(
     folder, subfolder="scheduler_deterministic"
 )
-image = pipe(prompt, image=condition, timesteps={ts}, guidance_scale=1.0,
+image = pipe({prompt}, image=condition, timesteps={ts}, guidance_scale=1.0,
              generator=torch.Generator().manual_seed(0)).images[0]
 
 # stochastic sampler (codi-lightning test --model.eval_stochastic true), {steps} steps
 pipe.scheduler = LCMScheduler.from_pretrained(folder, subfolder="scheduler")
-image = pipe(prompt, image=condition, num_inference_steps={steps}, guidance_scale=1.0,
+image = pipe({prompt}, image=condition, num_inference_steps={steps}, guidance_scale=1.0,
              generator=torch.Generator().manual_seed(0)).images[0]
 ```"""
+
+
+def _latent_usage(
+    base: str, revision: str | None, unet: bool, steps: int, ts: list[int], vae_path=None
+) -> str:
+    extra = f"safety_checker=None, requires_safety_checker=False{_revision(revision)}"
+    return _controlnet_snippet(
+        "StableDiffusionControlNetPipeline", base, extra, unet, steps, ts, vae_path
+    )
 
 
 def _sdxl_usage(
@@ -285,11 +297,6 @@ def _sdxl_usage(
     vae_path: str | None = None,
     zero_empty: bool = True,
 ) -> str:
-    rev = _revision(revision)
-    unet_arg = (
-        '\n    unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),' if unet else ""
-    )
-    unet_arg += _vae_arg(vae_path)
     width = int(unet_config["cross_attention_dim"])
     pooled = int(unet_config["projection_class_embeddings_input_dim"]) - 6 * int(
         unet_config["addition_time_embed_dim"]
@@ -303,40 +310,16 @@ negative prompt), so the snippet passes zero embeddings for `""`."""
 if prompt == "":  # zeros, as in training (not the encoded empty string)
     text = {{"prompt_embeds": torch.zeros(1, 77, {width}, dtype=pipe.dtype),
             "pooled_prompt_embeds": torch.zeros(1, {pooled}, dtype=pipe.dtype)}}"""
+    snippet = _controlnet_snippet(
+        "StableDiffusionXLControlNetPipeline", base, f"add_watermarker=False{_revision(revision)}",
+        unet, steps, ts, vae_path, text='\ntext = {"prompt": prompt}' + zeros, prompt="**text",
+    )  # fmt: skip
     return f"""An SDXL model: the stock `StableDiffusionXLControlNetPipeline`. Its size conditioning
 (`original_size`, `crops_coords_top_left`, `target_size`) defaults to original = target =
 the output size and crop (0, 0), what `codi-lightning` samples with when a sample has no
 recorded sizes; pass other values as you would to SDXL.{empty}
 
-```python
-import torch
-from diffusers import (
-    AutoencoderKL, ControlNetModel, DPMSolverMultistepScheduler, LCMScheduler,
-    StableDiffusionXLControlNetPipeline, UNet2DConditionModel,
-)
-
-folder = "THIS_FOLDER"  # this export
-controlnet = ControlNetModel.from_pretrained(folder, subfolder="controlnet")
-pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
-    {json.dumps(base)}, controlnet=controlnet,{unet_arg}
-    add_watermarker=False{rev},
-)
-# condition: the control image, a PIL image or a [1, 3, H, W] tensor in [0, 1]
-prompt = ""
-text = {{"prompt": prompt}}{zeros}
-
-# deterministic sampler (codi-lightning test --model.eval_stochastic false), {steps} steps
-pipe.scheduler = DPMSolverMultistepScheduler.from_pretrained(
-    folder, subfolder="scheduler_deterministic"
-)
-image = pipe(**text, image=condition, timesteps={ts}, guidance_scale=1.0,
-             generator=torch.Generator().manual_seed(0)).images[0]
-
-# stochastic sampler (codi-lightning test --model.eval_stochastic true), {steps} steps
-pipe.scheduler = LCMScheduler.from_pretrained(folder, subfolder="scheduler")
-image = pipe(**text, image=condition, num_inference_steps={steps}, guidance_scale=1.0,
-             generator=torch.Generator().manual_seed(0)).images[0]
-```"""
+{snippet}"""
 
 
 def _pixel_usage(base: str, revision: str | None, unet: bool, steps: int, ts: list[int]) -> str:
