@@ -144,6 +144,40 @@ def test_fit_then_validate_end_to_end(tmp_path, tiny_teacher, tiny_shards):
     assert "val/samples" in acc.Tags()["images"]
 
 
+def test_training_scalars_are_logged_only_on_the_steps_the_logger_writes(
+    tmp_path, tiny_teacher, tiny_shards, monkeypatch
+):
+    """Each ``self.log`` costs Lightning bookkeeping (and a sync for the progress bar on a
+    GPU), so the module logs its per-step scalars only on the steps the logger writes: the
+    written series must be the same as logging every step would give, the calls fewer."""
+    import lightning as L
+
+    from codi_lightning.training import CoDiDistillation
+
+    calls = []
+    real_log = L.LightningModule.log
+
+    def spy(self, name, value, *args, **kwargs):
+        if name.startswith("train/"):
+            calls.append((self.global_step, name))
+        return real_log(self, name, value, *args, **kwargs)
+
+    monkeypatch.setattr(CoDiDistillation, "log", spy)
+    config, out = _tiny_config(
+        tmp_path, tiny_teacher, tiny_shards, max_steps=6, log_every_n_steps=3,
+        val_check_interval=6,
+    )  # fmt: skip
+    main(["fit", "--config", str(config)])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(sorted((out / "logs").rglob("events.out.tfevents.*"))[0].parent))
+    acc.Reload()
+    for name in ("train/loss", "train/consistency", "train/grad_norm", "train/lr"):
+        written = [e.step for e in acc.Scalars(name)]
+        assert written == [2, 5], name  # Lightning writes every log_every_n_steps-th step
+        assert sorted(step for step, n in calls if n == name) == written, name
+
+
 def test_test_predict_export_end_to_end(tmp_path, tiny_teacher, tiny_shards):
     import json
 

@@ -39,7 +39,7 @@ from ..models import Conditioning, ImageSizes, build_adapter, check_resolution, 
 from .frozen import SkipFrozenState
 from .optim import optimizers_for
 from .parallel import data_parallel_mesh, enable_memory_savers, shard_blocks
-from .run import run_dir, seeded_generator
+from .run import logs_this_step, run_dir, seeded_generator
 from .visualize import save_grid
 
 FROZEN_PREFIXES = ("unet.", "vae.", "text_encoder.")
@@ -446,11 +446,12 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         gen = self.step_generator(micro_batch=self.micro_batch_index(batch_idx))
         loss, terms = self.compute_loss(batch, gen)  # METHOD.md steps 1-5
-        self.log("train/loss", terms.pop("loss"), prog_bar=True)
-        self.log_dict({f"train/{k}": v for k, v in terms.items()})
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        for reason, count in (batch.get("skipped") or {}).items():  # bad samples, per worker
-            self.log(f"data/skipped_{reason}", float(count))
+        if logs_this_step(self._trainer):  # only the steps the loggers write
+            self.log("train/loss", terms.pop("loss"), prog_bar=True)
+            self.log_dict({f"train/{k}": v for k, v in terms.items()})
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+            for reason, count in (batch.get("skipped") or {}).items():  # cumulative, per worker
+                self.log(f"data/skipped_{reason}", float(count))
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -459,6 +460,9 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         if not params:
             return
         max_norm = self.hparams.grad_clip_norm
+        log = logs_this_step(self._trainer)
+        if max_norm is None and not log:
+            return  # nothing to clip, nothing to log: no norm to compute
         root = getattr(self.trainer.strategy, "model", None)
         if type(root).__name__ == "FullyShardedDataParallel":  # FSDP1: its own sharded clip
             norm = root.clip_grad_norm_(float("inf") if max_norm is None else max_norm)
@@ -466,9 +470,10 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        self.log("train/grad_norm", norm)
+        if log:
+            self.log(
+                "train/grad_norm", norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            )
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)

@@ -21,3 +21,21 @@ def seeded_generator(key: str, device: torch.device | str = "cpu") -> torch.Gene
     """A generator seeded by the SHA-256 of ``key`` (e.g. ``"seed:step:salt"``)."""
     seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") & (2**63 - 1)
     return torch.Generator(device=device).manual_seed(seed)
+
+
+def logs_this_step(trainer: L.Trainer | None) -> bool:
+    """Whether the loggers write this training step's values (every ``log_every_n_steps``
+    steps, and on the last).
+
+    The modules hand their per-step scalars to ``self.log`` only then: each ``self.log``
+    call costs ~2 ms of Lightning's bookkeeping on the CPU (it moves the stored result to
+    the value's device), so five of them a step were ~10% of a tiny CPU step
+    (bench/step_overhead.py, docs/performance.md), and on a GPU every logged value shown
+    in the progress bar is a device sync. What is written is unchanged; the progress bar
+    shows the loss of the last logged step. Without a trainer (or on a Lightning without
+    the connector's ``should_update_logs``) every step logs.
+    """
+    if trainer is None:
+        return True
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", True))

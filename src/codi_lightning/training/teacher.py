@@ -24,7 +24,7 @@ from ..models.tiny import SD_SCHEDULER
 from .ddim import ddim_sample
 from .frozen import SkipFrozenState
 from .optim import optimizers_for
-from .run import run_dir
+from .run import logs_this_step, run_dir
 from .visualize import save_grid
 
 
@@ -129,8 +129,9 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = self.diffusion_loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        if logs_this_step(self._trainer):  # only the steps the loggers write
+            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
     def ema_decay_now(self) -> float:
