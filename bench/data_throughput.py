@@ -1,10 +1,12 @@
 """Data throughput: samples/s of one data-loading worker per condition recipe.
 
-    python bench/data_throughput.py                       # 512 px crops, ~1 min on 2 cores
+    python bench/data_throughput.py                       # 512 px crops, ~2 min on 2 cores
     python bench/data_throughput.py --size 256 --samples 8 --out bench/data.json
 
 Each sample is a JPEG (quality 90, ``--source`` px on the shorter side, a textured
-synthetic picture) decoded with the project's safe decoder, resized and randomly
+synthetic picture; by default 1.25x and 2x the crop, e.g. 640 and 1024 px for 512 px
+crops) decoded with the project's safe decoder as ``ShardDataModule`` decodes it (at
+reduced scale where the JPEG is at least twice the crop), resized and randomly
 cropped to ``--size`` px, and given a condition by one recipe: ``crop only`` (the
 condition is the crop itself: the cost of decoding and cropping), ``sr`` (bicubic),
 ``sr_realesrgan`` (second-order degradation), ``inpaint`` (box/stroke mask) and
@@ -56,10 +58,10 @@ def measure(recipe: str, jpegs: list[bytes], size: int, sr_factor: int, seed: in
     transform = PairTransform(size, random_crop=True, hflip=True, recipe=fn)
     rng = random.Random(seed)
     raw = [{"__key__": f"s{i}", "jpg": data} for i, data in enumerate(jpegs)]
-    transform(decode_sample(raw[0]), rng)  # warm-up (imports, allocator)
+    transform(decode_sample(raw[0], draft=size), rng)  # warm-up (imports, allocator)
     start = time.perf_counter()
     for sample in raw:
-        out = transform(decode_sample(sample), rng)
+        out = transform(decode_sample(sample, draft=size), rng)  # as ShardDataModule._stage
     seconds = time.perf_counter() - start
     assert out["cond"].shape == (3, size, size)
     n = len(raw)
@@ -72,12 +74,13 @@ def measure(recipe: str, jpegs: list[bytes], size: int, sr_factor: int, seed: in
     }
 
 
-def table(rows: list[dict], size: int, source: int) -> str:
+def table(rows: list[dict], size: int) -> str:
     """A plain-text table of the measurements."""
-    lines = [f"one worker, {source} px JPEG -> {size} px crop (1 thread)",
-             f"{'recipe':<15}{'samples/s':>11}{'ms/sample':>11}"]  # fmt: skip
+    lines = [f"one worker, JPEG -> {size} px crop (1 thread)",
+             f"{'source px':<10}{'recipe':<15}{'samples/s':>11}{'ms/sample':>11}"]  # fmt: skip
     lines += [
-        f"{r['recipe']:<15}{r['samples_per_s']:>11.1f}{r['ms_per_sample']:>11.1f}" for r in rows
+        f"{r['source']:<10}{r['recipe']:<15}{r['samples_per_s']:>11.1f}{r['ms_per_sample']:>11.1f}"
+        for r in rows
     ]
     return "\n".join(lines)
 
@@ -85,20 +88,23 @@ def table(rows: list[dict], size: int, source: int) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=512, help="crop size in pixels")
-    parser.add_argument("--source", type=int, default=0,
-                        help="JPEG shorter side (default: 1.25 x size)")  # fmt: skip
+    parser.add_argument("--source", type=int, nargs="+", default=None,
+                        help="JPEG shorter sides (default: 1.25 x and 2 x size)")  # fmt: skip
     parser.add_argument("--samples", type=int, default=40, help="samples per recipe")
     parser.add_argument("--sr-factor", type=int, default=4)
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
     parser.add_argument("--out", help="also write the rows as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    source = args.source or round(args.size * 1.25)
-    jpegs = synthetic_jpegs(args.samples, source)
-    rows = [measure(r, jpegs, args.size, args.sr_factor) for r in args.recipes]
-    print(table(rows, args.size, source))
+    sources = args.source or [round(args.size * 1.25), args.size * 2]
+    rows = []
+    for source in sources:
+        jpegs = synthetic_jpegs(args.samples, source)
+        rows += [{"source": source, **measure(r, jpegs, args.size, args.sr_factor)}
+                 for r in args.recipes]  # fmt: skip
+    print(table(rows, args.size))
     if args.out:
-        record = {"size": args.size, "source": source, "rows": rows}
+        record = {"size": args.size, "sources": sources, "rows": rows}
         Path(args.out).write_text(json.dumps(record, indent=1))
     return rows
 

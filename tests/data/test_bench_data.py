@@ -12,7 +12,9 @@ def test_data_throughput_smoke(tmp_path, capsys):
     spec.loader.exec_module(module)
     out = tmp_path / "data.json"
     rows = module.main(["--size", "64", "--samples", "2", "--out", str(out)])
-    assert [r["recipe"] for r in rows] == list(module.RECIPES)
+    assert [(r["source"], r["recipe"]) for r in rows] == [
+        (s, r) for s in (80, 128) for r in module.RECIPES
+    ]  # 1.25x and 2x the crop
     assert all(r["samples"] == 2 and r["samples_per_s"] > 0 for r in rows)
     assert "sr_realesrgan" in capsys.readouterr().out
     assert json.loads(out.read_text())["size"] == 64

@@ -404,8 +404,10 @@ class ShardDataModule(L.LightningDataModule):
 
     def _stage(self, name: str, seed: int, rank: int, urls: list[str]) -> PairStage:
         hp = self.hparams
+        # JPEGs at least twice the crop decode at reduced scale when resizing shrinks them
         decode = partial(decode_sample, max_pixels=hp.max_pixels, min_size=hp.min_size,
-                         max_aspect=hp.max_aspect, caption_errors=hp.caption_errors)  # fmt: skip
+                         max_aspect=hp.max_aspect, caption_errors=hp.caption_errors,
+                         draft=hp.resolution if hp.resize_shorter else 0)  # fmt: skip
         stage = PairStage(self._transform(train=name == "train"), seed, rank, decode,
                           hp.max_consecutive_skips, urls)  # fmt: skip
         self.stages[name] = stage

@@ -227,9 +227,15 @@ def decode_sample(
     min_size: int = 0,
     max_aspect: float | None = None,
     caption_errors: CaptionErrors = "replace",
+    draft: int = 0,
 ) -> dict[str, Any]:
     """Raw WebDataset sample -> ``{"key", "image", "cond" (or None), "mask" (or None),
-    "caption", "meta"}``.
+    "caption", "meta", "size"}``.
+
+    ``draft``: a JPEG target with no stored condition is decoded at a reduced scale (1/2,
+    1/4 or 1/8, in libjpeg's DCT) as long as its shorter side stays at or above ``draft``
+    pixels: a 1024 px photo cropped at 512 decodes ~3x faster. 0: always full size.
+    ``size`` is the stored ``(width, height)``, whatever the decoded size.
 
     Cheap checks come first: the target's size (from ``json`` ``width``/``height`` when
     present, else from the image header) is filtered by ``min_size`` (shorter side) and
@@ -244,7 +250,7 @@ def decode_sample(
             identify image file)``.
     """
     try:
-        return _decode_sample(sample, max_pixels, min_size, max_aspect, caption_errors)
+        return _decode_sample(sample, max_pixels, min_size, max_aspect, caption_errors, draft)
     except BadSample as err:
         err.locate(sample_location(sample))
         raise
@@ -252,7 +258,7 @@ def decode_sample(
 
 def _decode_sample(
     sample: dict[str, Any], max_pixels: int, min_size: int, max_aspect: float | None,
-    caption_errors: CaptionErrors,
+    caption_errors: CaptionErrors, draft: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
     key = sample.get("__key__", "?")
     target = next((k for k in TARGET_KEYS if k in sample), None)
@@ -269,13 +275,29 @@ def _decode_sample(
     cond_header = None
     if cond_key is not None:
         cond_header = _open(sample, cond_key, max_pixels, "corrupt_condition")
+    stored_size = header.size
+    if draft and cond_header is None:  # a stored condition is matched to the stored size
+        reduce_jpeg_decoding(header, draft)
     image = _load(header, "corrupt_image", _member(sample, target))
     cond = None
     if cond_header is not None:
         cond = _load(cond_header, "corrupt_condition", _member(sample, cond_key))
     mask = _decode_mask(sample, max_pixels) if cond is not None else None
     return {"key": key, "image": image, "cond": cond, "mask": mask, "caption": caption,
-            "meta": meta}  # fmt: skip
+            "meta": meta, "size": stored_size}  # fmt: skip
+
+
+def reduce_jpeg_decoding(img: Image.Image, short_side: int) -> None:
+    """Before decoding: let libjpeg decode an opened JPEG at 1/2, 1/4 or 1/8 scale, the
+    smallest whose shorter side is still at least ``short_side`` (no-op for other
+    formats or when the image is less than twice that)."""
+    if img.format != "JPEG" or short_side <= 0:
+        return
+    w, h = img.size
+    for s in (8, 4, 2):
+        if min(w, h) >= s * short_side:  # decoded size: ceil(w / s) x ceil(h / s)
+            img.draft(None, (w // s, h // s))  # PIL's choice: min(w // (w // s), ...) = s
+            return
 
 
 def _decode_mask(sample: dict[str, Any], max_pixels: int) -> Image.Image | None:

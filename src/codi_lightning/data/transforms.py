@@ -19,8 +19,20 @@ CondMismatch = Literal["resize", "skip"]
 
 
 def to_tensor01(image: Image.Image) -> torch.Tensor:
-    """PIL image -> float tensor [C, H, W] in [0, 1]."""
-    return pil_to_tensor(image).float() / 255.0
+    """PIL image -> float tensor [C, H, W] in [0, 1] (uint8 until this one conversion)."""
+    return pil_to_tensor(image).float().div_(255.0)
+
+
+def _resized_crop(
+    image: Image.Image, size: tuple[int, int], box: tuple[int, int, int, int], resample: int
+) -> Image.Image:
+    """``image.resize(size).crop(box)``, resampling only the crop (``box`` is in the
+    resized image's coordinates)."""
+    if image.size == size:
+        return image.crop(box)
+    sx, sy = image.width / size[0], image.height / size[1]
+    source = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    return image.resize((box[2] - box[0], box[3] - box[1]), resample, box=source)
 
 
 def condition_scale(target: tuple[int, int], cond: tuple[int, int]) -> int | None:
@@ -122,20 +134,18 @@ class PairTransform:
     def __call__(self, sample: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         self._check_condition(sample)
         image, cond = sample["image"], sample["cond"]
-        original = (image.height, image.width)
-        size = self._resized_size(image.size)
-        if image.size != size:
-            image = image.resize(size, Image.BICUBIC)
-        if cond is not None and cond.size != size:  # one resampling, from any stored size
-            cond = cond.resize(size, Image.BICUBIC)
+        stored = tuple(sample.get("size") or image.size)  # (w, h) before any reduced decoding
+        original = (stored[1], stored[0])
+        size = self._resized_size(stored)
         mask = sample.get("mask") if cond is not None else None  # a stored inpainting mask
-        if mask is not None and mask.size != size:
-            mask = mask.resize(size, Image.NEAREST)
         box = self._crop_box(size, rng)
-        image = image.crop(box)
+        # resize-then-crop, computed for the crop alone (one resampling from any stored
+        # size; PIL's ``box`` keeps the filter support outside the crop, so the pixels
+        # are those of resizing the whole image and cropping, without the waste)
+        image = _resized_crop(image, size, box, Image.BICUBIC)
         if cond is not None:
-            cond = cond.crop(box)
-            mask = mask.crop(box) if mask is not None else None
+            cond = _resized_crop(cond, size, box, Image.BICUBIC)
+            mask = _resized_crop(mask, size, box, Image.NEAREST) if mask is not None else None
         else:
             made = self.recipe(image, rng)
             cond, mask = made if isinstance(made, tuple) else (made, None)
@@ -149,7 +159,7 @@ class PairTransform:
         if self.caption_dropout and rng.random() < self.caption_dropout:
             caption = ""
         out = {
-            "image": to_tensor01(image) * 2 - 1,  # x in [-1, 1]
+            "image": to_tensor01(image).mul_(2).sub_(1),  # x in [-1, 1]
             "cond": to_tensor01(cond.convert("RGB")),  # c in [0, 1]
             "caption": caption,
             "key": sample["key"],
