@@ -29,6 +29,7 @@ from .checkpoints import (
     newest_checkpoint,
 )
 from .data import ShardDataModule, write_depth_shards, write_edit_shards, write_shards
+from .data.cache import write_cached_shards
 from .data.datamodule import MissingShardsError, check_local_shards, shard_sources
 from .data.folder import ConditionFolder
 from .export import export_checkpoint
@@ -38,6 +39,7 @@ DEFAULT_MODEL = CoDiDistillation
 
 EXTRA_COMMANDS = {
     "shards": write_shards,
+    "cache": write_cached_shards,
     "edit-shards": write_edit_shards,
     "depth-shards": write_depth_shards,
     "export": export_checkpoint,
@@ -66,6 +68,8 @@ EPILOG = (
     "Also: `codi-lightning shards --help` writes WebDataset shards from an image folder "
     "(`edit-shards` from a JSONL manifest of editing triples, `depth-shards` with depth "
     "maps estimated at write time); "
+    "`codi-lightning cache --help` adds the teacher's VAE latents and text embeddings to "
+    "shards, so training skips both encoders; "
     "`codi-lightning export --help` writes diffusers folders from a checkpoint; "
     "`codi-lightning consolidate --help` gathers a sharded checkpoint into one file."
 )

@@ -1,6 +1,7 @@
 """Data: safe WebDataset decoding, condition recipes, paired transforms, the DataModule and
 the shard writers."""
 
+from .cache import write_cached_shards
 from .datamodule import PairStage, ShardDataModule, ShardSource
 from .decode import BadSample, decode_sample
 from .depth import write_depth_shards
@@ -21,6 +22,7 @@ __all__ = [
     "make_recipe",
     "realesrgan_low",
     "sr_bicubic",
+    "write_cached_shards",
     "write_depth_shards",
     "write_edit_shards",
     "write_shards",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import struct
 import warnings
 from typing import Any, Literal
 
@@ -27,7 +28,14 @@ COND_KEYS = tuple(f"cond.{e}" for e in IMAGE_EXTS)
 MASK_KEYS = ("mask.png",)
 TEXT_KEYS = ("txt",)
 JSON_KEYS = ("json",)
-ALLOWED = set(TARGET_KEYS) | set(COND_KEYS) | set(MASK_KEYS) | set(TEXT_KEYS) | set(JSON_KEYS)
+# cached latents and text conditioning (``codi-lightning cache``; data/cache.py)
+LATENTS, TEXT = "latents.safetensors", "text.safetensors"
+CACHE_KEYS = (LATENTS, TEXT)
+ALLOWED = (
+    set(TARGET_KEYS) | set(COND_KEYS) | set(MASK_KEYS) | set(TEXT_KEYS) | set(JSON_KEYS)
+    | set(CACHE_KEYS)
+)  # fmt: skip
+GRID = 8  # SD's VAE downsampling: cached-latent crops stay on this pixel grid
 DEFAULT_MAX_PIXELS = 64_000_000  # 64 MP: e.g. 8000 x 8000
 CaptionErrors = Literal["replace", "skip"]
 
@@ -283,8 +291,10 @@ def _decode_sample(
     if cond_header is not None:
         cond = _load(cond_header, "corrupt_condition", _member(sample, cond_key))
     mask = _decode_mask(sample, max_pixels) if cond is not None else None
-    return {"key": key, "image": image, "cond": cond, "mask": mask, "caption": caption,
-            "meta": meta, "size": stored_size}  # fmt: skip
+    out = {"key": key, "image": image, "cond": cond, "mask": mask, "caption": caption,
+           "meta": meta, "size": stored_size}  # fmt: skip
+    _decode_cached(sample, out)
+    return out
 
 
 def reduce_jpeg_decoding(img: Image.Image, short_side: int) -> None:
@@ -298,6 +308,40 @@ def reduce_jpeg_decoding(img: Image.Image, short_side: int) -> None:
         if min(w, h) >= s * short_side:  # decoded size: ceil(w / s) x ceil(h / s)
             img.draft(None, (w // s, h // s))  # PIL's choice: min(w // (w // s), ...) = s
             return
+
+
+def cache_geometry(
+    stored: tuple[int, int], resolution: int, resize_shorter: bool, grid: int = GRID
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``(resized, trimmed)``: the size the data module resizes a stored ``(w, h)`` image
+    to (as ``PairTransform``), and that size cut down to the VAE's grid (8 pixels for SD:
+    what the cache encodes; the right and bottom edges lose at most ``grid - 1`` pixels)."""
+    w, h = stored
+    if resize_shorter or min(w, h) < resolution:
+        scale = resolution / min(w, h)
+        w, h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    return (w, h), (w - w % grid, h - h % grid)
+
+
+def read_safetensors(data: bytes) -> tuple[dict[str, Any], dict[str, str]]:
+    """Tensors and string metadata of safetensors bytes (a format without pickle)."""
+    from safetensors.torch import load
+
+    (length,) = struct.unpack("<Q", data[:8])
+    meta = json.loads(data[8 : 8 + length]).get("__metadata__") or {}
+    return load(data), dict(meta)
+
+
+def _decode_cached(sample: dict[str, Any], out: dict[str, Any]) -> None:
+    """``latents`` / ``text``: (tensors, metadata) of the cached members, when present."""
+    for member, name in ((LATENTS, "latents"), (TEXT, "text")):
+        if member in sample:
+            try:
+                out[name] = read_safetensors(sample[member])
+            except Exception as err:
+                raise BadSample(
+                    "corrupt_cache", f"{_member(sample, member)} is not readable ({err})"
+                ) from err
 
 
 def _decode_mask(sample: dict[str, Any], max_pixels: int) -> Image.Image | None:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
-from .decode import BadSample
+from .decode import GRID, BadSample, cache_geometry
 from .recipes import ConditionRecipe, make_recipe, sr_bicubic
 
 __all__ = ["PairTransform", "collate", "condition_scale", "make_recipe", "sr_bicubic"]
@@ -131,6 +131,54 @@ class PairTransform:
             left, top = (w - r) // 2, (h - r) // 2
         return left, top, left + r, top + r
 
+    def _grid_box(
+        self, stored: tuple[int, int], latents: tuple[dict, dict], rng: random.Random
+    ) -> tuple[int, int, int, int]:
+        """The crop for a sample with cached latents: on the 8-pixel grid, inside the
+        region the cache encoded (checked against the cache's own record)."""
+        tensors, meta = latents
+        cached = (meta.get("resolution"), meta.get("resize_shorter"))
+        if cached != (str(self.resolution), str(bool(self.resize_shorter))):
+            raise ValueError(
+                f"the shards' cached latents were made with resolution={cached[0]}, "
+                f"resize_shorter={cached[1]}, but data.resolution={self.resolution}, "
+                f"data.resize_shorter={self.resize_shorter}: set those, or run "
+                "`codi-lightning cache` again with the run's values"
+            )
+        r, g = self.resolution, int(meta.get("grid", GRID))
+        if r % g:
+            raise ValueError(f"data.resolution={r} is not a multiple of the VAE's grid ({g})")
+        (w, h) = cache_geometry(stored, r, self.resize_shorter, g)[1]
+        if tuple(tensors["mean"].shape[-2:]) != (h // g, w // g):
+            raise ValueError(
+                f"cached latents of shape {tuple(tensors['mean'].shape)} do not match the "
+                f"{w}x{h} region of a {stored[0]}x{stored[1]} image at resolution {r}"
+            )
+        if self.random_crop:
+            left, top = g * rng.randint(0, (w - r) // g), g * rng.randint(0, (h - r) // g)
+        else:
+            left, top = g * ((w - r) // 2 // g), g * ((h - r) // 2 // g)
+        return left, top, left + r, top + r
+
+    def _latent_window(
+        self, stored: tuple[int, int], latents: tuple[dict, dict], box: tuple, flipped: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached posterior's mean and std under the crop (of the mirror image's
+        latents when the crop is flipped)."""
+        tensors, g = latents[0], int(latents[1].get("grid", GRID))
+        top, left, n = box[1] // g, box[0] // g, self.resolution // g
+        prefix = ""
+        if flipped:
+            if "flip_mean" not in tensors:
+                raise ValueError(
+                    "data.hflip=true but the cached latents have no mirror image: run "
+                    "`codi-lightning cache` with --hflip true, or set data.hflip=false"
+                )
+            w = cache_geometry(stored, self.resolution, self.resize_shorter, g)[1][0]
+            prefix, left = "flip_", (w - box[2]) // g
+        window = (slice(None), slice(top, top + n), slice(left, left + n))
+        return tensors[prefix + "mean"][window], tensors[prefix + "std"][window]
+
     def __call__(self, sample: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         self._check_condition(sample)
         image, cond = sample["image"], sample["cond"]
@@ -138,7 +186,8 @@ class PairTransform:
         original = (stored[1], stored[0])
         size = self._resized_size(stored)
         mask = sample.get("mask") if cond is not None else None  # a stored inpainting mask
-        box = self._crop_box(size, rng)
+        latents = sample.get("latents")
+        box = self._crop_box(size, rng) if latents is None else self._grid_box(stored, latents, rng)
         # resize-then-crop, computed for the crop alone (one resampling from any stored
         # size; PIL's ``box`` keeps the filter support outside the crop, so the pixels
         # are those of resizing the whole image and cropping, without the waste)
@@ -150,7 +199,8 @@ class PairTransform:
             made = self.recipe(image, rng)
             cond, mask = made if isinstance(made, tuple) else (made, None)
         top, left = box[1], box[0]
-        if self.hflip and rng.random() < 0.5:
+        flipped = self.hflip and rng.random() < 0.5
+        if flipped:
             left = size[0] - box[2]  # the crop's left edge in the mirrored resized image
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
             cond = cond.transpose(Image.FLIP_LEFT_RIGHT)
@@ -168,6 +218,12 @@ class PairTransform:
         }
         if mask is not None:
             out["mask"] = to_tensor01(mask.convert("L"))  # 1 = pixels to fill
+        if latents is not None:
+            out["latent_mean"], out["latent_std"] = self._latent_window(
+                stored, latents, box, flipped
+            )
+        if "text" in sample:
+            out["text"] = sample["text"][0]
         return out
 
 
@@ -189,4 +245,11 @@ def collate(
             batch[field] = torch.tensor([list(s[field]) for s in samples], dtype=torch.long)
     if samples and all("mask" in s for s in samples):
         batch["mask"] = torch.stack([s["mask"] for s in samples])
+    for field in ("latent_mean", "latent_std"):  # cached latents (data/cache.py)
+        if samples and all(field in s for s in samples):
+            batch[field] = torch.stack([s[field] for s in samples])
+    if samples and all("text" in s for s in samples):  # cached text conditioning
+        batch["text"] = {
+            k: torch.stack([s["text"][k] for s in samples]) for k in samples[0]["text"]
+        }
     return batch

@@ -20,7 +20,7 @@ class ControlNetBaseline(CoDiDistillation):
     ``num_grid`` are unused."""
 
     def compute_loss(self, batch: dict[str, Any], gen: torch.Generator) -> tuple[Tensor, dict]:
-        x = self.encode_images(batch["image"], gen)
+        x = self.batch_latents(batch, gen)
         cond, text = batch["cond"], self.batch_conditioning(batch)
         noise = self.rank_slice_randn(x.shape, gen)
         b, world = x.shape[0], self._rank_and_world()[1]

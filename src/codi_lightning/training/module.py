@@ -331,8 +331,30 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         return text if sizes is None else self.text_encoder.add_sizes(text, sizes)
 
     def batch_conditioning(self, batch: dict[str, Any]) -> Conditioning:
-        """y for a batch: its captions and recorded image sizes (:meth:`ImageSizes.from_batch`)."""
-        return self.encode_text(batch["caption"], ImageSizes.from_batch(batch))
+        """y for a batch: its captions and recorded image sizes (:meth:`ImageSizes.from_batch`).
+
+        Cached text conditioning (``batch["text"]``, data/cache.py) replaces the text
+        encoder; rows whose caption is empty (dropped by ``caption_dropout``) get the
+        empty prompt's, as the text encoder would give them."""
+        sizes = ImageSizes.from_batch(batch)
+        cached = batch.get("text")
+        if cached is None:
+            return self.encode_text(batch["caption"], sizes)
+        dtype = self.text_encoder.dtype
+        text = Conditioning(
+            cached["hidden_states"].to(self.device, dtype),
+            {k[len("added.") :]: v.to(self.device, dtype) for k, v in cached.items()
+             if k.startswith("added.")},
+        )  # fmt: skip
+        empty = [i for i, c in enumerate(batch["caption"]) if not c]
+        if empty:
+            rows = torch.tensor(empty, device=self.device)
+            blank = self.empty_text(len(empty))
+            text = Conditioning(
+                text.hidden_states.index_copy(0, rows, blank.hidden_states.to(dtype)),
+                {k: v.index_copy(0, rows, blank.added[k].to(dtype)) for k, v in text.added.items()},
+            )
+        return self.text_encoder.add_sizes(text, sizes)
 
     def empty_text(self, batch: int) -> Conditioning:
         """The empty prompt's text conditioning, computed once per device, ``batch`` rows."""
@@ -371,6 +393,22 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
             dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
         eps = self.rank_slice_randn(dist.mean.shape, generator)
         return (dist.mean.float() + dist.std.float() * eps) * self.scaling_factor
+
+    @torch.no_grad()
+    def batch_latents(self, batch: dict[str, Any], generator: torch.Generator | None) -> Tensor:
+        """x for a batch: :meth:`encode_images` of its images, or, when the batch carries
+        cached posteriors (``latent_mean``/``latent_std``, data/cache.py), the same sample
+        ``(mean + std * eps) * scaling_factor`` from the same noise, without the VAE."""
+        if "latent_mean" not in batch:
+            return self.encode_images(batch["image"], generator)
+        if self.vae is None:
+            raise ValueError(
+                "the batch carries cached latents but the model works in pixel space "
+                "(model.pixel_space=true): train on the uncached shards"
+            )
+        mean, std = batch["latent_mean"].float(), batch["latent_std"].float()
+        eps = self.rank_slice_randn(mean.shape, generator)
+        return (mean + std * eps) * self.scaling_factor
 
     def _rank_and_world(self) -> tuple[int, int]:
         if self._trainer is None:
@@ -420,7 +458,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
 
     def compute_loss(self, batch: dict[str, Any], gen: torch.Generator) -> tuple[Tensor, dict]:
         hp = self.hparams
-        x = self.encode_images(batch["image"], gen)  # clean latent x (METHOD.md, Notation)
+        x = self.batch_latents(batch, gen)  # clean latent x (METHOD.md, Notation)
         cond, text = batch["cond"], self.batch_conditioning(batch)  # c in [0, 1], y
         noise = self.rank_slice_randn(x.shape, gen)  # eps ~ N(0, I)
         b, world = x.shape[0], self._rank_and_world()[1]

@@ -1,0 +1,197 @@
+"""Cached latents and text embeddings: encode shards once, train without VAE and text encoder.
+
+``codi-lightning cache --pretrained <teacher> --shards 'in-{000000..000009}.tar' --output
+'cached/train-%06d.tar' --resolution 512`` copies every sample and adds two members:
+
+- ``latents.safetensors``: the VAE posterior's mean and standard deviation (fp16 by
+  default) of the WHOLE image resized as the data module resizes it (shorter side to
+  ``resolution``) and trimmed to the VAE's grid; with ``hflip`` also those of its
+  mirror image. Random crops survive: the data module crops on the VAE's grid (8
+  pixels for SD) and takes the matching window of the latents. A latent window is not exactly the latent of
+  the cropped pixels (the encoder sees past the crop's border; docs/performance.md has
+  the measured difference), which is why this is a choice and not the default.
+- ``text.safetensors``: the teacher's text conditioning of the caption (SD: the CLIP
+  sequence [77, D]; SDXL: both sequences and the pooled embedding), so the text
+  encoder does not run either. A caption dropped by ``data.caption_dropout`` becomes the
+  empty prompt in the module, as without the cache.
+
+The stored image stays in the sample: the condition recipes (SR, inpainting, edges)
+work on its pixels, and validation and the grids use it. The module uses the cached
+members whenever a batch has them (``CoDiDistillation.batch_latents`` /
+``batch_conditioning``); the posterior sample is drawn from the same noise as the VAE
+path draws, so with fp32 storage the loss equals the uncached loss exactly (tests).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch import Tensor
+from tqdm import tqdm
+
+from .datamodule import check_local_shards, shard_sources
+from .decode import (
+    DEFAULT_MAX_PIXELS,
+    LATENTS,
+    TEXT,
+    BadSample,
+    cache_geometry,
+    decode_caption,
+    decode_image,
+    select_member,
+)
+from .transforms import to_tensor01
+
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _safetensors(tensors: dict[str, Tensor], meta: dict[str, str]) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
+
+
+def load_encoders(
+    pretrained: str, vae_path: str | None = None, revision: str | None = None
+) -> tuple[torch.nn.Module, Any, str]:
+    """The teacher's VAE and text side (no UNet): ``(vae, prompt_encoder, family)``."""
+    from ..models.builders import load_vae
+    from ..models.teachers import family_of, read_model_index
+
+    index = read_model_index(pretrained, revision)
+    family = family_of(index)
+    kw: dict[str, Any] = {"revision": revision}
+    vae = load_vae(pretrained, vae_path, {**kw, "variant": None})
+    prompt = family.load_prompt_encoder(pretrained, index, kw, {**kw, "variant": None})
+    for module in (vae, prompt):
+        module.requires_grad_(False).eval()
+    return vae, prompt, family.name
+
+
+def _raw_samples(shards: str) -> Iterator[dict[str, Any]]:
+    for urls, _ in shard_sources(shards, "--shards"):
+        check_local_shards(urls, "--shards")
+        for url in urls:
+            stream = iter([{"url": url}])
+            yield from wds.tarfile_samples(stream, select_files=select_member)
+
+
+@torch.no_grad()
+def write_cached_shards(
+    pretrained: str,
+    shards: str,
+    output: str,
+    resolution: int = 512,
+    resize_shorter: bool = True,
+    hflip: bool = True,
+    text: bool = True,
+    dtype: str = "fp16",
+    batch_size: int = 8,
+    device: str = "auto",
+    vae_path: str | None = None,
+    maxcount: int = 1000,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Copy the samples of ``shards`` to ``output`` with cached latents and text.
+
+    Args:
+        pretrained: the teacher (hub id or diffusers folder) whose VAE and text encoder
+            the training run would use.
+        shards: input shards (a brace pattern, ``::``-joined sources as ``data.train_shards``).
+        output: output pattern with a shard number field, e.g. ``cached/train-%06d.tar``.
+        resolution, resize_shorter: as the training run's ``data.resolution`` and
+            ``data.resize_shorter`` (the data module checks that they match).
+        hflip: also store the latents of the mirror image (needed for ``data.hflip``).
+        text: also store the caption's text conditioning.
+        dtype: storage precision of the latents and text (``fp16``, ``bf16``, ``fp32``).
+        batch_size: images per VAE call (images of the same size are batched).
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        vae_path: a replacement VAE, as ``model.vae_path``.
+        maxcount: samples per output shard.
+        max_pixels: refuse larger images (counted as skipped).
+    """
+    if "%" not in output:
+        raise ValueError(
+            f"--output {output!r} needs a shard number field, e.g. 'cached/train-%06d.tar'"
+        )
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       "cpu" if device == "auto" else device)  # fmt: skip
+    vae, prompt, family = load_encoders(pretrained, vae_path)
+    vae.to(dev)
+    prompt.to(dev)
+    grid = 2 ** (len(vae.config.block_out_channels) - 1)  # pixels per latent (8 for SD)
+    if resolution % grid:
+        raise ValueError(f"--resolution {resolution} is not a multiple of the VAE's grid ({grid})")
+    meta = {"resolution": str(resolution), "resize_shorter": str(bool(resize_shorter)),
+            "grid": str(grid), "pretrained": str(pretrained), "family": family}  # fmt: skip
+    store = DTYPES[dtype]
+    counts = {"written": 0, "skipped": 0}
+    sink = wds.ShardWriter(output, maxcount=maxcount, verbose=0)
+    pending: list[tuple[dict[str, Any], Image.Image]] = []
+
+    def flush() -> None:
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (_, img) in enumerate(pending):
+            groups.setdefault(img.size, []).append(i)  # one VAE call per image size
+        for rows in groups.values():
+            for start in range(0, len(rows), batch_size):
+                part = rows[start : start + batch_size]
+                images = [pending[i][1] for i in part]
+                views = {"": images}
+                if hflip:
+                    views["flip_"] = [im.transpose(Image.FLIP_LEFT_RIGHT) for im in images]
+                latents: dict[str, Tensor] = {}
+                for prefix, view in views.items():
+                    x = torch.stack([to_tensor01(im) * 2 - 1 for im in view]).to(dev, vae.dtype)
+                    dist = vae.encode(x).latent_dist
+                    latents[prefix + "mean"], latents[prefix + "std"] = dist.mean, dist.std
+                for j, i in enumerate(part):
+                    one = {k: v[j].to("cpu", store) for k, v in latents.items()}
+                    pending[i][0][LATENTS] = _safetensors(one, meta)
+        if text:
+            captions = [decode_caption(s.get("txt")) for s, _ in pending]
+            for start in range(0, len(pending), batch_size):
+                y = prompt.encode(captions[start : start + batch_size], dev)
+                for j, (sample, _) in enumerate(pending[start : start + batch_size]):
+                    tensors = {"hidden_states": y.hidden_states[j]}
+                    tensors |= {f"added.{k}": v[j] for k, v in y.added.items()}
+                    sample[TEXT] = _safetensors(
+                        {k: v.to("cpu", store) for k, v in tensors.items()}, meta
+                    )
+        for sample, _ in pending:
+            sink.write(sample)
+            counts["written"] += 1
+        pending.clear()
+
+    try:
+        for raw in tqdm(_raw_samples(shards), desc="cache", unit="sample", disable=not progress):
+            sample = {k: v for k, v in raw.items() if not k.startswith("__") or k == "__key__"}
+            target = next((k for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+            try:
+                if target is None:
+                    raise BadSample("no_target", "no target image member")
+                image = decode_image(sample[target], max_pixels)
+            except BadSample:
+                counts["skipped"] += 1
+                continue
+            resized, trimmed = cache_geometry(image.size, resolution, resize_shorter, grid)
+            if image.size != resized:
+                image = image.resize(resized, Image.BICUBIC)
+            pending.append((sample, image.crop((0, 0, *trimmed))))
+            if len(pending) >= 8 * batch_size:
+                flush()
+        flush()
+    finally:
+        sink.close()
+    print(f"cache: {json.dumps(counts)} -> {output}")
+    return counts

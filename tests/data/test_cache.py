@@ -1,0 +1,118 @@
+"""Cached latents and text embeddings (`codi-lightning cache`, data/cache.py): where the
+cache holds exactly what the module would compute, the loss equals the loss on the raw
+images for the same noise; the module then never runs the VAE or the text encoder."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from codi_lightning.cli import main
+from codi_lightning.data import ShardDataModule, write_cached_shards, write_shards
+from codi_lightning.training import CoDiDistillation
+from codi_lightning.training.run import seeded_generator
+
+
+def _folder(root, size, count=8):
+    """``count`` smooth pictures of ``size`` (w, h), every other one with an empty caption."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    for i in range(count):
+        coarse = Image.fromarray((rng.random((3, 4, 3)) * 255).astype(np.uint8))
+        coarse.resize(size, Image.BICUBIC).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text(f"a picture number {i}" if i % 2 else "")
+    return root
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, tiny_teacher):
+    root = tmp_path_factory.mktemp("cache")
+    write_shards(str(_folder(root / "img", (32, 32))), str(root / "raw-%06d.tar"), progress=False)
+    out = {"raw": str(root / "raw-000000.tar")}
+    for dtype in ("fp32", "fp16"):
+        write_cached_shards(str(tiny_teacher), out["raw"], str(root / f"{dtype}-%06d.tar"),
+                            resolution=32, dtype=dtype, progress=False)  # fmt: skip
+        out[dtype] = str(root / f"{dtype}-000000.tar")
+    return out
+
+
+def _batch(path, hflip=True):
+    dm = ShardDataModule(path, None, resolution=32, batch_size=8, num_workers=0,
+                         condition="sr", hflip=hflip, caption_dropout=0.3, seed=3)  # fmt: skip
+    return next(iter(dm.train_dataloader()))
+
+
+def _loss(model, batch):
+    return model.compute_loss(batch, seeded_generator("0:0:0"))[0]
+
+
+def test_cached_batches_give_the_loss_of_the_raw_images(shards, tiny_teacher):
+    raw, cached = _batch(shards["raw"]), _batch(shards["fp32"])
+    assert raw["key"] == cached["key"] and raw["caption"] == cached["caption"]
+    assert "" in raw["caption"] and any(raw["caption"])  # dropout and empty captions both seen
+    torch.testing.assert_close(raw["image"], cached["image"])  # same crops, same flips
+    assert cached["latent_mean"].shape == (8, 4, 8, 8)  # the tiny VAE: 4 pixels a latent
+    assert cached["text"]["hidden_states"].ndim == 3
+    torch.manual_seed(0)
+    model = CoDiDistillation(str(tiny_teacher), num_grid=10)
+    expected = _loss(model, raw)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an encoder ran on a cached batch")
+
+    model.empty_text(1)  # the empty prompt is encoded once per run, cached or not
+    model.vae.encode = refuse
+    model.text_encoder.text_encoder.forward = refuse
+    torch.testing.assert_close(_loss(model, cached), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_fp16_cache_is_close_to_the_raw_loss(shards, tiny_teacher):
+    torch.manual_seed(0)
+    model = CoDiDistillation(str(tiny_teacher), num_grid=10)
+    raw, half = _loss(model, _batch(shards["raw"])), _loss(model, _batch(shards["fp16"]))
+    assert half.item() == pytest.approx(raw.item(), rel=2e-2)
+
+
+def test_cache_settings_must_match_the_run(shards):
+    with pytest.raises(ValueError, match="resolution=32.*data.resolution=16"):
+        ShardDataModule(shards["fp32"], None, resolution=16, batch_size=2, num_workers=0,
+                        condition="sr").train_dataloader().__iter__().__next__()  # fmt: skip
+
+
+def test_hflip_needs_the_mirror_latents(tmp_path, shards, tiny_teacher):
+    write_cached_shards(str(tiny_teacher), shards["raw"], str(tmp_path / "c-%06d.tar"),
+                        resolution=32, hflip=False, progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="--hflip true, or set data.hflip=false"):
+        _batch(str(tmp_path / "c-000000.tar"))
+    assert _batch(str(tmp_path / "c-000000.tar"), hflip=False)["latent_mean"].shape[0] == 8
+
+
+def test_cache_then_fit_through_the_cli(tmp_path, shards, tiny_teacher, monkeypatch):
+    import yaml
+
+    from codi_lightning.training.module import CoDiDistillation as Module
+
+    out = tmp_path / "cached-%06d.tar"
+    main(["cache", "--pretrained", str(tiny_teacher), "--shards", shards["raw"],
+          "--output", str(out), "--resolution", "32", "--progress", "false"])  # fmt: skip
+    cfg = yaml.safe_load(open("configs/tiny_cpu.yaml"))
+    cfg["trainer"].update(default_root_dir=str(tmp_path / "run"), max_steps=2,
+                          limit_val_batches=0, enable_progress_bar=False)  # fmt: skip
+    cfg["trainer"]["logger"] = False
+    cfg["trainer"]["callbacks"][0]["init_args"].update(dirpath=str(tmp_path / "ckpt"))
+    cfg["model"].update(pretrained=str(tiny_teacher), pixel_space=False, num_grid=10)
+    cfg["data"].update(train_shards=str(tmp_path / "cached-000000.tar"), val_shards=None,
+                       num_workers=0, batch_size=4, resolution=32)  # fmt: skip
+    config = tmp_path / "cached.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    seen = []
+    real = Module.batch_latents
+
+    def spy(self, batch, generator):
+        seen.append("latent_mean" in batch and "text" in batch)
+        return real(self, batch, generator)
+
+    monkeypatch.setattr(Module, "batch_latents", spy)
+    main(["fit", "--config", str(config)])
+    assert seen == [True, True]  # both steps trained from the cache
+    assert (tmp_path / "ckpt" / "last.ckpt").is_file()
