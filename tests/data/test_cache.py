@@ -66,6 +66,19 @@ def test_cached_batches_give_the_loss_of_the_raw_images(shards, tiny_teacher):
     torch.testing.assert_close(_loss(model, cached), expected, rtol=1e-5, atol=1e-7)
 
 
+def test_sdxl_cache_holds_both_encoders_and_the_pooled_embedding(
+    tmp_path, shards, tiny_sdxl_teacher
+):
+    write_cached_shards(str(tiny_sdxl_teacher), shards["raw"], str(tmp_path / "x-%06d.tar"),
+                        resolution=32, dtype="fp32", progress=False)  # fmt: skip
+    raw, cached = _batch(shards["raw"]), _batch(str(tmp_path / "x-000000.tar"))
+    assert set(cached["text"]) == {"hidden_states", "added.text_embeds"}
+    torch.manual_seed(0)
+    model = CoDiDistillation(str(tiny_sdxl_teacher), num_grid=10)
+    expected = _loss(model, raw)  # time_ids still come from the batch's recorded sizes
+    torch.testing.assert_close(_loss(model, cached), expected, rtol=1e-5, atol=1e-7)
+
+
 def test_fp16_cache_is_close_to_the_raw_loss(shards, tiny_teacher):
     torch.manual_seed(0)
     model = CoDiDistillation(str(tiny_teacher), num_grid=10)
