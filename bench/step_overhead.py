@@ -14,7 +14,9 @@ same training steps, each in a fresh process:
   end;
 - ``bare``: a plain loop over the same ready batch doing the same compute (the module's
   ``compute_loss``: VAE and text encoding, the project's ``codi_loss``; backward, grad
-  clipping, AdamW, the EMA update), with no logging, callbacks or progress bar.
+  clipping, AdamW, the EMA update), with no logging, callbacks or progress bar;
+- ``cached`` (with ``--cached``): ``shards`` on the same shards after ``codi-lightning
+  cache`` (fp16 latents and text embeddings): no VAE or text encoder in the step.
 
 A step's time is the wall time between the ends of two consecutive steps (data fetch,
 logging and callbacks included), the median over the timed steps after ``--warmup``.
@@ -38,22 +40,28 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("memory", "shards", "bare")
+CACHED = "cached"
 METHODS = ("codi", "pe-codi")
 
 
 def prepare(folder: Path) -> dict[str, str]:
     """The tiny SD teacher folder and shards of generated pictures (once)."""
-    from codi_lightning.data import write_shards
+    from codi_lightning.data import write_cached_shards, write_shards
     from codi_lightning.demo import write_image_folder
     from codi_lightning.models import write_tiny_teacher
 
     folder.mkdir(parents=True, exist_ok=True)
     teacher = write_tiny_teacher(folder / "teacher")
+    shards = str(folder / "train-{000000..000003}.tar")
     if not (folder / "train-000000.tar").is_file():
         write_image_folder(folder / "images", 256, seed=0)
         write_shards(str(folder / "images"), str(folder / "train-%06d.tar"), maxcount=64,
                      progress=False)  # fmt: skip
-    return {"teacher": str(teacher), "shards": str(folder / "train-{000000..000003}.tar")}
+    if not (folder / "cached-000000.tar").is_file():
+        write_cached_shards(str(teacher), shards, str(folder / "cached-%06d.tar"),
+                            resolution=32, maxcount=64, progress=False)  # fmt: skip
+    return {"teacher": str(teacher), "shards": shards,
+            "cached": str(folder / "cached-{000000..000003}.tar")}  # fmt: skip
 
 
 def cli_args(setup: dict[str, str], method: str, steps: int, logs: Path) -> list[str]:
@@ -78,12 +86,12 @@ def worker(mode: str, method: str, setup: dict[str, str], steps: int, logs: Path
 
     from codi_lightning.cli import CoDiCLI
 
+    if mode == CACHED:
+        setup = {**setup, "shards": setup["cached"]}
     cli = CoDiCLI(args=cli_args(setup, method, steps, logs), run=False)
     model, trainer, data = cli.model, cli.trainer, cli.datamodule
     ends: list[float] = []
-    if mode == "shards":
-        loader = None
-    else:
+    if mode not in ("shards", CACHED):
         data.setup("fit")
         batch = next(iter(data.train_dataloader()))  # one ready batch, reused every step
         batch.pop("skipped", None)
@@ -116,7 +124,7 @@ def worker(mode: str, method: str, setup: dict[str, str], steps: int, logs: Path
                 _Repeat(batch, steps), batch_size=None, num_workers=0
             )
             trainer.fit(model, train_dataloaders=loader)
-        else:
+        else:  # shards, cached
             trainer.fit(model, datamodule=data)
     return [b - a for a, b in zip(ends, ends[1:], strict=False)]
 
@@ -154,7 +162,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=30, help="untimed steps first")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out" / "step_overhead")
-    parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--cached", action="store_true", help="also fit on cached shards")
+    parser.add_argument("--worker", choices=(*MODES, CACHED), help=argparse.SUPPRESS)
     parser.add_argument("--method", default="codi", help=argparse.SUPPRESS)
     parser.add_argument("--setup", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -165,9 +174,11 @@ def main() -> None:
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     setup = prepare(args.out / "setup")
-    rows: dict[str, dict[str, list[float]]] = {m: {k: [] for k in MODES} for m in args.methods}
+    modes = (*MODES, CACHED) if args.cached else MODES
+    rows: dict[str, dict[str, list[float]]] = {m: {k: [] for k in modes} for m in args.methods}
     for rnd in range(args.rounds):
-        order = MODES[rnd % 3 :] + MODES[: rnd % 3]  # rotate, so no run always goes first
+        k = rnd % len(modes)
+        order = modes[k:] + modes[:k]  # rotate, so no run always goes first
         for method in args.methods:
             for mode in order:
                 ms = run_one(mode, method, args, setup, rnd)
@@ -176,18 +187,24 @@ def main() -> None:
                       flush=True)  # fmt: skip
     report = {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
               "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "methods": {}}  # fmt: skip
-    lines = ["| method | memory (i) | shards (ii) | bare (iii) | (i)/(iii) | (ii)/(iii) |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| method | memory (i) | shards (ii) | bare (iii) | (i)/(iii) | (ii)/(iii) |"
+             + (" cached (iv) | (iv)/(ii) |" if args.cached else ""),
+             "|---|---|---|---|---|---|" + ("---|---|" if args.cached else "")]  # fmt: skip
     for method, r in rows.items():
         framework = [a / b for a, b in zip(r["memory"], r["bare"], strict=True)]
         end_to_end = [a / b for a, b in zip(r["shards"], r["bare"], strict=True)]
         entry = {**r, "framework_ratio": framework, "end_to_end_ratio": end_to_end}
         report["methods"][method] = entry
         med = {k: statistics.median(v) for k, v in r.items()}
-        lines.append(
+        line = (
             f"| {method} | {med['memory']:.1f} | {med['shards']:.1f} | {med['bare']:.1f} | "
             f"{statistics.median(framework):.3f} | {statistics.median(end_to_end):.3f} |"
         )
+        if args.cached:
+            cached = [a / b for a, b in zip(r[CACHED], r["shards"], strict=True)]
+            entry["cached_ratio"] = cached
+            line += f" {med[CACHED]:.1f} | {statistics.median(cached):.3f} |"
+        lines.append(line)
     table = "\n".join(lines)
     report["table"] = table
     (args.out / "overhead.json").write_text(json.dumps(report, indent=1))

@@ -56,6 +56,21 @@ def _row(psnr, fid):
     return {"psnr": psnr, "ssim": 0.5, "input_psnr": 30.0, "fid": fid, "kid": 0.01, "swd": fid * 10}
 
 
+def test_cache_savings_plumbing_on_cpu(tmp_path):
+    script = Path(__file__).parents[1] / "bench" / "cache_savings.py"
+    out = tmp_path / "cache.json"
+    result = subprocess.run(
+        [sys.executable, str(script), "--tiny", "--size", "32", "--repeats", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert data["uncached_step_s"] == data["vae_encode_s"] + data["text_encode_s"] + data["step_s"]
+    assert data["step_s"] > 0 and data["cache_speedup"] > 1
+    for where in ("edge", "interior"):
+        assert data["crop_error_random_vae"][where]["mean"] > 0  # a window is not the crop
+
+
 def test_quality_report_checks_the_claim_from_the_numbers():
     """The report's claim table is computed from the results, not written by hand: the
     same template says yes for one set of numbers and no for the reverse."""
@@ -105,3 +120,21 @@ def test_quality_notes_quote_this_runs_numbers():
     pst = results["abl-per-sample-t"]["results"]["4"]
     assert f"gives {pst['psnr']:.2f} dB" in text
     assert "| CoDi (this run) | 100 | EMA | 10.00 | 1.00 | 10.0 |" in text
+
+
+def test_step_overhead_bench_runs_every_mode(tmp_path):
+    """bench/step_overhead.py on a few steps: the fit and bare-loop runs, from memory,
+    shards and cached shards, and the paired ratios (code paths only, no timing claim)."""
+    script = Path(__file__).parents[1] / "bench" / "step_overhead.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--rounds", "1", "--steps", "3", "--warmup", "1",
+         "--methods", "pe-codi", "--cached", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    report = json.loads((tmp_path / "overhead.json").read_text())
+    row = report["methods"]["pe-codi"]
+    for mode in ("memory", "shards", "bare", "cached"):
+        assert len(row[mode]) == 1 and row[mode][0] > 0
+    assert row["framework_ratio"][0] == row["memory"][0] / row["bare"][0]
+    assert "| pe-codi |" in report["table"]

@@ -210,7 +210,7 @@ class PairTransform:
             caption = ""
         out = {
             "image": to_tensor01(image).mul_(2).sub_(1),  # x in [-1, 1]
-            "cond": to_tensor01(cond.convert("RGB")),  # c in [0, 1]
+            "cond": to_tensor01(cond if cond.mode == "RGB" else cond.convert("RGB")),  # c in [0, 1]
             "caption": caption,
             "key": sample["key"],
             "original_size": original,  # (h, w) before resizing
