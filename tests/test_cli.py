@@ -410,6 +410,28 @@ def test_no_cloud_tip_and_no_accelerate_warning():
     assert '"accelerate' in (REPO / "pyproject.toml").read_text()
 
 
+def test_the_step_bar_counts_steps_without_redrawing_every_step():
+    import io
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+    from codi_lightning.training import StepProgressBar
+
+    bar = StepProgressBar()
+    out = io.StringIO()
+    bar.train_progress_bar = Tqdm(total=100, file=out, mininterval=3600)
+    bar.get_metrics = lambda trainer, module: {"train/loss": 0.5}
+    drawn = out.getvalue().count("\r")
+    for step in range(1, 51):
+        bar.on_train_batch_end(SimpleNamespace(max_steps=100, global_step=step), None, None,
+                               None, step - 1)  # fmt: skip
+    assert bar.train_progress_bar.n == 50 and "train/loss" in str(bar.train_progress_bar.postfix)
+    assert out.getvalue().count("\r") - drawn <= 1  # tqdm's interval, not every step
+    bar.train_progress_bar.refresh()
+    assert "50/100" in out.getvalue()
+
+
 def test_the_cli_defaults_to_the_step_progress_bar():
     import lightning as L
 
