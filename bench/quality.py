@@ -64,10 +64,15 @@ COST = {"baseline": 4.0, "codi": 3.0, "pe-codi": 2.5, "abl": 1.5}
 
 @dataclass
 class Plan:
+    """What the bench runs. The default budget (600 training steps, ablations at 300) keeps
+    the whole run under an hour on 2 cores: 56.8 min measured (2026-11-29); the run at
+    1,000 / 500 steps took 98 min on a shared machine, ~71 min estimated for an idle one
+    (docs/performance.md). ``--steps N`` runs another budget."""
+
     seeds: tuple[int, ...] = (0, 1, 2)
-    steps: int = 1000
-    curve_every: int = 250
-    ablation_steps: int = 500
+    steps: int = 600
+    curve_every: int = 150
+    ablation_steps: int = 300
     ablations: tuple[str, ...] = tuple(ABLATIONS)
     extra: list[str] = field(default_factory=list)  # for every run
     model_extra: list[str] = field(default_factory=list)  # model options (prefix added)
@@ -198,7 +203,8 @@ def sr_factor() -> int:
 # ---------------------------------------------------------------------------- report
 KEYS = (("fid", "FID (clf) ↓", 2), ("kid", "KID (clf) ↓", 1),
         ("class_consistency", "class cons. ↑", 3), ("fid_rc", "FID (rc) ↓", 2),
-        ("psnr", "PSNR ↑", 2), ("ssim", "SSIM ↑", 3), ("input_psnr", "input PSNR ↑", 2))  # fmt: skip
+        ("swd", "SWD ↓", 1), ("psnr", "PSNR ↑", 2), ("ssim", "SSIM ↑", 3),
+        ("input_psnr", "input PSNR ↑", 2))  # fmt: skip
 
 
 def seeds_of(results: dict, method: str) -> list[dict]:
@@ -391,11 +397,12 @@ def discussion(results: dict) -> str:
 3. **{pe_head}** At 4 steps {ms("pe-codi", 4)}
    against the baseline's {ms("baseline", 4)} (gap closed: {c["pe-codi@4"]["gap_closed"]:.0%};
    the paper's PE-CoDi closes 61%), at 1 step {ms("pe-codi", 1)} against
-   {ms("baseline", 1)}. Why PE-CoDi trails full CoDi is not established; what we know: PE-CoDi trains only the adapter, so the frozen teacher UNet must be
-   turned into a consistency function through the adapter's residuals alone, while full
-   CoDi moves the UNet itself; at an equal budget of {results["runs"]["codi-s0"]["meta"]["step"]}
-   steps that is the difference between the two rows. A longer PE-CoDi run and a
-   learning-rate sweep would tell budget from capacity.
+   {ms("baseline", 1)}. PE-CoDi trains only the adapter, so the frozen teacher UNet must
+   be turned into a consistency function through the adapter's residuals alone, while
+   full CoDi moves the UNet itself. Probes at 500 steps (learning rate 3x and 10x, guidance
+   weight 0.1, x-space consistency; [results_digits.md](results_digits.md#why-pe-codi-trails-codi-here-probes))
+   all left PE-CoDi far from CoDi; that rules out its learning rate and loss weighting,
+   and leaves the adapter's capacity at this size as the explanation, not yet tested.
 4. **Learning curves.** {curve_ranking(results)}. {ranking}
 """
 
@@ -541,7 +548,8 @@ sampling noise all change); tables give the mean ± standard deviation over seed
 **Metrics.** FID and KID over the 128-d penultimate features of a digit classifier
 trained on the training digits only (97.4% test accuracy; `bench/digits_classifier.py`),
 the main metric; class consistency (share of outputs the classifier puts in the class
-it gives the ground truth); FID over random-conv features (secondary); PSNR, SSIM and
+it gives the ground truth); FID over random-conv features (secondary); sliced Wasserstein
+distance over 7x7 patches of a 3-level Laplacian pyramid (x 1e3, no network); PSNR, SSIM and
 input-consistency PSNR ({sr_factor()}x down, against the input).
 
 ## Gates
@@ -583,7 +591,9 @@ Over the last interval of each curve:
 
 A curve still falling at the end means the budget ({b["step"]} steps), not the method,
 sets that row's absolute numbers; the
-comparison between methods is at equal training steps.
+comparison between methods is at equal training steps. A run with a longer budget
+(`python bench/quality.py --steps 1000`: 1,000 steps, ablations at 500) and the probes of
+PE-CoDi are in [results_digits.md](results_digits.md#the-longer-budget-1000-training-steps-2026-11-29).
 
 ## Ablation (4 sampling steps, {plan.ablation_steps} training steps, seed 0)
 
@@ -613,6 +623,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="default bench_out/quality[_quick]")
     parser.add_argument("--docs", type=Path, default=None, help="default docs/ (quick: --out)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps of the main runs (learning-curve checkpoints every steps/4, "
+        "ablations at steps/2); default 600 (57 min on 2 cores)",
+    )
     parser.add_argument("--only", nargs="*", help="run only these (default all; none: report)")
     parser.add_argument(
         "--resume",
@@ -621,6 +638,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     plan = Plan.quick() if args.quick else Plan()
+    if args.steps:
+        if args.steps % 4:
+            raise SystemExit(f"--steps {args.steps}: use a multiple of 4 (curve every steps/4)")
+        plan.steps, plan.curve_every, plan.ablation_steps = (
+            args.steps, args.steps // 4, args.steps // 2,
+        )  # fmt: skip
     out = (
         args.out or ROOT / "bench_out" / ("quality_quick" if args.quick else "quality")
     ).resolve()

@@ -41,6 +41,8 @@ def test_quick_bench_writes_a_report_from_its_runs(tmp_path):
         assert all(c["results"]["4"]["images"] == 16 for c in curve.values())
         assert curve["2"]["train_seconds"] < curve["4"]["train_seconds"]
     assert results["runs"]["abl-no-guidance"]["meta"]["step"] == plan.ablation_steps
+    for row in (results["bicubic"], results["runs"]["codi-s0"]["results"]["4"]):
+        assert row["swd"] > 0  # every metric column of the report is measured
     text = (tmp_path / "results.md").read_text()
     b50 = results["runs"]["baseline-s0"]["results"]["50"]["fid"]
     assert f"{b50:.2f}" in text  # the report quotes the run's numbers
