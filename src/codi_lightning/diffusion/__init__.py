@@ -5,12 +5,13 @@ from .ema import ema_update
 from .losses import CoDiLossConfig, codi_loss, diffusion_loss, distance
 from .parameterization import to_output, to_x_eps
 from .sampling import guided_output, randn, sample
-from .schedule import NoiseSchedule, betas_from_config
+from .schedule import FlowSchedule, NoiseSchedule, betas_from_config, schedule_from_config
 from .solvers import ode_step
 from .timesteps import grid, sample_pairs, sampling_timesteps, step_ratio
 
 __all__ = [
     "CoDiLossConfig",
+    "FlowSchedule",
     "NoiseSchedule",
     "apply_boundary",
     "betas_from_config",
@@ -26,6 +27,7 @@ __all__ = [
     "sample",
     "sample_pairs",
     "sampling_timesteps",
+    "schedule_from_config",
     "step_ratio",
     "to_output",
     "to_x_eps",

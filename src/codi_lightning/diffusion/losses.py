@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .boundary import apply_boundary
 from .parameterization import to_output, to_x_eps
 from .schedule import NoiseSchedule
 from .solvers import ode_step
@@ -113,7 +112,7 @@ def codi_loss(
 
     z_t = alpha_t * x + sigma_t * noise  # (1) forward diffusion
     x_t, eps_t = to_x_eps(online(z_t, t).float(), z_t, alpha_t, sigma_t, pt)  # (2) online
-    f_t = apply_boundary(z_t, x_t, t)
+    f_t = schedule.boundary(z_t, x_t, t)
 
     with torch.no_grad():
         # (3) one ODE step t -> s with the solver model ("PF-ODE of the adapted model")
@@ -124,7 +123,7 @@ def codi_loss(
         z_s = ode_step(x_sol, noise if config.ode_noise == "true" else eps_sol, alpha_s, sigma_s)
         # (4) target prediction at s with theta^-, boundary condition applied at s
         x_s, eps_s = to_x_eps(target(z_s, s).float(), z_s, alpha_s, sigma_s, pt)
-        f_s = apply_boundary(z_s, x_s, s)
+        f_s = schedule.boundary(z_s, x_s, s)
 
     # (5) consistency in noise space (paper) or x space (released code) + guidance term
     if config.consistency_space == "epsilon":

@@ -13,6 +13,8 @@ def to_x_eps(
     - epsilon: ``eps = o``, ``x = (z - sigma o) / alpha``
     - v:       ``x = alpha z - sigma o``, ``eps = alpha o + sigma z``
     - sample:  ``x = o``, ``eps = (z - alpha o) / sigma``
+    - flow:    ``x = z - sigma o``, ``eps = z + alpha o`` (velocity ``o = eps - x`` with
+      ``alpha = 1 - sigma``)
     """
     if prediction_type == "epsilon":
         return (z - sigma * output) / alpha, output
@@ -20,6 +22,8 @@ def to_x_eps(
         return alpha * z - sigma * output, alpha * output + sigma * z
     if prediction_type == "sample":
         return output, (z - alpha * output) / sigma
+    if prediction_type == "flow":
+        return z - sigma * output, z + alpha * output
     raise ValueError(f"Unknown prediction_type {prediction_type!r}")
 
 
@@ -32,4 +36,6 @@ def to_output(x: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, prediction_t
         return alpha * eps - sigma * x
     if prediction_type == "sample":
         return x
+    if prediction_type == "flow":
+        return eps - x
     raise ValueError(f"Unknown prediction_type {prediction_type!r}")

@@ -7,7 +7,6 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .boundary import apply_boundary
 from .parameterization import to_x_eps
 from .schedule import NoiseSchedule
 from .solvers import ode_step
@@ -75,7 +74,7 @@ def sample(
             out = guided_output(out, uncond_model(z, t).float(), guidance_scale)
         alpha, sigma = schedule.alpha_sigma(t, z)
         x_hat, eps_hat = to_x_eps(out, z, alpha, sigma, schedule.prediction_type)
-        f = apply_boundary(z, x_hat, t)
+        f = schedule.boundary(z, x_hat, t)
         if i == len(timesteps) - 1:
             return f
         t_next = torch.full_like(t, int(timesteps[i + 1]))

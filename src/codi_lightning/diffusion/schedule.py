@@ -1,4 +1,10 @@
-"""Noise-schedule tables of a discrete VP diffusion (METHOD.md, "Notation").
+"""Noise schedules: the discrete VP diffusion of SD 1.x/2.x/XL (METHOD.md, "Notation") and
+rectified flow (SD3, Flux; METHOD.md, "Other teacher families").
+
+Both give ``(alpha_t, sigma_t)`` at integer training timesteps ``t`` in [0, T) with
+``z_t = alpha_t x + sigma_t eps`` (flow: ``alpha = 1 - sigma``), a prediction type for
+:mod:`.parameterization`, the consistency function's boundary condition and the timestep
+the network is fed, so the loss and the samplers serve both families unchanged.
 
 The tables are plain tensors (never registered buffers: Lightning casts buffers to bf16
 under bf16 precision, which would corrupt ``alpha_t`` near ``t = 0``).
@@ -14,7 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .boundary import apply_boundary
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+FLOW = "flow"  # velocity v = eps - x of rectified flow
 
 
 def betas_from_config(config: Mapping[str, Any]) -> Tensor:
@@ -106,3 +115,80 @@ class NoiseSchedule:
         """Forward process ``z_t = alpha_t x + sigma_t eps`` (METHOD.md step 1)."""
         alpha, sigma = self.alpha_sigma(t, x)
         return alpha * x + sigma * noise
+
+    def boundary(self, z: Tensor, x_hat: Tensor, t: Tensor) -> Tensor:
+        """The consistency function ``f(z_t, t)``: LCM's ``c_skip z + c_out x_hat``."""
+        return apply_boundary(z, x_hat, t)
+
+    def model_timesteps(self, t: Tensor) -> Tensor:
+        """What the network is fed for training timestep ``t``: ``t`` itself."""
+        return t
+
+
+def _table_gather(table: Tensor, t: Tensor, like: Tensor) -> Tensor:
+    """``table[t]`` (fp64 gather) in ``like``'s dtype and device, shaped to broadcast."""
+    value = table.to(t.device)[t.long()]
+    shape = (1,) * like.ndim if value.ndim == 0 else (-1,) + (1,) * (like.ndim - 1)
+    return value.to(like.dtype).reshape(shape).to(like.device)
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    """Rectified flow: ``z_t = (1 - sigma_t) x + sigma_t eps`` for t in [0, T), the network
+    predicting ``v = eps - x`` and fed ``1000 sigma_t`` (diffusers'
+    ``FlowMatchEulerDiscreteScheduler``: ``sigma_t = shift u / (1 + (shift - 1) u)`` with
+    ``u = (t + 1) / T``; SD3 shift 3.0).
+
+    Attributes:
+        sigmas: ``sigma_t``, fp64, shape ``[T]``, increasing in t.
+        shift: the sigma shift the table was made with (a record).
+    """
+
+    sigmas: Tensor
+    shift: float = 1.0
+    prediction_type: str = FLOW
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> FlowSchedule:
+        """From a ``FlowMatchEulerDiscreteScheduler`` config (``shift``,
+        ``num_train_timesteps``); resolution-dependent shifting (Flux's
+        ``use_dynamic_shifting``) is not a training-table property and is refused."""
+        if config.get("use_dynamic_shifting"):
+            raise ValueError(
+                "use_dynamic_shifting (Flux) shifts sigmas by image size; not supported yet"
+            )
+        num = int(config.get("num_train_timesteps", 1000))
+        shift = float(config.get("shift", 1.0))
+        u = torch.arange(1, num + 1, dtype=torch.float64) / num
+        return cls(shift * u / (1 + (shift - 1) * u), shift)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.sigmas.shape[0]
+
+    def alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """``(1 - sigma_t, sigma_t)`` at integer timesteps ``t``, shaped as
+        :meth:`NoiseSchedule.alpha_sigma`."""
+        sigma = _table_gather(self.sigmas, t, like)
+        return 1 - sigma, sigma
+
+    def add_noise(self, x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        alpha, sigma = self.alpha_sigma(t, x)
+        return alpha * x + sigma * noise
+
+    def boundary(self, z: Tensor, x_hat: Tensor, t: Tensor) -> Tensor:
+        """``f = x_hat = z - sigma v_hat``: it already equals ``z`` at ``sigma = 0``, so no
+        ``c_skip`` / ``c_out`` (as ``FlowMatchLCMScheduler``)."""
+        return x_hat
+
+    def model_timesteps(self, t: Tensor) -> Tensor:
+        """``1000 sigma_t`` (float), the timestep flow transformers are trained on."""
+        return self.sigmas.to(t.device)[t.long()].float() * 1000
+
+
+def schedule_from_config(config: Mapping[str, Any]) -> NoiseSchedule | FlowSchedule:
+    """The schedule of a diffusers scheduler config: ``FlowMatch*`` schedulers give a
+    :class:`FlowSchedule`, every other (DDPM, DDIM, Euler, ...) a :class:`NoiseSchedule`."""
+    if str(config.get("_class_name", "")).startswith("FlowMatch"):
+        return FlowSchedule.from_config(config)
+    return NoiseSchedule.from_config(config)

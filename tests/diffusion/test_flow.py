@@ -1,0 +1,118 @@
+"""Rectified flow beside VP (METHOD.md, "Other teacher families"): the schedule and the
+Euler step against diffusers' FlowMatchEulerDiscreteScheduler, the conversions, and the
+CoDi loss on a flow schedule against a longhand computation."""
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from codi_lightning.diffusion import (
+    CoDiLossConfig,
+    FlowSchedule,
+    NoiseSchedule,
+    codi_loss,
+    diffusion_loss,
+    ode_step,
+    schedule_from_config,
+    to_output,
+    to_x_eps,
+)
+from codi_lightning.models.tiny import SD_SCHEDULER
+
+
+@pytest.fixture
+def stock():
+    return FlowMatchEulerDiscreteScheduler(shift=3.0)  # SD3's
+
+
+def test_schedule_matches_diffusers(stock):
+    # as scheduler/scheduler_config.json of an SD3 folder reads
+    flow = schedule_from_config({"_class_name": type(stock).__name__, **stock.config})
+    assert isinstance(flow, FlowSchedule) and flow.shift == 3.0
+    assert isinstance(schedule_from_config(SD_SCHEDULER), NoiseSchedule)
+    # diffusers lists sigmas from noisiest to cleanest; ours are indexed by t = 0 .. T-1
+    torch.testing.assert_close(flow.sigmas.flip(0).float(), stock.sigmas.float())
+    t = torch.arange(1000)
+    torch.testing.assert_close(flow.model_timesteps(t).flip(0), stock.timesteps.float())
+    x = torch.randn(2, 4, 3, 3)
+    alpha, sigma = flow.alpha_sigma(torch.tensor([0, 999]), x)
+    assert torch.allclose(alpha + sigma, torch.ones_like(alpha))
+    assert sigma[1].item() == pytest.approx(1.0) and sigma[0].item() == pytest.approx(
+        3e-3 / (1 + 2e-3), rel=1e-4
+    )
+
+
+def test_conversions_recover_x_and_eps():
+    x, eps = (
+        torch.randn(2, 4, 3, 3, dtype=torch.float64),
+        torch.randn(2, 4, 3, 3, dtype=torch.float64),
+    )
+    sigma = torch.tensor([0.3, 0.8], dtype=torch.float64).view(2, 1, 1, 1)
+    z = (1 - sigma) * x + sigma * eps
+    v = to_output(x, eps, 1 - sigma, sigma, "flow")
+    torch.testing.assert_close(v, eps - x)
+    x_hat, eps_hat = to_x_eps(v, z, 1 - sigma, sigma, "flow")
+    torch.testing.assert_close(x_hat, x)
+    torch.testing.assert_close(eps_hat, eps)
+
+
+def test_ode_step_is_diffusers_euler_step(stock):
+    """z_s = (1 - sigma_s) x_hat + sigma_s eps_hat is FlowMatchEulerDiscreteScheduler.step."""
+    flow = FlowSchedule.from_config(dict(stock.config))
+    t, s = torch.tensor([699]), torch.tensor([499])
+    u = [(t.item() + 1) / 1000, (s.item() + 1) / 1000]  # set_timesteps shifts these
+    stock.set_timesteps(sigmas=u)
+    z, v = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    expected = stock.step(v, stock.timesteps[0], z).prev_sample
+    alpha_t, sigma_t = flow.alpha_sigma(t, z)
+    alpha_s, sigma_s = flow.alpha_sigma(s, z)
+    x_hat, eps_hat = to_x_eps(v, z, alpha_t, sigma_t, "flow")
+    torch.testing.assert_close(
+        ode_step(x_hat, eps_hat, alpha_s, sigma_s), expected, rtol=1e-5, atol=1e-5
+    )
+
+
+def test_codi_loss_on_flow_matches_a_longhand_computation(stock):
+    flow = FlowSchedule.from_config(dict(stock.config))
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(3, 4, 4, 4, generator=g), torch.randn(3, 4, 4, 4, generator=g)
+    t, s = torch.tensor([999, 500, 0]), torch.tensor([979, 480, 0])  # t = 0: f = x_hat, not z
+
+    def online(z, tt):
+        return 0.7 * z - 0.2
+
+    def target(z, tt):
+        return 0.5 * z + 0.1
+
+    loss, terms = codi_loss(online, target, None, x, eps, t, s, flow, CoDiLossConfig())
+    # longhand, METHOD.md steps 1-5 with the flow formulas (f = x_hat: no c_skip / c_out)
+    sig_t, sig_s = flow.sigmas[t].float().view(3, 1, 1, 1), flow.sigmas[s].float().view(3, 1, 1, 1)
+    z_t = (1 - sig_t) * x + sig_t * eps
+    v_t = 0.7 * z_t - 0.2
+    x_t, eps_t = z_t - sig_t * v_t, z_t + (1 - sig_t) * v_t
+    z_s = (1 - sig_s) * x_t + sig_s * eps  # noise replacement: the true eps
+    v_s = 0.5 * z_s + 0.1
+    eps_s = z_s + (1 - sig_s) * v_s
+    consistency = (eps_t - eps_s).square().flatten(1).mean(1)
+    guidance = (x_t - x).square().flatten(1).mean(1)
+    torch.testing.assert_close(terms["consistency"], consistency.mean())
+    torch.testing.assert_close(loss, (consistency + guidance).mean())
+    # the diffusion loss regresses the velocity eps - x
+    expected = ((0.7 * z_t - 0.2) - (eps - x)).square().mean()
+    torch.testing.assert_close(diffusion_loss(online, x, eps, t, flow), expected)
+
+
+def test_flow_consistency_function_is_x_hat_without_boundary_scalings(stock):
+    """f(z, t) = x_hat = z - sigma v_hat already equals z at sigma = 0; LCM's c_skip /
+    c_out (which give f = z at t = 0) must not be applied on top."""
+    flow = FlowSchedule.from_config(dict(stock.config))
+    z, x_hat, t0 = torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4), torch.tensor([0])
+    assert torch.equal(flow.boundary(z, x_hat, t0), x_hat)
+    g = torch.Generator().manual_seed(1)
+    x, eps = torch.randn(1, 4, 4, 4, generator=g), torch.randn(1, 4, 4, 4, generator=g)
+    _, terms = codi_loss(lambda zz, tt: 0.7 * zz - 0.2, lambda zz, tt: zz, None, x, eps, t0, t0,
+                         flow, CoDiLossConfig())  # fmt: skip
+    sig = flow.sigmas[0].float()
+    z0 = (1 - sig) * x + sig * eps
+    expected = ((z0 - sig * (0.7 * z0 - 0.2)) - x).square().mean()  # O(sigma^2): exact rtol
+    torch.testing.assert_close(terms["guidance"], expected, rtol=1e-4, atol=0.0)
