@@ -72,7 +72,9 @@ def test_ode_step_is_diffusers_euler_step(stock):
     )
 
 
-def test_codi_loss_on_flow_matches_a_longhand_computation(stock):
+@pytest.mark.parametrize("ode_noise", ["true", "predicted"])
+@pytest.mark.parametrize("space", ["epsilon", "x"])
+def test_codi_loss_on_flow_matches_a_longhand_computation(stock, ode_noise, space):
     flow = FlowSchedule.from_config(dict(stock.config))
     g = torch.Generator().manual_seed(0)
     x, eps = torch.randn(3, 4, 4, 4, generator=g), torch.randn(3, 4, 4, 4, generator=g)
@@ -84,19 +86,22 @@ def test_codi_loss_on_flow_matches_a_longhand_computation(stock):
     def target(z, tt):
         return 0.5 * z + 0.1
 
-    loss, terms = codi_loss(online, target, None, x, eps, t, s, flow, CoDiLossConfig())
+    config = CoDiLossConfig(ode_noise=ode_noise, consistency_space=space, guidance_weight=0.5)
+    loss, terms = codi_loss(online, target, None, x, eps, t, s, flow, config)
     # longhand, METHOD.md steps 1-5 with the flow formulas (f = x_hat: no c_skip / c_out)
     sig_t, sig_s = flow.sigmas[t].float().view(3, 1, 1, 1), flow.sigmas[s].float().view(3, 1, 1, 1)
     z_t = (1 - sig_t) * x + sig_t * eps
     v_t = 0.7 * z_t - 0.2
     x_t, eps_t = z_t - sig_t * v_t, z_t + (1 - sig_t) * v_t
-    z_s = (1 - sig_s) * x_t + sig_s * eps  # noise replacement: the true eps
+    # Euler step with the true eps (noise replacement) or the solver's own eps_hat (DDIM)
+    z_s = (1 - sig_s) * x_t + sig_s * (eps if ode_noise == "true" else eps_t)
     v_s = 0.5 * z_s + 0.1
-    eps_s = z_s + (1 - sig_s) * v_s
-    consistency = (eps_t - eps_s).square().flatten(1).mean(1)
+    x_s, eps_s = z_s - sig_s * v_s, z_s + (1 - sig_s) * v_s
+    a, b = (eps_t, eps_s) if space == "epsilon" else (x_t, x_s)
+    consistency = (a - b).square().flatten(1).mean(1)
     guidance = (x_t - x).square().flatten(1).mean(1)
     torch.testing.assert_close(terms["consistency"], consistency.mean())
-    torch.testing.assert_close(loss, (consistency + guidance).mean())
+    torch.testing.assert_close(loss, (consistency + 0.5 * guidance).mean())
     # the diffusion loss regresses the velocity eps - x
     expected = ((0.7 * z_t - 0.2) - (eps - x)).square().mean()
     torch.testing.assert_close(diffusion_loss(online, x, eps, t, flow), expected)
