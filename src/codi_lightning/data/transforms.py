@@ -134,7 +134,7 @@ class PairTransform:
     def _grid_box(
         self, stored: tuple[int, int], latents: tuple[dict, dict], rng: random.Random
     ) -> tuple[int, int, int, int]:
-        """The crop for a sample with cached latents: on the 8-pixel grid, inside the
+        """The crop for a sample with cached latents: on the VAE's grid, inside the
         region the cache encoded (checked against the cache's own record)."""
         tensors, meta = latents
         cached = (meta.get("resolution"), meta.get("resize_shorter"))
