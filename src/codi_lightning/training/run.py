@@ -24,18 +24,22 @@ def seeded_generator(key: str, device: torch.device | str = "cpu") -> torch.Gene
 
 
 def logs_this_step(trainer: L.Trainer | None) -> bool:
-    """Whether the loggers write this training step's values (every ``log_every_n_steps``
-    steps, and on the last).
+    """Whether this training step's scalars go to ``self.log``: on the steps the loggers
+    write (every ``log_every_n_steps``) and on the last step of the run (``max_steps``).
 
-    The modules hand their per-step scalars to ``self.log`` only then: each ``self.log``
-    call costs ~2 ms of Lightning's bookkeeping on the CPU (it moves the stored result to
-    the value's device), so five of them a step were ~10% of a tiny CPU step
-    (bench/step_overhead.py, docs/performance.md), and on a GPU every logged value shown
-    in the progress bar is a device sync. What is written is unchanged; the progress bar
-    shows the loss of the last logged step. Without a trainer (or on a Lightning without
-    the connector's ``should_update_logs``) every step logs.
+    Each ``self.log`` call costs ~2 ms of Lightning's bookkeeping on the CPU (it moves the
+    stored result to the value's device), so five of them a step were ~10% of a tiny CPU
+    step (bench/step_overhead.py, docs/performance.md), and on a GPU every logged value
+    shown in the progress bar is a device sync. What the loggers write is unchanged; the
+    progress bar and ``trainer.callback_metrics`` hold the values of the last logged step
+    (a callback monitoring a ``train/`` metric sees it refreshed every
+    ``log_every_n_steps``: set that to 1 to monitor every step). Without a trainer (or on
+    a Lightning without the connector's ``should_update_logs``) every step logs.
     """
     if trainer is None:
         return True
     connector = getattr(trainer, "_logger_connector", None)
-    return bool(getattr(connector, "should_update_logs", True))
+    if bool(getattr(connector, "should_update_logs", True)):
+        return True
+    max_steps = getattr(trainer, "max_steps", -1) or -1
+    return 0 < max_steps <= trainer.global_step + 1  # the run's last step
