@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,6 +45,7 @@ from .decode import (
     decode_image,
     select_member,
 )
+from .shards import _check_output
 from .transforms import to_tensor01
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
@@ -117,13 +117,9 @@ def write_cached_shards(
         maxcount: samples per output shard.
         max_pixels: refuse larger images (counted as skipped).
     """
-    if "%" not in output:
-        raise ValueError(
-            f"--output {output!r} needs a shard number field, e.g. 'cached/train-%06d.tar'"
-        )
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    _check_output(output)  # a shard number field; the folder made
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        "cpu" if device == "auto" else device)  # fmt: skip
     vae, prompt, family = load_encoders(pretrained, vae_path)

@@ -114,13 +114,9 @@ class PairTransform:
                 )
 
     def _resized_size(self, size: tuple[int, int]) -> tuple[int, int]:
-        """The target size before cropping (shorter side scaled to ``resolution``)."""
-        r = self.resolution
-        w, h = size
-        if self.resize_shorter or min(w, h) < r:
-            scale = r / min(w, h)
-            return max(r, round(w * scale)), max(r, round(h * scale))
-        return size
+        """The target size before cropping (shorter side scaled to ``resolution``; the
+        same rule the cache encodes with)."""
+        return cache_geometry(size, self.resolution, self.resize_shorter)[0]
 
     def _crop_box(self, size: tuple[int, int], rng: random.Random) -> tuple[int, int, int, int]:
         r = self.resolution

@@ -94,22 +94,8 @@ class NoiseSchedule:
         Returned in ``like``'s dtype and device, shaped ``[B, 1, 1, ...]`` to broadcast
         against ``like`` ([B, C, H, W]). The gather happens in fp64 first.
         """
-        abar = self._table(t.device)[t.long()]
-        alpha, sigma = abar.sqrt(), (1.0 - abar).sqrt()
-        shape = (-1,) + (1,) * (like.ndim - 1)
-        if abar.ndim == 0:
-            shape = (1,) * like.ndim
-        return (
-            alpha.to(like.dtype).reshape(shape).to(like.device),
-            sigma.to(like.dtype).reshape(shape).to(like.device),
-        )
-
-    def _table(self, device: torch.device) -> Tensor:
-        """``alphas_cumprod`` on ``device``, copied there once (it is read every step)."""
-        cache = self.__dict__.setdefault("_device_tables", {})
-        if device not in cache:
-            cache[device] = self.alphas_cumprod.to(device)
-        return cache[device]
+        abar = _on_device(self, self.alphas_cumprod, t.device)[t.long()]
+        return _broadcast(abar.sqrt(), like), _broadcast((1.0 - abar).sqrt(), like)
 
     def add_noise(self, x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """Forward process ``z_t = alpha_t x + sigma_t eps`` (METHOD.md step 1)."""
@@ -125,9 +111,17 @@ class NoiseSchedule:
         return t
 
 
-def _table_gather(table: Tensor, t: Tensor, like: Tensor) -> Tensor:
-    """``table[t]`` (fp64 gather) in ``like``'s dtype and device, shaped to broadcast."""
-    value = table.to(t.device)[t.long()]
+def _on_device(schedule: Any, table: Tensor, device: torch.device) -> Tensor:
+    """``table`` on ``device``, copied there once per schedule (it is read every step)."""
+    cache = schedule.__dict__.setdefault("_device_tables", {})
+    if device not in cache:
+        cache[device] = table.to(device)
+    return cache[device]
+
+
+def _broadcast(value: Tensor, like: Tensor) -> Tensor:
+    """Gathered fp64 values ([B] or scalar) in ``like``'s dtype and device, shaped
+    ``[B, 1, 1, ...]`` to broadcast against ``like``."""
     shape = (1,) * like.ndim if value.ndim == 0 else (-1,) + (1,) * (like.ndim - 1)
     return value.to(like.dtype).reshape(shape).to(like.device)
 
@@ -169,12 +163,10 @@ class FlowSchedule:
     def alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         """``(1 - sigma_t, sigma_t)`` at integer timesteps ``t``, shaped as
         :meth:`NoiseSchedule.alpha_sigma`."""
-        sigma = _table_gather(self.sigmas, t, like)
+        sigma = _broadcast(_on_device(self, self.sigmas, t.device)[t.long()], like)
         return 1 - sigma, sigma
 
-    def add_noise(self, x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        alpha, sigma = self.alpha_sigma(t, x)
-        return alpha * x + sigma * noise
+    add_noise = NoiseSchedule.add_noise  # z_t = alpha_t x + sigma_t eps, alpha = 1 - sigma
 
     def boundary(self, z: Tensor, x_hat: Tensor, t: Tensor) -> Tensor:
         """``f = x_hat = z - sigma v_hat``: it already equals ``z`` at ``sigma = 0``, so no
@@ -183,7 +175,7 @@ class FlowSchedule:
 
     def model_timesteps(self, t: Tensor) -> Tensor:
         """``1000 sigma_t`` (float), the timestep flow transformers are trained on."""
-        return self.sigmas.to(t.device)[t.long()].float() * 1000
+        return _on_device(self, self.sigmas, t.device)[t.long()].float() * 1000
 
 
 def schedule_from_config(config: Mapping[str, Any]) -> NoiseSchedule | FlowSchedule:
