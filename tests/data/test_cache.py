@@ -129,3 +129,16 @@ def test_cache_then_fit_through_the_cli(tmp_path, shards, tiny_teacher, monkeypa
     main(["fit", "--config", str(config)])
     assert seen == [True, True]  # both steps trained from the cache
     assert (tmp_path / "ckpt" / "last.ckpt").is_file()
+
+
+def test_unreadable_cache_members_are_skipped_with_their_reason():
+    import io
+
+    from codi_lightning.data import BadSample, decode_sample
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    raw = {"__key__": "k", "png": buf.getvalue(), "latents.safetensors": b"\x10\x00" * 8}
+    with pytest.raises(BadSample) as info:
+        decode_sample(raw)
+    assert info.value.reason == "corrupt_cache" and "k.latents.safetensors" in str(info.value)

@@ -242,7 +242,8 @@ def decode_sample(
 
     ``draft``: a JPEG target with no stored condition is decoded at a reduced scale (1/2,
     1/4 or 1/8, in libjpeg's DCT) as long as its shorter side stays at or above ``draft``
-    pixels: a 1024 px photo cropped at 512 decodes ~3x faster. 0: always full size.
+    pixels (a 1024 px JPEG cropped at 512: the whole sample 2.2x faster,
+    docs/performance.md). 0: always full size.
     ``size`` is the stored ``(width, height)``, whatever the decoded size.
 
     Cheap checks come first: the target's size (from ``json`` ``width``/``height`` when
