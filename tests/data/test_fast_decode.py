@@ -1,6 +1,6 @@
-"""The loader's shortcuts: resampling only the crop, and decoding large JPEGs at reduced
-scale. Both are checked against the longhand path (decode in full, resize the whole image,
-crop) that they replace."""
+"""The loader's shortcuts: resizing on uint8 tensors (torch's antialiased bicubic instead
+of PIL's), and decoding large JPEGs at reduced scale. Both are checked against the
+longhand path (decode in full, resize the whole image with PIL, crop) that they replace."""
 
 import io
 import random
@@ -41,7 +41,7 @@ def _longhand(image: Image.Image, out: dict, resolution: int) -> torch.Tensor:
     return to_tensor01(resized.crop((left, top, left + resolution, top + resolution)))
 
 
-def test_resampling_only_the_crop_gives_the_pixels_of_resizing_then_cropping():
+def test_the_crop_has_the_pixels_of_pil_resizing_then_cropping():
     image = _photo(203, 151)
     low = image.resize((51, 38), Image.BICUBIC)  # a stored condition of another size
     t = PairTransform(64, random_crop=True, resize_shorter=True)
@@ -49,7 +49,7 @@ def test_resampling_only_the_crop_gives_the_pixels_of_resizing_then_cropping():
         out = t({"key": "k", "image": image, "cond": low, "caption": ""}, random.Random(seed))
         assert out["original_size"] == (151, 203)
         ref = _longhand(image, out, 64)
-        # PIL resamples the two axes in another order for a box: uint8 rounding only
+        # the same filter as PIL's: uint8 rounding only
         assert ((out["image"] + 1) / 2 - ref).abs().max() <= 2 / 255 + 1e-6
         ref_cond = _longhand(low, out, 64)
         assert (out["cond"] - ref_cond).abs().max() <= 2 / 255 + 1e-6

@@ -45,6 +45,7 @@ from .decode import (
     decode_image,
     select_member,
 )
+from .pixels import resize_bicubic
 from .shards import _check_output
 from .transforms import to_tensor01
 
@@ -181,8 +182,7 @@ def write_cached_shards(
                 counts["skipped"] += 1
                 continue
             resized, trimmed = cache_geometry(image.size, resolution, resize_shorter, grid)
-            if image.size != resized:
-                image = image.resize(resized, Image.BICUBIC)
+            image = resize_bicubic(image, resized)  # the transform's resize
             pending.append((sample, image.crop((0, 0, *trimmed))))
             if len(pending) >= 8 * batch_size:
                 flush()

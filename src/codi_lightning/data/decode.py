@@ -151,7 +151,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert would copy RGB
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -30,10 +30,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 
+from .pixels import as_u8, resize_bicubic, resize_u8, to_image
+
 CONDITIONS = ("stored", "sr", "sr_realesrgan", "inpaint", "canny")
 SR_RECIPES = ("sr", "sr_realesrgan")
 INPAINT_FILL = (128, 128, 128)
 
+Pixels = Image.Image | torch.Tensor  # a PIL image or uint8 pixels [C, H, W]
 ConditionRecipe = Callable[
     [Image.Image, random.Random], "Image.Image | tuple[Image.Image, Image.Image]"
 ]
@@ -178,19 +181,33 @@ def realesrgan_low(image: Image.Image, factor: int, rng: random.Random) -> Image
 
 class SuperResolution:
     """SR recipe: ``low`` makes the low-resolution input, ``__call__`` scales it back up
-    to the target size (bicubic). ``degrade``: Real-ESRGAN-style instead of bicubic."""
+    to the target size (bicubic: PIL's filter, by ``pixels.resize_u8``). ``degrade``:
+    Real-ESRGAN-style instead of bicubic.
+
+    Takes and returns PIL images or uint8 tensors [C, H, W] (``takes_pixels``: the
+    loader hands it its uint8 crop and skips two conversions)."""
+
+    takes_pixels = True
 
     def __init__(self, factor: int, degrade: bool = False) -> None:
         self.factor, self.degrade = factor, degrade
 
-    def low(self, image: Image.Image, rng: random.Random) -> Image.Image:
+    def low(self, image: Pixels, rng: random.Random) -> Pixels:
         """The low-resolution image, ``factor`` times smaller (floor)."""
+        if isinstance(image, torch.Tensor):
+            if self.degrade:
+                return as_u8(realesrgan_low(to_image(image), self.factor, rng))
+            h, w = image.shape[-2:]
+            return resize_u8(image, low_size((w, h), self.factor))
         if self.degrade:
             return realesrgan_low(image, self.factor, rng)
-        return image.resize(low_size(image.size, self.factor), Image.BICUBIC)
+        return resize_bicubic(image, low_size(image.size, self.factor))
 
-    def __call__(self, image: Image.Image, rng: random.Random) -> Image.Image:
-        return self.low(image, rng).resize(image.size, Image.BICUBIC)
+    def __call__(self, image: Pixels, rng: random.Random) -> Pixels:
+        low = self.low(image, rng)
+        if isinstance(image, torch.Tensor):
+            return resize_u8(low, (image.shape[-1], image.shape[-2]))
+        return resize_bicubic(low, image.size)
 
 
 def sr_bicubic(image: Image.Image, factor: int) -> Image.Image:
