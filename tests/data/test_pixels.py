@@ -34,9 +34,16 @@ def test_resize_matches_pil_bicubic(size):
     assert (diff > 0).mean() < 0.01
     # the filter is PIL's antialiased one: a plain (point-sampled) bicubic is far off
     if size[0] * 2 < image.width:
-        plain = torch.nn.functional.interpolate(
-            as_u8(image)[None].float(), size=(size[1], size[0]), mode="bicubic"
-        )[0].round().clamp(0, 255).permute(1, 2, 0).numpy().astype(int)
+        plain = (
+            torch.nn.functional.interpolate(
+                as_u8(image)[None].float(), size=(size[1], size[0]), mode="bicubic"
+            )[0]
+            .round()
+            .clamp(0, 255)
+            .permute(1, 2, 0)
+            .numpy()
+            .astype(int)
+        )
         assert np.abs(plain - pil).max() > 20
 
 
