@@ -13,6 +13,8 @@ from codi_lightning.diffusion import (
     codi_loss,
     diffusion_loss,
     ode_step,
+    sample,
+    sampling_timesteps,
     schedule_from_config,
     to_output,
     to_x_eps,
@@ -121,3 +123,48 @@ def test_flow_consistency_function_is_x_hat_without_boundary_scalings(stock):
     z0 = (1 - sig) * x + sig * eps
     expected = ((z0 - sig * (0.7 * z0 - 0.2)) - x).square().mean()  # O(sigma^2): exact rtol
     torch.testing.assert_close(terms["guidance"], expected, rtol=1e-4, atol=0.0)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_stochastic_sampler_is_flow_match_lcm_scheduler(stock, steps):
+    """Our multistep consistency sampler on a flow schedule runs the same sigmas, feeds the
+    network the same timesteps and produces the same latents as diffusers'
+    FlowMatchLCMScheduler given our steps as (unshifted) sigmas, with the same generator."""
+    from diffusers import FlowMatchLCMScheduler
+
+    flow = FlowSchedule.from_config(dict(stock.config))
+    lcm = FlowMatchLCMScheduler(shift=3.0)
+    timesteps = sampling_timesteps(steps, 1000, 50)
+    lcm.set_timesteps(sigmas=flow.unshifted(timesteps))
+    t = torch.tensor(timesteps)
+    torch.testing.assert_close(lcm.sigmas[:-1], flow.sigmas[t].float())
+    assert lcm.sigmas[-1].item() == 0.0
+    torch.testing.assert_close(lcm.timesteps, flow.model_timesteps(t))
+
+    fed = []
+
+    def velocity(z, model_t):  # a smooth stand-in network of (z, 1000 sigma)
+        fed.append(model_t.flatten()[0].item())
+        return 0.8 * z - 0.3 + model_t.view(-1, 1, 1, 1) / 2000
+
+    noise = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(3))
+    ours = sample(
+        lambda z, tt: velocity(z, flow.model_timesteps(tt)), noise, flow, timesteps,
+        stochastic=True, generator=torch.Generator().manual_seed(7),
+    )  # fmt: skip
+    ours_fed, fed[:] = list(fed), []
+    g = torch.Generator().manual_seed(7)
+    z = noise.clone()
+    for model_t in lcm.timesteps:
+        z = lcm.step(velocity(z, model_t.expand(2)), model_t, z, generator=g).prev_sample
+    torch.testing.assert_close(ours, z, rtol=1e-5, atol=1e-5)
+    assert ours_fed == pytest.approx(fed)
+    # the deterministic sampler (noise = eps_hat) is FlowMatchEulerDiscreteScheduler
+    stock.set_timesteps(sigmas=flow.unshifted(timesteps))
+    z = noise.clone()
+    for model_t in stock.timesteps[:-1] if steps > 1 else []:
+        z = stock.step(velocity(z, model_t.expand(2)), model_t, z).prev_sample
+    last = stock.timesteps[-1]
+    x_last = z - stock.sigmas[-2] * velocity(z, last.expand(2))  # f = x_hat at the last step
+    det = sample(lambda zz, tt: velocity(zz, flow.model_timesteps(tt)), noise, flow, timesteps)
+    torch.testing.assert_close(det, x_last, rtol=1e-5, atol=1e-5)

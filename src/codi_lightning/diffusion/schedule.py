@@ -13,7 +13,7 @@ under bf16 precision, which would corrupt ``alpha_t`` near ``t = 0``).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,6 +172,14 @@ class FlowSchedule:
         """``f = x_hat = z - sigma v_hat``: it already equals ``z`` at ``sigma = 0``, so no
         ``c_skip`` / ``c_out`` (as ``FlowMatchLCMScheduler``)."""
         return x_hat
+
+    def unshifted(self, timesteps: Sequence[int]) -> list[float]:
+        """``u_t = (t + 1) / T`` for integer timesteps: the values diffusers' flow
+        schedulers shift into ``sigma_t``. ``FlowMatchLCMScheduler.set_timesteps(sigmas=
+        schedule.unshifted(ts))`` (a pipeline's ``sigmas=`` argument) runs our sampler's
+        steps ``ts`` (its default spacing does not lie on the distillation grid)."""
+        num = self.num_train_timesteps
+        return [(int(t) + 1) / num for t in timesteps]
 
     def model_timesteps(self, t: Tensor) -> Tensor:
         """``1000 sigma_t`` (float), the timestep flow transformers are trained on."""
