@@ -81,6 +81,11 @@ def export_checkpoint(
     kw = {"revision": hp.get("revision")}
     index = read_model_index(base, hp.get("revision"))
     family = family_of(index).name
+    if family == "sd3":
+        raise NotImplementedError(
+            f"export of SD3-family checkpoints ({base}) to a diffusers folder is not "
+            "supported yet; sample with `codi-lightning predict` on the checkpoint"
+        )
     # SDXL: the module encodes an empty prompt as zeros when the base model says so
     zero_empty = bool(index.get("force_zeros_for_empty_prompt", True))
     unet_config = UNet2DConditionModel.load_config(base, subfolder="unet", **kw)

@@ -4,6 +4,7 @@ from .builders import (
     TeacherParts,
     adapter_cond_channels,
     build_adapter,
+    build_family_adapter,
     check_condition_downsampling,
     check_resolution,
     encode_prompts,
@@ -14,6 +15,7 @@ from .tiny import (
     build_tiny_text_encoder,
     build_tiny_tokenizer,
     save_teacher_folder,
+    write_tiny_sd3_teacher,
     write_tiny_sdxl_teacher,
     write_tiny_teacher,
 )
@@ -25,6 +27,7 @@ __all__ = [
     "TeacherParts",
     "adapter_cond_channels",
     "build_adapter",
+    "build_family_adapter",
     "build_tiny_text_encoder",
     "build_tiny_tokenizer",
     "check_condition_downsampling",
@@ -32,6 +35,7 @@ __all__ = [
     "encode_prompts",
     "load_teacher",
     "save_teacher_folder",
+    "write_tiny_sd3_teacher",
     "write_tiny_sdxl_teacher",
     "write_tiny_teacher",
 ]

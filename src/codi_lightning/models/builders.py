@@ -19,9 +19,10 @@ DEFAULT_COND_CHANNELS = (16, 32, 96, 256)
 class TeacherParts:
     """What a pretrained text-to-image model contributes: all of it stays frozen.
 
-    ``prompt_encoder`` is the family's text side (prompts -> :class:`Conditioning`);
-    ``family`` names the family (``sd``, ``sdxl``); ``vae_upcast``: never run the VAE in
-    fp16 (the SDXL VAE overflows there)."""
+    ``unet`` is the denoising network (a ``UNet2DConditionModel``, or the SD3 family's
+    ``SD3Transformer2DModel``); ``prompt_encoder`` is the family's text side (prompts ->
+    :class:`Conditioning`); ``family`` names the family (``sd``, ``sdxl``, ``sd3``);
+    ``vae_upcast``: never run the VAE in fp16 (the SDXL VAE overflows there)."""
 
     unet: nn.Module
     vae: nn.Module | None
@@ -49,8 +50,14 @@ class TeacherParts:
 
     @property
     def scaling_factor(self) -> float:
-        """From the VAE's config (0.18215 SD, 0.13025 SDXL; 1 in pixel space)."""
+        """From the VAE's config (0.18215 SD, 0.13025 SDXL, 1.5305 SD3; 1 in pixel space)."""
         return 1.0 if self.vae is None else float(self.vae.config.scaling_factor)
+
+    @property
+    def shift_factor(self) -> float:
+        """From the VAE's config (SD3: 0.0609; 0 where there is none): latents are
+        ``(sample - shift_factor) * scaling_factor``."""
+        return 0.0 if self.vae is None else float(self.vae.config.get("shift_factor") or 0.0)
 
 
 def load_teacher(
@@ -62,13 +69,15 @@ def load_teacher(
     torch_dtype: torch.dtype | None = None,
     vae_path: str | None = None,
 ) -> TeacherParts:
-    """Load UNet, VAE, text side and scheduler config from a hub id or a local diffusers
-    folder (``from_pretrained`` with subfolders). The family (SD 1.x/2.x or SDXL) comes
+    """Load the network, VAE, text side and scheduler config from a hub id or a local
+    diffusers folder (``from_pretrained`` with subfolders). The family (SD 1.x/2.x, SDXL or
+    SD3) comes
     from the folder's ``model_index.json`` (``models.teachers``). ``pixel_space=True``
     skips the VAE: the UNet then works on images in [-1, 1]. ``vae_path`` replaces the
     folder's VAE (a VAE folder or hub id, e.g. ``madebyollin/sdxl-vae-fp16-fix``, or a
     pipeline folder with ``vae/``)."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    import diffusers
+    from diffusers import DDPMScheduler
 
     from .teachers import family_of, read_model_index
 
@@ -80,11 +89,14 @@ def load_teacher(
     weights = {**kw, "variant": variant}
     if torch_dtype is not None:
         weights["torch_dtype"] = torch_dtype
+    subfolder, network_class = family.network
     try:
-        unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **weights)
+        network = getattr(diffusers, network_class)
+        unet = network.from_pretrained(pretrained, subfolder=subfolder, **weights)
     except OSError as err:
         raise OSError(
-            f"Could not load the teacher UNet from {pretrained!r} (subfolder 'unet'). Give a "
+            f"Could not load the teacher's {network_class} from {pretrained!r} (subfolder "
+            f"{subfolder!r}). Give a "
             "hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5' with network access "
             "or the path of a local diffusers folder; `codi-lightning` tests use "
             "`codi_lightning.models.write_tiny_teacher` to make one."
@@ -124,6 +136,36 @@ def encode_prompts(tokenizer, text_encoder: nn.Module, prompts, device: torch.de
     length (as Stable Diffusion pipelines do). SD 1.x/2.x only; the families' encoders
     are :class:`PromptEncoder` subclasses."""
     return text_encoder(tokenize(tokenizer, prompts).to(device))[0]
+
+
+def build_family_adapter(
+    parts: TeacherParts,
+    conditioning_embedding_out_channels: tuple[int, ...] | None = None,
+    condition_init: str = "zero",
+    layers: int | None = None,
+) -> nn.Module:
+    """The family's adapter for ``parts.unet``: a ``ControlNetModel`` for UNets
+    (:func:`build_adapter`; ``layers`` does not apply), an ``SD3ControlNetModel`` of
+    ``layers`` blocks for SD3 (``teachers.sd3.build_adapter``; the embedder options do not
+    apply: the condition enters as latents through a patch embedding)."""
+    if parts.family == "sd3":
+        from .teachers import sd3
+
+        if conditioning_embedding_out_channels:
+            raise ValueError(
+                "model.adapter_cond_channels applies to UNet teachers; an SD3 adapter takes "
+                "the condition as VAE latents: leave it unset (and see model.adapter_layers)"
+            )
+        return sd3.build_adapter(parts.unet, layers)
+    if layers is not None:
+        raise ValueError(
+            "model.adapter_layers applies to transformer teachers (SD3); a UNet's ControlNet "
+            "copies its encoder: leave it unset"
+        )
+    return build_adapter(
+        parts.unet, parts.vae_scale, conditioning_embedding_out_channels,
+        condition_init=condition_init,
+    )  # fmt: skip
 
 
 def adapter_cond_channels(vae_scale: int) -> tuple[int, ...]:
@@ -189,11 +231,15 @@ def check_condition_downsampling(channels: tuple[int, ...], vae_scale: int) -> N
 
 
 def check_resolution(resolution: int, vae_scale: int, unet: nn.Module) -> None:
-    """The image size must reach the UNet's lowest level as an integer size."""
-    unet_down = 2 ** (len(unet.config.block_out_channels) - 1)
+    """The image size must reach the UNet's lowest level (a transformer: whole patches)
+    as an integer size."""
+    if "patch_size" in unet.config:
+        unet_down, what = int(unet.config.patch_size), "transformer patch size"
+    else:
+        unet_down, what = 2 ** (len(unet.config.block_out_channels) - 1), "UNet downsampling"
     need = vae_scale * unet_down
     if resolution % need:
         raise ValueError(
             f"data.resolution={resolution} is not a multiple of {need} (VAE factor {vae_scale} "
-            f"x UNet downsampling {unet_down}); use e.g. {max(need, resolution // need * need)}."
+            f"x {what} {unet_down}); use e.g. {max(need, resolution // need * need)}."
         )

@@ -252,3 +252,111 @@ def write_tiny_sdxl_teacher(folder: str | Path, *, seed: int = 0, overwrite: boo
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
+
+
+# SD3's scheduler: rectified flow with sigmas shifted by 3 (FlowMatchEulerDiscreteScheduler)
+SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+                 "shift": 3.0}  # fmt: skip
+TINY_SD3_JOINT_DIM = 96  # T5 width = joint_attention_dim; the CLIP features (80) are padded to it
+TINY_SD3_T5_LENGTH = 32  # T5 tokens (SD3 pipelines: 256)
+
+
+def tiny_sd3_transformer_config() -> dict[str, Any]:
+    """SD3Transformer2DModel: 2 joint blocks of width 32 (4 heads of 8) on 16-channel
+    latents in 2x2 patches; the pooled text is CLIP-L's and CLIP-G's projections (32 + 40)."""
+    return {
+        "sample_size": 8,
+        "patch_size": 2,
+        "in_channels": 16,
+        "out_channels": 16,
+        "num_layers": 2,
+        "attention_head_dim": 8,
+        "num_attention_heads": 4,
+        "joint_attention_dim": TINY_SD3_JOINT_DIM,
+        "caption_projection_dim": 32,
+        "pooled_projection_dim": 32 + TINY_SDXL_POOLED,
+        "pos_embed_max_size": 32,
+    }
+
+
+def tiny_sd3_vae_config() -> dict[str, Any]:
+    """The tiny VAE with SD3's 16 latent channels, shift and scale, no quant convs."""
+    return {
+        **tiny_vae_config(),
+        "latent_channels": 16,
+        "scaling_factor": 1.5305,
+        "shift_factor": 0.0609,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+    }
+
+
+def build_tiny_t5_tokenizer():
+    """An offline T5 tokenizer: a unigram vocabulary of single characters (with and
+    without the word-start mark), T5's pad / eos / unk ids 0 / 1 / 2."""
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    for ch in map(chr, range(ord("!"), ord("~") + 1)):  # printable ASCII
+        vocab += [(ch, -3.0), ("\u2581" + ch, -3.5)]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=TINY_SD3_T5_LENGTH)
+
+
+def build_tiny_sd3_text_encoders(tokenizer, tokenizer_2, tokenizer_3):
+    """CLIP-L and CLIP-G stand-ins (CLIPTextModelWithProjection, widths 32 and 48,
+    projections 32 and 40) and a one-layer T5 encoder of width ``TINY_SD3_JOINT_DIM``."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    encoders = []
+    for tok, width, proj in ((tokenizer, 32, 32), (tokenizer_2, 48, TINY_SDXL_POOLED)):
+        config = {**tiny_text_config(len(tok)), "hidden_size": width,
+                  "intermediate_size": 2 * width, "projection_dim": proj}  # fmt: skip
+        encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**config)))
+    t5 = T5Config(
+        vocab_size=len(tokenizer_3), d_model=TINY_SD3_JOINT_DIM, d_kv=16, d_ff=128,
+        num_layers=1, num_heads=4, relative_attention_num_buckets=8,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    return (*encoders, T5EncoderModel(t5))
+
+
+def write_tiny_sd3_teacher(folder: str | Path, *, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write a tiny randomly initialised SD3-family teacher in the diffusers SD3 layout
+    (``transformer/``, ``vae/``, ``text_encoder{,_2,_3}/``, ``tokenizer{,_2,_3}/``,
+    ``scheduler/`` and a ``model_index.json`` naming ``StableDiffusion3Pipeline``, which
+    stock diffusers loads)."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    folder = Path(folder)
+    if (folder / "transformer").exists() and not overwrite:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tokenizers = build_tiny_tokenizer(), build_tiny_tokenizer(), build_tiny_t5_tokenizer()
+    encoders = build_tiny_sd3_text_encoders(*tokenizers)
+    parts = {
+        "transformer": SD3Transformer2DModel(**tiny_sd3_transformer_config()),
+        "vae": AutoencoderKL(**tiny_sd3_vae_config()),
+        "tokenizer": tokenizers[0], "tokenizer_2": tokenizers[1], "tokenizer_3": tokenizers[2],
+        "text_encoder": encoders[0], "text_encoder_2": encoders[1], "text_encoder_3": encoders[2],
+    }  # fmt: skip
+    for name, part in parts.items():
+        part.save_pretrained(folder / name)
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD3_SCHEDULER, indent=2))
+    index = {
+        "_class_name": "StableDiffusion3Pipeline",
+        "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_3": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "tokenizer_3": ["transformers", "T5TokenizerFast"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "image_encoder": [None, None],
+        "feature_extractor": [None, None],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder

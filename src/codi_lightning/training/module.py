@@ -26,16 +26,23 @@ from ..checkpoints import (
 )
 from ..diffusion import (
     CoDiLossConfig,
-    NoiseSchedule,
     codi_loss,
     ema_update,
     randn,
     sample,
     sample_pairs,
     sampling_timesteps,
+    schedule_from_config,
 )
 from ..metrics import EvalSuite, MetricsConfig, write_results
-from ..models import Conditioning, ImageSizes, build_adapter, check_resolution, load_teacher
+from ..models import (
+    Conditioning,
+    ImageSizes,
+    build_family_adapter,
+    check_resolution,
+    load_teacher,
+)
+from ..models.teachers import FAMILIES
 from .frozen import SkipFrozenState
 from .optim import optimizers_for
 from .parallel import data_parallel_mesh, enable_memory_savers, shard_blocks
@@ -55,7 +62,8 @@ def sample_keys(batch: dict[str, Any], field: str, batch_idx: int) -> list[str]:
 class CoDiDistillation(SkipFrozenState, L.LightningModule):
     """Distil a text-to-image teacher into a 1-4 step conditional model, in one stage.
 
-    Submodules: ``unet`` (the frozen pretrained UNet, the teacher; in PE-CoDi it is
+    Submodules: ``unet`` (the frozen pretrained UNet, the teacher, or the SD3 family's
+    transformer, which everything below says of the UNet applies to; in PE-CoDi it is
     also the student's backbone, shared, never copied), ``vae`` and ``text_encoder``
     (frozen; the teacher family's :class:`~codi_lightning.models.PromptEncoder`, which
     turns captions and image sizes into the :class:`~codi_lightning.models.Conditioning`
@@ -66,8 +74,8 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
     rebuilt from ``pretrained``.
 
     Args:
-        pretrained: hub id or local diffusers folder of the teacher: SD 1.x/2.x or SDXL,
-            told apart by its ``model_index.json``.
+        pretrained: hub id or local diffusers folder of the teacher: SD 1.x/2.x, SDXL or
+            SD3 / SD3.5 (rectified flow), told apart by its ``model_index.json``.
         revision: hub revision of ``pretrained``.
         weights_variant: diffusers weight variant (e.g. ``fp16``).
         pixel_space: the teacher has no VAE and works on images in [-1, 1].
@@ -78,6 +86,8 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         adapter_cond_channels: condition-embedder widths; derived from the VAE if unset.
         adapter_condition_init: last layer of the condition embedder, ``zero`` (reference
             ControlNet code) or ``random`` (ControlNet paper); see ``build_adapter``.
+        adapter_layers: SD3 teachers: joint blocks copied into the adapter (default:
+            half of the transformer's); unset for UNet teachers.
         loss: the loss switches (README's table, METHOD.md step 3-5).
         num_grid: N, points of the distillation grid (k = T / N).
         per_sample_timesteps: one t per sample instead of one per batch.
@@ -122,6 +132,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         method: Literal["pe-codi", "codi"] = "pe-codi",
         adapter_cond_channels: tuple[int, ...] | None = None,
         adapter_condition_init: Literal["zero", "random"] = "zero",
+        adapter_layers: int | None = None,
         loss: CoDiLossConfig = CoDiLossConfig(),
         num_grid: int = 50,
         per_sample_timesteps: bool = False,
@@ -181,20 +192,20 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         )  # fmt: skip
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.prompt_encoder
         self.vae_scale, self.scaling_factor = parts.vae_scale, parts.scaling_factor
+        self.shift_factor = parts.shift_factor  # SD3's VAE: latents are (z - shift) * scale
         self.vae_upcast = parts.vae_upcast  # never fp16 (SDXL's VAE overflows there)
-        # plain tensors, not buffers: Lightning would cast buffers to bf16
-        self.schedule = NoiseSchedule.from_config(parts.scheduler_config)
+        self.family = FAMILIES[parts.family]  # how the networks are called
+        # VP or rectified flow, from the scheduler config; plain tensors, not buffers
+        # (Lightning would cast buffers to bf16)
+        self.schedule = schedule_from_config(parts.scheduler_config)
         self.scheduler_config = parts.scheduler_config
 
         # the condition embedder is freshly initialised: seed it, so every rank (FSDP2 does
         # not broadcast) and every rerun builds the same adapter
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.controlnet = build_adapter(
-                self.unet,
-                self.vae_scale,
-                adapter_cond_channels,
-                condition_init=adapter_condition_init,
+            self.controlnet = build_family_adapter(
+                parts, adapter_cond_channels, adapter_condition_init, adapter_layers
             )
         self.controlnet.train()
         self.student_unet = None
@@ -226,8 +237,8 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
                 frozen.eval()
         return self
 
-    @staticmethod
     def _controlled(
+        self,
         unet: nn.Module,
         controlnet: nn.Module | None,
         z: Tensor,
@@ -235,19 +246,25 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         text: Conditioning,
         cond: Tensor,
     ) -> Tensor:
-        """F(z_t, t, y, c): UNet with the adapter's residuals (no adapter: the teacher).
-        Both networks get y whole: the text sequence and any added conditions."""
-        down = mid = None
-        y = text.network_kwargs()
-        if controlnet is not None:
-            down, mid = controlnet(z, t, controlnet_cond=cond, return_dict=False, **y)
-        return unet(
-            z,
-            t,
-            down_block_additional_residuals=down,
-            mid_block_additional_residual=mid,
-            **y,
-        ).sample
+        """F(z_t, t, y, c): the network with the adapter's residuals (no adapter: the
+        teacher), called the family's way (``models.teachers``) and fed the schedule's
+        network timestep for the training timestep ``t`` (flow: ``1000 sigma_t``). ``cond``
+        is what :meth:`adapter_condition` made of the condition."""
+        return self.family.forward(
+            unet, controlnet, z, self.schedule.model_timesteps(t), text, cond
+        )
+
+    @torch.no_grad()
+    def adapter_condition(self, cond: Tensor) -> Tensor:
+        """The condition c (pixels in [0, 1]) as the adapter takes it: as is for a
+        ControlNet; for the SD3 family's adapter VAE latents ``(mean - shift) * scale`` of
+        c in [-1, 1] (the stock SD3 ControlNet pipeline encodes it the same way but takes a
+        posterior sample; the mean keeps the condition a deterministic input)."""
+        if not self.family.latent_condition:
+            return cond
+        with self.vae_precision():
+            dist = self.vae.encode((cond * 2 - 1).to(self.vae.dtype)).latent_dist
+        return (dist.mean.float() - self.shift_factor) * self.scaling_factor
 
     def denoiser(
         self,
@@ -257,7 +274,8 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         guidance: float | None = None,
     ) -> Callable[[Tensor, Tensor], Tensor]:
         """A ``(z, t) -> o`` callable for the diffusion functions, condition bound
-        (``text``: y as a :class:`Conditioning`; a bare text embedding is accepted).
+        (``text``: y as a :class:`Conditioning`; a bare text embedding is accepted;
+        ``cond``: :meth:`adapter_condition` of the condition).
 
         With ``guidance`` the output is ``uncond + w (cond - uncond)`` from one batched
         pass over the conditional and the empty prompt (:meth:`unconditional`).
@@ -392,7 +410,8 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         with self.vae_precision():
             dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
         eps = self.rank_slice_randn(dist.mean.shape, generator)
-        return (dist.mean.float() + dist.std.float() * eps) * self.scaling_factor
+        sample = dist.mean.float() + dist.std.float() * eps
+        return (sample - self.shift_factor) * self.scaling_factor
 
     @torch.no_grad()
     def batch_latents(self, batch: dict[str, Any], generator: torch.Generator | None) -> Tensor:
@@ -408,7 +427,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
             )
         mean, std = batch["latent_mean"].float(), batch["latent_std"].float()
         eps = self.rank_slice_randn(mean.shape, generator)
-        return (mean + std * eps) * self.scaling_factor
+        return (mean + std * eps - self.shift_factor) * self.scaling_factor
 
     def _rank_and_world(self) -> tuple[int, int]:
         if self._trainer is None:
@@ -435,8 +454,8 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         """Latents -> images in [0, 1]."""
         if self.vae is not None:
             with self.vae_precision():
-                latents = latents.to(self.vae.dtype) / self.scaling_factor
-                latents = self.vae.decode(latents).sample
+                latents = latents.float() / self.scaling_factor + self.shift_factor
+                latents = self.vae.decode(latents.to(self.vae.dtype)).sample
         return ((latents.float() + 1) / 2).clamp(0, 1)
 
     # ------------------------------------------------------------------ training
@@ -459,7 +478,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
     def compute_loss(self, batch: dict[str, Any], gen: torch.Generator) -> tuple[Tensor, dict]:
         hp = self.hparams
         x = self.batch_latents(batch, gen)  # clean latent x (METHOD.md, Notation)
-        cond, text = batch["cond"], self.batch_conditioning(batch)  # c in [0, 1], y
+        cond, text = self.adapter_condition(batch["cond"]), self.batch_conditioning(batch)
         noise = self.rank_slice_randn(x.shape, gen)  # eps ~ N(0, I)
         b, world = x.shape[0], self._rank_and_world()[1]
         t, s = sample_pairs(  # (t, s = max(t - k, 0)) on the grid, drawn for the global batch
@@ -556,10 +575,11 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
             sizes = ImageSizes.default(cond.shape[0], tuple(cond.shape[-2:]), self.device)
         text = self.encode_text(captions, sizes)
         which = "target" if use_target else "online"
-        model = self.denoiser(which, text, cond)
+        adapter_cond = self.adapter_condition(cond)
+        model = self.denoiser(which, text, adapter_cond)
         uncond = None
         if guidance_scale != 1.0:
-            uncond = self.denoiser(which, self.unconditional(text), cond)
+            uncond = self.denoiser(which, self.unconditional(text), adapter_cond)
         channels = self.unet.config.in_channels
         size = cond.shape[-1] // self.vae_scale
         noise = randn((cond.shape[0], channels, size, size), generator, device=self.device)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-BLOCK_LISTS = ("down_blocks", "up_blocks")
+BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks")  # UNet; SD3 transformer
 BLOCKS = ("mid_block",)
 
 

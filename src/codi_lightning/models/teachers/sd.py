@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..conditioning import Conditioning, PromptEncoder, tokenize
 
@@ -34,3 +34,27 @@ def load_prompt_encoder(
     text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **weights)
     tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kw)
     return CLIPPromptEncoder(text_encoder, tokenizer)
+
+
+def forward(
+    unet: nn.Module,
+    controlnet: nn.Module | None,
+    z: Tensor,
+    timestep: Tensor,
+    text: Conditioning,
+    cond: Tensor,
+) -> Tensor:
+    """F(z_t, t, y, c): the UNet with the ControlNet's residuals (no adapter: the
+    teacher). Both networks get y whole: the text sequence and any added conditions
+    (SDXL). ``cond`` is the condition image in [0, 1]."""
+    down = mid = None
+    y = text.network_kwargs()
+    if controlnet is not None:
+        down, mid = controlnet(z, timestep, controlnet_cond=cond, return_dict=False, **y)
+    return unet(
+        z,
+        timestep,
+        down_block_additional_residuals=down,
+        mid_block_additional_residual=mid,
+        **y,
+    ).sample

@@ -1,0 +1,153 @@
+"""Stable Diffusion 3 / 3.5: a flow-matching diffusion transformer (METHOD.md, "Other
+teacher families"): three text encoders, a 16-channel VAE with shift and scale, and
+``SD3ControlNetModel`` as the image-condition adapter, whose condition enters as VAE
+latents (as the stock ``StableDiffusion3ControlNetPipeline`` encodes it)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..conditioning import Conditioning, PromptEncoder, tokenize
+
+T5_LENGTH = 256  # the T5 sequence length of the stock SD3 pipelines (max_sequence_length)
+
+
+class SD3PromptEncoder(PromptEncoder):
+    """y as the stock SD3 pipeline builds it: the two CLIP encoders' penultimate hidden
+    states side by side [B, 77, D1 + D2], zero-padded on the feature axis to the T5 width
+    and followed on the sequence axis by T5's last hidden states [B, L, D_T5] (zeros when
+    the folder has no T5); ``added["pooled_projections"]``: both CLIP projections [B, P].
+
+    Empty prompts are encoded as text (SD3 has no ``force_zeros_for_empty_prompt``)."""
+
+    def __init__(
+        self,
+        text_encoders: Sequence[nn.Module | None],
+        tokenizers: Sequence[Any],
+        joint_dim: int,
+        t5_length: int = T5_LENGTH,
+    ) -> None:
+        super().__init__()
+        self.text_encoder, self.text_encoder_2, self.text_encoder_3 = text_encoders
+        self.tokenizer, self.tokenizer_2, self.tokenizer_3 = tokenizers
+        self.joint_dim, self.t5_length = joint_dim, t5_length
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str], device: torch.device | str) -> Conditioning:
+        prompts = list(prompts)
+        sequences, pooled = [], []
+        for tokenizer, encoder in (
+            (self.tokenizer, self.text_encoder),
+            (self.tokenizer_2, self.text_encoder_2),
+        ):
+            out = encoder(tokenize(tokenizer, prompts).to(device), output_hidden_states=True)
+            sequences.append(out.hidden_states[-2])
+            pooled.append(out.text_embeds)
+        clip = torch.cat(sequences, dim=-1)
+        clip = F.pad(clip, (0, self.joint_dim - clip.shape[-1]))
+        if self.text_encoder_3 is None:
+            t5 = clip.new_zeros(len(prompts), self.t5_length, self.joint_dim)
+        else:
+            ids = self.tokenizer_3(
+                prompts, padding="max_length", max_length=self.t5_length, truncation=True,
+                add_special_tokens=True, return_tensors="pt",
+            ).input_ids  # fmt: skip
+            t5 = self.text_encoder_3(ids.to(device))[0].to(clip.dtype)
+        hidden = torch.cat([clip, t5], dim=-2)
+        return Conditioning(hidden, {"pooled_projections": torch.cat(pooled, dim=-1)})
+
+
+def load_prompt_encoder(
+    pretrained: str, index: Mapping[str, Any], kw: dict[str, Any], weights: dict[str, Any]
+) -> SD3PromptEncoder:
+    """``text_encoder/``, ``text_encoder_2/`` (CLIPTextModelWithProjection),
+    ``text_encoder_3/`` (T5EncoderModel; may be absent, as SD3 allows) and the three
+    tokenizers of a diffusers SD3 folder."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import (
+        AutoTokenizer,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        T5EncoderModel,
+    )
+
+    has_t5 = (index.get("text_encoder_3") or [None])[0] is not None
+    encoders = [
+        CLIPTextModelWithProjection.from_pretrained(pretrained, subfolder=sub, **weights)
+        for sub in ("text_encoder", "text_encoder_2")
+    ]
+    encoders.append(
+        T5EncoderModel.from_pretrained(pretrained, subfolder="text_encoder_3", **weights)
+        if has_t5
+        else None
+    )
+    tokenizers = [
+        CLIPTokenizer.from_pretrained(pretrained, subfolder=sub, **kw)
+        for sub in ("tokenizer", "tokenizer_2")
+    ]
+    tokenizers.append(
+        AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer_3", **kw) if has_t5 else None
+    )
+    joint = SD3Transformer2DModel.load_config(pretrained, subfolder="transformer", **kw)
+    t5_length = min(T5_LENGTH, tokenizers[2].model_max_length) if has_t5 else T5_LENGTH
+    return SD3PromptEncoder(encoders, tokenizers, int(joint["joint_attention_dim"]), t5_length)
+
+
+def forward(
+    transformer: nn.Module,
+    adapter: nn.Module | None,
+    z: Tensor,
+    timestep: Tensor,
+    text: Conditioning,
+    cond: Tensor,
+) -> Tensor:
+    """The velocity of the transformer with the adapter's per-block residuals; ``cond``
+    is the condition's latents, ``timestep`` the network's (``1000 sigma``)."""
+    kw = {
+        "encoder_hidden_states": text.hidden_states,
+        "pooled_projections": text.added["pooled_projections"],
+    }
+    residuals = None
+    if adapter is not None:
+        residuals = adapter(z, controlnet_cond=cond, timestep=timestep, return_dict=False, **kw)[0]
+    return transformer(
+        hidden_states=z, timestep=timestep, block_controlnet_hidden_states=residuals,
+        return_dict=False, **kw,
+    )[0]  # fmt: skip
+
+
+def build_adapter(transformer: nn.Module, num_layers: int | None = None) -> nn.Module:
+    """An ``SD3ControlNetModel`` made as ``from_transformer`` makes it: the first ``num_layers`` joint blocks
+    (default: half, at least one) copied from the transformer, a zero-initialised patch
+    embedding of the condition latents and zero output projections, so the adapted model
+    equals the teacher at step 0. Its config says ``force_zeros_for_pooled_projection:
+    false``: the stock pipeline then feeds it the pooled text and shifts the condition
+    latents by the VAE's ``shift_factor``, as training does."""
+    from diffusers import SD3ControlNetModel
+
+    layers = num_layers or max(1, transformer.config.num_layers // 2)
+    if not 1 <= layers <= transformer.config.num_layers:
+        raise ValueError(
+            f"model.adapter_layers={num_layers}: the transformer has "
+            f"{transformer.config.num_layers} blocks; give 1..{transformer.config.num_layers}"
+        )
+    # what SD3ControlNetModel.from_transformer does, without its side effect: it writes
+    # num_layers into the transformer's own config dict (diffusers 0.42), which a save of
+    # the teacher would then carry
+    config = {**transformer.config, "num_layers": layers, "extra_conditioning_channels": 0,
+              "force_zeros_for_pooled_projection": False}  # fmt: skip
+    adapter = SD3ControlNetModel.from_config(config)
+    for name in ("pos_embed", "time_text_embed", "context_embedder"):
+        getattr(adapter, name).load_state_dict(getattr(transformer, name).state_dict())
+    # the first ``layers`` blocks (strict=False: the transformer has more)
+    adapter.transformer_blocks.load_state_dict(
+        transformer.transformer_blocks.state_dict(), strict=False
+    )
+    for p in adapter.pos_embed_input.parameters():
+        nn.init.zeros_(p)
+    return adapter
