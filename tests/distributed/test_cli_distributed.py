@@ -154,3 +154,38 @@ def test_two_process_cli(strategy, tmp_path, tiny_teacher, tiny_shards, uneven_v
     state = read_checkpoint(last)["state_dict"]
     for name, value in load_file(weights).items():
         torch.testing.assert_close(value, state[f"target.controlnet.{name}"].float())
+
+
+def test_two_process_fsdp_on_sd3(tmp_path, tiny_sd3_teacher, tiny_shards, uneven_val):
+    """configs/tiny_sd3_cpu.yaml under FSDP2 on 2 processes, full CoDi (the transformer
+    copy and the adapter sharded by joint block): fit with validation, test over uneven
+    shards and predict."""
+    from PIL import Image
+
+    cfg = yaml.safe_load((ROOT / "configs" / "tiny_sd3_cpu.yaml").read_text())
+    out = tmp_path / "run"
+    cfg["trainer"].update(default_root_dir=str(out), max_steps=2, val_check_interval=2,
+                          limit_val_batches=None, enable_progress_bar=False)  # fmt: skip
+    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(out / "logs")
+    cfg["trainer"]["callbacks"][0]["init_args"].update(dirpath=str(out / "ckpt"))
+    cfg["model"].update(pretrained=str(tiny_sd3_teacher), method="codi", val_images=2,
+                        test_steps=[1, 2])  # fmt: skip
+    cfg["data"].update(train_shards=tiny_shards["train"], val_shards=uneven_val["three"],
+                       num_workers=1, batch_size=2, val_batch_size=2, predict_batch_size=2)  # fmt: skip
+    config = tmp_path / "sd3.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    base = ["--config", str(config), *STRATEGIES["fsdp"]]
+    run_cli(["fit", *base], tmp_path)
+    last = out / "ckpt" / "last.ckpt"
+    assert last.exists() and [p.name for p in out.rglob("samples/*.png")] == ["step_0000002.png"]
+    run_cli(["test", *base, "--ckpt_path", str(last)], tmp_path)
+    results = _metrics(out)
+    assert sorted(results) == ["1", "2"] and results["2"]["images"] == 10
+    inputs = tmp_path / "lowres"
+    inputs.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (60 * i, 100, 200)).save(inputs / f"in{i}.png")
+    preds = tmp_path / "preds"
+    run_cli(["predict", *base, "--ckpt_path", str(last), "--data.predict_images", str(inputs),
+             "--data.predict_output", str(preds)], tmp_path)  # fmt: skip
+    assert sorted(p.name for p in preds.iterdir()) == [f"in{i}.png" for i in range(3)]

@@ -10,14 +10,14 @@ import yaml
 from conftest import make_batch
 
 from codi_lightning.diffusion import FlowSchedule
-from codi_lightning.models import load_teacher, write_tiny_sd3_teacher
+from codi_lightning.models import load_teacher
 from codi_lightning.models.tiny import TINY_SD3_JOINT_DIM, TINY_SD3_T5_LENGTH
 from codi_lightning.training import CoDiDistillation
 
 
 @pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory):
-    return write_tiny_sd3_teacher(tmp_path_factory.mktemp("teacher") / "tiny_sd3")
+def tiny_sd3(tiny_sd3_teacher):
+    return tiny_sd3_teacher
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +162,27 @@ def test_sd3_config_fit_validate_test_predict(tmp_path, tiny_sd3, tiny_shards):
     assert sorted(p.name for p in (tmp_path / "preds").iterdir()) == ["in0.png", "in1.png"]
     with pytest.raises(NotImplementedError, match="SD3-family"):
         export_checkpoint(last, tmp_path / "exported")
+
+
+def test_the_two_stage_baseline_on_sd3_regresses_velocity_and_samples_with_euler(tiny_sd3):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from codi_lightning.training import ControlNetBaseline
+
+    m = ControlNetBaseline(str(tiny_sd3))
+    loss, _ = m.compute_loss(make_batch(), torch.Generator().manual_seed(0))
+    loss.backward()
+    assert any(p.grad is not None for p in m.controlnet.parameters())
+
+    def velocity(z, t):  # a stand-in network of the integer timestep
+        return 0.9 * z - 0.1 + t.view(-1, 1, 1, 1) / 4000
+
+    noise = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    ours = m.run_sampler(velocity, noise, 4)
+    # reference: the stock Euler scheduler at the "trailing" steps 999, 749, 499, 249
+    stock = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    stock.set_timesteps(sigmas=[(t + 1) / 1000 for t in (999, 749, 499, 249)])
+    z = noise.clone()
+    for step, t in zip(stock.timesteps, (999, 749, 499, 249), strict=True):
+        z = stock.step(velocity(z, torch.full((2,), t)), step, z).prev_sample
+    torch.testing.assert_close(ours, z, rtol=1e-5, atol=1e-5)

@@ -1,5 +1,6 @@
 """The two-stage baseline: a ControlNet trained with the ordinary diffusion loss on the
-condition (teacher frozen), sampled with DDIM. What CoDi is compared against."""
+condition (teacher frozen), sampled with DDIM (flow teachers: Euler). What CoDi is
+compared against."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..diffusion import diffusion_loss
+from ..diffusion import FlowSchedule, diffusion_loss, sample
 from .ddim import ddim_sample
 from .module import CoDiDistillation
 
@@ -16,12 +17,13 @@ from .module import CoDiDistillation
 class ControlNetBaseline(CoDiDistillation):
     """Same parts, data, EMA, validation, test and predict as :class:`CoDiDistillation`,
     but the loss is ``|| F_theta(z_t, t, y, c) - target ||^2`` with t uniform in [0, T)
-    and sampling is DDIM (``test_steps`` e.g. [4, 8, 50]). The ``loss`` options and
+    and sampling is DDIM (``test_steps`` e.g. [4, 8, 50]); on a flow schedule (SD3) the
+    target is the velocity and sampling is the Euler method. The ``loss`` options and
     ``num_grid`` are unused."""
 
     def compute_loss(self, batch: dict[str, Any], gen: torch.Generator) -> tuple[Tensor, dict]:
         x = self.batch_latents(batch, gen)
-        cond, text = batch["cond"], self.batch_conditioning(batch)
+        cond, text = self.adapter_condition(batch["cond"]), self.batch_conditioning(batch)
         noise = self.rank_slice_randn(x.shape, gen)
         b, world = x.shape[0], self._rank_and_world()[1]
         t = torch.randint(
@@ -33,5 +35,11 @@ class ControlNetBaseline(CoDiDistillation):
 
     def run_sampler(self, model, noise: Tensor, num_steps: int, **kwargs: Any) -> Tensor:
         """DDIM (eta = 0) in ``num_steps`` steps; the consistency-sampler options
-        (``stochastic``, guidance) do not apply."""
+        (``stochastic``, guidance) do not apply. A flow schedule is sampled by the Euler
+        method (``FlowMatchEulerDiscreteScheduler``'s step, which our deterministic sampler
+        equals on a flow schedule) at DDIM's "trailing" timesteps, from t = T - 1."""
+        if isinstance(self.schedule, FlowSchedule):
+            num = self.schedule.num_train_timesteps
+            timesteps = [num - 1 - i * num // num_steps for i in range(num_steps)]
+            return sample(model, noise, self.schedule, timesteps)
         return ddim_sample(model, noise, self.scheduler_config, num_steps)

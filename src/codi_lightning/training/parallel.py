@@ -1,8 +1,8 @@
 """Sharding and memory options applied in ``configure_model``.
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``) through Lightning's
-``ModelParallelStrategy``: each down/mid/up block of a trainable module is one unit, the
-module itself the root unit. The EMA target is sharded with the same units on the same
+``ModelParallelStrategy``: each down/mid/up block of a trainable module (each joint block
+of an SD3 transformer or adapter) is one unit, the module itself the root unit. The EMA target is sharded with the same units on the same
 mesh, so every rank holds matching shards of theta and theta^- and the EMA update
 touches local shards only. Frozen parts (teacher UNet, VAE, text encoder) are never
 wrapped: they are replicated (in bf16 on GPU under bf16 precision), so no FSDP unit mixes
@@ -56,11 +56,17 @@ def enable_memory_savers(
 
 
 def diffusers_block_classes() -> set[type[nn.Module]]:
-    """FSDP1 auto-wrap units: every diffusers UNet/ControlNet block class, and the
-    UNet/ControlNet models themselves, so the online adapter and its EMA copy are
-    separate units with the same layout and frozen models never share a unit with
-    trainable ones."""
-    from diffusers import ControlNetModel, UNet2DConditionModel
+    """FSDP1 auto-wrap units: every diffusers UNet/ControlNet block class and SD3's joint
+    transformer block, and the UNet/ControlNet/SD3 models themselves, so the online
+    adapter and its EMA copy are separate units with the same layout and frozen models
+    never share a unit with trainable ones."""
+    from diffusers import (
+        ControlNetModel,
+        SD3ControlNetModel,
+        SD3Transformer2DModel,
+        UNet2DConditionModel,
+    )
+    from diffusers.models.attention import JointTransformerBlock
     from diffusers.models.unets import unet_2d_blocks
 
     blocks = {
@@ -70,7 +76,8 @@ def diffusers_block_classes() -> set[type[nn.Module]]:
         and issubclass(cls, nn.Module)
         and name.endswith(("Block2D", "Block2DCrossAttn"))
     }
-    return blocks | {ControlNetModel, UNet2DConditionModel}
+    sd3 = {JointTransformerBlock, SD3ControlNetModel, SD3Transformer2DModel}
+    return blocks | sd3 | {ControlNetModel, UNet2DConditionModel}
 
 
 try:  # FSDP1 policy class for YAML: `auto_wrap_policy: {class_path: ...DiffusersBlockWrapPolicy}`
