@@ -159,7 +159,7 @@ def test_two_process_cli(strategy, tmp_path, tiny_teacher, tiny_shards, uneven_v
 def test_two_process_fsdp_on_sd3(tmp_path, tiny_sd3_teacher, tiny_shards, uneven_val):
     """configs/tiny_sd3_cpu.yaml under FSDP2 on 2 processes, full CoDi (the transformer
     copy and the adapter sharded by joint block): fit with validation, test over uneven
-    shards and predict."""
+    shards, predict and export."""
     from PIL import Image
 
     cfg = yaml.safe_load((ROOT / "configs" / "tiny_sd3_cpu.yaml").read_text())
@@ -189,3 +189,7 @@ def test_two_process_fsdp_on_sd3(tmp_path, tiny_sd3_teacher, tiny_shards, uneven
     run_cli(["predict", *base, "--ckpt_path", str(last), "--data.predict_images", str(inputs),
              "--data.predict_output", str(preds)], tmp_path)  # fmt: skip
     assert sorted(p.name for p in preds.iterdir()) == [f"in{i}.png" for i in range(3)]
+    # export from the distributed-checkpoint folder
+    exported = tmp_path / "exported"
+    run_cli(["export", "--ckpt", str(last), "--output", str(exported)], tmp_path, 1)
+    assert {p.name for p in exported.iterdir()} >= {"controlnet", "transformer", "scheduler"}

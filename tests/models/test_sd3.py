@@ -128,12 +128,10 @@ def test_options_of_the_other_family_are_refused(tiny_sd3, tiny_teacher):
 
 def test_sd3_config_fit_validate_test_predict(tmp_path, tiny_sd3, tiny_shards):
     """configs/tiny_sd3_cpu.yaml through the CLI: the teacher is told apart by its
-    model_index.json alone; fit (with validation), test and predict run on it; export
-    says it is not supported yet."""
+    model_index.json alone; fit (with validation), test, predict and export run on it."""
     from PIL import Image
 
     from codi_lightning.cli import main
-    from codi_lightning.export import export_checkpoint
 
     repo = __import__("pathlib").Path(__file__).resolve().parents[2]
     cfg = yaml.safe_load((repo / "configs" / "tiny_sd3_cpu.yaml").read_text())
@@ -160,8 +158,14 @@ def test_sd3_config_fit_validate_test_predict(tmp_path, tiny_sd3, tiny_shards):
     main(["predict", "--config", str(config), "--ckpt_path", last,
           "--data.predict_images", str(inputs)])  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "preds").iterdir()) == ["in0.png", "in1.png"]
-    with pytest.raises(NotImplementedError, match="SD3-family"):
-        export_checkpoint(last, tmp_path / "exported")
+    # export, and the model card's snippet runs as written on the exported folder
+    main(["export", "--ckpt", last, "--output", str(tmp_path / "exported")])
+    card = (tmp_path / "exported" / "README.md").read_text()
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace = {"condition": Image.new("RGB", (32, 32), (200, 30, 90))}
+    exec(compile(code.replace("THIS_FOLDER", str(tmp_path / "exported")), "card", "exec"),
+         namespace)  # fmt: skip
+    assert namespace["image"].size == (32, 32)
 
 
 def test_the_two_stage_baseline_on_sd3_regresses_velocity_and_samples_with_euler(tiny_sd3):

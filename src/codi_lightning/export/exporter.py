@@ -4,10 +4,10 @@ Writes ``controlnet/`` (EMA target weights by default), ``unet/`` when the UNet 
 trained (full CoDi), two stock diffusers schedulers and a ``README.md`` model card.
 Safetensors only. Needs the checkpoint and access to the base model recorded in it (for
 configs, not weights). The card's usage snippet loads the folder into the stock pipeline
-of the base model's family: ``StableDiffusionControlNetPipeline`` (SD 1.x/2.x) or
+of the base model's family: ``StableDiffusionControlNetPipeline`` (SD 1.x/2.x),
 ``StableDiffusionXLControlNetPipeline`` (SDXL; its size conditioning defaults, original =
 target size and crop (0, 0), are what ``codi-lightning`` samples with when no sizes are
-recorded).
+recorded) or ``StableDiffusion3ControlNetPipeline`` (SD3 family: ``export/sd3.py``).
 
 The schedulers reproduce the two samplers of ``diffusion.sample`` (METHOD.md, "Sampling"):
 
@@ -82,10 +82,19 @@ def export_checkpoint(
     index = read_model_index(base, hp.get("revision"))
     family = family_of(index).name
     if family == "sd3":
-        raise NotImplementedError(
-            f"export of SD3-family checkpoints ({base}) to a diffusers folder is not "
-            "supported yet; sample with `codi-lightning predict` on the checkpoint"
+        from .sd3 import export_sd3
+
+        out = Path(output)
+        out.mkdir(parents=True, exist_ok=True)
+        step = checkpoint.get("global_step", 0)
+        which = export_sd3(hp, state, base, out, weights, step, kw)
+        print(
+            f"exported {weights} weights ({which}) to {out}; schedulers: scheduler/ "
+            "(FlowMatchLCMScheduler, stochastic) and scheduler_deterministic/ "
+            "(FlowMatchEulerDiscreteScheduler, deterministic)",
+            flush=True,
         )
+        return out
     # SDXL: the module encodes an empty prompt as zeros when the base model says so
     zero_empty = bool(index.get("force_zeros_for_empty_prompt", True))
     unet_config = UNet2DConditionModel.load_config(base, subfolder="unet", **kw)

@@ -121,27 +121,40 @@ def forward(
     )[0]  # fmt: skip
 
 
+def adapter_config(transformer_config: Mapping[str, Any], layers: int) -> dict[str, Any]:
+    """The ``SD3ControlNetModel`` config of a ``layers``-block adapter for a transformer
+    of ``transformer_config``: its own widths, no extra condition channels, and
+    ``force_zeros_for_pooled_projection: false`` (see :func:`build_adapter`)."""
+    return {**transformer_config, "num_layers": layers, "extra_conditioning_channels": 0,
+            "force_zeros_for_pooled_projection": False}  # fmt: skip
+
+
+def adapter_layers(transformer_config: Mapping[str, Any], num_layers: int | None) -> int:
+    """``num_layers`` (checked against the transformer's depth), or half its blocks."""
+    depth = int(transformer_config["num_layers"])
+    layers = num_layers or max(1, depth // 2)
+    if not 1 <= layers <= depth:
+        raise ValueError(
+            f"model.adapter_layers={num_layers}: the transformer has {depth} blocks; "
+            f"give 1..{depth}"
+        )
+    return layers
+
+
 def build_adapter(transformer: nn.Module, num_layers: int | None = None) -> nn.Module:
-    """An ``SD3ControlNetModel`` made as ``from_transformer`` makes it: the first ``num_layers`` joint blocks
-    (default: half, at least one) copied from the transformer, a zero-initialised patch
-    embedding of the condition latents and zero output projections, so the adapted model
-    equals the teacher at step 0. Its config says ``force_zeros_for_pooled_projection:
+    """An ``SD3ControlNetModel`` made as ``from_transformer`` makes it: the first
+    ``num_layers`` joint blocks (default: half, at least one) copied from the transformer,
+    a zero-initialised patch embedding of the condition latents and zero output
+    projections, so the adapted model equals the teacher at step 0. Its config says ``force_zeros_for_pooled_projection:
     false``: the stock pipeline then feeds it the pooled text and shifts the condition
     latents by the VAE's ``shift_factor``, as training does."""
     from diffusers import SD3ControlNetModel
 
-    layers = num_layers or max(1, transformer.config.num_layers // 2)
-    if not 1 <= layers <= transformer.config.num_layers:
-        raise ValueError(
-            f"model.adapter_layers={num_layers}: the transformer has "
-            f"{transformer.config.num_layers} blocks; give 1..{transformer.config.num_layers}"
-        )
+    layers = adapter_layers(transformer.config, num_layers)
     # what SD3ControlNetModel.from_transformer does, without its side effect: it writes
     # num_layers into the transformer's own config dict (diffusers 0.42), which a save of
     # the teacher would then carry
-    config = {**transformer.config, "num_layers": layers, "extra_conditioning_channels": 0,
-              "force_zeros_for_pooled_projection": False}  # fmt: skip
-    adapter = SD3ControlNetModel.from_config(config)
+    adapter = SD3ControlNetModel.from_config(adapter_config(transformer.config, layers))
     for name in ("pos_embed", "time_text_embed", "context_embedder"):
         getattr(adapter, name).load_state_dict(getattr(transformer, name).state_dict())
     # the first ``layers`` blocks (strict=False: the transformer has more)
