@@ -190,3 +190,41 @@ def test_the_two_stage_baseline_on_sd3_regresses_velocity_and_samples_with_euler
     for step, t in zip(stock.timesteps, (999, 749, 499, 249), strict=True):
         z = stock.step(velocity(z, torch.full((2,), t)), step, z).prev_sample
     torch.testing.assert_close(ours, z, rtol=1e-5, atol=1e-5)
+
+
+def test_guidance_on_sd3_is_two_branches_in_one_pass(sd3_module):
+    """The guided denoiser (guidance-aware distillation and guided sampling) equals
+    uncond + w (cond - uncond) from two separate calls; the unconditional branch is the
+    empty prompt's text and pooled projection with the same condition latents."""
+    m = sd3_module
+    batch = make_batch()
+    text = m.batch_conditioning(batch)
+    cond = m.adapter_condition(batch["cond"])
+    z, t = torch.randn(2, 16, 8, 8), torch.tensor([899, 299])
+    with torch.no_grad():
+        guided = m.denoiser("teacher", text, cond, guidance=3.0)(z, t)
+        c = m.denoiser("teacher", text, cond)(z, t)
+        u = m.denoiser("teacher", m.empty_text(2), cond)(z, t)
+    torch.testing.assert_close(guided, u + 3.0 * (c - u), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(c, u)  # the text reaches the transformer
+
+
+def test_cfg_aware_step_and_activation_checkpointing_on_sd3(tiny_sd3):
+    """A guidance-aware CoDi step; with activation checkpointing on the transformer copy and
+    the adapter the loss and the gradients are those without it."""
+    grads = []
+    for checkpointing in (False, True):
+        m = CoDiDistillation(str(tiny_sd3), method="codi", num_grid=10, cfg_aware=True,
+                             gradient_checkpointing=checkpointing)  # fmt: skip
+        m.configure_model()
+        assert m.student_unet.gradient_checkpointing == checkpointing
+        assert m.controlnet.gradient_checkpointing == checkpointing
+        loss, _ = m.compute_loss(make_batch(), torch.Generator().manual_seed(0))
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in m.controlnet.parameters()
+                                      if p.grad is not None]))  # fmt: skip
+    (loss_a, grad_a), (loss_b, grad_b) = grads
+    torch.testing.assert_close(loss_a, loss_b)
+    assert len(grad_a) == len(grad_b) > 0
+    for a, b in zip(grad_a, grad_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
