@@ -1,12 +1,12 @@
-"""GPU check: CoDi training-step throughput, memory and MFU at SD 1.5 and SDXL size, and
-sampling latency.
+"""GPU check: CoDi training-step throughput, memory and MFU at SD 1.5, SDXL and
+SD3.5-medium size, and sampling latency.
 
-    python bench/gpu_check.py --out bench/gpu_check.json        # on one GPU, both models
+    python bench/gpu_check.py --out bench/gpu_check.json        # on one GPU, all models
     python bench/gpu_check.py --models sd15                     # SD 1.5 only, ~3-5 min
     python bench/gpu_check.py --tiny --device cpu --steps 1     # syntax/plumbing check on CPU
 
-Two models, each a UNet and its ControlNet built from config with random weights (timings
-do not depend on weight values; nothing is downloaded):
+Three models, each a network and its adapter built from config with random weights
+(timings do not depend on weight values; nothing is downloaded):
 
 - ``sd15``: SD 1.5-sized UNet (859.5M); latents 64x64x4 (512 px), text 77x768; batch
   ``--batch``.
@@ -14,6 +14,12 @@ do not depend on weight values; nothing is downloaded):
   unet/config.json written out below), its ControlNet (1251.0M); latents 128x128x4
   (1024 px), text 77x2048 plus SDXL's added conditions (pooled text [B, 1280],
   time_ids [B, 6]) to UNet and adapter; batch ``--sdxl_batch``.
+- ``sd35m``: an SD3.5-medium-sized rectified-flow transformer (24 joint blocks of width
+  1536, dual attention in blocks 0-12, RMS QK norm, 2x2 patches: 2243.2M parameters as
+  configured below, from the published architecture description, not checked against
+  the hub's config file) and its ``SD3ControlNetModel`` of 12 blocks (1261.2M); latents
+  128x128x16 (1024 px), text 333x4096 (77 CLIP + 256 T5 tokens), pooled 2048, condition
+  latents 128x128x16; the flow schedule with shift 3; batch ``--sdxl_batch``.
 
 Latents and text embeddings are random, so VAE and text-encoder time is excluded. Each
 configuration runs the project's CoDi loss (online + solver reuse + EMA target), AdamW
@@ -22,7 +28,9 @@ FSDP2 (one-rank mesh: the wrapping overhead, not multi-GPU scaling) and activati
 checkpointing; a configuration that does not fit is recorded as ``oom`` (SDXL full CoDi
 holds ~76 GB of fp32 states alone on one card). FLOPs of one step are counted with
 torch.utils.flop_counter; MFU divides achieved FLOP/s by the card's dense bf16 peak.
-``--tiny`` runs the same code on tiny SD and tiny SDXL UNets (``codi_lightning.models.tiny``).
+``--tiny`` runs the same code on the tiny SD, SDXL and SD3 networks
+(``codi_lightning.models.tiny``). The networks are called as the training module calls
+them (``models.teachers``: ``sd.forward``, ``sd3.forward``).
 """
 
 from __future__ import annotations
@@ -38,17 +46,22 @@ import torch
 
 from codi_lightning.diffusion import (
     CoDiLossConfig,
-    NoiseSchedule,
     codi_loss,
     ema_update,
     sample,
     sampling_timesteps,
+    schedule_from_config,
 )
 from codi_lightning.models import Conditioning
+from codi_lightning.models.teachers import sd, sd3
 from codi_lightning.models.tiny import (
+    SD3_SCHEDULER,
     SD_SCHEDULER,
+    TINY_SD3_JOINT_DIM,
+    TINY_SD3_T5_LENGTH,
     TINY_SDXL_POOLED,
     TINY_SDXL_TEXT_WIDTHS,
+    tiny_sd3_transformer_config,
     tiny_sdxl_unet_config,
     tiny_unet_config,
 )
@@ -80,58 +93,92 @@ def sdxl_unet_config() -> dict:
     }
 
 
-# per model: UNet config, latent size, VAE factor, adapter embedder widths, text width,
-# pooled-text width (SDXL's added conditions; None: none)
+def sd35m_transformer_config() -> dict:
+    """An SD3.5-medium-sized SD3Transformer2DModel (MMDiT-X): 24 joint blocks of 24 heads
+    of 64, dual attention in blocks 0-12, RMS QK norm, 2x2 patches of 16-channel latents,
+    joint attention over the 4096-wide T5 / padded CLIP sequence, pooled text 2048."""
+    return {
+        "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16,
+        "num_layers": 24, "attention_head_dim": 64, "num_attention_heads": 24,
+        "joint_attention_dim": 4096, "caption_projection_dim": 1536,
+        "pooled_projection_dim": 2048, "pos_embed_max_size": 384,
+        "dual_attention_layers": tuple(range(13)), "qk_norm": "rms_norm",
+    }  # fmt: skip
+
+
+# per model: family, network config, latent size, latent channels, VAE factor, adapter
+# embedder widths (UNets), text length and width, pooled-text width (None: none)
 MODELS = {
-    "sd15": (sd15_unet_config, 64, 8, (16, 32, 96, 256), 768, None),
-    "sdxl": (sdxl_unet_config, 128, 8, (16, 32, 96, 256), 2048, 1280),
+    "sd15": ("sd", sd15_unet_config, 64, 4, 8, (16, 32, 96, 256), 77, 768, None),
+    "sdxl": ("sdxl", sdxl_unet_config, 128, 4, 8, (16, 32, 96, 256), 77, 2048, 1280),
+    "sd35m": ("sd3", sd35m_transformer_config, 128, 16, 8, None, 77 + 256, 4096, 2048),
 }
 TINY_MODELS = {
-    "sd15": (tiny_unet_config, 8, 4, (16, 32, 96), 32, None),
-    "sdxl": (tiny_sdxl_unet_config, 8, 4, (16, 32, 96), sum(TINY_SDXL_TEXT_WIDTHS),
-             TINY_SDXL_POOLED),
+    "sd15": ("sd", tiny_unet_config, 8, 4, 4, (16, 32, 96), 77, 32, None),
+    "sdxl": ("sdxl", tiny_sdxl_unet_config, 8, 4, 4, (16, 32, 96), 77,
+             sum(TINY_SDXL_TEXT_WIDTHS), TINY_SDXL_POOLED),
+    "sd35m": ("sd3", tiny_sd3_transformer_config, 8, 16, 4, None, 77 + TINY_SD3_T5_LENGTH,
+              TINY_SD3_JOINT_DIM, 32 + TINY_SDXL_POOLED),
 }  # fmt: skip
 
 
 def spec(args, model: str) -> dict:
-    config, latent, vae_scale, channels, text_dim, pooled = (TINY_MODELS if args.tiny else MODELS)[
-        model
-    ]
-    return {"config": config(), "latent": latent, "pixels": latent * vae_scale,
-            "channels": channels, "text_dim": text_dim, "pooled": pooled}  # fmt: skip
+    family, config, latent, ch, vae_scale, widths, length, text_dim, pooled = (
+        TINY_MODELS if args.tiny else MODELS
+    )[model]
+    return {"family": family, "config": config(), "latent": latent, "latent_channels": ch,
+            "pixels": latent * vae_scale, "channels": widths, "text_len": length,
+            "text_dim": text_dim, "pooled": pooled}  # fmt: skip
 
 
 def build(spec: dict, method: str, device: torch.device):
     """Built on ``device`` (random init there: seconds, not minutes, at SDXL size)."""
-    from diffusers import ControlNetModel, UNet2DConditionModel
+    from diffusers import ControlNetModel, SD3Transformer2DModel, UNet2DConditionModel
 
     torch.manual_seed(0)
     with device:
-        unet = UNet2DConditionModel(**spec["config"]).requires_grad_(False).eval()
-        controlnet = ControlNetModel.from_unet(
-            unet, conditioning_embedding_out_channels=spec["channels"]
-        )
+        if spec["family"] == "sd3":
+            unet = SD3Transformer2DModel(**spec["config"]).requires_grad_(False).eval()
+            controlnet = sd3.build_adapter(unet)
+        else:
+            unet = UNet2DConditionModel(**spec["config"]).requires_grad_(False).eval()
+            controlnet = ControlNetModel.from_unet(
+                unet, conditioning_embedding_out_channels=spec["channels"]
+            )
     student = copy.deepcopy(unet).requires_grad_(True).train() if method == "codi" else None
     return unet, controlnet, student
 
 
+def schedule_of(spec: dict):
+    return schedule_from_config(SD3_SCHEDULER if spec["family"] == "sd3" else SD_SCHEDULER)
+
+
 def conditioning(spec: dict, batch: int, device: torch.device, dtype=None) -> Conditioning:
-    """Random text [B, 77, D]; SDXL: pooled text and time_ids (original = target size,
-    crop (0, 0)) as added conditions."""
-    text = torch.randn(batch, 77, spec["text_dim"], device=device, dtype=dtype)
+    """Random text [B, L, D]; SDXL: pooled text and time_ids (original = target size,
+    crop (0, 0)) as added conditions; SD3: the pooled projections."""
+    text = torch.randn(batch, spec["text_len"], spec["text_dim"], device=device, dtype=dtype)
     if spec["pooled"] is None:
         return Conditioning(text)
+    pooled = torch.randn(batch, spec["pooled"], device=device, dtype=dtype)
+    if spec["family"] == "sd3":
+        return Conditioning(text, {"pooled_projections": pooled})
     size = spec["pixels"]
     time_ids = torch.tensor([[size, size, 0, 0, size, size]] * batch, device=device)
-    pooled = torch.randn(batch, spec["pooled"], device=device, dtype=dtype)
     return Conditioning(text, {"text_embeds": pooled, "time_ids": time_ids.float()})
 
 
-def controlled(unet, controlnet, z, t, y: Conditioning, cond):
-    kw = y.network_kwargs()
-    down, mid = controlnet(z, t, controlnet_cond=cond, return_dict=False, **kw)
-    return unet(z, t, down_block_additional_residuals=down,
-                mid_block_additional_residual=mid, **kw).sample  # fmt: skip
+def condition(spec: dict, batch: int, device: torch.device, dtype=None) -> torch.Tensor:
+    """The adapter's input: pixels in [0, 1] (ControlNet) or latents (SD3's adapter)."""
+    if spec["family"] == "sd3":
+        shape = (batch, spec["latent_channels"], spec["latent"], spec["latent"])
+        return torch.randn(shape, device=device, dtype=dtype)
+    return torch.rand(batch, 3, spec["pixels"], spec["pixels"], device=device, dtype=dtype)
+
+
+def controlled(spec: dict, schedule, unet, controlnet, z, t, y: Conditioning, cond):
+    """The network with the adapter (None: the teacher alone), called the module's way."""
+    forward = sd3.forward if spec["family"] == "sd3" else sd.forward
+    return forward(unet, controlnet, z, schedule.model_timesteps(t), y, cond)
 
 
 def peak_tflops(device: torch.device) -> float | None:
@@ -159,23 +206,24 @@ def train_config(args, model: str, method: str, fsdp: bool, checkpointing: bool)
             shard_blocks(target[k], mesh)
     params = [p for m in trained.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    schedule = NoiseSchedule.from_config(SD_SCHEDULER)
-    b = args.sdxl_batch if model == "sdxl" else args.batch
-    x = torch.randn(b, 4, s["latent"], s["latent"], device=device)
+    schedule = schedule_of(s)
+    b = args.batch if model == "sd15" else args.sdxl_batch
+    x = torch.randn(b, s["latent_channels"], s["latent"], s["latent"], device=device)
     text = conditioning(s, b, device)
-    cond = torch.rand(b, 3, s["pixels"], s["pixels"], device=device)
+    cond = condition(s, b, device)
     online_unet = student if student is not None else unet
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     def step():
         noise = torch.randn_like(x)
         t = torch.full((b,), 499, device=device)
-        s = t - 20
+        t_s = t - 20
         with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
             loss, _ = codi_loss(
-                lambda z, tt: controlled(online_unet, controlnet, z, tt, text, cond),
-                lambda z, tt: controlled(target.get("unet", unet), target["controlnet"], z, tt, text, cond),
-                None, x, noise, t, s, schedule, CoDiLossConfig(),
+                lambda z, tt: controlled(s, schedule, online_unet, controlnet, z, tt, text, cond),
+                lambda z, tt: controlled(s, schedule, target.get("unet", unet),
+                                         target["controlnet"], z, tt, text, cond),
+                None, x, noise, t, t_s, schedule, CoDiLossConfig(),
             )  # fmt: skip
         loss.backward()
         opt.step()
@@ -224,16 +272,16 @@ def sampling_latency(args, model: str) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     unet.to(dtype)
     controlnet.to(dtype)
-    schedule = NoiseSchedule.from_config(SD_SCHEDULER)
+    schedule = schedule_of(s)
     text = conditioning(s, 1, device, dtype)
-    cond = torch.rand(1, 3, s["pixels"], s["pixels"], device=device, dtype=dtype)
-    noise = torch.randn(1, 4, s["latent"], s["latent"], device=device)
+    cond = condition(s, 1, device, dtype)
+    noise = torch.randn(1, s["latent_channels"], s["latent"], s["latent"], device=device)
 
     def student(z, t):
-        return controlled(unet, controlnet, z.to(dtype), t, text, cond)
+        return controlled(s, schedule, unet, controlnet, z.to(dtype), t, text, cond)
 
     def teacher(z, t):
-        return unet(z.to(dtype), t, **text.network_kwargs()).sample
+        return controlled(s, schedule, unet, None, z.to(dtype), t, text, cond)
 
     def timed(fn) -> float:
         fn()
@@ -259,9 +307,11 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny models (CPU plumbing check)")
-    parser.add_argument("--models", default="sd15,sdxl", help="comma-separated: sd15, sdxl")
+    parser.add_argument("--models", default="sd15,sdxl,sd35m",
+                        help="comma-separated: sd15, sdxl, sd35m")  # fmt: skip
     parser.add_argument("--batch", type=int, default=4, help="batch of the sd15 rows")
-    parser.add_argument("--sdxl_batch", type=int, default=2, help="batch of the sdxl rows")
+    parser.add_argument("--sdxl_batch", type=int, default=2,
+                        help="batch of the sdxl and sd35m rows (1024 px)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     parser.add_argument("--out", default="bench/gpu_check.json")
     args = parser.parse_args()

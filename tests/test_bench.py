@@ -15,10 +15,10 @@ def test_gpu_check_plumbing_on_cpu(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     data = json.loads(out.read_text())
-    # 2 models (SD 1.5 and SDXL layouts, tiny) x 2 methods x FSDP2 on/off x checkpointing
-    assert len(data["train"]) == 16
+    # 3 models (SD 1.5, SDXL and SD3 layouts, tiny) x 2 methods x FSDP2 x checkpointing
+    assert len(data["train"]) == 24
     assert all(row["tflops_per_step"] > 0 and row["samples_per_s"] > 0 for row in data["train"])
-    for model in ("sd15", "sdxl"):
+    for model in ("sd15", "sdxl", "sd35m"):
         rows = [r for r in data["train"] if r["model"] == model]
         assert len(rows) == 8
         fsdp = {(r["method"], r["checkpointing"]): r for r in rows if r["fsdp2"]}
@@ -37,9 +37,9 @@ def test_gpu_check_plumbing_on_cpu(tmp_path):
         sampling = data["sampling"][model]
         assert sampling["codi_4_steps_s"] > 0 and sampling["teacher_50_steps_s"] > 0
     # the SDXL rows run the SDXL UNet (added conditions): not the SD rows' model
-    sd, xl = ({r["trainable_params_m"] for r in data["train"] if r["model"] == m}
-              for m in ("sd15", "sdxl"))  # fmt: skip
-    assert sd.isdisjoint(xl)
+    sd, xl, dit = ({r["trainable_params_m"] for r in data["train"] if r["model"] == m}
+                   for m in ("sd15", "sdxl", "sd35m"))  # fmt: skip
+    assert sd.isdisjoint(xl) and dit.isdisjoint(sd | xl)  # three different networks
 
 
 def _quality_module():
