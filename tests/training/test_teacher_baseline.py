@@ -61,3 +61,60 @@ def test_baseline_uses_the_diffusion_loss_and_ddim(tiny_pixel_teacher):
         batch["cond"], batch["caption"], 2, generator=torch.Generator().manual_seed(0)
     )
     assert out.shape == (2, 3, 16, 16) and 0 <= out.min() and out.max() <= 1
+
+
+def test_flow_transformer_teacher_trains_exports_and_distils(tmp_path):
+    """A fresh SD3-style flow teacher in pixel space: velocity loss, an SD3-layout folder
+    the distillation loads as the SD3 family with the teacher's shift, and its samples by
+    the Euler method equal to FlowMatchEulerDiscreteScheduler's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from codi_lightning.diffusion import FlowSchedule
+    from codi_lightning.models.tiny import tiny_sd3_transformer_config
+
+    out = tmp_path / "flow_teacher"
+    config = {**tiny_sd3_transformer_config(), "in_channels": 3, "out_channels": 3}
+    m = DiffusionTraining(str(out), transformer=config, flow_shift=1.5,
+                          optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))  # fmt: skip
+    assert isinstance(m.schedule, FlowSchedule) and m.schedule.shift == 1.5
+    batch = make_batch(batch=2, resolution=16)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(m, train_dataloaders=DataLoader([batch], batch_size=None))
+    parts = load_teacher(str(out), pixel_space=True)
+    assert parts.family == "sd3" and parts.vae is None
+    for a, b in zip(parts.unet.parameters(), m.ema_unet.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert (
+        StableDiffusion3Pipeline.load_config(str(out))["_class_name"] == "StableDiffusion3Pipeline"
+    )
+    # the loss regresses the velocity eps - x at sigma_t
+    text = m.encode_text(batch["caption"])
+    x, noise, t = batch["image"], torch.randn(2, 3, 16, 16), torch.tensor([100, 900])
+    sigma = m.schedule.sigmas[t].float().view(2, 1, 1, 1)
+    with torch.no_grad():
+        v = m.network(m.unet, text)((1 - sigma) * x + sigma * noise, t)
+        from codi_lightning.diffusion import diffusion_loss
+
+        loss = diffusion_loss(m.network(m.unet, text), x, noise, t, m.schedule)
+    torch.testing.assert_close(loss, (v - (noise - x)).square().mean())
+    # validation samples: the stock Euler scheduler at the trailing steps
+    stock = FlowMatchEulerDiscreteScheduler(shift=1.5)
+    ts = [999, 749, 499, 249]
+    stock.set_timesteps(sigmas=m.schedule.unshifted(ts))
+    z = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    ours = m.sample(text, z.clone(), 4)
+    model = m.network(m.ema_unet, text)
+    with torch.no_grad():
+        for step, tt in zip(stock.timesteps, ts, strict=True):
+            z = stock.step(model(z, torch.full((2,), tt)), step, z).prev_sample
+    torch.testing.assert_close(ours, z, rtol=1e-5, atol=1e-5)
+    # distillation on it, in pixel space (the adapter takes the condition in [-1, 1])
+    student = CoDiDistillation(str(out), pixel_space=True, num_grid=10)
+    assert isinstance(student.schedule, FlowSchedule) and student.schedule.shift == 1.5
+    torch.testing.assert_close(student.adapter_condition(batch["cond"]), batch["cond"] * 2 - 1)
+    loss, _ = student.compute_loss(batch, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None for p in student.controlnet.parameters())
+    images = student.sample_images(batch["cond"], batch["caption"], 2)
+    assert images.shape == (2, 3, 16, 16)

@@ -320,34 +320,35 @@ def build_tiny_sd3_text_encoders(tokenizer, tokenizer_2, tokenizer_3):
     return (*encoders, T5EncoderModel(t5))
 
 
-def write_tiny_sd3_teacher(folder: str | Path, *, seed: int = 0, overwrite: bool = False) -> Path:
-    """Write a tiny randomly initialised SD3-family teacher in the diffusers SD3 layout
-    (``transformer/``, ``vae/``, ``text_encoder{,_2,_3}/``, ``tokenizer{,_2,_3}/``,
-    ``scheduler/`` and a ``model_index.json`` naming ``StableDiffusion3Pipeline``, which
-    stock diffusers loads)."""
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
-
-    folder = Path(folder)
-    if (folder / "transformer").exists() and not overwrite:
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
+def build_tiny_sd3_text_side():
+    """The three tiny tokenizers and text encoders of :func:`write_tiny_sd3_teacher`."""
     tokenizers = build_tiny_tokenizer(), build_tiny_tokenizer(), build_tiny_t5_tokenizer()
-    encoders = build_tiny_sd3_text_encoders(*tokenizers)
-    parts = {
-        "transformer": SD3Transformer2DModel(**tiny_sd3_transformer_config()),
-        "vae": AutoencoderKL(**tiny_sd3_vae_config()),
-        "tokenizer": tokenizers[0], "tokenizer_2": tokenizers[1], "tokenizer_3": tokenizers[2],
-        "text_encoder": encoders[0], "text_encoder_2": encoders[1], "text_encoder_3": encoders[2],
-    }  # fmt: skip
+    return tokenizers, build_tiny_sd3_text_encoders(*tokenizers)
+
+
+def save_sd3_folder(
+    folder: str | Path, transformer, text_encoders, tokenizers, scheduler_config, vae=None
+) -> Path:
+    """Write SD3-family parts in the diffusers SD3 layout (safetensors) with a
+    ``model_index.json`` naming ``StableDiffusion3Pipeline``; no ``vae/`` for a
+    pixel-space model (``load_teacher(..., pixel_space=True)`` reads it)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = {"transformer": transformer, "vae": vae}
+    for i, suffix in enumerate(("", "_2", "_3")):
+        parts[f"tokenizer{suffix}"], parts[f"text_encoder{suffix}"] = (
+            tokenizers[i], text_encoders[i],
+        )  # fmt: skip
     for name, part in parts.items():
-        part.save_pretrained(folder / name)
+        if part is not None:
+            part.save_pretrained(folder / name)
     (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD3_SCHEDULER, indent=2))
+    config = {"_class_name": "FlowMatchEulerDiscreteScheduler", **dict(scheduler_config)}
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config, indent=2))
     index = {
         "_class_name": "StableDiffusion3Pipeline",
         "transformer": ["diffusers", "SD3Transformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
+        "vae": ["diffusers", "AutoencoderKL"] if vae is not None else [None, None],
         "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
         "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
         "text_encoder_3": ["transformers", "T5EncoderModel"],
@@ -360,3 +361,20 @@ def write_tiny_sd3_teacher(folder: str | Path, *, seed: int = 0, overwrite: bool
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
+
+
+def write_tiny_sd3_teacher(folder: str | Path, *, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write a tiny randomly initialised SD3-family teacher in the diffusers SD3 layout
+    (``transformer/``, ``vae/``, ``text_encoder{,_2,_3}/``, ``tokenizer{,_2,_3}/``,
+    ``scheduler/`` and a ``model_index.json`` naming ``StableDiffusion3Pipeline``, which
+    stock diffusers loads)."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    folder = Path(folder)
+    if (folder / "transformer").exists() and not overwrite:
+        return folder
+    torch.manual_seed(seed)
+    tokenizers, encoders = build_tiny_sd3_text_side()
+    transformer = SD3Transformer2DModel(**tiny_sd3_transformer_config())
+    vae = AutoencoderKL(**tiny_sd3_vae_config())
+    return save_sd3_folder(folder, transformer, encoders, tokenizers, SD3_SCHEDULER, vae)

@@ -259,9 +259,12 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         """The condition c (pixels in [0, 1]) as the adapter takes it: as is for a
         ControlNet; for the SD3 family's adapter VAE latents ``(mean - shift) * scale`` of
         c in [-1, 1] (the stock SD3 ControlNet pipeline encodes it the same way but takes a
-        posterior sample; the mean keeps the condition a deterministic input)."""
+        posterior sample; the mean keeps the condition a deterministic input); in pixel
+        space c in [-1, 1]."""
         if not self.family.latent_condition:
             return cond
+        if self.vae is None:  # pixel space: the condition in the images' range
+            return cond * 2 - 1
         with self.vae_precision():
             dist = self.vae.encode((cond * 2 - 1).to(self.vae.dtype)).latent_dist
         return (dist.mean.float() - self.shift_factor) * self.scaling_factor

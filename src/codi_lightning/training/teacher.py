@@ -1,4 +1,5 @@
-"""Ordinary diffusion training: make or adapt a teacher (``configs/toy/teacher.yaml``)."""
+"""Ordinary diffusion training: make or adapt a teacher (``configs/toy/teacher.yaml``;
+``configs/digits/flow_teacher.yaml`` makes a rectified-flow transformer teacher)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,20 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from ..checkpoints import check_teacher, resolve_local_path
-from ..diffusion import NoiseSchedule, diffusion_loss, ema_update
-from ..models import (
-    build_tiny_text_encoder,
-    build_tiny_tokenizer,
-    encode_prompts,
-    load_teacher,
+from ..diffusion import FlowSchedule, diffusion_loss, ema_update, sample, schedule_from_config
+from ..models import Conditioning, build_tiny_text_encoder, build_tiny_tokenizer, load_teacher
+from ..models.teachers import FAMILIES
+from ..models.teachers.sd import CLIPPromptEncoder
+from ..models.teachers.sd3 import SD3PromptEncoder
+from ..models.tiny import (
+    SD3_SCHEDULER,
+    SD_SCHEDULER,
+    TINY_SD3_JOINT_DIM,
+    TINY_SD3_T5_LENGTH,
+    build_tiny_sd3_text_side,
+    save_sd3_folder,
     save_teacher_folder,
 )
-from ..models.tiny import SD_SCHEDULER
 from .ddim import ddim_sample
 from .frozen import SkipFrozenState
 from .optim import optimizers_for
@@ -29,16 +35,24 @@ from .visualize import save_grid
 
 
 class DiffusionTraining(SkipFrozenState, L.LightningModule):
-    """Train a text-conditional UNet with the ordinary diffusion loss and write it as a
-    diffusers teacher folder (EMA weights) that the distillation configs point at.
+    """Train a text-conditional UNet (or an SD3-style transformer) with the ordinary
+    diffusion loss and write it as a diffusers teacher folder (EMA weights) that the
+    distillation configs point at.
 
     Args:
         output_dir: where the teacher folder is written at the end of ``fit``.
         init_from: an existing teacher (hub id or folder) to adapt; ``None`` builds a
-            fresh pixel-space model from ``unet`` (there is no pretrained VAE to use).
-        pixel_space: the UNet works on images in [-1, 1] (no VAE).
-        prediction_type: ``epsilon`` or ``v_prediction`` (fresh models only).
-        unet: UNet2DConditionModel config of a fresh model.
+            fresh pixel-space model from ``unet`` or ``transformer`` (there is no
+            pretrained VAE to use).
+        pixel_space: the network works on images in [-1, 1] (no VAE).
+        prediction_type: ``epsilon`` or ``v_prediction`` (fresh UNets only).
+        unet: UNet2DConditionModel config of a fresh VP model (SD layout, one tiny CLIP).
+        transformer: SD3Transformer2DModel config of a fresh rectified-flow model (SD3
+            layout, the tiny CLIP-L / CLIP-G / T5 stand-ins of ``models.tiny``): velocity
+            targets, timesteps drawn uniformly on the shifted sigma table, validation
+            samples by the Euler method.
+        flow_shift: the sigma shift of a fresh flow model (SD3 uses 3.0 at 1024 px;
+            smaller images want less).
         ema_decay: decay of the EMA copy that is exported.
         optimizer, lr_scheduler: factories (YAML-injectable).
         val_steps: DDIM steps of the validation samples.
@@ -54,6 +68,8 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
         pixel_space: bool = True,
         prediction_type: Literal["epsilon", "v_prediction"] = "epsilon",
         unet: dict[str, Any] | None = None,
+        transformer: dict[str, Any] | None = None,
+        flow_shift: float = 1.0,
         ema_decay: float = 0.999,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -61,7 +77,7 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
         val_images: int = 8,
     ) -> None:
         super().__init__()
-        from diffusers import UNet2DConditionModel
+        from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
@@ -73,11 +89,12 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
         # recorded absolute: the checkpoint works from any working directory
         init_from = self.hparams["init_from"] = resolve_local_path(init_from)
         self.hparams["output_dir"] = resolve_local_path(output_dir, always_local=True)
+        self.shift_factor = 0.0
         if init_from:
             parts = load_teacher(init_from, pixel_space=pixel_space)
-            self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
-            self.tokenizer, self.scheduler_config = parts.tokenizer, parts.scheduler_config
-            self.scaling_factor = parts.scaling_factor
+            self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.prompt_encoder
+            self.scheduler_config, self.family = parts.scheduler_config, parts.family
+            self.scaling_factor, self.shift_factor = parts.scaling_factor, parts.shift_factor
             self.unet.requires_grad_(True).train()
         else:
             if not pixel_space:
@@ -85,19 +102,30 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
                     "a fresh teacher needs model.pixel_space: true (there is no pretrained VAE "
                     "to train in latent space); or set model.init_from to adapt a teacher"
                 )
-            if unet is None:
+            if (unet is None) == (transformer is None):
                 raise ValueError(
-                    "give model.unet (a UNet2DConditionModel config) or model.init_from"
+                    "give model.unet (a UNet2DConditionModel config) or model.transformer (an "
+                    "SD3Transformer2DModel config), one of them, or model.init_from"
                 )
-            self.tokenizer = build_tiny_tokenizer()
             with torch.random.fork_rng(devices=[]):  # frozen and not checkpointed: rebuild it
                 torch.manual_seed(0)  # identically on every rank and every load
-                self.text_encoder = build_tiny_text_encoder(self.tokenizer)
-            self.text_encoder.requires_grad_(False).eval()
-            self.unet = UNet2DConditionModel(**unet)
+                if transformer is None:
+                    tokenizer = build_tiny_tokenizer()
+                    encoder = CLIPPromptEncoder(build_tiny_text_encoder(tokenizer), tokenizer)
+                else:
+                    tokenizers, encoders = build_tiny_sd3_text_side()
+                    encoder = SD3PromptEncoder(
+                        encoders, tokenizers, TINY_SD3_JOINT_DIM, TINY_SD3_T5_LENGTH
+                    )
+            self.text_encoder = encoder.requires_grad_(False).eval()
+            if transformer is None:
+                self.unet, self.family = UNet2DConditionModel(**unet), "sd"
+                self.scheduler_config = {**SD_SCHEDULER, "prediction_type": prediction_type}
+            else:
+                self.unet, self.family = SD3Transformer2DModel(**transformer), "sd3"
+                self.scheduler_config = {**SD3_SCHEDULER, "shift": float(flow_shift)}
             self.vae, self.scaling_factor = None, 1.0
-            self.scheduler_config = {**SD_SCHEDULER, "prediction_type": prediction_type}
-        self.schedule = NoiseSchedule.from_config(self.scheduler_config)
+        self.schedule = schedule_from_config(self.scheduler_config)
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
         if self.vae is not None:
             self.vae.requires_grad_(False).eval()
@@ -109,23 +137,41 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
                 frozen.eval()
         return self
 
-    def encode_text(self, captions: list[str]) -> Tensor:
-        return encode_prompts(self.tokenizer, self.text_encoder, captions, self.device)
+    def encode_text(self, captions: list[str]) -> Conditioning:
+        return self.text_encoder.encode(captions, self.device)
 
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
         if self.vae is None:
             return images.float()
-        return self.vae.encode(images).latent_dist.sample() * self.scaling_factor
+        sample = self.vae.encode(images).latent_dist.sample()
+        return (sample - self.shift_factor) * self.scaling_factor
+
+    def network(self, unet: torch.nn.Module, text: Conditioning):
+        """``(z, t) -> F(z, t, y)``: the network alone, called its family's way and fed the
+        schedule's network timestep."""
+        forward = FAMILIES[self.family].forward
+        return lambda z, t: forward(unet, None, z, self.schedule.model_timesteps(t), text, None)
 
     def diffusion_loss(self, batch: dict[str, Any]) -> Tensor:
-        """``|| F(z_t, t, y) - target ||^2`` with t uniform in [0, T)."""
+        """``|| F(z_t, t, y) - target ||^2`` with t uniform in [0, T) (flow: the velocity
+        target at the shifted sigma of t)."""
         x = self.encode_images(batch["image"])
         text = self.encode_text(batch["caption"])
         noise = torch.randn_like(x)
         t = torch.randint(0, self.schedule.num_train_timesteps, (x.shape[0],), device=x.device)
-        model = lambda z, tt: self.unet(z, tt, encoder_hidden_states=text).sample  # noqa: E731
-        return diffusion_loss(model, x, noise, t, self.schedule)
+        return diffusion_loss(self.network(self.unet, text), x, noise, t, self.schedule)
+
+    @torch.no_grad()
+    def sample(self, text: Conditioning, noise: Tensor, steps: int) -> Tensor:
+        """The EMA network's samples: DDIM (VP) or the Euler method at DDIM's trailing
+        timesteps (flow; ``ControlNetBaseline.run_sampler`` samples the same way)."""
+        model = self.network(self.ema_unet, text)
+        if isinstance(self.schedule, FlowSchedule):
+            num = self.schedule.num_train_timesteps
+            timesteps = [num - 1 - i * num // steps for i in range(steps)]
+            return sample(model, noise, self.schedule, timesteps)
+        return ddim_sample(model, noise, self.scheduler_config, steps)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = self.diffusion_loss(batch)
@@ -163,10 +209,9 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
             gen = torch.Generator(device=self.device).manual_seed(0)
             shape = self.encode_images(batch["image"][:n]).shape
             noise = torch.randn(shape, generator=gen, device=self.device)
-            model = lambda z, t: self.ema_unet(z, t, encoder_hidden_states=text).sample  # noqa: E731
-            out = ddim_sample(model, noise, self.scheduler_config, self.hparams.val_steps)
+            out = self.sample(text, noise, self.hparams.val_steps)
             if self.vae is not None:
-                out = self.vae.decode(out / self.scaling_factor).sample
+                out = self.vae.decode(out / self.scaling_factor + self.shift_factor).sample
             images = ((out + 1) / 2).clamp(0, 1)
             if self.global_rank != 0 or batch.get("pad"):
                 return
@@ -186,6 +231,14 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
 
     def export(self, folder: str) -> Path:
         unet = copy.deepcopy(self.ema_unet).float().cpu()
+        text = self.text_encoder
+        if self.family == "sd3":
+            encoders = (text.text_encoder, text.text_encoder_2, text.text_encoder_3)
+            tokenizers = (text.tokenizer, text.tokenizer_2, text.tokenizer_3)
+            return save_sd3_folder(folder, unet, encoders, tokenizers, self.scheduler_config,
+                                   self.vae)  # fmt: skip
+        if self.family != "sd":
+            raise NotImplementedError(f"writing a {self.family} teacher folder")
         return save_teacher_folder(
-            folder, unet, self.text_encoder, self.tokenizer, self.scheduler_config, self.vae
+            folder, unet, text.text_encoder, text.tokenizer, self.scheduler_config, self.vae
         )
