@@ -228,3 +228,15 @@ def test_cfg_aware_step_and_activation_checkpointing_on_sd3(tiny_sd3):
     assert len(grad_a) == len(grad_b) > 0
     for a, b in zip(grad_a, grad_b, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_random_condition_init_keeps_the_teacher_at_step_zero(tiny_sd3):
+    m = CoDiDistillation(str(tiny_sd3), adapter_condition_init="random", num_grid=10)
+    assert m.controlnet.pos_embed_input.proj.weight.abs().sum() > 0
+    batch = make_batch()
+    text, cond = m.batch_conditioning(batch), m.adapter_condition(batch["cond"])
+    z, t = torch.randn(2, 16, 8, 8), torch.tensor([999, 499])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            m.denoiser("online", text, cond)(z, t), m.denoiser("teacher", text, cond)(z, t)
+        )

@@ -146,8 +146,11 @@ def build_family_adapter(
 ) -> nn.Module:
     """The family's adapter for ``parts.unet``: a ``ControlNetModel`` for UNets
     (:func:`build_adapter`; ``layers`` does not apply), an ``SD3ControlNetModel`` of
-    ``layers`` blocks for SD3 (``teachers.sd3.build_adapter``; the embedder options do not
-    apply: the condition enters as latents through a patch embedding)."""
+    ``layers`` blocks for SD3 (``teachers.sd3.build_adapter``; the condition enters as
+    latents through a patch embedding, zero-initialised or, with ``condition_init=
+    "random"``, PyTorch's default init: the output projections stay zero either way, so
+    the adapted model equals the teacher at step 0; ``conditioning_embedding_out_channels``
+    does not apply)."""
     if parts.family == "sd3":
         from .teachers import sd3
 
@@ -156,7 +159,14 @@ def build_family_adapter(
                 "model.adapter_cond_channels applies to UNet teachers; an SD3 adapter takes "
                 "the condition as VAE latents: leave it unset (and see model.adapter_layers)"
             )
-        return sd3.build_adapter(parts.unet, layers)
+        adapter = sd3.build_adapter(parts.unet, layers)
+        if condition_init == "random":  # the condition's patch embedding, as a ControlNet's
+            adapter.pos_embed_input.proj.reset_parameters()  # embedder's last conv
+        elif condition_init != "zero":
+            raise ValueError(
+                f"adapter condition_init={condition_init!r}; choose 'zero' or 'random'"
+            )
+        return adapter
     if layers is not None:
         raise ValueError(
             "model.adapter_layers applies to transformer teachers (SD3); a UNet's ControlNet "
