@@ -128,7 +128,8 @@ def test_options_of_the_other_family_are_refused(tiny_sd3, tiny_teacher):
 
 def test_sd3_config_fit_validate_test_predict(tmp_path, tiny_sd3, tiny_shards):
     """configs/tiny_sd3_cpu.yaml through the CLI: the teacher is told apart by its
-    model_index.json alone; fit (with validation), test, predict and export run on it."""
+    model_index.json alone; fit (with validation), validate, test, predict and export run
+    on it."""
     from PIL import Image
 
     from codi_lightning.cli import main
@@ -148,6 +149,7 @@ def test_sd3_config_fit_validate_test_predict(tmp_path, tiny_sd3, tiny_shards):
     main(["fit", "--config", str(config)])
     assert list(out.rglob("samples/*.png"))  # the validation grid
     last = str(out / "ckpt" / "last.ckpt")
+    main(["validate", "--config", str(config), "--ckpt_path", last])
     main(["test", "--config", str(config), "--ckpt_path", last, "--model.test_steps", "[1, 2]"])
     payload = json.loads(next(out.rglob("metrics.json")).read_text())
     assert payload["results"]["2"]["images"] == 10
