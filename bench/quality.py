@@ -2,6 +2,7 @@
 
     make bench-quality            # python bench/quality.py           (docs/results.md)
     make bench-quality QUICK=1    # python bench/quality.py --quick   (same code, a few steps)
+    make bench-quality FLOW=1     # python bench/quality.py --flow    (+ the flow-teacher row)
 
 8x super-resolution of 32x32 handwritten digits (4x4 input) in pixel space, on the
 teacher, classifier and data of docs/results_digits.md (teacher and classifier committed
@@ -16,7 +17,11 @@ MNIST digits in seconds). The run:
 - ablation: one switch of CoDi changed at a time, one seed, ``ablation_steps`` steps,
   against CoDi's own checkpoint at that step (from its curve);
 - a grid of test digits: input | bicubic | baseline 4 | baseline 50 | PE-CoDi 4 |
-  CoDi 1 | 2 | 4 | ground truth.
+  CoDi 1 | 2 | 4 | ground truth;
+- with ``--flow``: the same CoDi-against-two-stage comparison (seed 0) for a rectified-flow
+  teacher, the SD3-style transformer of ``configs/digits/flow_teacher.yaml``
+  (``configs/digits/flow_{distill,baseline}.yaml``; the baseline samples by the Euler
+  method). ``--flow --only flow-baseline-s0 flow-codi-s0`` adds it to a finished run.
 
 Runs go two at a time, one thread each (two one-thread runs train ~1.25x faster in total
 than one two-thread run after the other on 2 cores), longest first. Every number in the
@@ -48,6 +53,13 @@ DISTILL, BASELINE, TEACHER = (
     "configs/digits/teacher.yaml",
 )
 TEACHER_DIR = ROOT / "bench" / "assets" / "digits_teacher"
+FLOW_DISTILL, FLOW_BASELINE, FLOW_TEACHER = (
+    "configs/digits/flow_distill.yaml",
+    "configs/digits/flow_baseline.yaml",
+    "configs/digits/flow_teacher.yaml",
+)
+FLOW_TEACHER_DIR = ROOT / "bench" / "assets" / "digits_flow_teacher"
+FLOW_METHODS = {"flow-baseline": "two-stage (SD3ControlNet + Euler)", "flow-codi": "CoDi"}
 CLASSIFIER = ROOT / "bench" / "assets" / "digits_classifier" / "model.safetensors"
 METHODS = {"baseline": "two-stage (ControlNet + DDIM)", "pe-codi": "PE-CoDi", "codi": "CoDi"}
 # name -> (overrides of the CoDi config, label); each changes one switch
@@ -59,7 +71,8 @@ ABLATIONS = {
     "abl-batch-t": (["--model.per_sample_timesteps", "false"], "one t per batch"),
 }
 # the order runs start in (longest first, so that the two slots end together)
-COST = {"baseline": 4.0, "codi": 3.0, "pe-codi": 2.5, "abl": 1.5}
+COST = {"baseline": 4.0, "codi": 3.0, "pe-codi": 2.5, "abl": 1.5, "flow-baseline": 4.5,
+        "flow-codi": 4.5}  # fmt: skip
 
 
 @dataclass
@@ -77,6 +90,7 @@ class Plan:
     extra: list[str] = field(default_factory=list)  # for every run
     model_extra: list[str] = field(default_factory=list)  # model options (prefix added)
     test_images: int | None = None  # None: the whole test shard (512)
+    flow: bool = False  # the flow-teacher row (seed 0 of each flow method)
 
     @classmethod
     def quick(cls) -> Plan:
@@ -111,7 +125,8 @@ class Run:
 
     @property
     def config(self) -> str:
-        return BASELINE if self.family == "baseline" else DISTILL
+        return {"baseline": BASELINE, "flow-baseline": FLOW_BASELINE,
+                "flow-codi": FLOW_DISTILL}.get(self.family, DISTILL)  # fmt: skip
 
 
 def runs_of(plan: Plan) -> list[Run]:
@@ -122,11 +137,13 @@ def runs_of(plan: Plan) -> list[Run]:
             runs.append(Run(f"{method}-s{seed}", method, seed, plan.steps, extra, seed == 0))
     for name in plan.ablations:
         runs.append(Run(name, "abl", 0, plan.ablation_steps, ABLATIONS[name][0]))
+    if plan.flow:
+        runs += [Run(f"{method}-s0", method, 0, plan.steps, []) for method in FLOW_METHODS]
     return sorted(runs, key=lambda r: (-COST[r.family] * r.steps, r.seed))
 
 
 def command(run: Run, plan: Plan, out: Path) -> list[str]:
-    model = "--model.init_args" if run.family == "baseline" else "--model"
+    model = "--model.init_args" if run.family.endswith("baseline") else "--model"
     data = out / "data"
     args = [
         "--config", run.config, *run.overrides,
@@ -504,6 +521,59 @@ def image_grid(results: dict, out: Path, path: Path, rows: int = 10) -> None:
     save_grid([low, cond, *base, *pe, *codi, truth], path, min_size=64)
 
 
+def flow_teacher_facts() -> dict:
+    """Size and layout of the committed flow teacher, read from its folder."""
+    from safetensors import safe_open
+
+    folder = FLOW_TEACHER_DIR / "transformer"
+    config = json.loads((folder / "config.json").read_text())
+    scheduler = json.loads((FLOW_TEACHER_DIR / "scheduler" / "scheduler_config.json").read_text())
+    params = 0
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            params += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return {"params_m": params / 1e6, "layers": config["num_layers"], "patch": config["patch_size"],
+            "width": config["attention_head_dim"] * config["num_attention_heads"],
+            "shift": scheduler.get("shift", 1.0)}  # fmt: skip
+
+
+def flow_section(results: dict, plan: Plan) -> str:
+    """The flow-teacher row: the same comparison for the rectified-flow teacher (seed 0),
+    or nothing when the run has none."""
+    if not all(f"{m}-s0" in results["runs"] for m in FLOW_METHODS):
+        return ""
+    lines = ["| method | steps | " + " | ".join(k[1] for k in KEYS) + " |",
+             "|---|---" + "|---" * len(KEYS) + "|"]  # fmt: skip
+    for method, label in FLOW_METHODS.items():
+        for steps, row in sorted(results["runs"][f"{method}-s0"]["results"].items(),
+                                 key=lambda kv: int(kv[0])):  # fmt: skip
+            cells = " | ".join(f"{row[k]:.{d}f}" for k, _, d in KEYS)
+            lines.append(f"| {label} | {steps} | {cells} |")
+    base = results["runs"]["flow-baseline-s0"]["results"]
+    codi = results["runs"]["flow-codi-s0"]["results"]
+    b4, b50 = base["4"]["fid"], base["50"]["fid"]
+    closed = (b4 - codi["4"]["fid"]) / (b4 - b50) if b4 != b50 else math.nan
+    steps = results["runs"]["flow-codi-s0"]["meta"]["step"]
+    t = flow_teacher_facts()
+    return f"""## A rectified-flow teacher (seed 0)
+
+The same task, budget ({steps} training steps) and metrics with a flow-matching teacher:
+a {t["params_m"]:.1f}M-parameter SD3-style transformer (`configs/digits/flow_teacher.yaml`:
+{t["layers"]} joint blocks of width {t["width"]} on {t["patch"]}x{t["patch"]} pixel patches,
+velocity loss, sigma shift {t["shift"]:g}; committed; a weak teacher, see that config's
+comment), loaded as the SD3 family. Both methods
+train an `SD3ControlNetModel` of {t["layers"] // 2} of its blocks (CoDi also a copy of the
+transformer), `configs/digits/flow_{{distill,baseline}}.yaml`; the two-stage model samples
+by the Euler method (the flow counterpart of DDIM) at trailing timesteps.
+
+{chr(10).join(lines)}
+
+CoDi at 4 steps: FID {codi["4"]["fid"]:.2f} against the two-stage model's {b4:.2f} at 4 steps
+and {b50:.2f} at 50: {closed:.0%} of the 4 -> 50 gap closed (one seed).
+
+"""
+
+
 def times_table(results: dict) -> str:
     lines = ["| run | training steps | training | test (incl. learning-curve checkpoints) |",
              "|---|---|---|---|"]  # fmt: skip
@@ -609,7 +679,7 @@ baseline DDIM 4 | baseline DDIM 50 | PE-CoDi 4 | CoDi 1 | CoDi 2 | CoDi 4 | grou
 
 ![samples](results/grid.png)
 
-## Time per run (minutes)
+{flow_section(results, plan)}## Time per run (minutes)
 
 {times_table(results)}
 """
@@ -630,6 +700,8 @@ def main() -> None:
         help="training steps of the main runs (learning-curve checkpoints every steps/4, "
         "ablations at steps/2); default 600 (57 min on 2 cores)",
     )
+    parser.add_argument("--flow", action="store_true",
+                        help="also the flow-teacher row (flow-baseline-s0, flow-codi-s0)")  # fmt: skip
     parser.add_argument("--only", nargs="*", help="run only these (default all; none: report)")
     parser.add_argument(
         "--resume",
@@ -638,6 +710,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     plan = Plan.quick() if args.quick else Plan()
+    plan.flow = args.flow
     if args.steps:
         if args.steps % 4:
             raise SystemExit(f"--steps {args.steps}: use a multiple of 4 (curve every steps/4)")
@@ -655,8 +728,12 @@ def main() -> None:
         from digits_data import prepare
 
         prepare(str(out / "data"))
-    for path, how in ((TEACHER_DIR / "unet", f"codi-lightning fit --config {TEACHER}"),
-                      (CLASSIFIER, "python bench/digits_classifier.py")):  # fmt: skip
+    needed = [(TEACHER_DIR / "unet", f"codi-lightning fit --config {TEACHER}"),
+              (CLASSIFIER, "python bench/digits_classifier.py")]  # fmt: skip
+    if plan.flow:
+        needed.append((FLOW_TEACHER_DIR / "transformer",
+                       f"codi-lightning fit --config {FLOW_TEACHER}"))  # fmt: skip
+    for path, how in needed:
         if not path.exists():
             raise SystemExit(f"missing {path}: make it with `{how}`")
     results_file = out / "results.json"

@@ -1,5 +1,6 @@
-"""`make bench-quality QUICK=1`: the quality bench's code paths on a few steps, so that the
-bench cannot rot (data, runs with learning curves, gates, tables, plots, grid, report)."""
+"""`make bench-quality QUICK=1 FLOW=1`: the quality bench's code paths on a few steps, so
+that the bench cannot rot (data, runs with learning curves, gates, tables, plots, grid,
+the flow-teacher row, report)."""
 
 import importlib.util
 import json
@@ -25,14 +26,18 @@ def test_quick_bench_writes_a_report_from_its_runs(tmp_path):
     pytest.importorskip("mlxtend")
     env = dict(os.environ, CODI_DEBUG="1")
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", "--out", str(tmp_path)],
+        [sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", "--flow",
+         "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=900, env=env, cwd=ROOT,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     q = _quality()
     plan = q.Plan.quick()
+    plan.flow = True
     assert set(results["runs"]) == {r.name for r in q.runs_of(plan)}
+    assert {"flow-baseline-s0", "flow-codi-s0"} <= set(results["runs"])
+    assert set(results["runs"]["flow-baseline-s0"]["results"]) == {"1", "2", "4", "8", "50"}
     assert set(results["runs"]["baseline-s0"]["results"]) == {"1", "2", "4", "8", "50"}
     assert set(results["runs"]["codi-s0"]["results"]) == {"1", "2", "4"}
     for run in ("baseline-s0", "codi-s0", "pe-codi-s0"):  # a curve point per checkpoint
@@ -46,6 +51,8 @@ def test_quick_bench_writes_a_report_from_its_runs(tmp_path):
     text = (tmp_path / "results.md").read_text()
     b50 = results["runs"]["baseline-s0"]["results"]["50"]["fid"]
     assert f"{b50:.2f}" in text  # the report quotes the run's numbers
+    flow50 = results["runs"]["flow-baseline-s0"]["results"]["50"]["fid"]
+    assert "## A rectified-flow teacher" in text and f"{flow50:.2f}" in text
     assert "not run" not in text
     for png in ("metrics_vs_steps.png", "curves.png", "grid.png"):
         assert (tmp_path / "results" / png).stat().st_size > 1000
