@@ -71,6 +71,55 @@ def tiny_shards(tmp_path_factory) -> dict[str, str]:
     }
 
 
+def write_cli_config(tmp_path: Path, name: str, teacher: Path, shards: dict) -> tuple[Path, Path]:
+    """``configs/NAME`` for a 2-step CLI run in ``tmp_path``: the tiny ``teacher``, the
+    tiny shards, no loader workers, outputs under ``tmp_path`` (run folder ``run/``,
+    checkpoints ``run/ckpt``, predictions ``preds/``). Returns (config path, run folder)."""
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / name).read_text())
+    out = tmp_path / "run"
+    cfg["trainer"].update(default_root_dir=str(out), max_steps=2, val_check_interval=2,
+                          enable_progress_bar=False)  # fmt: skip
+    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(out / "logs")
+    cfg["trainer"]["callbacks"][0]["init_args"].update(dirpath=str(out / "ckpt"))
+    cfg["model"]["pretrained"] = str(teacher)
+    cfg["data"].update(train_shards=shards["train"], val_shards=shards["val"],
+                       num_workers=0, predict_output=str(tmp_path / "preds"))  # fmt: skip
+    config = tmp_path / name
+    config.write_text(yaml.safe_dump(cfg))
+    return config, out
+
+
+def write_low_res_inputs(folder: Path, count: int = 2) -> Path:
+    """``count`` 8x8 PNGs to predict on."""
+    from PIL import Image
+
+    folder.mkdir()
+    for i in range(count):
+        Image.new("RGB", (8, 8), (90 * i, 100, 200)).save(folder / f"in{i}.png")
+    return folder
+
+
+def write_checkpoint(teacher, path, scale: float = 0.01, **kw):
+    """A CoDiDistillation checkpoint of ``teacher`` whose EMA target differs from the
+    online weights (``scale`` x N(0, 1) added to every target parameter, the zero-init
+    adapter outputs included); returns the module."""
+    import lightning as L
+
+    from codi_lightning.training import CoDiDistillation
+
+    torch.manual_seed(0)
+    m = CoDiDistillation(str(teacher), num_grid=20, **kw)
+    with torch.no_grad():
+        for p in m.target.parameters():
+            p.add_(scale * torch.randn_like(p))
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", max_steps=0)
+    trainer.strategy.connect(m)
+    trainer.save_checkpoint(path)
+    return m
+
+
 def make_batch(batch: int = 2, resolution: int = 32, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     image = torch.rand(batch, 3, resolution, resolution, generator=g) * 2 - 1

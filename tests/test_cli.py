@@ -559,28 +559,15 @@ def test_sdxl_config_fit_test_predict_export(tmp_path, tiny_sdxl_teacher, tiny_s
     model_index.json alone, and every command runs on it."""
     import json
 
-    from PIL import Image
+    from conftest import write_cli_config, write_low_res_inputs
 
-    cfg = yaml.safe_load((REPO / "configs" / "tiny_sdxl_cpu.yaml").read_text())
-    out = tmp_path / "run"
-    cfg["trainer"].update(default_root_dir=str(out), max_steps=2, val_check_interval=2,
-                          enable_progress_bar=False)  # fmt: skip
-    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(out / "logs")
-    cfg["trainer"]["callbacks"][0]["init_args"].update(dirpath=str(out / "ckpt"))
-    cfg["model"]["pretrained"] = str(tiny_sdxl_teacher)
-    cfg["data"].update(train_shards=tiny_shards["train"], val_shards=tiny_shards["val"],
-                       num_workers=0, predict_output=str(tmp_path / "preds"))  # fmt: skip
-    config = tmp_path / "sdxl.yaml"
-    config.write_text(yaml.safe_dump(cfg))
+    config, out = write_cli_config(tmp_path, "tiny_sdxl_cpu.yaml", tiny_sdxl_teacher, tiny_shards)
     main(["fit", "--config", str(config)])
     last = str(out / "ckpt" / "last.ckpt")
     main(["test", "--config", str(config), "--ckpt_path", last, "--model.test_steps", "[1, 2]"])
     payload = json.loads(next(out.rglob("metrics.json")).read_text())
     assert payload["results"]["2"]["images"] == 10
-    inputs = tmp_path / "lowres"
-    inputs.mkdir()
-    for i in range(2):
-        Image.new("RGB", (8, 8), (90 * i, 100, 200)).save(inputs / f"in{i}.png")
+    inputs = write_low_res_inputs(tmp_path / "lowres")
     main(["predict", "--config", str(config), "--ckpt_path", last,
           "--data.predict_images", str(inputs)])  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "preds").iterdir()) == ["in0.png", "in1.png"]

@@ -4,27 +4,15 @@ import json
 import subprocess
 import sys
 
-import lightning as L
 import pytest
 import torch
+from conftest import write_checkpoint
 from safetensors.torch import load_file
 
 from codi_lightning.diffusion import sampling_timesteps
 from codi_lightning.export import CoDiPipeline, export_checkpoint
-from codi_lightning.training import CoDiDistillation
 
-
-def _checkpoint(teacher, path, **kw):
-    """A checkpoint whose EMA target differs from the online weights."""
-    torch.manual_seed(0)
-    m = CoDiDistillation(str(teacher), num_grid=20, **kw)
-    with torch.no_grad():
-        for p in m.target.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", max_steps=0)
-    trainer.strategy.connect(m)
-    trainer.save_checkpoint(path)
-    return m
+_checkpoint = write_checkpoint  # EMA target != online weights (conftest)
 
 
 def _same(module, folder):

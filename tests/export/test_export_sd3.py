@@ -2,30 +2,21 @@
 StableDiffusion3ControlNetPipeline with the exported schedulers reproducing the module's
 deterministic and stochastic samplers on a tiny SD3 teacher."""
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import write_checkpoint
 from PIL import Image
 from safetensors.torch import load_file
 
 from codi_lightning.diffusion import randn
 from codi_lightning.export import export_checkpoint
 from codi_lightning.models.tiny import TINY_SD3_T5_LENGTH
-from codi_lightning.training import CoDiDistillation
 
 
 def _checkpoint(teacher, path, **kw):
     """A checkpoint whose EMA target (adapter included) is far from its zero init."""
-    torch.manual_seed(0)
-    m = CoDiDistillation(str(teacher), num_grid=20, **kw)
-    with torch.no_grad():
-        for p in m.target.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", max_steps=0)
-    trainer.strategy.connect(m)
-    trainer.save_checkpoint(path)
-    return m.eval()
+    return write_checkpoint(teacher, path, scale=0.05, **kw).eval()
 
 
 @pytest.fixture(scope="module")

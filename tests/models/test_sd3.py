@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-import yaml
 from conftest import make_batch
 
 from codi_lightning.diffusion import FlowSchedule
@@ -130,22 +129,12 @@ def test_sd3_config_fit_validate_test_predict(tmp_path, tiny_sd3, tiny_shards):
     """configs/tiny_sd3_cpu.yaml through the CLI: the teacher is told apart by its
     model_index.json alone; fit (with validation), validate, test, predict and export run
     on it."""
+    from conftest import write_cli_config, write_low_res_inputs
     from PIL import Image
 
     from codi_lightning.cli import main
 
-    repo = __import__("pathlib").Path(__file__).resolve().parents[2]
-    cfg = yaml.safe_load((repo / "configs" / "tiny_sd3_cpu.yaml").read_text())
-    out = tmp_path / "run"
-    cfg["trainer"].update(default_root_dir=str(out), max_steps=2, val_check_interval=2,
-                          enable_progress_bar=False)  # fmt: skip
-    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(out / "logs")
-    cfg["trainer"]["callbacks"][0]["init_args"].update(dirpath=str(out / "ckpt"))
-    cfg["model"]["pretrained"] = str(tiny_sd3)
-    cfg["data"].update(train_shards=tiny_shards["train"], val_shards=tiny_shards["val"],
-                       num_workers=0, predict_output=str(tmp_path / "preds"))  # fmt: skip
-    config = tmp_path / "sd3.yaml"
-    config.write_text(yaml.safe_dump(cfg))
+    config, out = write_cli_config(tmp_path, "tiny_sd3_cpu.yaml", tiny_sd3, tiny_shards)
     main(["fit", "--config", str(config)])
     assert list(out.rglob("samples/*.png"))  # the validation grid
     last = str(out / "ckpt" / "last.ckpt")
@@ -153,10 +142,7 @@ def test_sd3_config_fit_validate_test_predict(tmp_path, tiny_sd3, tiny_shards):
     main(["test", "--config", str(config), "--ckpt_path", last, "--model.test_steps", "[1, 2]"])
     payload = json.loads(next(out.rglob("metrics.json")).read_text())
     assert payload["results"]["2"]["images"] == 10
-    inputs = tmp_path / "lowres"
-    inputs.mkdir()
-    for i in range(2):
-        Image.new("RGB", (8, 8), (90 * i, 100, 200)).save(inputs / f"in{i}.png")
+    inputs = write_low_res_inputs(tmp_path / "lowres")
     main(["predict", "--config", str(config), "--ckpt_path", last,
           "--data.predict_images", str(inputs)])  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "preds").iterdir()) == ["in0.png", "in1.png"]
