@@ -105,3 +105,11 @@ def test_stock_pipeline_reproduces_our_samplers(codi_export, tiny_sd3_teacher, m
             ours = m.decode_latents(latents)
         torch.testing.assert_close(ours, stock, rtol=0, atol=2e-4)
         assert ours.std() > 0.01  # not a constant image
+
+
+def test_our_uniform_pipeline_points_sd3_exports_to_the_stock_one(codi_export, tiny_sd3_teacher):
+    from codi_lightning.export import CoDiPipeline
+
+    _, out = codi_export
+    with pytest.raises(NotImplementedError, match="StableDiffusion3ControlNetPipeline"):
+        CoDiPipeline.from_exported(str(out), str(tiny_sd3_teacher))

@@ -40,6 +40,12 @@ class CoDiPipeline:
         from diffusers import ControlNetModel, LCMScheduler, UNet2DConditionModel
 
         parts = load_teacher(base, pixel_space=pixel_space, torch_dtype=torch_dtype)
+        if parts.family == "sd3":
+            raise NotImplementedError(
+                f"{base} is an SD3-family model: load the export into diffusers' "
+                "StableDiffusion3ControlNetPipeline (the export's README.md shows how), or "
+                "sample from the checkpoint with CoDiDistillation.load_from_checkpoint"
+            )
         kw = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
         if (Path(folder) / "unet").is_dir():
             parts.unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw).eval()

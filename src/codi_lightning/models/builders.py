@@ -71,8 +71,7 @@ def load_teacher(
 ) -> TeacherParts:
     """Load the network, VAE, text side and scheduler config from a hub id or a local
     diffusers folder (``from_pretrained`` with subfolders). The family (SD 1.x/2.x, SDXL or
-    SD3) comes
-    from the folder's ``model_index.json`` (``models.teachers``). ``pixel_space=True``
+    SD3) comes from the folder's ``model_index.json`` (``models.teachers``). ``pixel_space=True``
     skips the VAE: the UNet then works on images in [-1, 1]. ``vae_path`` replaces the
     folder's VAE (a VAE folder or hub id, e.g. ``madebyollin/sdxl-vae-fp16-fix``, or a
     pipeline folder with ``vae/``)."""
