@@ -3,9 +3,9 @@
     python bench/adapter_probe.py --ckpt bench_out/logs/codi/version_0/checkpoints/last.ckpt
 
 For each timestep t, noises the test patches to z_t (fixed seed) and reports the PSNR
-of f(z_t, t) = c_skip z_t + c_out x_hat against the clean patch for the teacher (no
-adapter), the online and the EMA-target adapted models, next to the PSNR of the bicubic
-condition itself. An adapter that uses the low-resolution input beats the teacher
+of the consistency function f(z_t, t) (VP: c_skip z_t + c_out x_hat; flow: x_hat)
+against the clean patch for the teacher (no adapter), the online and the EMA-target
+adapted models, next to the PSNR of the bicubic condition itself. An adapter that uses the low-resolution input beats the teacher
 clearly at large t, where z_t carries almost no signal.
 """
 
@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from codi_lightning.data import ShardDataModule
-from codi_lightning.diffusion import apply_boundary, to_x_eps
+from codi_lightning.diffusion import to_x_eps
 from codi_lightning.training import CoDiDistillation
 
 
@@ -41,12 +41,15 @@ def probe(ckpt: str, shards: str, n: int = 64, timesteps=(999, 759, 499, 259, 19
         z = a * x + s * noise
         row = {}
         for which in ("teacher", "online", "target"):
-            o = m.denoiser(which, text, cond)(z, t)
+            o = m.denoiser(which, text, m.adapter_condition(cond))(z, t)
             x_hat, _ = to_x_eps(o, z, a, s, m.schedule.prediction_type)
-            row[which] = round(psnr(apply_boundary(z, x_hat, t).clamp(-1, 1), x), 2)
+            row[which] = round(psnr(m.schedule.boundary(z, x_hat, t).clamp(-1, 1), x), 2)
         out[t_int] = row
     cn = m.controlnet
-    zero = [blk.weight.abs().mean().item() for blk in cn.controlnet_down_blocks]
+    # the zero-initialised output layers (ControlNet: controlnet_down_blocks; SD3's:
+    # controlnet_blocks)
+    blocks = getattr(cn, "controlnet_down_blocks", None) or cn.controlnet_blocks
+    zero = [blk.weight.abs().mean().item() for blk in blocks]
     out["zero_conv_mean_abs"] = round(sum(zero) / len(zero), 4)
     return out
 

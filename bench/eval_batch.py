@@ -34,6 +34,7 @@ def main() -> None:
         for _ in range(args.rounds):  # interleaved, so drifts of a shared machine hit all
             for b in args.batches:
                 z, cond = torch.randn(b, channels, size, size), torch.rand(b, 3, size, size)
+                cond = model.adapter_condition(cond)
                 forward = model.denoiser("target", model.empty_text(b), cond)
                 t = torch.full((b,), 500)
                 forward(z, t)  # warm-up
