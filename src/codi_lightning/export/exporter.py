@@ -164,6 +164,13 @@ _SCHEDULE_KEYS = (
 )
 
 
+def card_budgets(hp: dict[str, Any], num_grid: int) -> list[int]:
+    """The step counts a model card lists: 1, 2, 4, 8 and the run's test and predict
+    steps, within the grid."""
+    budgets = {1, 2, 4, 8, *hp.get("test_steps", ()), hp.get("predict_steps", 1)}
+    return sorted(int(s) for s in budgets if 1 <= int(s) <= num_grid)
+
+
 def _model_card(
     hp: dict[str, Any],
     base: str,
@@ -178,8 +185,7 @@ def _model_card(
     method = method.get(hp.get("method", "pe-codi"), hp.get("method"))
     config = json.dumps(hp, indent=2, default=str)
     num_grid = int(hp.get("num_grid", 50))
-    budgets = {1, 2, 4, 8, *hp.get("test_steps", ()), hp.get("predict_steps", 1)}
-    budgets = sorted(int(s) for s in budgets if 1 <= int(s) <= num_grid)
+    budgets = card_budgets(hp, num_grid)
     timesteps = {s: sampling_timesteps(s, num_train, num_grid) for s in budgets}
     table = "\n".join(f"| {s} | `{ts}` |" for s, ts in timesteps.items())
     smallest = min(ts[-1] for ts in timesteps.values())

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..diffusion import FlowSchedule, sampling_timesteps
 from ..models.teachers import sd3
+from .exporter import _sub_state, card_budgets
 
 
 def export_sd3(
@@ -35,8 +36,6 @@ def export_sd3(
         SD3ControlNetModel,
         SD3Transformer2DModel,
     )
-
-    from .exporter import _sub_state
 
     config = SD3Transformer2DModel.load_config(base, subfolder="transformer", **kw)
     layers = sd3.adapter_layers(config, hp.get("adapter_layers"))
@@ -67,8 +66,7 @@ def _card(
 ) -> str:
     method = "CoDi (adapter + transformer)" if codi else "PE-CoDi (adapter only)"
     num_grid, num_train = int(hp.get("num_grid", 50)), schedule.num_train_timesteps
-    budgets = {1, 2, 4, 8, *hp.get("test_steps", ()), hp.get("predict_steps", 1)}
-    budgets = sorted(int(s) for s in budgets if 1 <= int(s) <= num_grid)
+    budgets = card_budgets(hp, num_grid)
     rows, sigmas = [], {}
     for s in budgets:
         ts = sampling_timesteps(s, num_train, num_grid)

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..diffusion import FlowSchedule, diffusion_loss, sample
-from .ddim import ddim_sample
+from ..diffusion import diffusion_loss
+from .ddim import ode_sample
 from .module import CoDiDistillation
 
 
@@ -37,9 +37,6 @@ class ControlNetBaseline(CoDiDistillation):
         """DDIM (eta = 0) in ``num_steps`` steps; the consistency-sampler options
         (``stochastic``, guidance) do not apply. A flow schedule is sampled by the Euler
         method (``FlowMatchEulerDiscreteScheduler``'s step, which our deterministic sampler
-        equals on a flow schedule) at DDIM's "trailing" timesteps, from t = T - 1."""
-        if isinstance(self.schedule, FlowSchedule):
-            num = self.schedule.num_train_timesteps
-            timesteps = [num - 1 - i * num // num_steps for i in range(num_steps)]
-            return sample(model, noise, self.schedule, timesteps)
-        return ddim_sample(model, noise, self.scheduler_config, num_steps)
+        equals on a flow schedule) at DDIM's "trailing" timesteps, from t = T - 1
+        (``ode_sample``)."""
+        return ode_sample(model, noise, self.schedule, self.scheduler_config, num_steps)

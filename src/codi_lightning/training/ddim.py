@@ -1,4 +1,5 @@
-"""DDIM sampling with diffusers' DDIMScheduler, for teachers and the two-stage baseline."""
+"""Many-step sampling for teachers and the two-stage baseline: DDIM with diffusers'
+DDIMScheduler on a VP schedule, the Euler method on a flow schedule (``ode_sample``)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,25 @@ def ddim_sample(
         tt = torch.full((z.shape[0],), int(t), device=z.device, dtype=torch.long)
         z = scheduler.step(model(z, tt).float(), int(t), z, eta=0.0).prev_sample
     return z
+
+
+@torch.no_grad()
+def ode_sample(
+    model: Callable[[Tensor, Tensor], Tensor],
+    noise: Tensor,
+    schedule: Any,
+    scheduler_config: Mapping[str, Any],
+    num_steps: int,
+) -> Tensor:
+    """DDIM (:func:`ddim_sample`) on a VP schedule; on a flow schedule the Euler method
+    (``FlowMatchEulerDiscreteScheduler``'s step, which the deterministic consistency
+    sampler equals there) at DDIM's "trailing" timesteps ``T - 1 - i T / S``, from
+    t = T - 1, ending at ``x_hat``."""
+    from ..diffusion import FlowSchedule, sample
+
+    if not isinstance(schedule, FlowSchedule):
+        return ddim_sample(model, noise, scheduler_config, num_steps)
+    num = schedule.num_train_timesteps
+    return sample(
+        model, noise, schedule, [num - 1 - i * num // num_steps for i in range(num_steps)]
+    )

@@ -13,7 +13,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from ..checkpoints import check_teacher, resolve_local_path
-from ..diffusion import FlowSchedule, diffusion_loss, ema_update, sample, schedule_from_config
+from ..diffusion import diffusion_loss, ema_update, schedule_from_config
 from ..models import Conditioning, build_tiny_text_encoder, build_tiny_tokenizer, load_teacher
 from ..models.teachers import FAMILIES
 from ..models.teachers.sd import CLIPPromptEncoder
@@ -27,7 +27,7 @@ from ..models.tiny import (
     save_sd3_folder,
     save_teacher_folder,
 )
-from .ddim import ddim_sample
+from .ddim import ode_sample
 from .frozen import SkipFrozenState
 from .optim import optimizers_for
 from .run import logs_this_step, run_dir
@@ -164,14 +164,9 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
 
     @torch.no_grad()
     def sample(self, text: Conditioning, noise: Tensor, steps: int) -> Tensor:
-        """The EMA network's samples: DDIM (VP) or the Euler method at DDIM's trailing
-        timesteps (flow; ``ControlNetBaseline.run_sampler`` samples the same way)."""
+        """The EMA network's samples: DDIM (VP) or the Euler method (flow), ``ode_sample``."""
         model = self.network(self.ema_unet, text)
-        if isinstance(self.schedule, FlowSchedule):
-            num = self.schedule.num_train_timesteps
-            timesteps = [num - 1 - i * num // steps for i in range(steps)]
-            return sample(model, noise, self.schedule, timesteps)
-        return ddim_sample(model, noise, self.scheduler_config, steps)
+        return ode_sample(model, noise, self.schedule, self.scheduler_config, steps)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = self.diffusion_loss(batch)
