@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from codi_lightning.data import ShardDataModule
+from codi_lightning.data import ShardDataModule, float_pixels
 from codi_lightning.diffusion import to_x_eps
 from codi_lightning.training import CoDiDistillation
 
@@ -30,7 +30,7 @@ def probe(ckpt: str, shards: str, n: int = 64, timesteps=(999, 759, 499, 259, 19
     m = CoDiDistillation.load_from_checkpoint(ckpt, map_location="cpu").eval()
     dm = ShardDataModule(None, shards, resolution=32, batch_size=n, num_workers=0,
                          condition="sr", resize_shorter=False)  # fmt: skip
-    batch = next(iter(dm.test_dataloader()))
+    batch = float_pixels(next(iter(dm.test_dataloader())))
     x, cond = batch["image"], batch["cond"]
     text = m.encode_text([""] * len(x))
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))

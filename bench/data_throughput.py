@@ -6,13 +6,14 @@
 Each sample is a JPEG (quality 90, ``--source`` px on the shorter side, a textured
 synthetic picture; by default 1.25x and 2x the crop, e.g. 640 and 1024 px for 512 px
 crops) decoded with the project's safe decoder as ``ShardDataModule`` decodes it (at
-reduced scale where the JPEG is at least twice the crop), resized and randomly
-cropped to ``--size`` px, and given a condition by one recipe: ``crop only`` (the
-condition is the crop itself: the cost of decoding and cropping), ``sr`` (bicubic),
-``sr_realesrgan`` (second-order degradation), ``inpaint`` (box/stroke mask) and
-``canny`` (edge map). One thread, as in a DataLoader worker (``torch`` uses one thread
-per worker); multiply by ``data.num_workers`` for a node's CPU budget, as long as there
-are cores for them.
+reduced scale where the JPEG is at least twice the crop), resized and randomly cropped
+to ``--size`` px, given a condition by one recipe (``crop only``: the condition is the
+crop itself, the cost of decoding and cropping; ``sr``: bicubic; ``sr_realesrgan``:
+second-order degradation; ``inpaint``: box/stroke mask; ``canny``: edge map), and
+collated in batches of 8 uint8 samples, which is what a worker ships (the pixels become
+floats after the transfer to the device). One thread, as in a DataLoader worker
+(``torch`` uses one thread per worker); multiply by ``data.num_workers`` for a node's
+CPU budget, as long as there are cores for them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from PIL import Image
 
 from codi_lightning.data import PairTransform, decode_sample, make_recipe
+from codi_lightning.data.transforms import collate
 
 RECIPES = ("crop only", "sr", "sr_realesrgan", "inpaint", "canny")
 
@@ -55,18 +57,27 @@ def _identity(image, rng: random.Random):
 _identity.takes_pixels = True  # the uint8 crop itself: no conversion to PIL and back
 
 
-def measure(recipe: str, jpegs: list[bytes], size: int, sr_factor: int, seed: int = 0) -> dict:
-    """Decode + resize + random crop + the recipe over all ``jpegs``; samples/s."""
+def measure(
+    recipe: str, jpegs: list[bytes], size: int, sr_factor: int, seed: int = 0, batch: int = 8
+) -> dict:
+    """Decode + resize + random crop + the recipe over all ``jpegs``, collated into
+    batches of ``batch`` uint8 samples as ``ShardDataModule``'s workers ship them (the
+    float conversion runs after the transfer, not in the worker); samples/s."""
     fn = _identity if recipe == "crop only" else make_recipe(recipe, sr_factor)
-    transform = PairTransform(size, random_crop=True, hflip=True, recipe=fn)
+    transform = PairTransform(size, random_crop=True, hflip=True, recipe=fn, uint8=True)
     rng = random.Random(seed)
     raw = [{"__key__": f"s{i}", "jpg": data} for i, data in enumerate(jpegs)]
     transform(decode_sample(raw[0], draft=size), rng)  # warm-up (imports, allocator)
     start = time.perf_counter()
+    done = []
     for sample in raw:
-        out = transform(decode_sample(sample, draft=size), rng)  # as ShardDataModule._stage
+        done.append(transform(decode_sample(sample, draft=size), rng))  # as PairStage
+        if len(done) == batch:
+            out, done = collate(done), []
+    if done:
+        out = collate(done)
     seconds = time.perf_counter() - start
-    assert out["cond"].shape == (3, size, size)
+    assert out["cond"].shape[1:] == (3, size, size) and out["image"].dtype == torch.uint8
     n = len(raw)
     return {
         "recipe": recipe,

@@ -496,7 +496,7 @@ def image_grid(results: dict, out: Path, path: Path, rows: int = 10) -> None:
     """input | bicubic | baseline 4 | baseline 50 | PE-CoDi 4 | CoDi 1 | 2 | 4 | truth."""
     import torch.nn.functional as F
 
-    from codi_lightning.data import ShardDataModule
+    from codi_lightning.data import ShardDataModule, float_pixels
     from codi_lightning.training import CoDiDistillation, ControlNetBaseline
     from codi_lightning.training.visualize import save_grid
 
@@ -504,7 +504,7 @@ def image_grid(results: dict, out: Path, path: Path, rows: int = 10) -> None:
     dm = ShardDataModule(None, str(out / "data" / "test-000000.tar"), resolution=32,
                          batch_size=512, num_workers=0, condition="sr", sr_factor=factor,
                          resize_shorter=False)  # fmt: skip
-    batch = next(iter(dm.test_dataloader()))
+    batch = float_pixels(next(iter(dm.test_dataloader())))
     pick = torch.linspace(0, len(batch["cond"]) - 1, rows).long()
     cond, truth = batch["cond"][pick], (batch["image"][pick] + 1) / 2
     low = F.interpolate(F.interpolate(cond, size=32 // factor, mode="area"), size=32)

@@ -230,12 +230,12 @@ def run(name: str, extra: list[str], threads: int | None = None) -> dict:
 
 def held_out_batches(batch_size: int):
     """The held-out test patches with their bicubic conditions, read once in order."""
-    from codi_lightning.data import ShardDataModule
+    from codi_lightning.data import ShardDataModule, float_pixels
 
     dm = ShardDataModule(None, str(OUT / "data" / "test-000000.tar"), resolution=32,
                          batch_size=batch_size, num_workers=0, condition="sr", sr_factor=4,
                          resize_shorter=False)  # fmt: skip
-    return dm.test_dataloader()
+    return map(float_pixels, dm.test_dataloader())
 
 
 def bicubic_metrics() -> dict:

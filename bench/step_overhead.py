@@ -85,6 +85,7 @@ def worker(mode: str, method: str, setup: dict[str, str], steps: int, logs: Path
     import lightning as L
 
     from codi_lightning.cli import CoDiCLI
+    from codi_lightning.data import float_pixels
 
     if mode == CACHED:
         setup = {**setup, "shards": setup["cached"]}
@@ -93,7 +94,7 @@ def worker(mode: str, method: str, setup: dict[str, str], steps: int, logs: Path
     ends: list[float] = []
     if mode not in ("shards", CACHED):
         data.setup("fit")
-        batch = next(iter(data.train_dataloader()))  # one ready batch, reused every step
+        batch = float_pixels(next(iter(data.train_dataloader())))  # one ready batch, reused
         batch.pop("skipped", None)
 
     if mode == "bare":

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from codi_lightning.cli import main
-from codi_lightning.data import ShardDataModule, write_cached_shards, write_shards
+from codi_lightning.data import ShardDataModule, float_pixels, write_cached_shards, write_shards
 from codi_lightning.training import CoDiDistillation
 from codi_lightning.training.run import seeded_generator
 
@@ -39,7 +39,7 @@ def shards(tmp_path_factory, tiny_teacher):
 def _batch(path, hflip=True):
     dm = ShardDataModule(path, None, resolution=32, batch_size=8, num_workers=0,
                          condition="sr", hflip=hflip, caption_dropout=0.3, seed=3)  # fmt: skip
-    return next(iter(dm.train_dataloader()))
+    return float_pixels(next(iter(dm.train_dataloader())))
 
 
 def _loss(model, batch):

@@ -9,7 +9,13 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from codi_lightning.data import PairTransform, ShardDataModule, decode_sample, write_shards
+from codi_lightning.data import (
+    PairTransform,
+    ShardDataModule,
+    decode_sample,
+    float_pixels,
+    write_shards,
+)
 from codi_lightning.data.transforms import collate, sr_bicubic
 
 
@@ -143,6 +149,8 @@ def test_datamodule_train_batches(tiny_shards):
     it = iter(dm.train_dataloader())
     for _ in range(10):  # resampled: more batches than one pass over the data
         batch = next(it)
+    assert batch["image"].dtype == batch["cond"].dtype == torch.uint8  # floats on the device
+    batch = float_pixels(batch)
     assert batch["image"].shape == (4, 3, 32, 32) and batch["cond"].shape == (4, 3, 32, 32)
     assert -1 <= batch["image"].min() and batch["image"].max() <= 1
     assert 0 <= batch["cond"].min() and batch["cond"].max() <= 1
@@ -167,7 +175,7 @@ def test_stored_condition_required_and_skipped_when_missing(tmp_path):
     batches = list(dm.val_dataloader())
     assert [k for b in batches for k in b["key"]] == ["a"]
     assert dm.stages["val"].skipped == {"no_condition": 1}
-    assert batches[0]["cond"][0, 2].mean() > 0.9  # the stored blue condition
+    assert float_pixels(batches[0])["cond"][0, 2].mean() > 0.9  # the stored blue condition
 
 
 def test_collate_keeps_captions_as_list():
@@ -197,3 +205,46 @@ def test_training_stream_is_reseeded_from_the_global_step(tiny_shards):
 
     assert first_keys(0) == first_keys(0)
     assert first_keys(0) != first_keys(500)
+
+
+def test_uint8_batches_reach_the_module_as_floats_through_the_trainer(tiny_shards):
+    """The loaders ship uint8 pixels; the trainer hands the module floats (image in
+    [-1, 1], cond in [0, 1]) converted after the transfer, equal to the longhand
+    conversion of the shipped bytes."""
+    import lightning as L
+
+    seen = []
+
+    class Recorder(L.LightningModule):
+        def validation_step(self, batch, batch_idx):
+            seen.append(batch)
+
+    dm = ShardDataModule(tiny_shards["train"], tiny_shards["val"], resolution=32, batch_size=5,
+                         num_workers=0, condition="sr")  # fmt: skip
+    shipped = list(dm.val_dataloader())
+    assert shipped[0]["image"].dtype == shipped[0]["cond"].dtype == torch.uint8
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)  # fmt: skip
+    trainer.validate(Recorder(), datamodule=dm)
+    assert len(seen) == len(shipped) == 2
+    for got, raw in zip(seen, shipped, strict=True):
+        assert got["key"] == raw["key"]
+        assert got["image"].dtype == got["cond"].dtype == torch.float32
+        torch.testing.assert_close(got["image"], raw["image"].double().div(127.5).sub(1).float())
+        torch.testing.assert_close(got["cond"], raw["cond"].double().div(255).float())
+
+
+def test_collate_keeps_channels_last_pixels_in_their_layout():
+    """uint8 crops lying channels-last in memory are stacked without transposing them;
+    the values are those of a plain stack, and float_pixels gives contiguous floats."""
+    crops = [torch.randint(0, 256, (20, 30, 3), dtype=torch.uint8).permute(2, 0, 1)[:, :, 5:25]
+             for _ in range(3)]  # fmt: skip
+    flipped = crops[1].flip(-1)
+    samples = [{"image": x, "cond": x, "caption": "", "key": str(i)}
+               for i, x in enumerate([crops[0], flipped, crops[2]])]  # fmt: skip
+    batch = collate(samples)
+    assert torch.equal(batch["image"], torch.stack([crops[0], flipped, crops[2]]))
+    assert batch["image"].is_contiguous(memory_format=torch.channels_last)
+    floats = float_pixels(batch)
+    assert floats["image"].is_contiguous() and floats["cond"].is_contiguous()
+    torch.testing.assert_close(floats["cond"], batch["cond"].float() / 255)

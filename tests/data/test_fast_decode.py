@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from codi_lightning.data import ShardDataModule, write_shards
+from codi_lightning.data import ShardDataModule, make_recipe, write_shards
 from codi_lightning.data import decode as decode_module
 from codi_lightning.data.decode import decode_sample
 from codi_lightning.data.transforms import PairTransform, to_tensor01
@@ -98,3 +98,21 @@ def test_the_datamodule_decodes_large_jpegs_at_reduced_scale(tmp_path, monkeypat
     assert batch["image"].shape == (4, 3, 128, 128)
     assert batch["original_size"].tolist() == [[520, 600]] * 4
     assert seen and all(s == (128, (150, 130)) for s in seen)  # 520 >= 4 x 128: quarter scale
+
+
+def test_a_decoded_size_one_pixel_off_the_resize_rule_is_not_resampled():
+    """A 129x64 JPEG decoded at half scale is 65x32; the resize rule for 32 px rounds
+    64.5 to 64. The decoded image is taken as the resized one (no 65 -> 64 resampling):
+    the crop is the decoded pixels themselves. One more pixel off, it is resized."""
+    decoded = decode_sample({"__key__": "k", "jpg": _jpeg(_photo(129, 64))}, draft=32)
+    assert decoded["image"].size == (65, 32) and decoded["size"] == (129, 64)
+    t = PairTransform(32, random_crop=False, recipe=make_recipe("sr", 4))
+    out = t(decoded, random.Random(0))
+    top, left = out["crop_top_left"]
+    assert (top, left) == (0, (65 - 32) // 2)
+    crop = decoded["image"].crop((left, 0, left + 32, 32))
+    torch.testing.assert_close(out["image"], to_tensor01(crop) * 2 - 1, rtol=0, atol=1e-6)
+
+    far = {**decoded, "image": decoded["image"].resize((67, 33))}  # 2 px off: resampled
+    out = t(far, random.Random(0))
+    assert tuple(out["crop_top_left"]) == (0, (64 - 32) // 2)

@@ -8,7 +8,13 @@ import torch
 from data_helpers import structured
 from PIL import Image
 
-from codi_lightning.data import PairTransform, ShardDataModule, canny_edges, make_recipe
+from codi_lightning.data import (
+    PairTransform,
+    ShardDataModule,
+    canny_edges,
+    float_pixels,
+    make_recipe,
+)
 from codi_lightning.data.recipes import (
     INPAINT_FILL,
     SuperResolution,
@@ -163,7 +169,7 @@ def test_every_recipe_through_the_training_stream(tiny_shards, condition):
     dm = ShardDataModule(tiny_shards["train"], tiny_shards["val"], resolution=32, batch_size=4,
                          num_workers=0, condition=condition, sr_factor=8, hflip=True,
                          shuffle_buffer=8)  # fmt: skip
-    batch = next(iter(dm.train_dataloader()))
+    batch = float_pixels(next(iter(dm.train_dataloader())))
     assert batch["image"].shape == batch["cond"].shape == (4, 3, 32, 32)
     assert -1 <= batch["image"].min() and batch["image"].max() <= 1
     assert 0 <= batch["cond"].min() and batch["cond"].max() <= 1

@@ -13,7 +13,13 @@ from data_helpers import structured
 from jsonargparse import CLI
 from PIL import Image
 
-from codi_lightning.data import ShardDataModule, decode_sample, write_edit_shards, write_shards
+from codi_lightning.data import (
+    ShardDataModule,
+    decode_sample,
+    float_pixels,
+    write_edit_shards,
+    write_shards,
+)
 from codi_lightning.data.recipes import INPAINT_FILL
 from codi_lightning.data.transforms import sr_bicubic, to_tensor01
 from codi_lightning.training import ImageWriter
@@ -46,7 +52,7 @@ def test_sr_recipe_stores_the_low_resolution_input(tmp_path, capsys):
     shard = str(tmp_path / "sr-000000.tar")
     dm = ShardDataModule(shard, shard, resolution=48, batch_size=3, num_workers=0,
                          condition="stored", resize_shorter=False)  # fmt: skip
-    batch = next(iter(dm.val_dataloader()))
+    batch = float_pixels(next(iter(dm.val_dataloader())))
     img = structured((64, 48), seed=0)
     expected = sr_bicubic(img, 4).crop((8, 0, 56, 48))
     torch.testing.assert_close(batch["cond"][0], to_tensor01(expected), atol=0, rtol=0)
@@ -72,7 +78,7 @@ def test_inpaint_and_canny_recipes(tmp_path):
     shard = str(tmp_path / "in-000000.tar")
     dm = ShardDataModule(shard, shard, resolution=48, batch_size=2, num_workers=0,
                          condition="stored", resize_shorter=False)  # fmt: skip
-    batch = next(iter(dm.val_dataloader()))
+    batch = float_pixels(next(iter(dm.val_dataloader())))
     assert batch["mask"].shape == (2, 1, 48, 48)
     masked = batch["mask"][0, 0] > 0.5
     assert masked.any() and torch.allclose(batch["cond"][0][:, masked], torch.tensor(INPAINT_FILL[0] / 255))  # fmt: skip
@@ -132,7 +138,7 @@ def test_edit_manifest_to_shards(tmp_path, capsys):
     assert (meta["width"], meta["height"]) == (40, 32)
     shard = str(tmp_path / "shards" / "edit-000000.tar")
     dm = ShardDataModule(shard, shard, resolution=32, batch_size=2, num_workers=0)
-    batch = next(iter(dm.val_dataloader()))
+    batch = float_pixels(next(iter(dm.val_dataloader())))
     assert batch["caption"] == ["make it blue", "add a hat"] and batch["skipped"] == {}
 
 

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .decode import DEFAULT_MAX_PIXELS, BadSample, CaptionErrors, decode_sample, select_member
 from .folder import ConditionFolder, collate_conditions
 from .lockstep import LockstepLoader, distributed_world
+from .pixels import float_pixels
 from .recipes import SR_RECIPES
 from .transforms import CondMismatch, PairTransform, collate, make_recipe
 
@@ -274,6 +275,11 @@ class ShardDataModule(L.LightningDataModule):
     "key": [str], "skipped": {reason: count}, "original_size": [B, 2], "crop_top_left":
     [B, 2]}`` (plus ``mask`` for ``inpaint``; the sizes are SDXL's micro-conditions).
 
+    The loaders ship ``image`` and ``cond`` as uint8 pixels [B, 3, H, W]; they become
+    floats in those ranges after the transfer to the device (``on_after_batch_transfer``,
+    ``data.float_pixels``), so the workers neither convert nor move 4-byte pixels. Code
+    that iterates the loaders itself applies ``float_pixels`` to each batch.
+
     Args:
         train_shards: shard URLs: a brace pattern (``data/train-{000000..000099}.tar``),
             a list of patterns, a ``pipe:`` command (``pipe:cat a.tar``), or a list of
@@ -400,6 +406,7 @@ class ShardDataModule(L.LightningDataModule):
             recipe=make_recipe(hp.condition, hp.sr_factor),
             caption_dropout=hp.caption_dropout if train else 0.0,
             cond_mismatch=hp.cond_mismatch,
+            uint8=True,  # floats on the device: on_after_batch_transfer
         )
 
     def _stage(self, name: str, seed: int, rank: int, urls: list[str]) -> PairStage:
@@ -488,6 +495,10 @@ class ShardDataModule(L.LightningDataModule):
         if self.hparams.condition == "inpaint":
             batch["mask"] = torch.zeros(1, 1, r, r)
         return batch
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """uint8 pixels -> the float ranges the modules take, on the device."""
+        return float_pixels(batch) if isinstance(batch, dict) else batch
 
     def val_dataloader(self) -> LockstepLoader:
         """This rank's share of ``val_shards``, padded so every rank runs as many batches."""

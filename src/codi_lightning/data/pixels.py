@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-__all__ = ["as_u8", "resize_bicubic", "resize_u8", "to_image", "u8_to_float"]
+__all__ = ["as_u8", "float_pixels", "resize_bicubic", "resize_u8", "to_image", "u8_to_float"]
 
 _U8_MODES = ("RGB", "RGBA", "L")
 
@@ -60,9 +60,26 @@ def resize_bicubic(image: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 
 def u8_to_float(x: torch.Tensor, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
-    """uint8 [C, H, W] (any strides) -> contiguous float32 in [low, high]; uint8 until
-    this one conversion."""
-    out = torch.empty(x.shape, dtype=torch.float32)
+    """uint8 pixels (any shape and strides) -> contiguous float32 in [low, high] on
+    their device; uint8 until this one conversion."""
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     out.copy_(x)
     out.mul_((high - low) / 255.0)
     return out.add_(low) if low else out
+
+
+def float_pixels(batch: dict) -> dict:
+    """A loader batch with uint8 pixels -> the float batch the modules take: ``image`` in
+    [-1, 1], ``cond`` in [0, 1] (contiguous float32, on the tensors' device). Float
+    entries are left as they are, so it can be applied twice.
+
+    ``ShardDataModule`` ships uint8 pixels and calls this after the batch reaches the
+    device (``on_after_batch_transfer``); code that iterates its loaders directly calls
+    it itself.
+    """
+    out = dict(batch)
+    for key, low in (("image", -1.0), ("cond", 0.0)):
+        x = out.get(key)
+        if isinstance(x, torch.Tensor) and x.dtype == torch.uint8:
+            out[key] = u8_to_float(x, low, 1.0)
+    return out
