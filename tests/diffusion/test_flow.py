@@ -168,3 +168,27 @@ def test_stochastic_sampler_is_flow_match_lcm_scheduler(stock, steps):
     x_last = z - stock.sigmas[-2] * velocity(z, last.expand(2))  # f = x_hat at the last step
     det = sample(lambda zz, tt: velocity(zz, flow.model_timesteps(tt)), noise, flow, timesteps)
     torch.testing.assert_close(det, x_last, rtol=1e-5, atol=1e-5)
+
+
+FLUX_SCHEDULER = {"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096,
+                  "max_shift": 1.15, "shift": 3.0, "use_dynamic_shifting": True}  # fmt: skip
+
+
+@pytest.mark.parametrize("seq_len", [256, 1024, 4096])
+def test_dynamic_shifting_is_the_stock_schedule_at_that_size(seq_len):
+    """Flux's scheduler shifts sigmas by the image size (mu from the token count, as the
+    stock pipelines compute it); the table at a fixed resolution is the stock sampler's
+    at that size, for the full grid and for our steps given as sigmas."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    stock = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
+    mu = calculate_shift(seq_len)  # the pipeline's own mu (its defaults are Flux.1's)
+    flow = schedule_from_config({"_class_name": type(stock).__name__, **stock.config}, seq_len)
+    assert flow.shift == pytest.approx(torch.tensor(mu).exp().item())
+    stock.set_timesteps(1000, mu=mu)
+    torch.testing.assert_close(flow.sigmas.flip(0).float(), stock.sigmas[:-1].float())
+    steps = [999, 759, 499, 259]
+    stock.set_timesteps(sigmas=flow.unshifted(steps), mu=mu)
+    torch.testing.assert_close(stock.sigmas[:-1].double(), flow.sigmas[steps], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="model.shift_resolution"):
+        schedule_from_config({"_class_name": type(stock).__name__, **stock.config})

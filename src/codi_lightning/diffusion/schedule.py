@@ -143,16 +143,25 @@ class FlowSchedule:
     prediction_type: str = FLOW
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> FlowSchedule:
+    def from_config(
+        cls, config: Mapping[str, Any], image_seq_len: int | None = None
+    ) -> FlowSchedule:
         """From a ``FlowMatchEulerDiscreteScheduler`` config (``shift``,
-        ``num_train_timesteps``); resolution-dependent shifting (Flux's
-        ``use_dynamic_shifting``) is not a training-table property and is refused."""
-        if config.get("use_dynamic_shifting"):
-            raise ValueError(
-                "use_dynamic_shifting (Flux) shifts sigmas by image size; not supported yet"
-            )
+        ``num_train_timesteps``). With ``use_dynamic_shifting`` (Flux) the shift depends
+        on the image size: ``image_seq_len`` (the number of image tokens of the run's
+        resolution) gives ``mu`` (:func:`dynamic_shift`), and the table is the one the
+        stock pipelines sample with at that size (``set_timesteps(mu=...)``)."""
         num = int(config.get("num_train_timesteps", 1000))
-        shift = float(config.get("shift", 1.0))
+        if config.get("use_dynamic_shifting"):
+            if image_seq_len is None:
+                raise ValueError(
+                    "this teacher's scheduler shifts sigmas by image size "
+                    "(use_dynamic_shifting): the schedule needs the training resolution "
+                    "(model.shift_resolution, or data.resolution through the CLI)"
+                )
+            shift = dynamic_shift(config, image_seq_len)
+        else:
+            shift = float(config.get("shift", 1.0))
         u = torch.arange(1, num + 1, dtype=torch.float64) / num
         return cls(shift * u / (1 + (shift - 1) * u), shift)
 
@@ -186,9 +195,28 @@ class FlowSchedule:
         return _on_device(self, self.sigmas, t.device)[t.long()].float() * 1000
 
 
-def schedule_from_config(config: Mapping[str, Any]) -> NoiseSchedule | FlowSchedule:
+def dynamic_shift(config: Mapping[str, Any], image_seq_len: int) -> float:
+    """The sigma shift of a ``use_dynamic_shifting`` scheduler for ``image_seq_len`` image
+    tokens: ``mu`` interpolated linearly between ``base_shift`` at ``base_image_seq_len``
+    and ``max_shift`` at ``max_image_seq_len`` (Flux.1: 0.5 at 256, 1.15 at 4096), then
+    ``exp(mu)`` (``time_shift_type: exponential``, the default) or ``mu`` (``linear``):
+    ``sigma = s u / (1 + (s - 1) u)`` either way."""
+    base_len = float(config.get("base_image_seq_len", 256))
+    max_len = float(config.get("max_image_seq_len", 4096))
+    base, top = float(config.get("base_shift", 0.5)), float(config.get("max_shift", 1.15))
+    mu = base + (top - base) * (image_seq_len - base_len) / (max_len - base_len)
+    kind = config.get("time_shift_type", "exponential")
+    if kind not in ("exponential", "linear"):
+        raise ValueError(f"time_shift_type={kind!r}: expected 'exponential' or 'linear'")
+    return math.exp(mu) if kind == "exponential" else mu
+
+
+def schedule_from_config(
+    config: Mapping[str, Any], image_seq_len: int | None = None
+) -> NoiseSchedule | FlowSchedule:
     """The schedule of a diffusers scheduler config: ``FlowMatch*`` schedulers give a
-    :class:`FlowSchedule`, every other (DDPM, DDIM, Euler, ...) a :class:`NoiseSchedule`."""
+    :class:`FlowSchedule` (``image_seq_len``: for resolution-dependent shifting), every
+    other (DDPM, DDIM, Euler, ...) a :class:`NoiseSchedule`."""
     if str(config.get("_class_name", "")).startswith("FlowMatch"):
-        return FlowSchedule.from_config(config)
+        return FlowSchedule.from_config(config, image_seq_len)
     return NoiseSchedule.from_config(config)

@@ -81,6 +81,12 @@ def export_checkpoint(
     kw = {"revision": hp.get("revision")}
     index = read_model_index(base, hp.get("revision"))
     family = family_of(index).name
+    if family == "flux":
+        raise NotImplementedError(
+            f"{base} is a Flux model: exporting Flux checkpoints to a diffusers folder is "
+            "not supported yet; sample from the checkpoint (codi-lightning predict, or "
+            "CoDiDistillation.load_from_checkpoint(...).sample_images)"
+        )
     if family == "sd3":
         from .sd3 import export_sd3
 

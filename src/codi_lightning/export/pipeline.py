@@ -40,6 +40,11 @@ class CoDiPipeline:
         from diffusers import ControlNetModel, LCMScheduler, UNet2DConditionModel
 
         parts = load_teacher(base, pixel_space=pixel_space, torch_dtype=torch_dtype)
+        if parts.family == "flux":
+            raise NotImplementedError(
+                f"{base} is a Flux model: sample from the checkpoint with "
+                "CoDiDistillation.load_from_checkpoint (Flux exports are not supported yet)"
+            )
         if parts.family == "sd3":
             raise NotImplementedError(
                 f"{base} is an SD3-family model: load the export into diffusers' "

@@ -144,23 +144,27 @@ def build_family_adapter(
     layers: int | None = None,
 ) -> nn.Module:
     """The family's adapter for ``parts.unet``: a ``ControlNetModel`` for UNets
-    (:func:`build_adapter`; ``layers`` does not apply), an ``SD3ControlNetModel`` of
-    ``layers`` blocks for SD3 (``teachers.sd3.build_adapter``; the condition enters as
-    latents through a patch embedding, zero-initialised or, with ``condition_init=
-    "random"``, PyTorch's default init: the output projections stay zero either way, so
-    the adapted model equals the teacher at step 0; ``conditioning_embedding_out_channels``
-    does not apply)."""
-    if parts.family == "sd3":
-        from .teachers import sd3
+    (:func:`build_adapter`; ``layers`` does not apply), an ``SD3ControlNetModel`` /
+    ``FluxControlNetModel`` of ``layers`` blocks for SD3 / Flux (``teachers.sd3`` /
+    ``teachers.flux`` ``build_adapter``; the condition enters as latents through a patch
+    embedding, zero-initialised or, with ``condition_init="random"``, PyTorch's default
+    init: the output projections stay zero either way, so the adapted model equals the
+    teacher at step 0; ``conditioning_embedding_out_channels`` does not apply)."""
+    if parts.family in ("sd3", "flux"):
+        from .teachers import flux, sd3
 
         if conditioning_embedding_out_channels:
             raise ValueError(
-                "model.adapter_cond_channels applies to UNet teachers; an SD3 adapter takes "
-                "the condition as VAE latents: leave it unset (and see model.adapter_layers)"
+                f"model.adapter_cond_channels applies to UNet teachers; an {parts.family} "
+                "adapter takes the condition as VAE latents: leave it unset (and see "
+                "model.adapter_layers)"
             )
-        adapter = sd3.build_adapter(parts.unet, layers)
-        if condition_init == "random":  # the condition's patch embedding, as a ControlNet's
-            adapter.pos_embed_input.proj.reset_parameters()  # embedder's last conv
+        family = sd3 if parts.family == "sd3" else flux
+        adapter = family.build_adapter(parts.unet, layers)
+        if condition_init == "random":  # the condition's embedding, as a ControlNet's
+            # embedder's last conv
+            embed = adapter.pos_embed_input.proj if family is sd3 else adapter.controlnet_x_embedder
+            embed.reset_parameters()
         elif condition_init != "zero":
             raise ValueError(
                 f"adapter condition_init={condition_init!r}; choose 'zero' or 'random'"
@@ -242,7 +246,9 @@ def check_condition_downsampling(channels: tuple[int, ...], vae_scale: int) -> N
 def check_resolution(resolution: int, vae_scale: int, unet: nn.Module) -> None:
     """The image size must reach the UNet's lowest level (a transformer: whole patches)
     as an integer size."""
-    if "patch_size" in unet.config:
+    if type(unet).__name__.startswith("Flux"):  # 1x1 patches of 2x2-packed latents
+        unet_down, what = 2 * int(unet.config.patch_size), "Flux's 2x2 latent packing"
+    elif "patch_size" in unet.config:
         unet_down, what = int(unet.config.patch_size), "transformer patch size"
     else:
         unet_down, what = 2 ** (len(unet.config.block_out_channels) - 1), "UNet downsampling"

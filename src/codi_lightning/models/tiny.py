@@ -378,3 +378,78 @@ def write_tiny_sd3_teacher(folder: str | Path, *, seed: int = 0, overwrite: bool
     transformer = SD3Transformer2DModel(**tiny_sd3_transformer_config())
     vae = AutoencoderKL(**tiny_sd3_vae_config())
     return save_sd3_folder(folder, transformer, encoders, tokenizers, SD3_SCHEDULER, vae)
+
+
+# Flux.1's scheduler: rectified flow whose shift depends on the image size (mu from the
+# number of image tokens, 0.5 at 256 tokens to 1.15 at 4096)
+FLUX_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+                  "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+                  "max_shift": 1.15, "base_image_seq_len": 256,
+                  "max_image_seq_len": 4096}  # fmt: skip
+
+
+def tiny_flux_transformer_config() -> dict[str, Any]:
+    """FluxTransformer2DModel: one double- and one single-stream block of width 16 (2
+    heads of 8, rotary axes 2 + 2 + 4) on 2x2-packed 16-channel latents (64 features a
+    token); T5 width ``TINY_SD3_JOINT_DIM``, CLIP-L pooled width 32, a guidance embedding
+    (as Flux-dev)."""
+    return {
+        "patch_size": 1,
+        "in_channels": 64,
+        "num_layers": 1,
+        "num_single_layers": 1,
+        "attention_head_dim": 8,
+        "num_attention_heads": 2,
+        "joint_attention_dim": TINY_SD3_JOINT_DIM,
+        "pooled_projection_dim": 32,
+        "guidance_embeds": True,
+        "axes_dims_rope": (2, 2, 4),
+    }
+
+
+def tiny_flux_vae_config() -> dict[str, Any]:
+    """The tiny 16-channel VAE with Flux.1's latent scale and shift."""
+    return {**tiny_sd3_vae_config(), "scaling_factor": 0.3611, "shift_factor": 0.1159}
+
+
+def write_tiny_flux_teacher(folder: str | Path, *, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write a tiny randomly initialised Flux teacher in the diffusers Flux layout
+    (``transformer/``, ``vae/``, ``text_encoder/`` CLIP-L, ``text_encoder_2/`` T5, their
+    tokenizers, ``scheduler/`` and a ``model_index.json`` naming ``FluxPipeline``, which
+    stock diffusers loads)."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    folder = Path(folder)
+    if (folder / "transformer").exists() and not overwrite:
+        return folder
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = build_tiny_tokenizer(), build_tiny_t5_tokenizer()
+    text_encoder = build_tiny_text_encoder(tokenizer)
+    text_encoder_2 = build_tiny_sd3_text_encoders(tokenizer, tokenizer, tokenizer_2)[2]
+    parts = {
+        "transformer": FluxTransformer2DModel(**tiny_flux_transformer_config()),
+        "vae": AutoencoderKL(**tiny_flux_vae_config()),
+        "text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
+        "tokenizer": tokenizer, "tokenizer_2": tokenizer_2,
+    }  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, part in parts.items():
+        part.save_pretrained(folder / name)
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(FLUX_SCHEDULER, indent=2)
+    )
+    index = {
+        "_class_name": "FluxPipeline",
+        "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "T5TokenizerFast"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "image_encoder": [None, None],
+        "feature_extractor": [None, None],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder

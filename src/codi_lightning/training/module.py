@@ -116,6 +116,10 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         channels_last: channels-last memory format for the UNets and the adapter.
         compile: ``torch.compile`` the UNets and the adapter (``nn.Module.compile``, so
             checkpoint keys do not change).
+        shift_resolution: the image size in pixels that fixes the sigma shift of a teacher
+            whose scheduler shifts by image size (Flux's ``use_dynamic_shifting``); None:
+            ``data.resolution`` when the run starts (recorded in the checkpoint). Other
+            teachers ignore it.
         frozen_dtype: dtype of the frozen teacher, VAE and text encoder: ``auto`` (bf16 on
             CUDA under bf16 precision, else fp32), ``fp32`` or ``bf16``.
     """
@@ -156,6 +160,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         frozen_dtype: Literal["auto", "fp32", "bf16"] = "auto",
+        shift_resolution: int | None = None,
     ) -> None:
         super().__init__()
         if method not in ("pe-codi", "codi"):
@@ -196,9 +201,12 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         self.vae_upcast = parts.vae_upcast  # never fp16 (SDXL's VAE overflows there)
         self.family = FAMILIES[parts.family]  # how the networks are called
         # VP or rectified flow, from the scheduler config; plain tensors, not buffers
-        # (Lightning would cast buffers to bf16)
-        self.schedule = schedule_from_config(parts.scheduler_config)
+        # (Lightning would cast buffers to bf16). A size-dependent (Flux) schedule waits
+        # for the resolution when it is not given (``setup``).
         self.scheduler_config = parts.scheduler_config
+        self.schedule = None
+        if shift_resolution is not None or not parts.scheduler_config.get("use_dynamic_shifting"):
+            self._set_schedule(shift_resolution)
 
         # the condition embedder is freshly initialised: seed it, so every rank (FSDP2 does
         # not broadcast) and every rerun builds the same adapter
@@ -221,6 +229,13 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         self._test_grid: dict[str, Tensor] = {}  # rank 0: columns of test_samples.png
         self._model_configured = False
         self._run_dir: Path | None = None
+
+    def _set_schedule(self, resolution: int | None) -> None:
+        """The schedule of the teacher's scheduler config; for a size-dependent one, at
+        ``resolution`` (square images: ``(resolution / vae_scale / 2)^2`` tokens of
+        2x2-packed latents, as the Flux pipelines count them)."""
+        tokens = None if resolution is None else (int(resolution) // self.vae_scale // 2) ** 2
+        self.schedule = schedule_from_config(self.scheduler_config, tokens)
 
     # ------------------------------------------------------------------ networks
     def trainable_modules(self) -> dict[str, nn.Module]:
@@ -583,7 +598,9 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         uncond = None
         if guidance_scale != 1.0:
             uncond = self.denoiser(which, self.unconditional(text), adapter_cond)
-        channels = self.unet.config.in_channels
+        # the latents' channels (Flux's network sees them packed: 4x as many)
+        channels = self.vae.config.latent_channels if self.vae is not None else None
+        channels = channels or self.unet.config.in_channels
         size = cond.shape[-1] // self.vae_scale
         noise = randn((cond.shape[0], channels, size, size), generator, device=self.device)
         latents = self.run_sampler(
@@ -752,6 +769,9 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         resolution = getattr(getattr(self.trainer, "datamodule", None), "resolution", None)
         if resolution is not None and stage in ("fit", "validate", "test"):
             check_resolution(int(resolution), self.vae_scale, self.unet)
+        if self.schedule is None:  # a size-dependent schedule: the run's resolution
+            self._set_schedule(resolution)
+            self.hparams["shift_resolution"] = int(resolution)  # the checkpoint records it
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path, *args: Any, **kwargs: Any):

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from torch import nn
 
-BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks")  # UNet; SD3 transformer
+# UNet; SD3 and Flux transformers (Flux: double- and single-stream blocks)
+BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks")
 BLOCKS = ("mid_block",)
 
 
@@ -56,12 +57,15 @@ def enable_memory_savers(
 
 
 def diffusers_block_classes() -> set[type[nn.Module]]:
-    """FSDP1 auto-wrap units: every diffusers UNet/ControlNet block class and SD3's joint
-    transformer block, and the UNet/ControlNet/SD3 models themselves, so the online
+    """FSDP1 auto-wrap units: every diffusers UNet/ControlNet block class, SD3's joint
+    transformer block and Flux's double- and single-stream blocks, and the
+    UNet/ControlNet/SD3/Flux models themselves, so the online
     adapter and its EMA copy are separate units with the same layout and frozen models
     never share a unit with trainable ones."""
     from diffusers import (
         ControlNetModel,
+        FluxControlNetModel,
+        FluxTransformer2DModel,
         SD3ControlNetModel,
         SD3Transformer2DModel,
         UNet2DConditionModel,
@@ -76,8 +80,15 @@ def diffusers_block_classes() -> set[type[nn.Module]]:
         and issubclass(cls, nn.Module)
         and name.endswith(("Block2D", "Block2DCrossAttn"))
     }
+    from diffusers.models.transformers.transformer_flux import (
+        FluxSingleTransformerBlock,
+        FluxTransformerBlock,
+    )
+
     sd3 = {JointTransformerBlock, SD3ControlNetModel, SD3Transformer2DModel}
-    return blocks | sd3 | {ControlNetModel, UNet2DConditionModel}
+    flux = {FluxTransformerBlock, FluxSingleTransformerBlock, FluxControlNetModel,
+            FluxTransformer2DModel}  # fmt: skip
+    return blocks | sd3 | flux | {ControlNetModel, UNet2DConditionModel}
 
 
 try:  # FSDP1 policy class for YAML: `auto_wrap_policy: {class_path: ...DiffusersBlockWrapPolicy}`

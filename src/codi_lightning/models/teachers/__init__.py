@@ -18,20 +18,21 @@ from pathlib import Path
 from typing import Any
 
 from ..conditioning import PromptEncoder
-from . import sd, sd3, sdxl
+from . import flux, sd, sd3, sdxl
 
 
 @dataclass(frozen=True)
 class TeacherFamily:
     """Attributes:
-    name: ``sd`` (SD 1.x/2.x), ``sdxl`` or ``sd3`` (SD3 / SD3.5).
+    name: ``sd`` (SD 1.x/2.x), ``sdxl``, ``sd3`` (SD3 / SD3.5) or ``flux`` (Flux.1).
     load_prompt_encoder: ``(pretrained, model_index, kw, weights) -> PromptEncoder``.
     forward: ``(network, adapter | None, z, timestep, text, cond) -> output``: the
         network with the adapter's residuals; ``timestep`` is what the network is fed
         (``schedule.model_timesteps``).
     network: ``(subfolder, diffusers class name)`` of the denoising network.
     latent_condition: the adapter takes the condition as VAE latents (SD3's
-        ``SD3ControlNetModel``), not as pixels (``ControlNetModel``).
+        ``SD3ControlNetModel``, Flux's ``FluxControlNetModel``), not as pixels
+        (``ControlNetModel``).
     vae_overflows_in_fp16: the stock VAE overflows in fp16 (SDXL): it runs in fp32 or
         bf16 unless the VAE's config says ``force_upcast: false`` (fp16-fix VAEs)."""
 
@@ -53,8 +54,14 @@ FAMILIES = {
         ("transformer", "SD3Transformer2DModel"),
         latent_condition=True,
     ),  # fmt: skip
+    "flux": TeacherFamily(
+        "flux",
+        flux.load_prompt_encoder,
+        flux.forward,
+        ("transformer", "FluxTransformer2DModel"),
+        latent_condition=True,
+    ),  # fmt: skip
 }
-UNSUPPORTED = ("Flux",)
 
 
 def read_model_index(pretrained: str, revision: str | None = None) -> dict[str, Any]:
@@ -72,14 +79,11 @@ def read_model_index(pretrained: str, revision: str | None = None) -> dict[str, 
 
 
 def family_of(index: Mapping[str, Any]) -> TeacherFamily:
-    """``StableDiffusionXL*Pipeline`` -> sdxl, ``StableDiffusion3*Pipeline`` -> sd3;
-    anything else in the SD layout -> sd."""
+    """``StableDiffusionXL*Pipeline`` -> sdxl, ``StableDiffusion3*Pipeline`` -> sd3,
+    ``Flux*Pipeline`` -> flux; anything else in the SD layout -> sd."""
     name = str(index.get("_class_name") or "")
-    if name.startswith(UNSUPPORTED):
-        raise ValueError(
-            f"teacher pipeline {name}: Flux teachers are not supported yet; give an "
-            "SD 1.x/2.x, SDXL or SD3 folder"
-        )
+    if name.startswith("Flux"):
+        return FAMILIES["flux"]
     if name.startswith("StableDiffusion3"):
         return FAMILIES["sd3"]
     return FAMILIES["sdxl" if name.startswith("StableDiffusionXL") else "sd"]
