@@ -126,8 +126,10 @@ def test_one_training_step_and_sampling_on_flux(tiny_flux_teacher, method):
 
 def test_flux_config_fit_validate_test_predict(tmp_path, tiny_flux_teacher, tiny_shards):
     """configs/tiny_flux_cpu.yaml through the CLI: the resolution comes from the data
-    (the schedule's shift depends on it) and is recorded in the checkpoint."""
+    (the schedule's shift depends on it) and is recorded in the checkpoint; fit (with
+    validation), test, predict and export run."""
     from conftest import write_cli_config, write_low_res_inputs
+    from PIL import Image
 
     from codi_lightning.checkpoints import read_checkpoint
     from codi_lightning.cli import main
@@ -144,5 +146,12 @@ def test_flux_config_fit_validate_test_predict(tmp_path, tiny_flux_teacher, tiny
     main(["predict", "--config", str(config), "--ckpt_path", last,
           "--data.predict_images", str(inputs)])  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "preds").iterdir()) == ["in0.png", "in1.png"]
-    with pytest.raises(NotImplementedError, match="Flux model: exporting"):
-        main(["export", "--ckpt", last, "--output", str(tmp_path / "exported")])
+    # export, and the model card's snippet runs as written on the exported folder
+    main(["export", "--ckpt", last, "--output", str(tmp_path / "exported")])
+    card = (tmp_path / "exported" / "README.md").read_text()
+    assert "FluxControlNetPipeline" in card and "height=32, width=32" in card
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace = {"condition": Image.new("RGB", (32, 32), (200, 30, 90))}
+    exec(compile(code.replace("THIS_FOLDER", str(tmp_path / "exported")), "card", "exec"),
+         namespace)  # fmt: skip
+    assert namespace["image"].size == (32, 32)

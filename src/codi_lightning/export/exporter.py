@@ -7,7 +7,8 @@ configs, not weights). The card's usage snippet loads the folder into the stock 
 of the base model's family: ``StableDiffusionControlNetPipeline`` (SD 1.x/2.x),
 ``StableDiffusionXLControlNetPipeline`` (SDXL; its size conditioning defaults, original =
 target size and crop (0, 0), are what ``codi-lightning`` samples with when no sizes are
-recorded) or ``StableDiffusion3ControlNetPipeline`` (SD3 family: ``export/sd3.py``).
+recorded), ``StableDiffusion3ControlNetPipeline`` (SD3 family) or ``FluxControlNetPipeline``
+(Flux; both in ``export/flow.py``).
 
 The schedulers reproduce the two samplers of ``diffusion.sample`` (METHOD.md, "Sampling"):
 
@@ -81,19 +82,13 @@ def export_checkpoint(
     kw = {"revision": hp.get("revision")}
     index = read_model_index(base, hp.get("revision"))
     family = family_of(index).name
-    if family == "flux":
-        raise NotImplementedError(
-            f"{base} is a Flux model: exporting Flux checkpoints to a diffusers folder is "
-            "not supported yet; sample from the checkpoint (codi-lightning predict, or "
-            "CoDiDistillation.load_from_checkpoint(...).sample_images)"
-        )
-    if family == "sd3":
-        from .sd3 import export_sd3
+    if family in ("sd3", "flux"):
+        from .flow import export_flow
 
         out = Path(output)
         out.mkdir(parents=True, exist_ok=True)
         step = checkpoint.get("global_step", 0)
-        which = export_sd3(hp, state, base, out, weights, step, kw)
+        which = export_flow(family, hp, state, base, out, weights, step, kw)
         print(
             f"exported {weights} weights ({which}) to {out}; schedulers: scheduler/ "
             "(FlowMatchLCMScheduler, stochastic) and scheduler_deterministic/ "

@@ -42,8 +42,9 @@ class CoDiPipeline:
         parts = load_teacher(base, pixel_space=pixel_space, torch_dtype=torch_dtype)
         if parts.family == "flux":
             raise NotImplementedError(
-                f"{base} is a Flux model: sample from the checkpoint with "
-                "CoDiDistillation.load_from_checkpoint (Flux exports are not supported yet)"
+                f"{base} is a Flux model: load the export into diffusers' "
+                "FluxControlNetPipeline (the export's README.md shows how), or sample from "
+                "the checkpoint with CoDiDistillation.load_from_checkpoint"
             )
         if parts.family == "sd3":
             raise NotImplementedError(

@@ -153,6 +153,13 @@ def adapter_layers(
     return layers, 0
 
 
+def adapter_config(transformer_config: Mapping[str, Any], num_layers: int | None) -> dict:
+    """The ``FluxControlNetModel`` config of the adapter for a transformer of
+    ``transformer_config`` (its own widths; :func:`adapter_layers` blocks)."""
+    layers, single = adapter_layers(transformer_config, num_layers)
+    return {**transformer_config, "num_layers": layers, "num_single_layers": single}
+
+
 def build_adapter(transformer: nn.Module, num_layers: int | None = None) -> nn.Module:
     """A ``FluxControlNetModel`` made as ``from_transformer`` makes it, with the
     transformer's own head count and width (``from_transformer``'s defaults are Flux.1's
@@ -161,9 +168,7 @@ def build_adapter(transformer: nn.Module, num_layers: int | None = None) -> nn.M
     zero output projections, so the adapted model equals the teacher at step 0."""
     from diffusers import FluxControlNetModel
 
-    layers, single = adapter_layers(transformer.config, num_layers)
-    config = {**transformer.config, "num_layers": layers, "num_single_layers": single}
-    adapter = FluxControlNetModel.from_config(config)
+    adapter = FluxControlNetModel.from_config(adapter_config(transformer.config, num_layers))
     for name in ("pos_embed", "time_text_embed", "context_embedder", "x_embedder"):
         getattr(adapter, name).load_state_dict(getattr(transformer, name).state_dict())
     adapter.transformer_blocks.load_state_dict(

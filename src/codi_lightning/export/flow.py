@@ -1,0 +1,222 @@
+"""Export of flow-transformer checkpoints (SD3 family, Flux): ``controlnet/`` (the
+family's ControlNet), ``transformer/`` for full CoDi, the two flow samplers as stock
+schedulers and a model card for the family's stock ControlNet pipeline
+(``StableDiffusion3ControlNetPipeline``, ``FluxControlNetPipeline``).
+
+- ``scheduler/``: ``FlowMatchLCMScheduler`` (the stochastic consistency multistep sampler,
+  ``model.eval_stochastic: true``): ``x_hat = z - sigma v``, then fresh noise at the next
+  sigma.
+- ``scheduler_deterministic/``: ``FlowMatchEulerDiscreteScheduler`` (the default
+  deterministic sampler: on a flow schedule the DDIM step with the model's own noise
+  estimate is the Euler step, and the last step lands on ``x_hat``).
+
+Both take the training grid's timesteps as ``sigmas=`` (the unshifted ``(t + 1) / T``:
+the schedulers shift them by the base model's ``shift``, or, for Flux, by the shift of the
+image size the pipeline is asked for; at the training resolution that is the training
+shift); their default spacing does not lie on the grid. ``tests/export/test_export_sd3.py``
+and ``test_export_flux.py`` check that the stock pipelines with either scheduler reproduce
+the module's samplers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..diffusion import FlowSchedule, sampling_timesteps
+from ..models.teachers import flux, sd3
+from .exporter import _sub_state, card_budgets
+
+
+@dataclass(frozen=True)
+class FlowExport:
+    """What differs between the families' exports: the diffusers class names, the
+    adapter's config for a given transformer config, and the model card's notes."""
+
+    title: str
+    adapter: str
+    network: str
+    pipeline: str
+    adapter_config: Any  # (transformer config, hp) -> adapter config
+    guidance: float  # the pipeline's guidance_scale that reproduces training
+
+
+def _sd3_adapter(config: dict[str, Any], hp: dict[str, Any]) -> dict[str, Any]:
+    return sd3.adapter_config(config, sd3.adapter_layers(config, hp.get("adapter_layers")))
+
+
+def _flux_adapter(config: dict[str, Any], hp: dict[str, Any]) -> dict[str, Any]:
+    return flux.adapter_config(config, hp.get("adapter_layers"))
+
+
+EXPORTS = {
+    "sd3": FlowExport("SD3 family", "SD3ControlNetModel", "SD3Transformer2DModel",
+                      "StableDiffusion3ControlNetPipeline", _sd3_adapter, 1.0),
+    "flux": FlowExport("Flux", "FluxControlNetModel", "FluxTransformer2DModel",
+                       "FluxControlNetPipeline", _flux_adapter, flux.GUIDANCE),
+}  # fmt: skip
+
+
+def export_flow(
+    family: str, hp: dict[str, Any], state: dict, base: str, out: Path, weights: str,
+    step: int, kw: dict,
+) -> str:  # fmt: skip
+    """Write the export of a ``family`` (``sd3``, ``flux``) checkpoint into ``out``;
+    returns what was written (for the summary)."""
+    import diffusers
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler
+
+    spec = EXPORTS[family]
+    network_cls = getattr(diffusers, spec.network)
+    config = network_cls.load_config(base, subfolder="transformer", **kw)
+    controlnet = getattr(diffusers, spec.adapter).from_config(spec.adapter_config(config, hp))
+    prefix = {"target": "target.controlnet.", "online": "controlnet."}[weights]
+    controlnet.load_state_dict(_sub_state(state, prefix), strict=True)
+    controlnet.save_pretrained(out / "controlnet", safe_serialization=True)
+    codi = hp.get("method") == "codi"
+    if codi:
+        transformer = network_cls.from_config(config)
+        prefix = {"target": "target.unet.", "online": "student_unet."}[weights]
+        transformer.load_state_dict(_sub_state(state, prefix), strict=True)
+        transformer.save_pretrained(out / "transformer", safe_serialization=True)
+    scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(
+        base, subfolder="scheduler", **kw
+    )
+    FlowMatchLCMScheduler.from_config(scheduler_config).save_pretrained(out / "scheduler")
+    FlowMatchEulerDiscreteScheduler.from_config(scheduler_config).save_pretrained(
+        out / "scheduler_deterministic"
+    )
+    size, tokens = None, None
+    if scheduler_config.get("use_dynamic_shifting"):  # the training resolution's shift
+        size = hp.get("shift_resolution")
+        if size is None:
+            raise ValueError(
+                "the checkpoint does not record model.shift_resolution (the training "
+                "resolution), which fixes this teacher's sigma shift: it is not a "
+                "checkpoint of a codi-lightning run on this teacher"
+            )
+        vae = AutoencoderKL.load_config(base, subfolder="vae", **kw)
+        vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
+        tokens = (int(size) // vae_scale // 2) ** 2
+    schedule = FlowSchedule.from_config(scheduler_config, tokens)
+    card = _card(spec, hp, base, weights, step, schedule, codi, size)
+    (out / "README.md").write_text(card)
+    return "transformer/ + controlnet/" if codi else "controlnet/"
+
+
+def _card(
+    spec: FlowExport, hp: dict[str, Any], base: str, weights: str, step: int,
+    schedule: FlowSchedule, codi: bool, size: int | None,
+) -> str:  # fmt: skip
+    method = "CoDi (adapter + transformer)" if codi else "PE-CoDi (adapter only)"
+    num_grid, num_train = int(hp.get("num_grid", 50)), schedule.num_train_timesteps
+    budgets = card_budgets(hp, num_grid)
+    rows, sigmas = [], {}
+    for s in budgets:
+        ts = sampling_timesteps(s, num_train, num_grid)
+        sigmas[s] = schedule.unshifted(ts)
+        rows.append(f"| {s} | `{ts}` | `{sigmas[s]}` |")
+    steps = 4 if 4 in sigmas else budgets[-1]
+    revision = "" if hp.get("revision") is None else f", revision={json.dumps(hp['revision'])}"
+    transformer = (
+        f'\n    transformer={spec.network}.from_pretrained(folder, subfolder="transformer"),'
+        if codi
+        else ""
+    )
+    shift = f"sigma shift {schedule.shift:.4g}"
+    sized, size_args = "", ""
+    if size is not None:  # Flux: the shift follows the image size
+        shift += f" (the shift of {size} x {size} px images: the scheduler shifts by size)"
+        sized = (
+            f"\nThe schedulers shift the sigmas by the image size: at {size} x {size} px (the "
+            "training resolution) they take exactly the training steps; other sizes shift "
+            "them as the base model does.\n"
+        )
+        size_args = f" height={size}, width={size},"
+        sized += (
+            "\nIn this pipeline `FlowMatchLCMScheduler` draws the per-step noise for the packed "
+            "latent tokens, so a seed gives other noise values than in `codi-lightning` "
+            "(from the same distribution).\n"
+        )
+    guidance = (
+        f"\n`guidance_scale={spec.guidance}` is the embedded guidance the model was "
+        "distilled at (one pass, no classifier-free guidance).\n"
+        if spec.guidance != 1.0
+        else ""
+    )
+    tag = "flux" if spec.pipeline.startswith("Flux") else "sd3"
+    config = json.dumps(hp, indent=2, default=str)
+    call = (
+        f"image = pipe(prompt, control_image=condition, sigmas=sigmas,{size_args}\n"
+        f"             guidance_scale={spec.guidance}, "
+        "generator=torch.Generator().manual_seed(0)).images[0]"
+    )
+    return f"""---
+library_name: diffusers
+base_model: {base}
+tags: [controlnet, {tag}, rectified-flow, consistency-distillation, codi]
+---
+# CoDi distilled model ({spec.title})
+
+Conditional diffusion distillation (CoDi, Mei et al., CVPR 2024) of the rectified-flow
+transformer `{base}`: {method}, {weights} weights, after {step} optimizer steps, training
+grid N = {num_grid}, {shift}.
+
+## Samplers
+
+| folder | scheduler | sampler | `codi-lightning test` setting |
+|---|---|---|---|
+| `scheduler_deterministic/` | `FlowMatchEulerDiscreteScheduler` | deterministic (Euler) | `--model.eval_stochastic false` (the default) |
+| `scheduler/` | `FlowMatchLCMScheduler` | stochastic consistency multistep | `--model.eval_stochastic true` |
+
+Both must be given the training grid's steps as `sigmas=` (unshifted; the scheduler
+shifts them): their own spacing does not lie on the grid.
+{sized}
+| steps | timesteps | `sigmas=` |
+|---|---|---|
+{chr(10).join(rows)}
+
+Two differences from `codi-lightning`'s own sampling: the stock pipeline encodes the
+control image with a sample of the VAE posterior where `codi-lightning` uses its mean,
+and `FlowMatchLCMScheduler` draws its per-step noise from torch's global generator (the
+pipeline does not pass `generator` to it): seed it with `torch.manual_seed`.
+{guidance}
+## Usage
+
+```python
+import torch
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, {spec.adapter},
+    {spec.network}, {spec.pipeline},
+)
+
+folder = "THIS_FOLDER"  # this export
+controlnet = {spec.adapter}.from_pretrained(folder, subfolder="controlnet")
+pipe = {spec.pipeline}.from_pretrained(
+    {json.dumps(base)}, controlnet=controlnet,{transformer}
+    {revision.lstrip(", ")}
+)
+# condition: the control image, a PIL image or a [1, 3, H, W] tensor in [-1, 1]
+prompt = ""
+sigmas = {sigmas[steps]}  # {steps} steps on the training grid
+
+# deterministic sampler (codi-lightning test --model.eval_stochastic false)
+pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+    folder, subfolder="scheduler_deterministic"
+)
+{call}
+
+# stochastic sampler (codi-lightning test --model.eval_stochastic true)
+pipe.scheduler = FlowMatchLCMScheduler.from_pretrained(folder, subfolder="scheduler")
+torch.manual_seed(0)  # the per-step noise
+{call}
+```
+
+## Training configuration
+
+```json
+{config}
+```
+"""

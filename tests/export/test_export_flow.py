@@ -1,0 +1,138 @@
+"""Export of flow-transformer checkpoints (SD3 family, Flux): the folder layout, and the
+stock StableDiffusion3ControlNetPipeline / FluxControlNetPipeline with the exported
+schedulers reproducing the module's deterministic and stochastic samplers on tiny
+teachers."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_checkpoint
+from PIL import Image
+from safetensors.torch import load_file
+
+from codi_lightning.diffusion import randn, sampling_timesteps
+from codi_lightning.export import export_checkpoint
+from codi_lightning.models.tiny import TINY_SD3_T5_LENGTH
+
+# per family: the stock classes, the pipeline's guidance_scale that reproduces training,
+# the module's extra arguments (Flux: the resolution that fixes its sigma shift)
+FAMILIES = {
+    "sd3": {"adapter": "SD3ControlNetModel", "network": "SD3Transformer2DModel",
+            "pipeline": "StableDiffusion3ControlNetPipeline", "guidance": 1.0, "kw": {}},
+    "flux": {"adapter": "FluxControlNetModel", "network": "FluxTransformer2DModel",
+             "pipeline": "FluxControlNetPipeline", "guidance": 3.5,
+             "kw": {"shift_resolution": 32}},
+}  # fmt: skip
+
+
+def _checkpoint(teacher, path, **kw):
+    """A checkpoint whose EMA target (adapter included) is far from its zero init."""
+    return write_checkpoint(teacher, path, scale=0.05, **kw).eval()
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def codi_export(request, tmp_path_factory):
+    family = request.param
+    teacher = request.getfixturevalue(f"tiny_{family}_teacher")
+    root = tmp_path_factory.mktemp(family)
+    m = _checkpoint(teacher, root / "codi.ckpt", method="codi", **FAMILIES[family]["kw"])
+    out = export_checkpoint(str(root / "codi.ckpt"), str(root / "export"))
+    return family, teacher, m, out
+
+
+def test_layout_and_weights(codi_export, tmp_path):
+    family, teacher, m, out = codi_export
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "controlnet", "scheduler", "scheduler_deterministic", "transformer",
+    ]  # fmt: skip
+    for name, module in (("controlnet", m.target["controlnet"]), ("transformer", m.target["unet"])):
+        saved = load_file(next((out / name).glob("*.safetensors")))
+        own = module.state_dict()
+        assert set(saved) == set(own) and all(torch.equal(saved[k], own[k]) for k in own)
+    card = (out / "README.md").read_text()
+    assert FAMILIES[family]["pipeline"] in card and "sigmas = [1.0, 0.75, 0.5, 0.25]" in card
+    pe = tmp_path / "pe.ckpt"
+    _checkpoint(teacher, pe, **FAMILIES[family]["kw"])
+    assert not (export_checkpoint(str(pe), str(tmp_path / "pe")) / "transformer").exists()
+
+
+@pytest.fixture
+def mean_posterior(monkeypatch):
+    """The stock pipelines encode the control image with a posterior sample; the module
+    with the mean. Compare the rest of the path with the pipeline on the mean."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    monkeypatch.setattr(
+        DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean
+    )
+
+
+@pytest.fixture
+def packed_step_noise(monkeypatch):
+    """FlowMatchLCMScheduler in the Flux pipeline draws its per-step noise for the packed
+    [B, HW/4, 4C] tokens; the module draws it for [B, C, H, W] latents: the same normal
+    noise in another order. Let the module draw it the pipeline's way."""
+    from codi_lightning.diffusion import sampling
+    from codi_lightning.models.teachers import flux
+
+    def packed(shape, generator=None, device=None, dtype=None):
+        b, c, h, w = shape
+        tokens = torch.randn((b, h * w // 4, 4 * c), generator=generator, device=device,
+                             dtype=dtype)  # fmt: skip
+        return flux.unpack(tokens, h, w)
+
+    monkeypatch.setattr(sampling, "randn", packed)
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_stock_pipeline_reproduces_our_samplers(codi_export, mean_posterior, stochastic, request):
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler
+
+    family, teacher, m, out = codi_export
+    spec = FAMILIES[family]
+    if family == "flux" and stochastic:
+        request.getfixturevalue("packed_step_noise")
+    pipe = getattr(diffusers, spec["pipeline"]).from_pretrained(
+        str(teacher),
+        controlnet=getattr(diffusers, spec["adapter"]).from_pretrained(out, subfolder="controlnet"),
+        transformer=getattr(diffusers, spec["network"]).from_pretrained(out, subfolder="transformer"),
+    )  # fmt: skip
+    folder, cls = (
+        ("scheduler", FlowMatchLCMScheduler)
+        if stochastic
+        else ("scheduler_deterministic", FlowMatchEulerDiscreteScheduler)
+    )
+    pipe.scheduler = cls.from_pretrained(out, subfolder=folder)
+    pipe.set_progress_bar_config(disable=True)
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    control = Image.fromarray(rgb)
+    cond = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
+    prompt = "a red circle"
+    for steps in (1, 2, 4):
+        ts = [int(t) for t in sampling_timesteps(steps, 1000, 20)]
+        torch.manual_seed(11)  # FlowMatchLCMScheduler's per-step noise
+        stock = pipe(
+            prompt, control_image=control, sigmas=m.schedule.unshifted(ts),
+            guidance_scale=spec["guidance"], height=32, width=32,
+            max_sequence_length=TINY_SD3_T5_LENGTH, output_type="pt",
+            generator=torch.Generator().manual_seed(steps),
+        ).images  # fmt: skip
+        with torch.no_grad():
+            text = m.encode_text([prompt])
+            model = m.denoiser("target", text, m.adapter_condition(cond))
+            noise = randn((1, 16, 8, 8), torch.Generator().manual_seed(steps))
+            step_noise = torch.Generator().manual_seed(11)
+            latents = m.run_sampler(model, noise, steps, stochastic=stochastic,
+                                    generator=step_noise)  # fmt: skip
+            ours = m.decode_latents(latents)
+        torch.testing.assert_close(ours, stock, rtol=0, atol=2e-4)
+        assert ours.std() > 0.01  # not a constant image
+
+
+def test_our_uniform_pipeline_points_flow_exports_to_the_stock_one(codi_export):
+    from codi_lightning.export import CoDiPipeline
+
+    family, teacher, _, out = codi_export
+    with pytest.raises(NotImplementedError, match=FAMILIES[family]["pipeline"]):
+        CoDiPipeline.from_exported(str(out), str(teacher))
