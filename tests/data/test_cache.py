@@ -79,17 +79,28 @@ def test_sdxl_cache_holds_both_encoders_and_the_pooled_embedding(
     torch.testing.assert_close(_loss(model, cached), expected, rtol=1e-5, atol=1e-7)
 
 
-def test_sd3_cache_gives_the_loss_of_the_raw_images(tmp_path, shards, tiny_sd3_teacher):
-    """16-channel latents (the VAE's shift applied when they are read), the joint CLIP | T5
-    sequence and the pooled projections; the condition's latents are still encoded on the
-    fly (the SR condition is made from the crop)."""
-    write_cached_shards(str(tiny_sd3_teacher), shards["raw"], str(tmp_path / "x-%06d.tar"),
+@pytest.mark.parametrize(
+    "family, text_keys, kw",
+    [("sd3", {"hidden_states", "added.pooled_projections"}, {}),
+     ("flux", {"hidden_states", "added.pooled_projections", "added.guidance"},
+      {"shift_resolution": 32})],
+)  # fmt: skip
+def test_flow_transformer_cache_gives_the_loss_of_the_raw_images(
+    tmp_path, shards, family, text_keys, kw, request
+):
+    """16-channel latents (the VAE's shift applied when they are read), the family's text
+    sequence and added conditions (SD3: the joint CLIP | T5 sequence and the pooled
+    projections; Flux: T5, the pooled CLIP-L output and the guidance scale); the
+    condition's latents are still encoded on the fly (the SR condition is made from the
+    crop)."""
+    teacher = request.getfixturevalue(f"tiny_{family}_teacher")
+    write_cached_shards(str(teacher), shards["raw"], str(tmp_path / "x-%06d.tar"),
                         resolution=32, dtype="fp32", progress=False)  # fmt: skip
     raw, cached = _batch(shards["raw"]), _batch(str(tmp_path / "x-000000.tar"))
-    assert set(cached["text"]) == {"hidden_states", "added.pooled_projections"}
+    assert set(cached["text"]) == text_keys
     assert cached["latent_mean"].shape == (8, 16, 8, 8)
     torch.manual_seed(0)
-    model = CoDiDistillation(str(tiny_sd3_teacher), num_grid=10)
+    model = CoDiDistillation(str(teacher), num_grid=10, **kw)
     expected = _loss(model, raw)
     torch.testing.assert_close(_loss(model, cached), expected, rtol=1e-5, atol=1e-7)
 

@@ -156,23 +156,27 @@ def test_two_process_cli(strategy, tmp_path, tiny_teacher, tiny_shards, uneven_v
         torch.testing.assert_close(value, state[f"target.controlnet.{name}"].float())
 
 
-def test_two_process_fsdp_on_sd3(tmp_path, tiny_sd3_teacher, tiny_shards, uneven_val):
-    """configs/tiny_sd3_cpu.yaml under FSDP2 on 2 processes, full CoDi (the transformer
-    copy and the adapter sharded by joint block): fit with validation, test over uneven
-    shards, predict and export."""
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_two_process_fsdp_on_flow_transformers(tmp_path, family, tiny_shards, uneven_val,
+                                               request):  # fmt: skip
+    """configs/tiny_{sd3,flux}_cpu.yaml under FSDP2 on 2 processes, full CoDi (the
+    transformer copy and the adapter sharded by block; Flux: double- and single-stream
+    blocks, its sigma shift fixed by data.resolution on every rank): fit with validation,
+    test over uneven shards, predict and export."""
     from PIL import Image
 
-    cfg = yaml.safe_load((ROOT / "configs" / "tiny_sd3_cpu.yaml").read_text())
+    teacher = request.getfixturevalue(f"tiny_{family}_teacher")
+    cfg = yaml.safe_load((ROOT / "configs" / f"tiny_{family}_cpu.yaml").read_text())
     out = tmp_path / "run"
     cfg["trainer"].update(default_root_dir=str(out), max_steps=2, val_check_interval=2,
                           limit_val_batches=None, enable_progress_bar=False)  # fmt: skip
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(out / "logs")
     cfg["trainer"]["callbacks"][0]["init_args"].update(dirpath=str(out / "ckpt"))
-    cfg["model"].update(pretrained=str(tiny_sd3_teacher), method="codi", val_images=2,
+    cfg["model"].update(pretrained=str(teacher), method="codi", val_images=2,
                         test_steps=[1, 2])  # fmt: skip
     cfg["data"].update(train_shards=tiny_shards["train"], val_shards=uneven_val["three"],
                        num_workers=1, batch_size=2, val_batch_size=2, predict_batch_size=2)  # fmt: skip
-    config = tmp_path / "sd3.yaml"
+    config = tmp_path / f"{family}.yaml"
     config.write_text(yaml.safe_dump(cfg))
     base = ["--config", str(config), *STRATEGIES["fsdp"]]
     run_cli(["fit", *base], tmp_path)
