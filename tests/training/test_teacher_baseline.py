@@ -1,5 +1,7 @@
 """Teacher pretraining (DiffusionTraining), DDIM sampling and the two-stage baseline."""
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -48,6 +50,28 @@ def test_teacher_trains_and_exports_a_loadable_folder(tmp_path):
 def test_fresh_teacher_needs_pixel_space(tmp_path):
     with pytest.raises(ValueError, match="pixel_space"):
         DiffusionTraining(str(tmp_path), pixel_space=False, unet=tiny_unet_config())
+
+
+def test_teachers_it_cannot_write_back_are_refused_before_training(
+    tmp_path, tiny_sdxl_teacher, tiny_flux_teacher
+):
+    """SDXL and Flux folders cannot be adapted: refused when the module is built, not
+    when the finished run writes its folder."""
+    for teacher, family in ((tiny_sdxl_teacher, "sdxl"), (tiny_flux_teacher, "flux")):
+        with pytest.raises(ValueError, match=f"is a {family} teacher"):
+            DiffusionTraining(str(tmp_path), init_from=str(teacher))
+
+
+def test_the_flux_baseline_trains_and_samples_at_the_runs_shift(tiny_flux_teacher):
+    """The two-stage baseline on a Flux teacher: the diffusion loss and Euler sampling on
+    the schedule of the run's resolution (16 tokens at 32 px: mu = 0.5 + 0.65 (16 - 256)
+    / 3840)."""
+    m = ControlNetBaseline(str(tiny_flux_teacher), shift_resolution=32)
+    assert m.schedule.shift == pytest.approx(math.exp(0.5 + 0.65 * (16 - 256) / 3840))
+    loss, terms = m.compute_loss(make_batch(), torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and set(terms) == {"diffusion", "loss"}
+    images = m.sample_images(make_batch()["cond"], ["a", ""], 2)
+    assert images.shape == (2, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
 
 
 def test_baseline_uses_the_diffusion_loss_and_ddim(tiny_pixel_teacher):

@@ -15,7 +15,7 @@ from torch import Tensor
 from ..checkpoints import check_teacher, resolve_local_path
 from ..diffusion import diffusion_loss, ema_update, schedule_from_config
 from ..models import Conditioning, build_tiny_text_encoder, build_tiny_tokenizer, load_teacher
-from ..models.teachers import FAMILIES
+from ..models.teachers import FAMILIES, family_of, read_model_index
 from ..models.teachers.sd import CLIPPromptEncoder
 from ..models.teachers.sd3 import SD3PromptEncoder
 from ..models.tiny import (
@@ -91,6 +91,12 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
         self.hparams["output_dir"] = resolve_local_path(output_dir, always_local=True)
         self.shift_factor = 0.0
         if init_from:
+            family = family_of(read_model_index(init_from)).name
+            if family not in ("sd", "sd3"):  # what export() can write back
+                raise ValueError(
+                    f"model.init_from={init_from!r} is a {family} teacher: DiffusionTraining "
+                    "adapts and writes SD 1.x/2.x and SD3-family folders only"
+                )
             parts = load_teacher(init_from, pixel_space=pixel_space)
             self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.prompt_encoder
             self.scheduler_config, self.family = parts.scheduler_config, parts.family
