@@ -1,11 +1,11 @@
 """GPU check: CoDi training-step throughput, memory and MFU at SD 1.5, SDXL and
-SD3.5-medium size, and sampling latency.
+SD3.5-medium size (FLUX.1-dev size on request), and sampling latency.
 
     python bench/gpu_check.py --out bench/gpu_check.json        # on one GPU, all models
     python bench/gpu_check.py --models sd15                     # SD 1.5 only, ~3-5 min
     python bench/gpu_check.py --tiny --device cpu --steps 1     # syntax/plumbing check on CPU
 
-Three models, each a network and its adapter built from config with random weights
+Four models, each a network and its adapter built from config with random weights
 (timings do not depend on weight values; nothing is downloaded):
 
 - ``sd15``: SD 1.5-sized UNet (859.5M); latents 64x64x4 (512 px), text 77x768; batch
@@ -20,6 +20,13 @@ Three models, each a network and its adapter built from config with random weigh
   the hub's config file) and its ``SD3ControlNetModel`` of 12 blocks (1261.2M); latents
   128x128x16 (1024 px), text 333x4096 (77 CLIP + 256 T5 tokens), pooled 2048, condition
   latents 128x128x16; the flow schedule with shift 3; batch ``--sdxl_batch``.
+- ``flux1d`` (only when asked for: ``--models flux1d``): the FLUX.1-dev transformer as
+  configured below from the published config (19 double- and 38 single-stream blocks of
+  24 heads of 128, guidance embedding: 11901.4M parameters) and its
+  ``FluxControlNetModel`` of 5 double-stream blocks (1791.6M, as configs/flux_sr.yaml);
+  latents 128x128x16 (1024 px) packed into 4096 tokens, text 512x4096 (T5), pooled 768,
+  guidance 3.5; the schedule shifted for 4096 tokens; batch ``--sdxl_batch``. Full CoDi
+  trains a 12B copy: expect ``oom`` on one card.
 
 Latents and text embeddings are random, so VAE and text-encoder time is excluded. Each
 configuration runs the project's CoDi loss (online + solver reuse + EMA target), AdamW
@@ -28,9 +35,9 @@ FSDP2 (one-rank mesh: the wrapping overhead, not multi-GPU scaling) and activati
 checkpointing; a configuration that does not fit is recorded as ``oom`` (SDXL full CoDi
 holds ~76 GB of fp32 states alone on one card). FLOPs of one step are counted with
 torch.utils.flop_counter; MFU divides achieved FLOP/s by the card's dense bf16 peak.
-``--tiny`` runs the same code on the tiny SD, SDXL and SD3 networks
+``--tiny`` runs the same code on the tiny SD, SDXL, SD3 and Flux networks
 (``codi_lightning.models.tiny``). The networks are called as the training module calls
-them (``models.teachers``: ``sd.forward``, ``sd3.forward``).
+them (``models.teachers``: ``sd.forward``, ``sd3.forward``, ``flux.forward``).
 """
 
 from __future__ import annotations
@@ -53,14 +60,16 @@ from codi_lightning.diffusion import (
     schedule_from_config,
 )
 from codi_lightning.models import Conditioning
-from codi_lightning.models.teachers import sd, sd3
+from codi_lightning.models.teachers import flux, sd, sd3
 from codi_lightning.models.tiny import (
+    FLUX_SCHEDULER,
     SD3_SCHEDULER,
     SD_SCHEDULER,
     TINY_SD3_JOINT_DIM,
     TINY_SD3_T5_LENGTH,
     TINY_SDXL_POOLED,
     TINY_SDXL_TEXT_WIDTHS,
+    tiny_flux_transformer_config,
     tiny_sd3_transformer_config,
     tiny_sdxl_unet_config,
     tiny_unet_config,
@@ -106,19 +115,34 @@ def sd35m_transformer_config() -> dict:
     }  # fmt: skip
 
 
+def flux1_dev_transformer_config() -> dict:
+    """The FLUX.1-dev FluxTransformer2DModel: 19 double- and 38 single-stream blocks of 24
+    heads of 128 (rotary axes 16 + 56 + 56) on 2x2-packed 16-channel latents, T5 width
+    4096, CLIP-L pooled 768, a guidance embedding."""
+    return {
+        "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38,
+        "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+        "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": (16, 56, 56),
+    }  # fmt: skip
+
+
 # per model: family, network config, latent size, latent channels, VAE factor, adapter
 # embedder widths (UNets), text length and width, pooled-text width (None: none)
 MODELS = {
     "sd15": ("sd", sd15_unet_config, 64, 4, 8, (16, 32, 96, 256), 77, 768, None),
     "sdxl": ("sdxl", sdxl_unet_config, 128, 4, 8, (16, 32, 96, 256), 77, 2048, 1280),
     "sd35m": ("sd3", sd35m_transformer_config, 128, 16, 8, None, 77 + 256, 4096, 2048),
+    "flux1d": ("flux", flux1_dev_transformer_config, 128, 16, 8, None, 512, 4096, 768),
 }
+FLUX_ADAPTER_LAYERS = 5  # double-stream blocks in the adapter (configs/flux_sr.yaml)
 TINY_MODELS = {
     "sd15": ("sd", tiny_unet_config, 8, 4, 4, (16, 32, 96), 77, 32, None),
     "sdxl": ("sdxl", tiny_sdxl_unet_config, 8, 4, 4, (16, 32, 96), 77,
              sum(TINY_SDXL_TEXT_WIDTHS), TINY_SDXL_POOLED),
     "sd35m": ("sd3", tiny_sd3_transformer_config, 8, 16, 4, None, 77 + TINY_SD3_T5_LENGTH,
               TINY_SD3_JOINT_DIM, 32 + TINY_SDXL_POOLED),
+    "flux1d": ("flux", tiny_flux_transformer_config, 8, 16, 4, None, TINY_SD3_T5_LENGTH,
+               TINY_SD3_JOINT_DIM, 32),
 }  # fmt: skip
 
 
@@ -133,13 +157,22 @@ def spec(args, model: str) -> dict:
 
 def build(spec: dict, method: str, device: torch.device):
     """Built on ``device`` (random init there: seconds, not minutes, at SDXL size)."""
-    from diffusers import ControlNetModel, SD3Transformer2DModel, UNet2DConditionModel
+    from diffusers import (
+        ControlNetModel,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        UNet2DConditionModel,
+    )
 
     torch.manual_seed(0)
     with device:
         if spec["family"] == "sd3":
             unet = SD3Transformer2DModel(**spec["config"]).requires_grad_(False).eval()
             controlnet = sd3.build_adapter(unet)
+        elif spec["family"] == "flux":
+            unet = FluxTransformer2DModel(**spec["config"]).requires_grad_(False).eval()
+            depth = unet.config.num_layers
+            controlnet = flux.build_adapter(unet, min(FLUX_ADAPTER_LAYERS, depth))
         else:
             unet = UNet2DConditionModel(**spec["config"]).requires_grad_(False).eval()
             controlnet = ControlNetModel.from_unet(
@@ -150,26 +183,33 @@ def build(spec: dict, method: str, device: torch.device):
 
 
 def schedule_of(spec: dict):
+    if spec["family"] == "flux":  # shifted for this many packed tokens
+        return schedule_from_config(FLUX_SCHEDULER, (spec["latent"] // 2) ** 2)
     return schedule_from_config(SD3_SCHEDULER if spec["family"] == "sd3" else SD_SCHEDULER)
 
 
 def conditioning(spec: dict, batch: int, device: torch.device, dtype=None) -> Conditioning:
     """Random text [B, L, D]; SDXL: pooled text and time_ids (original = target size,
-    crop (0, 0)) as added conditions; SD3: the pooled projections."""
+    crop (0, 0)) as added conditions; SD3: the pooled projections; Flux: those and the
+    guidance scale."""
     text = torch.randn(batch, spec["text_len"], spec["text_dim"], device=device, dtype=dtype)
     if spec["pooled"] is None:
         return Conditioning(text)
     pooled = torch.randn(batch, spec["pooled"], device=device, dtype=dtype)
     if spec["family"] == "sd3":
         return Conditioning(text, {"pooled_projections": pooled})
+    if spec["family"] == "flux":
+        guidance = torch.full((batch,), flux.GUIDANCE, device=device)
+        return Conditioning(text, {"pooled_projections": pooled, "guidance": guidance})
     size = spec["pixels"]
     time_ids = torch.tensor([[size, size, 0, 0, size, size]] * batch, device=device)
     return Conditioning(text, {"text_embeds": pooled, "time_ids": time_ids.float()})
 
 
 def condition(spec: dict, batch: int, device: torch.device, dtype=None) -> torch.Tensor:
-    """The adapter's input: pixels in [0, 1] (ControlNet) or latents (SD3's adapter)."""
-    if spec["family"] == "sd3":
+    """The adapter's input: pixels in [0, 1] (ControlNet) or latents (SD3's and Flux's
+    adapters)."""
+    if spec["family"] in ("sd3", "flux"):
         shape = (batch, spec["latent_channels"], spec["latent"], spec["latent"])
         return torch.randn(shape, device=device, dtype=dtype)
     return torch.rand(batch, 3, spec["pixels"], spec["pixels"], device=device, dtype=dtype)
@@ -177,7 +217,7 @@ def condition(spec: dict, batch: int, device: torch.device, dtype=None) -> torch
 
 def controlled(spec: dict, schedule, unet, controlnet, z, t, y: Conditioning, cond):
     """The network with the adapter (None: the teacher alone), called the module's way."""
-    forward = sd3.forward if spec["family"] == "sd3" else sd.forward
+    forward = {"sd3": sd3.forward, "flux": flux.forward}.get(spec["family"], sd.forward)
     return forward(unet, controlnet, z, schedule.model_timesteps(t), y, cond)
 
 
@@ -308,10 +348,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny models (CPU plumbing check)")
     parser.add_argument("--models", default="sd15,sdxl,sd35m",
-                        help="comma-separated: sd15, sdxl, sd35m")  # fmt: skip
+                        help="comma-separated: sd15, sdxl, sd35m, flux1d")  # fmt: skip
     parser.add_argument("--batch", type=int, default=4, help="batch of the sd15 rows")
     parser.add_argument("--sdxl_batch", type=int, default=2,
-                        help="batch of the sdxl and sd35m rows (1024 px)")  # fmt: skip
+                        help="batch of the sdxl, sd35m and flux1d rows (1024 px)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     parser.add_argument("--out", default="bench/gpu_check.json")
     args = parser.parse_args()

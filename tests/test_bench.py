@@ -10,15 +10,16 @@ def test_gpu_check_plumbing_on_cpu(tmp_path):
     script = Path(__file__).parents[1] / "bench" / "gpu_check.py"
     out = tmp_path / "check.json"
     result = subprocess.run(
-        [sys.executable, str(script), "--tiny", "--device", "cpu", "--steps", "1", "--batch", "2", "--out", str(out)],
+        [sys.executable, str(script), "--tiny", "--device", "cpu", "--steps", "1", "--batch", "2",
+         "--models", "sd15,sdxl,sd35m,flux1d", "--out", str(out)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     data = json.loads(out.read_text())
-    # 3 models (SD 1.5, SDXL and SD3 layouts, tiny) x 2 methods x FSDP2 x checkpointing
-    assert len(data["train"]) == 24
+    # 4 models (SD 1.5, SDXL, SD3 and Flux layouts, tiny) x 2 methods x FSDP2 x checkpointing
+    assert len(data["train"]) == 32
     assert all(row["tflops_per_step"] > 0 and row["samples_per_s"] > 0 for row in data["train"])
-    for model in ("sd15", "sdxl", "sd35m"):
+    for model in ("sd15", "sdxl", "sd35m", "flux1d"):
         rows = [r for r in data["train"] if r["model"] == model]
         assert len(rows) == 8
         fsdp = {(r["method"], r["checkpointing"]): r for r in rows if r["fsdp2"]}
@@ -37,9 +38,10 @@ def test_gpu_check_plumbing_on_cpu(tmp_path):
         sampling = data["sampling"][model]
         assert sampling["codi_4_steps_s"] > 0 and sampling["teacher_50_steps_s"] > 0
     # the SDXL rows run the SDXL UNet (added conditions): not the SD rows' model
-    sd, xl, dit = ({r["trainable_params_m"] for r in data["train"] if r["model"] == m}
-                   for m in ("sd15", "sdxl", "sd35m"))  # fmt: skip
-    assert sd.isdisjoint(xl) and dit.isdisjoint(sd | xl)  # three different networks
+    sd, xl, dit, fl = ({r["trainable_params_m"] for r in data["train"] if r["model"] == m}
+                       for m in ("sd15", "sdxl", "sd35m", "flux1d"))  # fmt: skip
+    # four different networks
+    assert sd.isdisjoint(xl) and dit.isdisjoint(sd | xl) and fl.isdisjoint(sd | xl | dit)
 
 
 def _quality_module():
