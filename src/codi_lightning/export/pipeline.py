@@ -40,17 +40,13 @@ class CoDiPipeline:
         from diffusers import ControlNetModel, LCMScheduler, UNet2DConditionModel
 
         parts = load_teacher(base, pixel_space=pixel_space, torch_dtype=torch_dtype)
-        if parts.family == "flux":
+        stock = {"sd3": ("an SD3-family", "StableDiffusion3ControlNetPipeline"),
+                 "flux": ("a Flux", "FluxControlNetPipeline")}.get(parts.family)  # fmt: skip
+        if stock is not None:
             raise NotImplementedError(
-                f"{base} is a Flux model: load the export into diffusers' "
-                "FluxControlNetPipeline (the export's README.md shows how), or sample from "
-                "the checkpoint with CoDiDistillation.load_from_checkpoint"
-            )
-        if parts.family == "sd3":
-            raise NotImplementedError(
-                f"{base} is an SD3-family model: load the export into diffusers' "
-                "StableDiffusion3ControlNetPipeline (the export's README.md shows how), or "
-                "sample from the checkpoint with CoDiDistillation.load_from_checkpoint"
+                f"{base} is {stock[0]} model: load the export into diffusers' {stock[1]} "
+                "(the export's README.md shows how), or sample from the checkpoint with "
+                "CoDiDistillation.load_from_checkpoint"
             )
         kw = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
         if (Path(folder) / "unet").is_dir():
