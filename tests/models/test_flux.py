@@ -155,3 +155,38 @@ def test_flux_config_fit_validate_test_predict(tmp_path, tiny_flux_teacher, tiny
     exec(compile(code.replace("THIS_FOLDER", str(tmp_path / "exported")), "card", "exec"),
          namespace)  # fmt: skip
     assert namespace["image"].size == (32, 32)
+
+
+def _guidance_inputs(m, run):
+    """(batch size, guidance input) of every transformer call made by ``run()``."""
+    seen = []
+    hooks = [
+        net.register_forward_pre_hook(
+            lambda mod, args, kw: seen.append((len(kw["hidden_states"]), kw["guidance"].tolist())),
+            with_kwargs=True,
+        )
+        for net in (m.unet, m.student_unet, m.target["unet"]) if net is not None
+    ]  # fmt: skip
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def test_guidance_is_fed_to_the_guidance_input_in_one_pass(tiny_flux_teacher):
+    """FLUX.1-dev is guidance-distilled: guidance-aware distillation feeds w to its
+    guidance input (online and target; the ODE step keeps the default 3.5), and sampling
+    with a guidance scale does too, in one pass (no doubled batch, no empty prompt)."""
+    m = CoDiDistillation(str(tiny_flux_teacher), method="codi", num_grid=10, cfg_aware=True,
+                         guidance_range=(2, 3), shift_resolution=32)  # fmt: skip
+    batch = make_batch()
+    calls = _guidance_inputs(m, lambda: m.compute_loss(batch, torch.Generator().manual_seed(0)))
+    assert calls and all(b == 2 for b, _ in calls)  # one pass each
+    assert sorted({g[0] for _, g in calls}) == [2.0, 3.5]  # w = 2; the ODE step 3.5
+    with torch.no_grad():
+        calls = _guidance_inputs(
+            m, lambda: m.sample_images(batch["cond"], ["a", ""], 1, guidance_scale=4.5)
+        )
+    assert calls == [(2, [4.5, 4.5])]

@@ -93,19 +93,25 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         per_sample_timesteps: one t per sample instead of one per batch.
         ema_decay: gamma of the target update theta^- <- gamma theta^- + (1-gamma) theta.
         cfg_aware: classifier-free-guidance-aware distillation (released code): draw
-            w in ``guidance_range`` per step, guide the online and target predictions.
-        guidance_range: [low, high) of the integer guidance weight w.
+            w in ``guidance_range`` per step, guide the online and target predictions
+            (a teacher with a guidance input, FLUX.1-dev: w is fed to it, one pass; the
+            ODE step keeps the prompt encoder's default, 3.5).
+        guidance_range: [low, high) of the integer guidance weight w (the released code's
+            CFG range is [2, 14); FLUX.1-dev's embedded scale is usually 2-5).
         optimizer: optimizer factory over the trainable parameters.
         lr_scheduler: optional LR scheduler factory (stepped every optimizer step).
         seed: seed of the per-step noise and timesteps (with the global step and rank,
             so a resumed run draws what an uninterrupted one would).
         val_steps: step counts shown in the validation grid.
         val_images: rows of the validation grid.
-        val_guidance_scale: classifier-free guidance scale at validation (1 = off).
+        val_guidance_scale: classifier-free guidance scale at validation (1 = off; with
+            a guidance input, FLUX.1-dev, a scale other than 1 is fed to it and 1 keeps
+            its default, 3.5).
         test_steps: step counts evaluated by ``codi-lightning test``.
         eval_weights: sample with the EMA ``target`` (default) or the ``online`` weights in
             test and predict.
-        eval_guidance_scale: classifier-free guidance scale in test and predict.
+        eval_guidance_scale: classifier-free guidance scale in test and predict (as
+            ``val_guidance_scale``).
         eval_stochastic: multistep sampler with fresh noise (as LCMScheduler) in test and
             predict, instead of the deterministic one.
         metrics: which metrics ``test`` computes, and their weights.
@@ -296,7 +302,9 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         ``cond``: :meth:`adapter_condition` of the condition).
 
         With ``guidance`` the output is ``uncond + w (cond - uncond)`` from one batched
-        pass over the conditional and the empty prompt (:meth:`unconditional`).
+        pass over the conditional and the empty prompt (:meth:`unconditional`); for a
+        guidance-distilled teacher (FLUX.1-dev: y carries a ``guidance`` input) it is one
+        pass with w fed to that input instead (METHOD.md, "Other teacher families").
         """
         text = Conditioning.of(text)
         if which == "online":
@@ -309,6 +317,9 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
             unet, controlnet = self.unet, None
         if guidance is None:
             return partial(self._controlled, unet, controlnet, text=text, cond=cond)
+        embedded = self.embedded_guidance(text, guidance)
+        if embedded is not None:
+            return partial(self._controlled, unet, controlnet, text=embedded, cond=cond)
 
         def guided(z: Tensor, t: Tensor) -> Tensor:
             both = self._controlled(
@@ -397,6 +408,16 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         if self._empty_text is None or self._empty_text.hidden_states.device != self.device:
             self._empty_text = self.encode_text([""])
         return self._empty_text.expand(batch)
+
+    @staticmethod
+    def embedded_guidance(text: Conditioning, w: float) -> Conditioning | None:
+        """``text`` with its guidance input set to ``w`` when the family feeds the guidance
+        scale to the network (Flux-dev: ``added["guidance"]``), else None (guidance is
+        then two passes)."""
+        if "guidance" not in text.added:
+            return None
+        scale = torch.full_like(text.added["guidance"], float(w))
+        return Conditioning(text.hidden_states, {**text.added, "guidance": scale})
 
     def unconditional(self, like: Conditioning) -> Conditioning:
         """The guidance branch for ``like``: the empty prompt with ``like``'s non-text
@@ -594,6 +615,9 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         text = self.encode_text(captions, sizes)
         which = "target" if use_target else "online"
         adapter_cond = self.adapter_condition(cond)
+        embedded = self.embedded_guidance(text, guidance_scale) if guidance_scale != 1 else None
+        if embedded is not None:  # a guidance input (Flux-dev): one pass, no CFG
+            text, guidance_scale = embedded, 1.0
         model = self.denoiser(which, text, adapter_cond)
         uncond = None
         if guidance_scale != 1.0:
