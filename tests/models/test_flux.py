@@ -142,6 +142,14 @@ def test_flux_config_fit_validate_test_predict(tmp_path, tiny_flux_teacher, tiny
     restored = CoDiDistillation.load_from_checkpoint(last)
     assert restored.schedule.shift == pytest.approx(math.exp(0.5 + 0.65 * (16 - 256) / 3840))
     main(["test", "--config", str(config), "--ckpt_path", last, "--model.test_steps", "[1, 2]"])
+    # a module built for another resolution takes the shift the checkpoint was trained
+    # at when it loads it (the CLI merges a checkpoint file's hparams itself; a sharded
+    # checkpoint folder's are not merged)
+    other = CoDiDistillation(str(tiny_flux_teacher), num_grid=10, shift_resolution=64)
+    assert other.schedule.shift != pytest.approx(restored.schedule.shift)
+    other.on_load_checkpoint(read_checkpoint(last))
+    assert other.schedule.shift == pytest.approx(restored.schedule.shift)
+    assert other.hparams["shift_resolution"] == 32
     inputs = write_low_res_inputs(tmp_path / "lowres")
     main(["predict", "--config", str(config), "--ckpt_path", last,
           "--data.predict_images", str(inputs)])  # fmt: skip

@@ -814,3 +814,9 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._checkpoint_step = int(checkpoint.get("global_step", 0))
+        # a size-dependent (Flux) schedule is the one the checkpoint was trained on, even
+        # when test or predict runs at another data.resolution
+        trained = (checkpoint.get("hyper_parameters") or {}).get("shift_resolution")
+        if trained is not None and self.scheduler_config.get("use_dynamic_shifting"):
+            self._set_schedule(int(trained))
+            self.hparams["shift_resolution"] = int(trained)
