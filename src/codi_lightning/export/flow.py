@@ -13,9 +13,8 @@ schedulers and a model card for the family's stock ControlNet pipeline
 Both take the training grid's timesteps as ``sigmas=`` (the unshifted ``(t + 1) / T``:
 the schedulers shift them by the base model's ``shift``, or, for Flux, by the shift of the
 image size the pipeline is asked for; at the training resolution that is the training
-shift); their default spacing does not lie on the grid. ``tests/export/test_export_sd3.py``
-and ``test_export_flux.py`` check that the stock pipelines with either scheduler reproduce
-the module's samplers.
+shift); their default spacing does not lie on the grid. ``tests/export/test_export_flow.py``
+checks that the stock pipelines with either scheduler reproduce the module's samplers.
 """
 
 from __future__ import annotations
@@ -140,12 +139,19 @@ def _card(
             "latent tokens, so a seed gives other noise values than in `codi-lightning` "
             "(from the same distribution).\n"
         )
-    guidance = (
-        f"\n`guidance_scale={spec.guidance}` is the embedded guidance the model was "
-        "distilled at (one pass, no classifier-free guidance).\n"
-        if spec.guidance != 1.0
-        else ""
-    )
+    guidance = ""
+    if spec.guidance != 1.0:  # a guidance input (Flux-dev): one pass, no CFG
+        low_high = list(hp.get("guidance_range", ()))
+        trained = (
+            f"over the integer scales in [{low_high[0]}, {low_high[1]}) (`model.cfg_aware`); "
+            f"{spec.guidance} below is the base pipeline's default"
+            if hp.get("cfg_aware") and len(low_high) == 2
+            else f"at {spec.guidance}"
+        )
+        guidance = (
+            "\n`guidance_scale` is fed to the transformer's guidance input (one pass, no "
+            f"classifier-free guidance); the model was distilled {trained}.\n"
+        )
     tag = "flux" if spec.pipeline.startswith("Flux") else "sd3"
     config = json.dumps(hp, indent=2, default=str)
     call = (
