@@ -248,3 +248,19 @@ def test_collate_keeps_channels_last_pixels_in_their_layout():
     floats = float_pixels(batch)
     assert floats["image"].is_contiguous() and floats["cond"].is_contiguous()
     torch.testing.assert_close(floats["cond"], batch["cond"].float() / 255)
+
+
+def test_uint8_batches_fed_past_the_data_module_stop_with_the_fix(tiny_shards, tiny_teacher):
+    """A loader's uint8 batch handed to the module without the data module's conversion
+    (a Trainer given the loaders alone) is refused with the way to fix it, not trained on
+    as pixel values in [0, 255]."""
+    from codi_lightning.training import CoDiDistillation
+
+    dm = ShardDataModule(tiny_shards["train"], resolution=32, batch_size=2, num_workers=0,
+                         condition="sr")  # fmt: skip
+    batch = next(iter(dm.train_dataloader()))
+    model = CoDiDistillation(str(tiny_teacher), num_grid=10)
+    with pytest.raises(TypeError, match="float_pixels"):
+        model.compute_loss(batch, torch.Generator().manual_seed(0))
+    loss, _ = model.compute_loss(float_pixels(batch), torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)

@@ -46,7 +46,7 @@ from ..models.teachers import FAMILIES
 from .frozen import SkipFrozenState
 from .optim import optimizers_for
 from .parallel import data_parallel_mesh, enable_memory_savers, shard_blocks
-from .run import logs_this_step, run_dir, seeded_generator
+from .run import check_float_pixels, logs_this_step, run_dir, seeded_generator
 from .visualize import save_grid
 
 FROZEN_PREFIXES = ("unet.", "vae.", "text_encoder.")
@@ -282,6 +282,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         c in [-1, 1] (the stock SD3 ControlNet pipeline encodes it the same way but takes a
         posterior sample; the mean keeps the condition a deterministic input); in pixel
         space c in [-1, 1]."""
+        check_float_pixels(cond, "cond")
         if not self.family.latent_condition:
             return cond
         if self.vae is None:  # pixel space: the condition in the images' range
@@ -458,7 +459,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         cached posteriors (``latent_mean``/``latent_std``, data/cache.py), the same sample
         ``(mean + std * eps) * scaling_factor`` from the same noise, without the VAE."""
         if "latent_mean" not in batch:
-            return self.encode_images(batch["image"], generator)
+            return self.encode_images(check_float_pixels(batch["image"], "image"), generator)
         if self.vae is None:
             raise ValueError(
                 "the batch carries cached latents but the model works in pixel space "

@@ -43,3 +43,16 @@ def logs_this_step(trainer: L.Trainer | None) -> bool:
         return True
     max_steps = getattr(trainer, "max_steps", -1) or -1
     return 0 < max_steps <= trainer.global_step + 1  # the run's last step
+
+
+def check_float_pixels(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``x`` itself, or a clear error for uint8 pixels: ``ShardDataModule``'s loaders ship
+    uint8 and convert them on the device only when the Trainer is given the data module."""
+    if x.dtype == torch.uint8:
+        raise TypeError(
+            f"batch[{name!r}] holds uint8 pixels: ShardDataModule's loaders ship uint8 and "
+            "convert them to floats after the transfer when the Trainer runs with the data "
+            "module (trainer.fit(model, datamodule=dm)); when you feed its loaders "
+            "yourself, apply codi_lightning.data.float_pixels to each batch"
+        )
+    return x

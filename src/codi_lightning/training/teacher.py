@@ -30,7 +30,7 @@ from ..models.tiny import (
 from .ddim import ode_sample
 from .frozen import SkipFrozenState
 from .optim import optimizers_for
-from .run import logs_this_step, run_dir
+from .run import check_float_pixels, logs_this_step, run_dir
 from .visualize import save_grid
 
 
@@ -148,6 +148,7 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
 
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
+        check_float_pixels(images, "image")
         if self.vae is None:
             return images.float()
         sample = self.vae.encode(images).latent_dist.sample()
