@@ -135,3 +135,55 @@ def make_batch(batch: int = 2, resolution: int = 32, seed: int = 0) -> dict:
         "cond": (image + 1) / 2,
         "caption": ["a red circle", ""][:batch] + [""] * max(0, batch - 2),
     }
+
+
+def predict_and_export(config: Path, last: str, tmp_path: Path, run_card: bool = True) -> str:
+    """Through the CLI: predict two low-resolution inputs (both written to ``preds/``),
+    export ``last`` to ``exported/`` and, with ``run_card``, run the model card's
+    snippet as written on a 32 px condition. Returns the card."""
+    from PIL import Image
+
+    from codi_lightning.cli import main
+
+    inputs = write_low_res_inputs(tmp_path / "lowres")
+    main(["predict", "--config", str(config), "--ckpt_path", last,
+          "--data.predict_images", str(inputs)])  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "preds").iterdir()) == ["in0.png", "in1.png"]
+    exported = tmp_path / "exported"
+    main(["export", "--ckpt", last, "--output", str(exported)])
+    card = (exported / "README.md").read_text()
+    if run_card:
+        code = card.split("```python\n", 1)[1].split("```", 1)[0]
+        namespace = {"condition": Image.new("RGB", (32, 32), (200, 30, 90))}
+        exec(compile(code.replace("THIS_FOLDER", str(exported)), "card", "exec"), namespace)
+        assert namespace["image"].size == (32, 32)
+    return card
+
+
+def check_step_and_sampling(m, **sample_kw) -> None:
+    """One CoDi loss on a tiny batch: finite, gradients reach the trained modules and
+    not the frozen teacher; sampling gives images in [0, 1]."""
+    loss, terms = m.compute_loss(make_batch(), torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and set(terms) == {"consistency", "guidance", "loss"}
+    loss.backward()
+    trained = [p for mod in m.trainable_modules().values() for p in mod.parameters()]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
+    assert all(p.grad is None for p in m.unet.parameters())  # the teacher stays frozen
+    images = m.sample_images(make_batch()["cond"], ["a", ""], 2, **sample_kw)
+    assert images.shape == (2, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+
+
+def check_adapter_reads_the_condition(m, batch, text, cond, z, t, teacher) -> None:
+    """Once the adapter's zero-initialised outputs have weights, the adapted model leaves
+    the teacher (``teacher``: its output at ``z, t``) and another condition gives
+    another output; the adapter's weights are restored after."""
+    adapter = m.controlnet
+    saved = {k: v.clone() for k, v in adapter.state_dict().items()}
+    with torch.no_grad():
+        for p in adapter.parameters():
+            if (p == 0).all():
+                p.normal_(0, 0.1)
+        a = m.denoiser("online", text, cond)(z, t)
+        b = m.denoiser("online", text, m.adapter_condition(1 - batch["cond"]))(z, t)
+    adapter.load_state_dict(saved)
+    assert not torch.allclose(a, teacher) and not torch.allclose(a, b)

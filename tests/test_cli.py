@@ -559,7 +559,7 @@ def test_sdxl_config_fit_test_predict_export(tmp_path, tiny_sdxl_teacher, tiny_s
     model_index.json alone, and every command runs on it."""
     import json
 
-    from conftest import write_cli_config, write_low_res_inputs
+    from conftest import predict_and_export, write_cli_config
 
     config, out = write_cli_config(tmp_path, "tiny_sdxl_cpu.yaml", tiny_sdxl_teacher, tiny_shards)
     main(["fit", "--config", str(config)])
@@ -567,10 +567,5 @@ def test_sdxl_config_fit_test_predict_export(tmp_path, tiny_sdxl_teacher, tiny_s
     main(["test", "--config", str(config), "--ckpt_path", last, "--model.test_steps", "[1, 2]"])
     payload = json.loads(next(out.rglob("metrics.json")).read_text())
     assert payload["results"]["2"]["images"] == 10
-    inputs = write_low_res_inputs(tmp_path / "lowres")
-    main(["predict", "--config", str(config), "--ckpt_path", last,
-          "--data.predict_images", str(inputs)])  # fmt: skip
-    assert sorted(p.name for p in (tmp_path / "preds").iterdir()) == ["in0.png", "in1.png"]
-    main(["export", "--ckpt", last, "--output", str(tmp_path / "exported")])
-    card = (tmp_path / "exported" / "README.md").read_text()
+    card = predict_and_export(config, last, tmp_path, run_card=False)
     assert "StableDiffusionXLControlNetPipeline" in card

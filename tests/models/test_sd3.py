@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_batch
+from conftest import check_adapter_reads_the_condition, check_step_and_sampling, make_batch
 
 from codi_lightning.diffusion import FlowSchedule
 from codi_lightning.models import load_teacher
@@ -90,30 +90,13 @@ def test_adapted_model_starts_as_the_teacher_and_reads_the_condition(sd3_module)
     m.denoiser("teacher", text, cond)(z, t)
     hook.remove()
     torch.testing.assert_close(seen[0], (m.schedule.sigmas[t] * 1000).float())
-    # once the adapter has weights, another condition gives another output
-    adapter = m.controlnet
-    saved = {k: v.clone() for k, v in adapter.state_dict().items()}
-    with torch.no_grad():
-        for p in adapter.parameters():
-            if (p == 0).all():
-                p.normal_(0, 0.1)
-        a = m.denoiser("online", text, cond)(z, t)
-        b = m.denoiser("online", text, m.adapter_condition(1 - batch["cond"]))(z, t)
-    adapter.load_state_dict(saved)
-    assert not torch.allclose(a, teacher) and not torch.allclose(a, b)
+    check_adapter_reads_the_condition(m, batch, text, cond, z, t, teacher)
 
 
 @pytest.mark.parametrize("method", ["pe-codi", "codi"])
 def test_one_training_step_and_sampling_on_sd3(tiny_sd3, method):
     m = CoDiDistillation(str(tiny_sd3), method=method, num_grid=10)
-    loss, terms = m.compute_loss(make_batch(), torch.Generator().manual_seed(0))
-    assert torch.isfinite(loss) and set(terms) == {"consistency", "guidance", "loss"}
-    loss.backward()
-    trained = [p for mod in m.trainable_modules().values() for p in mod.parameters()]
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
-    assert all(p.grad is None for p in m.unet.parameters())  # the teacher stays frozen
-    images = m.sample_images(make_batch()["cond"], ["a", ""], 2, guidance_scale=2.0)
-    assert images.shape == (2, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+    check_step_and_sampling(m, guidance_scale=2.0)
 
 
 def test_options_of_the_other_family_are_refused(tiny_sd3, tiny_teacher):
@@ -129,8 +112,7 @@ def test_sd3_config_fit_validate_test_predict(tmp_path, tiny_sd3, tiny_shards):
     """configs/tiny_sd3_cpu.yaml through the CLI: the teacher is told apart by its
     model_index.json alone; fit (with validation), validate, test, predict and export run
     on it."""
-    from conftest import write_cli_config, write_low_res_inputs
-    from PIL import Image
+    from conftest import predict_and_export, write_cli_config
 
     from codi_lightning.cli import main
 
@@ -142,18 +124,8 @@ def test_sd3_config_fit_validate_test_predict(tmp_path, tiny_sd3, tiny_shards):
     main(["test", "--config", str(config), "--ckpt_path", last, "--model.test_steps", "[1, 2]"])
     payload = json.loads(next(out.rglob("metrics.json")).read_text())
     assert payload["results"]["2"]["images"] == 10
-    inputs = write_low_res_inputs(tmp_path / "lowres")
-    main(["predict", "--config", str(config), "--ckpt_path", last,
-          "--data.predict_images", str(inputs)])  # fmt: skip
-    assert sorted(p.name for p in (tmp_path / "preds").iterdir()) == ["in0.png", "in1.png"]
-    # export, and the model card's snippet runs as written on the exported folder
-    main(["export", "--ckpt", last, "--output", str(tmp_path / "exported")])
-    card = (tmp_path / "exported" / "README.md").read_text()
-    code = card.split("```python\n", 1)[1].split("```", 1)[0]
-    namespace = {"condition": Image.new("RGB", (32, 32), (200, 30, 90))}
-    exec(compile(code.replace("THIS_FOLDER", str(tmp_path / "exported")), "card", "exec"),
-         namespace)  # fmt: skip
-    assert namespace["image"].size == (32, 32)
+    # predict, export, and the model card's snippet runs as written on the exported folder
+    predict_and_export(config, last, tmp_path)
 
 
 def test_the_two_stage_baseline_on_sd3_regresses_velocity_and_samples_with_euler(tiny_sd3):
