@@ -38,23 +38,15 @@ class FlowExport:
     adapter: str
     network: str
     pipeline: str
-    adapter_config: Any  # (transformer config, hp) -> adapter config
+    adapter_config: Any  # (transformer config, model.adapter_layers) -> adapter config
     guidance: float  # the pipeline's guidance_scale that reproduces training
-
-
-def _sd3_adapter(config: dict[str, Any], hp: dict[str, Any]) -> dict[str, Any]:
-    return sd3.adapter_config(config, sd3.adapter_layers(config, hp.get("adapter_layers")))
-
-
-def _flux_adapter(config: dict[str, Any], hp: dict[str, Any]) -> dict[str, Any]:
-    return flux.adapter_config(config, hp.get("adapter_layers"))
 
 
 EXPORTS = {
     "sd3": FlowExport("SD3 family", "SD3ControlNetModel", "SD3Transformer2DModel",
-                      "StableDiffusion3ControlNetPipeline", _sd3_adapter, 1.0),
+                      "StableDiffusion3ControlNetPipeline", sd3.adapter_config, 1.0),
     "flux": FlowExport("Flux", "FluxControlNetModel", "FluxTransformer2DModel",
-                       "FluxControlNetPipeline", _flux_adapter, flux.GUIDANCE),
+                       "FluxControlNetPipeline", flux.adapter_config, flux.GUIDANCE),
 }  # fmt: skip
 
 
@@ -70,7 +62,9 @@ def export_flow(
     spec = EXPORTS[family]
     network_cls = getattr(diffusers, spec.network)
     config = network_cls.load_config(base, subfolder="transformer", **kw)
-    controlnet = getattr(diffusers, spec.adapter).from_config(spec.adapter_config(config, hp))
+    controlnet = getattr(diffusers, spec.adapter).from_config(
+        spec.adapter_config(config, hp.get("adapter_layers"))
+    )
     prefix = {"target": "target.controlnet.", "online": "controlnet."}[weights]
     controlnet.load_state_dict(_sub_state(state, prefix), strict=True)
     controlnet.save_pretrained(out / "controlnet", safe_serialization=True)

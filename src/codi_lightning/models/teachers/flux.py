@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..conditioning import Conditioning, PromptEncoder, tokenize
+from .sd3 import adapter_layers
 
 T5_LENGTH = 512  # the T5 sequence length of the stock Flux pipelines (max_sequence_length)
 GUIDANCE = 3.5  # the stock FluxPipeline's default guidance_scale (embedded, one pass)
@@ -137,27 +138,13 @@ def forward(
     return unpack(out, h, w)
 
 
-def adapter_layers(
-    transformer_config: Mapping[str, Any], num_layers: int | None
-) -> tuple[int, int]:
-    """(double-stream, single-stream) blocks of the adapter: ``num_layers`` double blocks
-    (checked against the transformer's; default: half, at least one) and no single
-    blocks (the published Flux ControlNets use few or none)."""
-    depth = int(transformer_config["num_layers"])
-    layers = num_layers or max(1, depth // 2)
-    if not 1 <= layers <= depth:
-        raise ValueError(
-            f"model.adapter_layers={num_layers}: the transformer has {depth} double-stream "
-            f"blocks; give 1..{depth}"
-        )
-    return layers, 0
-
-
 def adapter_config(transformer_config: Mapping[str, Any], num_layers: int | None) -> dict:
     """The ``FluxControlNetModel`` config of the adapter for a transformer of
-    ``transformer_config`` (its own widths; :func:`adapter_layers` blocks)."""
-    layers, single = adapter_layers(transformer_config, num_layers)
-    return {**transformer_config, "num_layers": layers, "num_single_layers": single}
+    ``transformer_config``: its own widths, ``num_layers`` double-stream blocks (checked
+    as SD3's, ``sd3.adapter_layers``: default half, at least one) and no single-stream
+    blocks (the published Flux ControlNets use few or none)."""
+    layers = adapter_layers(transformer_config, num_layers)
+    return {**transformer_config, "num_layers": layers, "num_single_layers": 0}
 
 
 def build_adapter(transformer: nn.Module, num_layers: int | None = None) -> nn.Module:

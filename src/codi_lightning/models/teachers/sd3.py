@@ -121,16 +121,19 @@ def forward(
     )[0]  # fmt: skip
 
 
-def adapter_config(transformer_config: Mapping[str, Any], layers: int) -> dict[str, Any]:
-    """The ``SD3ControlNetModel`` config of a ``layers``-block adapter for a transformer
-    of ``transformer_config``: its own widths, no extra condition channels, and
-    ``force_zeros_for_pooled_projection: false`` (see :func:`build_adapter`)."""
+def adapter_config(transformer_config: Mapping[str, Any], num_layers: int | None) -> dict[str, Any]:
+    """The ``SD3ControlNetModel`` config of the adapter for a transformer of
+    ``transformer_config`` (:func:`adapter_layers` blocks): its own widths, no extra
+    condition channels, and ``force_zeros_for_pooled_projection: false`` (see
+    :func:`build_adapter`)."""
+    layers = adapter_layers(transformer_config, num_layers)
     return {**transformer_config, "num_layers": layers, "extra_conditioning_channels": 0,
             "force_zeros_for_pooled_projection": False}  # fmt: skip
 
 
 def adapter_layers(transformer_config: Mapping[str, Any], num_layers: int | None) -> int:
-    """``num_layers`` (checked against the transformer's depth), or half its blocks."""
+    """``num_layers`` (checked against the transformer's depth: its ``num_layers``
+    blocks; Flux's double-stream blocks), or half its blocks, at least one."""
     depth = int(transformer_config["num_layers"])
     layers = num_layers or max(1, depth // 2)
     if not 1 <= layers <= depth:
@@ -150,11 +153,10 @@ def build_adapter(transformer: nn.Module, num_layers: int | None = None) -> nn.M
     latents by the VAE's ``shift_factor``, as training does."""
     from diffusers import SD3ControlNetModel
 
-    layers = adapter_layers(transformer.config, num_layers)
     # what SD3ControlNetModel.from_transformer does, without its side effect: it writes
     # num_layers into the transformer's own config dict (diffusers 0.42), which a save of
     # the teacher would then carry
-    adapter = SD3ControlNetModel.from_config(adapter_config(transformer.config, layers))
+    adapter = SD3ControlNetModel.from_config(adapter_config(transformer.config, num_layers))
     for name in ("pos_embed", "time_text_embed", "context_embedder"):
         getattr(adapter, name).load_state_dict(getattr(transformer, name).state_dict())
     # the first ``layers`` blocks (strict=False: the transformer has more)
