@@ -103,6 +103,26 @@ def build_tiny_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
+def write_pipeline_folder(
+    folder: str | Path, parts: dict[str, Any], scheduler_config: dict[str, Any],
+    index: dict[str, Any],
+) -> Path:  # fmt: skip
+    """Write a diffusers pipeline folder: each part (a model or tokenizer; None: skipped)
+    saved in its subfolder (safetensors), ``scheduler/scheduler_config.json`` and
+    ``model_index.json`` (``index``: the pipeline's ``_class_name`` and components)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, part in parts.items():
+        if part is not None:
+            part.save_pretrained(folder / name)
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(scheduler_config, indent=2)
+    )
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
 def save_teacher_folder(
     folder: str | Path,
     unet,
@@ -113,11 +133,6 @@ def save_teacher_folder(
 ) -> Path:
     """Write teacher parts in the Stable Diffusion folder layout (safetensors) with a
     ``model_index.json``, so ``load_teacher`` and diffusers pipelines can read it."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(folder / "tokenizer")
-    text_encoder.save_pretrained(folder / "text_encoder")
-    unet.save_pretrained(folder / "unet")
     components: dict[str, Any] = {
         "unet": ["diffusers", "UNet2DConditionModel"],
         "text_encoder": ["transformers", "CLIPTextModel"],
@@ -125,16 +140,13 @@ def save_teacher_folder(
         "scheduler": ["diffusers", "DDPMScheduler"],
     }
     if vae is not None:
-        vae.save_pretrained(folder / "vae")
         components["vae"] = ["diffusers", "AutoencoderKL"]
         components |= {"safety_checker": [None, None], "feature_extractor": [None, None]}
         components["requires_safety_checker"] = False
-    (folder / "scheduler").mkdir(exist_ok=True)
-    config = {"_class_name": "DDPMScheduler", **dict(scheduler_config)}
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config, indent=2))
+    parts = {"tokenizer": tokenizer, "text_encoder": text_encoder, "unet": unet, "vae": vae}
+    scheduler = {"_class_name": "DDPMScheduler", **dict(scheduler_config)}
     index = {"_class_name": "StableDiffusionPipeline", **components}
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    return folder
+    return write_pipeline_folder(folder, parts, scheduler, index)
 
 
 def build_tiny_text_encoder(tokenizer):
@@ -222,21 +234,15 @@ def write_tiny_sdxl_teacher(folder: str | Path, *, seed: int = 0, overwrite: boo
     folder = Path(folder)
     if (folder / "unet").exists() and not overwrite:
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     tokenizer, tokenizer_2 = build_tiny_tokenizer(), build_tiny_tokenizer()
     text_encoder, text_encoder_2 = build_tiny_sdxl_text_encoders(tokenizer, tokenizer_2)
     unet = UNet2DConditionModel(**tiny_sdxl_unet_config())
     vae = AutoencoderKL(**tiny_vae_config(), scaling_factor=0.13025, force_upcast=True)
-    for name, part in {
+    parts = {
         "tokenizer": tokenizer, "tokenizer_2": tokenizer_2, "text_encoder": text_encoder,
         "text_encoder_2": text_encoder_2, "unet": unet, "vae": vae,
-    }.items():  # fmt: skip
-        part.save_pretrained(folder / name)
-    (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(SDXL_SCHEDULER, indent=2)
-    )
+    }  # fmt: skip
     index = {
         "_class_name": "StableDiffusionXLPipeline",
         "vae": ["diffusers", "AutoencoderKL"],
@@ -250,8 +256,7 @@ def write_tiny_sdxl_teacher(folder: str | Path, *, seed: int = 0, overwrite: boo
         "feature_extractor": [None, None],
         "force_zeros_for_empty_prompt": True,
     }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    return folder
+    return write_pipeline_folder(folder, parts, SDXL_SCHEDULER, index)
 
 
 # SD3's scheduler: rectified flow with sigmas shifted by 3 (FlowMatchEulerDiscreteScheduler)
@@ -332,19 +337,12 @@ def save_sd3_folder(
     """Write SD3-family parts in the diffusers SD3 layout (safetensors) with a
     ``model_index.json`` naming ``StableDiffusion3Pipeline``; no ``vae/`` for a
     pixel-space model (``load_teacher(..., pixel_space=True)`` reads it)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     parts = {"transformer": transformer, "vae": vae}
     for i, suffix in enumerate(("", "_2", "_3")):
         parts[f"tokenizer{suffix}"], parts[f"text_encoder{suffix}"] = (
             tokenizers[i], text_encoders[i],
         )  # fmt: skip
-    for name, part in parts.items():
-        if part is not None:
-            part.save_pretrained(folder / name)
-    (folder / "scheduler").mkdir(exist_ok=True)
     config = {"_class_name": "FlowMatchEulerDiscreteScheduler", **dict(scheduler_config)}
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config, indent=2))
     index = {
         "_class_name": "StableDiffusion3Pipeline",
         "transformer": ["diffusers", "SD3Transformer2DModel"],
@@ -359,8 +357,7 @@ def save_sd3_folder(
         "image_encoder": [None, None],
         "feature_extractor": [None, None],
     }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    return folder
+    return write_pipeline_folder(folder, parts, config, index)
 
 
 def write_tiny_sd3_teacher(folder: str | Path, *, seed: int = 0, overwrite: bool = False) -> Path:
@@ -432,13 +429,6 @@ def write_tiny_flux_teacher(folder: str | Path, *, seed: int = 0, overwrite: boo
         "text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
         "tokenizer": tokenizer, "tokenizer_2": tokenizer_2,
     }  # fmt: skip
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, part in parts.items():
-        part.save_pretrained(folder / name)
-    (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(FLUX_SCHEDULER, indent=2)
-    )
     index = {
         "_class_name": "FluxPipeline",
         "transformer": ["diffusers", "FluxTransformer2DModel"],
@@ -451,5 +441,4 @@ def write_tiny_flux_teacher(folder: str | Path, *, seed: int = 0, overwrite: boo
         "image_encoder": [None, None],
         "feature_extractor": [None, None],
     }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    return folder
+    return write_pipeline_folder(folder, parts, FLUX_SCHEDULER, index)
