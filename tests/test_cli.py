@@ -286,10 +286,13 @@ def test_predict_skips_unreadable_inputs_and_names_them(tmp_path, tiny_teacher, 
           "--data.max_pixels", "100"])  # fmt: skip
     assert sorted(p.name for p in preds.rglob("*.png")) == ["a_good.png", "z_good.png"]
     out = capsys.readouterr().out
-    assert "skipped photos/bad: not a readable image (truncated image)" in out
-    assert "skipped photos/notes: not a readable image (cannot identify image file)" in out
-    assert "skipped photos/huge: too large (16x16 pixels, above max_pixels=100)" in out
-    assert f"wrote 2 images to {preds}; skipped 3 unreadable inputs (see above)" in out
+    assert "skipped photos/bad.png: not a readable image (truncated image)" in out
+    assert "skipped photos/notes.png: not a readable image (cannot identify image file)" in out
+    assert (
+        "skipped photos/huge.png: too large (16x16 pixels, above max_pixels=100); "
+        "raise data.max_pixels" in out
+    )
+    assert f"wrote 2 images to {preds}; skipped 3 inputs (2 unreadable, 1 too_large)" in out
 
 
 # ---- a newcomer's first commands: short errors, no noise, help that names the model's -----
@@ -364,7 +367,10 @@ def test_empty_predict_folder_fails_before_the_model_loads(tmp_path):
     assert rc == 2
     lines = _error_lines(err)
     assert len(lines) <= 5, err
-    assert lines[0] == f"error: no jpg/jpeg/png/webp images under {str(empty)!r}"
+    assert lines[0] == (
+        f"error: no images under {str(empty)!r} (predict reads jpg, jpeg, png, webp, gif, "
+        "bmp, tif, tiff)"
+    )
     assert "--data.predict_images" in lines[1]
     assert "no_teacher" not in err and "no.ckpt" not in err and "Traceback" not in err
 

@@ -173,6 +173,7 @@ RUN_TIME_OPTIONS = (
     "eval_stochastic",
     "metrics",
     "predict_steps",
+    "tiling",
 )
 # Teacher locations: a local path recorded in the checkpoint that does not exist here
 # gives way to this command's value (flags, --config) when that one resolves.

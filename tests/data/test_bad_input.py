@@ -272,22 +272,23 @@ def _predict_folder(tmp_path):
 
 
 BAD_INPUTS = {
-    "huge": "too large (100x100 pixels, above max_pixels=5000)",
-    "photos/bad": "not a readable image (truncated image)",
-    "photos/notes": "not a readable image (cannot identify image file)",
+    "huge.png": "too large (100x100 pixels, above max_pixels=5000); raise data.max_pixels",
+    "photos/bad.png": "not a readable image (truncated image)",
+    "photos/notes.png": "not a readable image (cannot identify image file)",
 }
 
 
 def test_predict_folder_skips_bad_files_and_keeps_the_rest(tmp_path):
-    dataset = ConditionFolder(str(_predict_folder(tmp_path)), multiple=16, max_pixels=5000)
+    dataset = ConditionFolder(str(_predict_folder(tmp_path)), max_pixels=5000)
     loader = DataLoader(dataset, batch_size=2, collate_fn=collate_conditions)
     batches = list(loader)  # a_good, huge | photos/bad, photos/notes | photos/z_good
     assert [b["name"] for b in batches] == [["a_good"], [], ["photos/z_good"]]
     assert batches[0]["cond"].shape == (1, 3, 48, 48) and batches[1]["cond"] is None
     assert batches[1]["caption"] == [] and batches[2]["skipped"] == []
-    skipped = {s["name"]: s["reason"] for b in batches for s in b["skipped"]}
+    skipped = {s["name"]: s["detail"] for b in batches for s in b["skipped"]}
     assert skipped == BAD_INPUTS
-    assert dataset[1] == {"name": "huge", "error": BAD_INPUTS["huge"]}  # no exception
+    assert dataset[1] == {"name": "huge", "source": "huge.png", "reason": "too_large",
+                          "error": BAD_INPUTS["huge.png"]}  # fmt: skip
 
 
 def test_predict_folder_unreadable_file_is_named(tmp_path, monkeypatch):
@@ -301,7 +302,8 @@ def test_predict_folder_unreadable_file_is_named(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Path, "read_bytes", read_bytes)
     item = ConditionFolder(str(root))[0]
-    assert item == {"name": "a_good", "error": "unreadable file (Permission denied)"}
+    assert item == {"name": "a_good", "source": "a_good.png", "reason": "unreadable",
+                    "error": "unreadable file (Permission denied)"}  # fmt: skip
 
 
 # ---------------------------------------------------------------- training skip messages

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import tarfile
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from functools import partial
@@ -25,7 +26,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .decode import DEFAULT_MAX_PIXELS, BadSample, CaptionErrors, decode_sample, select_member
-from .folder import ConditionFolder, collate_conditions
+from .folder import ConditionFolder, SizeGroupedBatches, collate_conditions
 from .lockstep import LockstepLoader, distributed_world
 from .pixels import float_pixels
 from .recipes import SR_RECIPES
@@ -303,9 +304,14 @@ class ShardDataModule(L.LightningDataModule):
             resume, so a resumed run does not replay the samples it saw.
         predict_images: folder of condition images for ``predict``.
         predict_prompt: prompt for images without a side ``<stem>.txt``.
-        predict_upscale: scale factor applied to predict inputs (4 for 4x SR).
-        predict_multiple: predict inputs are resized to multiples of this (64 for SD).
-        predict_batch_size: images per predict batch (same-size images only).
+        predict_upscale: scale factor applied to predict inputs (4 for 4x SR); the output
+            is exactly this times the input's size, any height and width.
+        predict_multiple: no longer used (the model pads inputs to its own multiple and
+            crops the output back); kept so older configs load, with a warning.
+        predict_batch_size: images per predict batch; images are batched with others
+            of the same size, so a folder of mixed sizes batches what it can.
+        predict_max_pixels: skip predict inputs whose output (``predict_upscale`` x the
+            size) has more pixels than this (``too_large``), named with the option.
         predict_output: folder for predicted images (default:
             ``<trainer.default_root_dir>/predictions``).
         min_size: skip images whose shorter side is below this (``too_small``); sizes
@@ -342,8 +348,9 @@ class ShardDataModule(L.LightningDataModule):
         predict_images: str | None = None,
         predict_prompt: str = "",
         predict_upscale: int = 1,
-        predict_multiple: int = 64,
+        predict_multiple: int | None = None,
         predict_batch_size: int = 1,
+        predict_max_pixels: int = DEFAULT_MAX_PIXELS,
         predict_output: str | None = None,
         min_size: int = 0,
         max_aspect: float | None = None,
@@ -360,6 +367,19 @@ class ShardDataModule(L.LightningDataModule):
                             max_consecutive_skips, cond_mismatch, caption_errors)  # fmt: skip
         if train_shards:
             shard_sources(train_shards)  # config errors surface now, not in a worker
+        if predict_multiple is not None:
+            warnings.warn(
+                "data.predict_multiple is no longer used: predict keeps each image's size "
+                "(times data.predict_upscale) and the model pads it to its own multiple; "
+                "remove the option",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        if predict_batch_size < 1 or predict_upscale < 1 or predict_max_pixels < 1:
+            raise ValueError(
+                f"data.predict_batch_size={predict_batch_size}, data.predict_upscale="
+                f"{predict_upscale} and data.predict_max_pixels={predict_max_pixels} must be >= 1"
+            )
         self.save_hyperparameters()
         self.train_shards, self.val_shards = train_shards, val_shards
         self.resolution, self.batch_size = resolution, batch_size
@@ -515,13 +535,18 @@ class ShardDataModule(L.LightningDataModule):
         if not hp.predict_images:
             raise ValueError("data.predict_images is empty: give a folder of condition images")
         dataset = ConditionFolder(
-            hp.predict_images, hp.predict_prompt, hp.predict_upscale, hp.predict_multiple,
-            max_pixels=hp.max_pixels,
+            hp.predict_images, hp.predict_prompt, hp.predict_upscale,
+            max_pixels=hp.max_pixels, max_output_pixels=hp.predict_max_pixels,
         )  # fmt: skip
         rank, world = self._rank_and_step()[0], self._world()
+        if rank == 0:
+            for source, name in dataset.renamed:
+                print(f"{source}: another input has the same name; written as {name}.png")
         mine = list(range(rank, len(dataset), world))
+        sizes = [dataset.output_size(i) if i % world == rank else None
+                 for i in range(len(dataset))]  # fmt: skip
         loader = DataLoader(
-            dataset, batch_size=hp.predict_batch_size, shuffle=False, sampler=mine,
+            dataset, batch_sampler=SizeGroupedBatches(mine, sizes, hp.predict_batch_size),
             num_workers=min(self.num_workers, 4), collate_fn=collate_conditions,
         )  # fmt: skip
         return LockstepLoader(
@@ -530,7 +555,8 @@ class ShardDataModule(L.LightningDataModule):
 
     def _predict_padding(self) -> dict[str, Any]:
         r = self.resolution
-        return {"cond": torch.zeros(1, 3, r, r), "caption": [""], "name": [""], "skipped": []}
+        return {"cond": torch.zeros(1, 3, r, r), "caption": [""], "name": [""], "source": [""],
+                "skipped": []}  # fmt: skip
 
 
 class _PaddedWhenEmpty:

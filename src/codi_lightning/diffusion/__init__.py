@@ -7,12 +7,15 @@ from .parameterization import to_output, to_x_eps
 from .sampling import guided_output, randn, sample
 from .schedule import FlowSchedule, NoiseSchedule, betas_from_config, schedule_from_config
 from .solvers import ode_step
+from .tiling import TileGrid, TilingConfig, pad_to_multiple, padded_size, tiled_denoiser
 from .timesteps import grid, sample_pairs, sampling_timesteps, step_ratio
 
 __all__ = [
     "CoDiLossConfig",
     "FlowSchedule",
     "NoiseSchedule",
+    "TileGrid",
+    "TilingConfig",
     "apply_boundary",
     "betas_from_config",
     "boundary_scalings",
@@ -23,12 +26,15 @@ __all__ = [
     "grid",
     "guided_output",
     "ode_step",
+    "pad_to_multiple",
+    "padded_size",
     "randn",
     "sample",
     "sample_pairs",
     "sampling_timesteps",
     "schedule_from_config",
     "step_ratio",
+    "tiled_denoiser",
     "to_output",
     "to_x_eps",
 ]

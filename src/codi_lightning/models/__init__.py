@@ -9,6 +9,7 @@ from .builders import (
     check_resolution,
     encode_prompts,
     load_teacher,
+    network_multiple,
 )
 from .conditioning import Conditioning, ImageSizes, PromptEncoder
 from .tiny import (
@@ -35,6 +36,7 @@ __all__ = [
     "check_resolution",
     "encode_prompts",
     "load_teacher",
+    "network_multiple",
     "save_teacher_folder",
     "write_tiny_flux_teacher",
     "write_tiny_sd3_teacher",

@@ -243,15 +243,21 @@ def check_condition_downsampling(channels: tuple[int, ...], vae_scale: int) -> N
         )
 
 
+def network_multiple(unet: nn.Module) -> tuple[int, str]:
+    """The multiple of the latent's sides the network takes, and what sets it: the
+    UNet's downsampling to its lowest level, a transformer's patch size, or Flux's 2x2
+    packing (of 1x1 patches)."""
+    if type(unet).__name__.startswith("Flux"):  # 1x1 patches of 2x2-packed latents
+        return 2 * int(unet.config.patch_size), "Flux's 2x2 latent packing"
+    if "patch_size" in unet.config:
+        return int(unet.config.patch_size), "transformer patch size"
+    return 2 ** (len(unet.config.block_out_channels) - 1), "UNet downsampling"
+
+
 def check_resolution(resolution: int, vae_scale: int, unet: nn.Module) -> None:
     """The image size must reach the UNet's lowest level (a transformer: whole patches)
     as an integer size."""
-    if type(unet).__name__.startswith("Flux"):  # 1x1 patches of 2x2-packed latents
-        unet_down, what = 2 * int(unet.config.patch_size), "Flux's 2x2 latent packing"
-    elif "patch_size" in unet.config:
-        unet_down, what = int(unet.config.patch_size), "transformer patch size"
-    else:
-        unet_down, what = 2 ** (len(unet.config.block_out_channels) - 1), "UNet downsampling"
+    unet_down, what = network_multiple(unet)
     need = vae_scale * unet_down
     if resolution % need:
         raise ValueError(

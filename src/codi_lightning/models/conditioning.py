@@ -113,6 +113,14 @@ class ImageSizes:
             sizes.target_size,
         )
 
+    def crop(self, top: int, left: int, height: int, width: int) -> ImageSizes:
+        """The geometry of the ``height`` x ``width`` crop at ``(top, left)`` of the
+        generated image (a tile of a tiled sample): the same original size, the crop's
+        corner added to the recorded one, the crop's size as the target."""
+        offset = self.crop_top_left.new_tensor([top, left])
+        target = self.target_size.new_tensor([height, width]).expand_as(self.target_size)
+        return ImageSizes(self.original_size, self.crop_top_left + offset, target.clone())
+
     def __getitem__(self, rows: slice) -> ImageSizes:
         return ImageSizes(
             self.original_size[rows], self.crop_top_left[rows], self.target_size[rows]

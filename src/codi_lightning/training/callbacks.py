@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,14 +12,19 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from torchvision.utils import save_image
 
+from ..data.folder import SKIP_REASONS
+
 
 class ImageWriter(BasePredictionWriter):
-    """Write each predicted image as ``<output_dir>/<input relative name>.png``.
+    """Write each predicted image as ``<output_dir>/<name>.png`` (``name``: the input's
+    relative path without its extension, see ``data.folder.output_names``), each file
+    written under a temporary name and renamed when complete, so an interrupted run
+    leaves no truncated image.
 
-    Inputs the data could not read arrive in ``prediction["skipped"]`` (``[{"name",
-    "reason"}, ...]``, see ``collate_conditions``): each is printed when its batch ends,
-    on the rank that met it. At the end, the written and skipped counts are summed over
-    all ranks and rank 0 prints one summary line.
+    Inputs that could not be used arrive in ``prediction["skipped"]`` (``[{"name",
+    "reason", "detail"}, ...]``, see ``collate_conditions``): each is printed with its
+    full name when its batch ends, on the rank that met it. At the end, the written and
+    skipped counts (per reason) are summed over all ranks and rank 0 prints one line.
     """
 
     def __init__(self, output_dir: str) -> None:
@@ -35,7 +41,7 @@ class ImageWriter(BasePredictionWriter):
         batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0,
     ) -> None:  # fmt: skip
         for entry in _skipped_entries(prediction):
-            print(f"skipped {entry['name']}: {entry['reason']}", flush=True)
+            print(f"skipped {entry['name']}: {entry['detail']}", flush=True)
             self.skipped.append(entry)
         names = prediction.get("names") or []
         images = prediction.get("images")
@@ -49,20 +55,26 @@ class ImageWriter(BasePredictionWriter):
         for image, name in zip(images, names, strict=True):
             path = self.output_dir / f"{name}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_image(image, path)
+            partial = path.with_name(f".{path.name}.partial")
+            save_image(image, partial, format="png")
+            os.replace(partial, path)
             self.written += 1
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # a collective: every rank calls it (on one rank only it would wait forever)
-        counts = torch.tensor(
-            [self.written, len(self.skipped)], dtype=torch.long, device=_device(trainer)
-        )
-        written, skipped = (int(v) for v in trainer.strategy.reduce(counts, reduce_op="sum"))
+        reasons = list(SKIP_REASONS)
+        other = sum(1 for e in self.skipped if e["reason"] not in reasons)
+        counts = [self.written, *(sum(e["reason"] == r for e in self.skipped) for r in reasons)]
+        counts = torch.tensor([*counts, other], dtype=torch.long, device=_device(trainer))
+        total = [int(v) for v in trainer.strategy.reduce(counts, reduce_op="sum")]
         if not trainer.is_global_zero:
             return
+        written, per_reason = total[0], dict(zip([*reasons, "other"], total[1:], strict=True))
         line = f"wrote {written} images to {self.output_dir}"
+        skipped = sum(per_reason.values())
         if skipped:
-            line += f"; skipped {skipped} unreadable inputs (see above)"
+            parts = ", ".join(f"{n} {r}" for r, n in per_reason.items() if n)
+            line += f"; skipped {skipped} inputs ({parts}), named above"
         print(line, flush=True)
 
 
@@ -108,10 +120,11 @@ def _skipped_entries(prediction: dict[str, Any]) -> list[dict[str, str]]:
     if not isinstance(entries, Sequence) or isinstance(entries, str):
         return []  # e.g. a training-style {reason: count} dict: no file names to report
     return [
-        {"name": str(e.get("name", "?")), "reason": str(e.get("reason", "unreadable"))}
+        {"name": str(e.get("name", "?")), "reason": str(e.get("reason", "unreadable")),
+         "detail": str(e.get("detail") or e.get("reason", "unreadable"))}
         for e in entries
         if isinstance(e, dict)
-    ]
+    ]  # fmt: skip
 
 
 def _device(trainer: L.Trainer) -> torch.device:

@@ -26,13 +26,17 @@ from ..checkpoints import (
 )
 from ..diffusion import (
     CoDiLossConfig,
+    TileGrid,
+    TilingConfig,
     codi_loss,
     ema_update,
+    pad_to_multiple,
     randn,
     sample,
     sample_pairs,
     sampling_timesteps,
     schedule_from_config,
+    tiled_denoiser,
 )
 from ..metrics import EvalSuite, MetricsConfig, write_results
 from ..models import (
@@ -41,11 +45,12 @@ from ..models import (
     build_family_adapter,
     check_resolution,
     load_teacher,
+    network_multiple,
 )
 from ..models.teachers import FAMILIES
 from .frozen import SkipFrozenState
 from .optim import optimizers_for
-from .parallel import data_parallel_mesh, enable_memory_savers, shard_blocks
+from .parallel import data_parallel_mesh, enable_memory_savers, keep_unsharded, shard_blocks
 from .run import check_float_pixels, logs_this_step, run_dir, seeded_generator
 from .visualize import save_grid
 
@@ -116,6 +121,9 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
             predict, instead of the deterministic one.
         metrics: which metrics ``test`` computes, and their weights.
         predict_steps: sampling steps of ``codi-lightning predict``.
+        tiling: when large outputs are sampled in overlapping tiles (``mode``,
+            ``tile_size``, ``overlap``, ``untiled_max_pixels``; sizes in output pixels),
+            see :class:`~codi_lightning.diffusion.TilingConfig`.
         grad_clip_norm: clip the trainable gradients to this total norm (works under FSDP2
             and DDP; use it instead of ``trainer.gradient_clip_val``).
         gradient_checkpointing: activation checkpointing in the adapter and the UNets.
@@ -161,6 +169,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         eval_stochastic: bool = False,
         metrics: MetricsConfig = MetricsConfig(),
         predict_steps: int = 4,
+        tiling: TilingConfig = TilingConfig(),
         grad_clip_norm: float | None = None,
         gradient_checkpointing: bool = False,
         channels_last: bool = False,
@@ -179,10 +188,12 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         self.metrics_config = (
             metrics if isinstance(metrics, MetricsConfig) else MetricsConfig(**metrics)
         )
+        self.tiling = tiling if isinstance(tiling, TilingConfig) else TilingConfig(**tiling)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         # plain types only, so checkpoints load with torch.load(weights_only=True)
         self.hparams["loss"] = dataclasses.asdict(self.loss_config)
         self.hparams["metrics"] = dataclasses.asdict(self.metrics_config)
+        self.hparams["tiling"] = dataclasses.asdict(self.tiling)
         self.hparams["val_steps"] = [int(s) for s in val_steps]
         self.hparams["test_steps"] = [int(s) for s in test_steps]
         self.optimizer_factory = optimizer
@@ -235,6 +246,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         self._test_grid: dict[str, Tensor] = {}  # rank 0: columns of test_samples.png
         self._model_configured = False
         self._run_dir: Path | None = None
+        self._tile_size = 512  # tiling.tile_size's default: the run's data.resolution (setup)
 
     def _set_schedule(self, resolution: int | None) -> None:
         """The schedule of the teacher's scheduler config; for a size-dependent one, at
@@ -606,33 +618,103 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         sizes: ImageSizes | None = None,
     ) -> Tensor:
-        """Sample images in [0, 1] for conditions ``cond`` ([B, 3, H, W] in [0, 1]).
+        """Sample images in [0, 1] for conditions ``cond`` ([B, 3, H, W] in [0, 1]) at the
+        condition's size, any height and width: the condition is padded to
+        :attr:`pixel_multiple` (reflected), sampled, and the images cropped back. Outputs
+        that :attr:`tiling` sends to tiles are sampled in overlapping latent tiles blended
+        at every step, with the VAE tiled too (``diffusion.tiling``).
 
         ``generator`` may be a list, one per sample (row i's noise from generator i).
         ``sizes``: the samples' recorded geometry (default: original = the condition's
         size, no crop)."""
+        batch, _, height, width = cond.shape
         if sizes is None:
-            sizes = ImageSizes.default(cond.shape[0], tuple(cond.shape[-2:]), self.device)
+            sizes = ImageSizes.default(batch, (height, width), self.device)
         text = self.encode_text(captions, sizes)
         which = "target" if use_target else "online"
-        adapter_cond = self.adapter_condition(cond)
+        cond = pad_to_multiple(cond, self.pixel_multiple)
+        grid = self.tile_grid(*cond.shape[-2:]) if self.tiling.wants_tiles(height, width) else None
         embedded = self.embedded_guidance(text, guidance_scale) if guidance_scale != 1 else None
         if embedded is not None:  # a guidance input (Flux-dev): one pass, no CFG
             text, guidance_scale = embedded, 1.0
-        model = self.denoiser(which, text, adapter_cond)
-        uncond = None
-        if guidance_scale != 1.0:
-            uncond = self.denoiser(which, self.unconditional(text), adapter_cond)
-        # the latents' channels (Flux's network sees them packed: 4x as many)
-        channels = self.vae.config.latent_channels if self.vae is not None else None
-        channels = channels or self.unet.config.in_channels
-        size = cond.shape[-1] // self.vae_scale
-        noise = randn((cond.shape[0], channels, size, size), generator, device=self.device)
-        latents = self.run_sampler(
-            model, noise, num_steps, stochastic=stochastic, generator=generator,
-            uncond_model=uncond, guidance_scale=guidance_scale,
-        )  # fmt: skip
-        return self.decode_latents(latents)
+        with self.vae_tiles(grid):
+            adapter_cond = self.adapter_condition(cond)
+            region = partial(self.region_denoiser, which, cond=adapter_cond, grid=grid,
+                             sizes=sizes, size=(height, width))  # fmt: skip
+            model = region(text)
+            uncond = region(self.unconditional(text)) if guidance_scale != 1.0 else None
+            # the latents' channels (Flux's network sees them packed: 4x as many)
+            channels = self.vae.config.latent_channels if self.vae is not None else None
+            channels = channels or self.unet.config.in_channels
+            latent = (cond.shape[-2] // self.vae_scale, cond.shape[-1] // self.vae_scale)
+            noise = randn((batch, channels, *latent), generator, device=self.device)
+            latents = self.run_sampler(
+                model, noise, num_steps, stochastic=stochastic, generator=generator,
+                uncond_model=uncond, guidance_scale=guidance_scale,
+            )  # fmt: skip
+            images = self.decode_latents(latents)
+        return images[..., :height, :width]
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Sampled sizes are multiples of this: the VAE factor times the network's own
+        multiple (UNet downsampling, transformer patch, Flux's 2x2 packing)."""
+        return self.vae_scale * network_multiple(self.unet)[0]
+
+    def tile_grid(self, height: int, width: int) -> TileGrid:
+        """The latent tiles of a padded ``height`` x ``width`` pixel output, from
+        :attr:`tiling` (tile size default: the run's ``data.resolution``)."""
+        tile = self.tiling.tile_size or self._tile_size
+        overlap = self.tiling.overlap if self.tiling.overlap is not None else tile // 4
+        v = self.vae_scale
+        unit = network_multiple(self.unet)[0]
+        return TileGrid(height // v, width // v, max(tile // v, unit), overlap // v, unit)
+
+    def region_denoiser(
+        self,
+        which: Literal["online", "target", "teacher"],
+        text: Conditioning,
+        *,
+        cond: Tensor,
+        grid: TileGrid | None,
+        sizes: ImageSizes,
+        size: tuple[int, int],
+    ) -> Callable[[Tensor, Tensor], Tensor]:
+        """:meth:`denoiser` over the whole latent, or over the tiles of ``grid``: each
+        tile sees its crop of ``cond`` (the adapter's input) and, for families that embed
+        the image geometry (SDXL), its own crop of the ``size`` (height, width) output in
+        ``sizes``; the outputs are blended (``diffusion.tiled_denoiser``)."""
+        if grid is None:
+            return self.denoiser(which, text, cond)
+        per_latent = cond.shape[-2] // grid.height  # condition pixels per latent pixel
+        v = self.vae_scale
+
+        def model_for(ys: slice, xs: slice) -> Callable[[Tensor, Tensor], Tensor]:
+            crop = cond[..., ys.start * per_latent : ys.stop * per_latent,
+                        xs.start * per_latent : xs.stop * per_latent]  # fmt: skip
+            top, left = ys.start * v, xs.start * v
+            tile = sizes.crop(top, left, min(ys.stop * v, size[0]) - top,
+                              min(xs.stop * v, size[1]) - left)  # fmt: skip
+            return self.denoiser(which, self.text_encoder.add_sizes(text, tile), crop)
+
+        return tiled_denoiser(model_for, grid)
+
+    @contextlib.contextmanager
+    def vae_tiles(self, grid: TileGrid | None) -> Iterator[None]:
+        """With a tile grid, the VAE encodes and decodes in tiles of the grid's size
+        (diffusers' ``enable_tiling``; an image no larger than a tile is one pass)."""
+        vae = self.vae
+        if grid is None or vae is None or not hasattr(vae, "use_tiling"):
+            yield
+            return
+        saved = vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size
+        vae.use_tiling = True
+        vae.tile_latent_min_size = grid.tile
+        vae.tile_sample_min_size = grid.tile * self.vae_scale
+        try:
+            yield
+        finally:
+            vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = saved
 
     def run_sampler(
         self,
@@ -772,15 +854,39 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         return path
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Images for the batch's inputs; a padding batch is sampled too (FSDP2) and
-        returns none. ``skipped`` passes the unreadable inputs on to the writer."""
+        """Images for the batch's inputs, each at its condition's size; a padding batch is
+        sampled too (FSDP2) and returns none. Conditions of several sizes (a list, see
+        ``data.folder.collate_conditions``) are sampled one size at a time. ``skipped``
+        passes the unusable inputs on to the writer."""
         keys = sample_keys(batch, "name", batch_idx)
-        images = self._eval_samples(batch, self.hparams.predict_steps, keys)
+        conds = batch["cond"]
+        if isinstance(conds, Tensor):
+            images = list(self._eval_samples(batch, self.hparams.predict_steps, keys).cpu())
+        else:  # mixed sizes: one pass per size, in the batch's order
+            images = [None] * len(conds)
+            by_size: dict[tuple[int, ...], list[int]] = {}
+            for i, c in enumerate(conds):
+                by_size.setdefault(tuple(c.shape), []).append(i)
+            for rows in by_size.values():
+                part = {"cond": torch.stack([conds[i] for i in rows]),
+                        "caption": [batch["caption"][i] for i in rows]}  # fmt: skip
+                out = self._eval_samples(part, self.hparams.predict_steps, [keys[i] for i in rows])
+                for i, image in zip(rows, out.cpu(), strict=True):
+                    images[i] = image
         if batch.get("pad"):
-            images, names = images[:0], []
+            images, names = [], []
         else:
             names = batch["name"]
-        return {"images": images.cpu(), "names": names, "skipped": batch.get("skipped", [])}
+        return {"images": images, "names": names, "skipped": batch.get("skipped", [])}
+
+    def on_predict_start(self) -> None:
+        """Under FSDP2, gather the sharded networks once and keep them whole: predict
+        samples each input at its own size (tiles, size groups), so ranks run different
+        numbers of forwards, and a sharded forward is a collective."""
+        keep_unsharded(self, True)
+
+    def on_predict_end(self) -> None:
+        keep_unsharded(self, False)
 
     @property
     def run_dir(self) -> Path:
@@ -792,6 +898,8 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
     def setup(self, stage: str) -> None:
         self._run_dir = run_dir(self.trainer)  # a collective: here, where every rank is
         resolution = getattr(getattr(self.trainer, "datamodule", None), "resolution", None)
+        if resolution is not None:
+            self._tile_size = int(resolution)
         if resolution is not None and stage in ("fit", "validate", "test"):
             check_resolution(int(resolution), self.vae_scale, self.unet)
         if self.schedule is None:  # a size-dependent schedule: the run's resolution

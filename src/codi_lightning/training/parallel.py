@@ -36,6 +36,26 @@ def shard_blocks(module: nn.Module, mesh) -> int:
     return units + 1
 
 
+def keep_unsharded(module: nn.Module, whole: bool) -> int:
+    """``whole=True``: gather every FSDP2 unit under ``module`` (a collective: every rank
+    calls it, in the same module order) and keep it gathered after each forward, so
+    forwards need no collective and ranks may run different numbers of them (inference
+    on inputs of different sizes); ``whole=False``: shard again after each forward and
+    free the gathered parameters (local). Returns the number of units (0 without FSDP2)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return 0
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(not whole, recurse=False)
+        if whole:
+            unit.unshard()
+        else:
+            unit.reshard()
+    return len(units)
+
+
 def data_parallel_mesh(mesh):
     """The data-parallel sub-mesh of Lightning's ``ModelParallelStrategy`` mesh."""
     if mesh is None:
