@@ -187,3 +187,54 @@ def check_adapter_reads_the_condition(m, batch, text, cond, z, t, teacher) -> No
         b = m.denoiser("online", text, m.adapter_condition(1 - batch["cond"]))(z, t)
     adapter.load_state_dict(saved)
     assert not torch.allclose(a, teacher) and not torch.allclose(a, b)
+
+
+def write_photo_folder(root: Path) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
+    """A folder of predict inputs as users have them: non-square and odd sizes, a 1x1
+    image, three same-size images (one batch), inputs whose names clash (``same.jpg``,
+    ``same.png`` and, case-insensitively, ``Same.bmp``), a unicode name with spaces in a
+    subfolder, a two-frame GIF, a side prompt file, a truncated PNG, a JSON file and a
+    300x300 image (1200x1200 at 4x, above a 1 MP output limit).
+
+    Returns the expected outputs at 4x (``{relative name: (width, height)}``) and the
+    expected skips (``{input path: start of the reason}``); run predict with
+    ``--data.predict_max_pixels 1000000``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+
+    def save(name: str, w: int, h: int, **kw) -> None:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path, **kw)
+
+    sizes = {"wide.png": (12, 7), "tall.jpg": (5, 11), "one.png": (1, 1), "odd.webp": (9, 13),
+             "same.jpg": (8, 8), "same.png": (6, 10), "Same.bmp": (7, 7), "sq1.png": (8, 8),
+             "sq2.png": (8, 8), "sq3.png": (8, 8), "sub dir/ünïcode name.png": (7, 5)}  # fmt: skip
+    for name, (w, h) in sizes.items():
+        save(name, w, h)
+    frames = [Image.new("RGB", (10, 6), c) for c in ((200, 30, 30), (30, 200, 30))]
+    frames[0].save(root / "anim.gif", save_all=True, append_images=frames[1:])
+    (root / "wide.txt").write_text("a wide picture")  # a side prompt, not an input
+    save("big.png", 300, 300)
+    (root / "trunc.png").write_bytes((root / "sq1.png").read_bytes()[:60])
+    (root / "notes.json").write_text("{}")
+    names = {"same.jpg": "same.jpg", "same.png": "same.png", "Same.bmp": "Same.bmp"}
+    expected = {names.get(k, k.rsplit(".", 1)[0]): (4 * w, 4 * h) for k, (w, h) in sizes.items()}
+    expected["anim"] = (40, 24)
+    skipped = {"big.png": "a 300x300 input makes a 1200x1200 output (1.4 MP), above "
+               "data.predict_max_pixels=1000000", "trunc.png": "not a readable image",
+               "notes.json": "not an image file"}  # fmt: skip
+    return expected, skipped
+
+
+def check_predictions(preds: Path, expected: dict[str, tuple[int, int]]) -> None:
+    """Every expected output written once, at its pixel size, and nothing else."""
+    from PIL import Image
+
+    written = {p.relative_to(preds).as_posix()[: -len(".png")]: p for p in preds.rglob("*.png")}
+    assert sorted(written) == sorted(expected)
+    assert not [p for p in preds.rglob("*") if p.is_file() and p.suffix != ".png"]
+    for name, size in expected.items():
+        assert Image.open(written[name]).size == size, name

@@ -575,3 +575,33 @@ def test_sdxl_config_fit_test_predict_export(tmp_path, tiny_sdxl_teacher, tiny_s
     assert payload["results"]["2"]["images"] == 10
     card = predict_and_export(config, last, tmp_path, run_card=False)
     assert "StableDiffusionXLControlNetPipeline" in card
+
+
+@pytest.mark.parametrize("tiles", [False, True])
+def test_predict_writes_every_photo_of_a_mixed_folder_at_its_size(
+    tmp_path, tiny_teacher, tiny_shards, capsys, tiles
+):
+    """A folder as users have them (see ``write_photo_folder``), in the config's batches
+    of 8: every good input written once at 4x its size (non-square, 1x1, clashing
+    names kept apart), every bad one named with its reason, one summary line; with
+    ``tiling.mode on`` and 16 px tiles the 12x7 input alone is 3 x 2 tiles."""
+    from conftest import check_predictions, write_photo_folder
+
+    config, _ = _tiny_config(tmp_path, tiny_teacher, tiny_shards)
+    inputs = tmp_path / "photos"
+    expected, skipped = write_photo_folder(inputs)
+    preds = tmp_path / "preds"
+    extra = ["--model.tiling.mode", "on", "--model.tiling.tile_size", "16"] if tiles else []
+    main(["predict", "--config", str(config), "--data.predict_images", str(inputs),
+          "--data.predict_output", str(preds), "--data.predict_max_pixels", "1000000",
+          *extra])  # fmt: skip
+    check_predictions(preds, expected)
+    out = capsys.readouterr().out
+    for source, reason in skipped.items():
+        assert f"skipped {source}: {reason}" in out
+    for source in ("same.jpg", "same.png", "Same.bmp"):
+        assert f"{source}: another input has the same name; written as {source}.png" in out
+    assert (
+        f"wrote {len(expected)} images to {preds}; skipped 3 inputs (1 not_an_image_file, "
+        "1 unreadable, 1 too_large), named above" in out
+    )

@@ -72,7 +72,7 @@ def _config(root: Path, teacher: Path, train: str, val: str) -> Path:
     cfg["model"]["metrics"].update(kid_subset_size=1000, swd=True)  # KID over all: deterministic
     cfg["data"].update(
         train_shards=train, val_shards=val, num_workers=2, batch_size=2, val_batch_size=2,
-        predict_multiple=8, predict_batch_size=2,
+        predict_batch_size=2,
     )  # fmt: skip
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -87,7 +87,6 @@ def _metrics(folder: Path) -> dict:
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_process_cli(strategy, tmp_path, tiny_teacher, tiny_shards, uneven_val):
-    from PIL import Image
 
     config = _config(tmp_path, tiny_teacher, tiny_shards["train"], uneven_val["three"])
     base = ["--config", str(config), *STRATEGIES[strategy]]
@@ -131,16 +130,21 @@ def test_two_process_cli(strategy, tmp_path, tiny_teacher, tiny_shards, uneven_v
         for name, value in row.items():
             assert got[steps][name] == pytest.approx(value, rel=1e-3, abs=1e-5), (steps, name)
 
-    # predict: 5 inputs over 2 ranks in batches of 2, each written exactly once
-    inputs = tmp_path / "lowres"
-    inputs.mkdir()
-    for i in range(5):
-        Image.new("RGB", (8, 8), (40 * i, 100, 200)).save(inputs / f"in{i}.png")
+    # predict: a folder of mixed photos over 2 ranks, in size-grouped batches of 2, some in
+    # tiles (the ranks run different numbers of forwards; FSDP2 gathers the adapter once)
+    from conftest import check_predictions, write_photo_folder
+
+    inputs = tmp_path / "photos"
+    expected, skipped = write_photo_folder(inputs)
     preds = tmp_path / "preds"
     log = run_cli(["predict", *base, "--ckpt_path", str(last), "--data.predict_images",
-                   str(inputs), "--data.predict_output", str(preds)], tmp_path)  # fmt: skip
-    assert sorted(p.name for p in preds.iterdir()) == [f"in{i}.png" for i in range(5)]
-    assert "wrote 5 images" in log
+                   str(inputs), "--data.predict_output", str(preds), "--data.predict_max_pixels",
+                   "1000000", "--model.tiling.untiled_max_pixels", "1000",
+                   "--model.tiling.tile_size", "16"], tmp_path)  # fmt: skip
+    check_predictions(preds, expected)
+    for source, reason in skipped.items():
+        assert f"skipped {source}: {reason}" in log
+    assert log.count(f"wrote {len(expected)} images to {preds}; skipped 3 inputs") == 1
 
     # export from the 2-process checkpoint (file or distributed folder)
     exported = tmp_path / "exported"

@@ -120,6 +120,42 @@ def test_stock_diffusers_pipeline_matches_our_sampler(pe_export, tiny_teacher):
     torch.testing.assert_close(det, det_module, rtol=0, atol=1e-5)
 
 
+def test_non_square_outputs_follow_the_cards_rule(pe_export, tiny_teacher):
+    """Any size: the stock pipeline given the reflect-padded condition and the padded
+    ``height``/``width`` (the card's rule), cropped back, is what ``CoDiPipeline`` and the
+    module return for the unpadded condition; one tile of ``tiling`` changes nothing."""
+    import torch.nn.functional as F
+    from diffusers import ControlNetModel, LCMScheduler, StableDiffusionControlNetPipeline
+
+    from codi_lightning.diffusion import TilingConfig
+
+    m, out, _ = pe_export
+    cond = torch.rand(1, 3, 20, 44, generator=torch.Generator().manual_seed(3))
+    multiple = m.pixel_multiple
+    ph, pw = -(-20 // multiple) * multiple, -(-44 // multiple) * multiple
+    padded = F.pad(cond, (0, pw - 44, 0, ph - 20), mode="reflect")
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(
+        str(tiny_teacher), controlnet=ControlNetModel.from_pretrained(out / "controlnet"),
+        safety_checker=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.scheduler = LCMScheduler.from_pretrained(out / "scheduler")
+    pipe.set_progress_bar_config(disable=True)
+    stock = pipe(["a red circle"], image=padded, num_inference_steps=2, guidance_scale=1.0,
+                 height=ph, width=pw, output_type="pt",
+                 generator=torch.Generator().manual_seed(1)).images[..., :20, :44]  # fmt: skip
+    ours = CoDiPipeline.from_exported(str(out), str(tiny_teacher))
+    mine = ours(cond, ["a red circle"], 2, stochastic=True,
+                generator=torch.Generator().manual_seed(1))  # fmt: skip
+    module = m.sample_images(cond, ["a red circle"], 2, stochastic=True,
+                             generator=torch.Generator().manual_seed(1))  # fmt: skip
+    assert mine.shape == (1, 3, 20, 44)
+    torch.testing.assert_close(stock, mine, rtol=0, atol=1e-5)
+    torch.testing.assert_close(module, mine, rtol=0, atol=1e-5)
+    one_tile = ours(cond, ["a red circle"], 2, stochastic=True, tiling=TilingConfig(mode="on"),
+                    generator=torch.Generator().manual_seed(1))  # fmt: skip
+    assert torch.equal(one_tile, mine)
+
+
 def test_stock_deterministic_scheduler_matches_our_sampler(pe_export):
     """The card's StableDiffusionControlNetPipeline with ``scheduler_deterministic/``
     (first-order DPM-Solver++, i.e. DDIM with eps_hat) on the card's timesteps gives the

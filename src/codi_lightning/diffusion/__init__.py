@@ -7,7 +7,14 @@ from .parameterization import to_output, to_x_eps
 from .sampling import guided_output, randn, sample
 from .schedule import FlowSchedule, NoiseSchedule, betas_from_config, schedule_from_config
 from .solvers import ode_step
-from .tiling import TileGrid, TilingConfig, pad_to_multiple, padded_size, tiled_denoiser
+from .tiling import (
+    TileGrid,
+    TilingConfig,
+    pad_to_multiple,
+    padded_size,
+    tiled_denoiser,
+    tiled_over,
+)
 from .timesteps import grid, sample_pairs, sampling_timesteps, step_ratio
 
 __all__ = [
@@ -35,6 +42,7 @@ __all__ = [
     "schedule_from_config",
     "step_ratio",
     "tiled_denoiser",
+    "tiled_over",
     "to_output",
     "to_x_eps",
 ]

@@ -171,6 +171,31 @@ def tiled_denoiser(model_for: Callable[[slice, slice], Denoiser], grid: TileGrid
     return model
 
 
+def tiled_over(
+    make: Callable[[Tensor, tuple[int, int, int, int]], Denoiser],
+    cond: Tensor,
+    grid: TileGrid,
+    vae_scale: int,
+    size: tuple[int, int],
+) -> Denoiser:
+    """:func:`tiled_denoiser` for a network whose condition ``cond`` covers the latent
+    at any multiple of its size (pixels for a ControlNet, latents for SD3/Flux):
+    ``make(cond_crop, (top, left, height, width))`` builds the denoiser of one tile from
+    its crop of ``cond`` and its box in the ``size`` (height, width) output, in pixels
+    (the box stops at the output's edge; the padding beyond it is not part of it)."""
+    per_latent = cond.shape[-2] // grid.height  # condition pixels per latent pixel
+
+    def model_for(ys: slice, xs: slice) -> Denoiser:
+        crop = cond[..., ys.start * per_latent : ys.stop * per_latent,
+                    xs.start * per_latent : xs.stop * per_latent]  # fmt: skip
+        top, left = ys.start * vae_scale, xs.start * vae_scale
+        box = (top, left, min(ys.stop * vae_scale, size[0]) - top,
+               min(xs.stop * vae_scale, size[1]) - left)  # fmt: skip
+        return make(crop, box)
+
+    return tiled_denoiser(model_for, grid)
+
+
 __all__ = [
     "TileGrid",
     "TilingConfig",
@@ -178,4 +203,5 @@ __all__ = [
     "padded_size",
     "tile_starts",
     "tiled_denoiser",
+    "tiled_over",
 ]

@@ -8,8 +8,23 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..diffusion import NoiseSchedule, sample, sampling_timesteps
-from ..models import Conditioning, ImageSizes, TeacherParts, load_teacher
+from ..diffusion import (
+    NoiseSchedule,
+    TileGrid,
+    TilingConfig,
+    pad_to_multiple,
+    sample,
+    sampling_timesteps,
+    tiled_over,
+)
+from ..models import (
+    Conditioning,
+    ImageSizes,
+    TeacherParts,
+    load_teacher,
+    network_multiple,
+    vae_tiles,
+)
 
 
 class CoDiPipeline:
@@ -95,30 +110,55 @@ class CoDiPipeline:
         stochastic: bool = False,
         guidance_scale: float = 1.0,
         sizes: ImageSizes | None = None,
+        tiling: TilingConfig | None = None,
     ) -> Tensor:
-        """Images in [0, 1] for conditions ``cond`` ([B, 3, H, W] in [0, 1]); ``sizes``
-        (SDXL) default to original = the condition's size, no crop, as the module's."""
+        """Images in [0, 1] for conditions ``cond`` ([B, 3, H, W] in [0, 1]), at the
+        condition's size, any height and width: as ``CoDiDistillation.sample_images``, the
+        condition is padded (reflected) to the VAE factor times the UNet's downsampling,
+        sampled, and the images cropped back; with ``tiling`` (``TilingConfig``: tile size
+        default 512 px) large outputs are sampled in blended tiles. ``sizes`` (SDXL)
+        default to original = the condition's size, no crop, as the module's."""
         cond = cond.to(self.device)
-        prompts = list(prompts) if prompts is not None else [""] * len(cond)
+        batch, _, height, width = cond.shape
+        prompts = list(prompts) if prompts is not None else [""] * batch
         if sizes is None:
-            sizes = ImageSizes.default(len(cond), tuple(cond.shape[-2:]), self.device)
+            sizes = ImageSizes.default(batch, (height, width), self.device)
         text = self.encode_text(prompts, sizes)
+        unit = network_multiple(self.parts.unet)[0]
+        scale = self.parts.vae_scale
+        cond = pad_to_multiple(cond, scale * unit)
+        grid = None
+        if tiling is not None and tiling.wants_tiles(height, width):
+            tile = tiling.tile_size or 512
+            overlap = tiling.overlap if tiling.overlap is not None else tile // 4
+            grid = TileGrid(cond.shape[-2] // scale, cond.shape[-1] // scale,
+                            max(tile // scale, unit), overlap // scale, unit)  # fmt: skip
+
+        def region(y: Conditioning):
+            if grid is None:
+                return self._denoiser(y, cond)
+            encoder = self.parts.prompt_encoder
+            return tiled_over(lambda c, box: self._denoiser(encoder.add_sizes(y, sizes.crop(*box)), c),
+                              cond, grid, scale, (height, width))  # fmt: skip
+
         uncond = None
         if guidance_scale != 1.0:
-            uncond = self._denoiser(text.with_text(self.encode_text([""] * len(cond))), cond)
-        size = cond.shape[-1] // self.parts.vae_scale
-        shape = (len(cond), self.parts.unet.config.in_channels, size, size)
+            uncond = region(text.with_text(self.encode_text([""] * batch)))
+        shape = (batch, self.parts.unet.config.in_channels, cond.shape[-2] // scale,
+                 cond.shape[-1] // scale)  # fmt: skip
         noise = torch.randn(shape, generator=generator, device=self.device)
         timesteps = sampling_timesteps(num_steps, self.schedule.num_train_timesteps, self.num_grid)
-        latents = sample(self._denoiser(text, cond), noise, self.schedule, timesteps,
-                         stochastic=stochastic, generator=generator, uncond_model=uncond,
-                         guidance_scale=guidance_scale)  # fmt: skip
         vae = self.parts.vae
-        if vae is not None:
-            if self.parts.vae_upcast and vae.dtype == torch.float16:
-                vae.float()  # the SDXL VAE overflows in fp16
-            latents = vae.decode(latents.to(vae.dtype) / self.parts.scaling_factor).sample
-        return ((latents.float() + 1) / 2).clamp(0, 1)
+        with vae_tiles(vae, grid, scale):
+            latents = sample(region(text), noise, self.schedule, timesteps,
+                             stochastic=stochastic, generator=generator, uncond_model=uncond,
+                             guidance_scale=guidance_scale)  # fmt: skip
+            if vae is not None:
+                if self.parts.vae_upcast and vae.dtype == torch.float16:
+                    vae.float()  # the SDXL VAE overflows in fp16
+                latents = vae.decode(latents.to(vae.dtype) / self.parts.scaling_factor).sample
+        images = ((latents.float() + 1) / 2).clamp(0, 1)
+        return images[..., :height, :width]
 
     def to_diffusers(self, folder: str):
         """The stock ``StableDiffusionControlNetPipeline`` (SDXL:

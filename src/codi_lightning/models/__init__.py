@@ -10,6 +10,7 @@ from .builders import (
     encode_prompts,
     load_teacher,
     network_multiple,
+    vae_tiles,
 )
 from .conditioning import Conditioning, ImageSizes, PromptEncoder
 from .tiny import (
@@ -37,6 +38,7 @@ __all__ = [
     "encode_prompts",
     "load_teacher",
     "network_multiple",
+    "vae_tiles",
     "save_teacher_folder",
     "write_tiny_flux_teacher",
     "write_tiny_sd3_teacher",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..diffusion import TileGrid
 from .conditioning import PromptEncoder, tokenize
 
 DEFAULT_COND_CHANNELS = (16, 32, 96, 256)
@@ -264,3 +267,20 @@ def check_resolution(resolution: int, vae_scale: int, unet: nn.Module) -> None:
             f"data.resolution={resolution} is not a multiple of {need} (VAE factor {vae_scale} "
             f"x {what} {unet_down}); use e.g. {max(need, resolution // need * need)}."
         )
+
+
+@contextlib.contextmanager
+def vae_tiles(vae: nn.Module | None, grid: TileGrid | None, vae_scale: int) -> Iterator[None]:
+    """With a tile grid, the VAE encodes and decodes in tiles of the grid's size
+    (diffusers' ``enable_tiling``, blending its tiles' borders; an image no larger than a
+    tile is one pass). Nothing changes without a grid or a tiling VAE."""
+    if grid is None or vae is None or not hasattr(vae, "use_tiling"):
+        yield
+        return
+    saved = vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size
+    vae.use_tiling = True
+    vae.tile_latent_min_size, vae.tile_sample_min_size = grid.tile, grid.tile * vae_scale
+    try:
+        yield
+    finally:
+        vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = saved

@@ -36,7 +36,7 @@ from ..diffusion import (
     sample_pairs,
     sampling_timesteps,
     schedule_from_config,
-    tiled_denoiser,
+    tiled_over,
 )
 from ..metrics import EvalSuite, MetricsConfig, write_results
 from ..models import (
@@ -46,6 +46,7 @@ from ..models import (
     check_resolution,
     load_teacher,
     network_multiple,
+    vae_tiles,
 )
 from ..models.teachers import FAMILIES
 from .frozen import SkipFrozenState
@@ -637,7 +638,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         embedded = self.embedded_guidance(text, guidance_scale) if guidance_scale != 1 else None
         if embedded is not None:  # a guidance input (Flux-dev): one pass, no CFG
             text, guidance_scale = embedded, 1.0
-        with self.vae_tiles(grid):
+        with vae_tiles(self.vae, grid, self.vae_scale):
             adapter_cond = self.adapter_condition(cond)
             region = partial(self.region_denoiser, which, cond=adapter_cond, grid=grid,
                              sizes=sizes, size=(height, width))  # fmt: skip
@@ -686,35 +687,11 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         ``sizes``; the outputs are blended (``diffusion.tiled_denoiser``)."""
         if grid is None:
             return self.denoiser(which, text, cond)
-        per_latent = cond.shape[-2] // grid.height  # condition pixels per latent pixel
-        v = self.vae_scale
 
-        def model_for(ys: slice, xs: slice) -> Callable[[Tensor, Tensor], Tensor]:
-            crop = cond[..., ys.start * per_latent : ys.stop * per_latent,
-                        xs.start * per_latent : xs.stop * per_latent]  # fmt: skip
-            top, left = ys.start * v, xs.start * v
-            tile = sizes.crop(top, left, min(ys.stop * v, size[0]) - top,
-                              min(xs.stop * v, size[1]) - left)  # fmt: skip
-            return self.denoiser(which, self.text_encoder.add_sizes(text, tile), crop)
+        def tile_model(crop: Tensor, box: tuple[int, int, int, int]):
+            return self.denoiser(which, self.text_encoder.add_sizes(text, sizes.crop(*box)), crop)
 
-        return tiled_denoiser(model_for, grid)
-
-    @contextlib.contextmanager
-    def vae_tiles(self, grid: TileGrid | None) -> Iterator[None]:
-        """With a tile grid, the VAE encodes and decodes in tiles of the grid's size
-        (diffusers' ``enable_tiling``; an image no larger than a tile is one pass)."""
-        vae = self.vae
-        if grid is None or vae is None or not hasattr(vae, "use_tiling"):
-            yield
-            return
-        saved = vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size
-        vae.use_tiling = True
-        vae.tile_latent_min_size = grid.tile
-        vae.tile_sample_min_size = grid.tile * self.vae_scale
-        try:
-            yield
-        finally:
-            vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = saved
+        return tiled_over(tile_model, cond, grid, self.vae_scale, size)
 
     def run_sampler(
         self,
