@@ -33,6 +33,31 @@ def _run_card(folder, condition):
     return namespace
 
 
+def _run_size_block(folder, namespace, condition):
+    """Run the card's "Any output size" snippet after its usage snippet (``namespace``
+    from :func:`_run_card`) on ``condition``; returns the image it makes."""
+    card = (folder / "README.md").read_text()
+    code = card.split("## Any output size", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    namespace["condition"] = condition
+    exec(compile(code, "README.md (any size)", "exec"), namespace)
+    return namespace["image"]
+
+
+@pytest.mark.parametrize("which", ["pe_export", "pixel_export"])
+def test_cards_any_size_snippet_is_predicts_rule(which, request):
+    """The card's padding snippet, run as written on a 20x44 condition, gives an image of
+    that size; for the pixel-space card (the stock deterministic scheduler in a loop)
+    it is the module's deterministic sample of the same condition and seed."""
+    m, out = request.getfixturevalue(which)[:2]
+    namespace = _run_card(out, torch.rand(1, 3, 32, 32))
+    cond = torch.rand(1, 3, 20, 44, generator=torch.Generator().manual_seed(4))
+    image = _run_size_block(out, namespace, cond)
+    assert image.shape == (1, 3, 20, 44)
+    if which == "pixel_export":
+        mine = m.sample_images(cond, [""], 4, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(image, mine, rtol=0, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def pe_export(tiny_teacher, tmp_path_factory):
     root = tmp_path_factory.mktemp("pe")

@@ -51,6 +51,7 @@ def test_layout_and_weights(codi_export, tmp_path):
         assert set(saved) == set(own) and all(torch.equal(saved[k], own[k]) for k in own)
     card = (out / "README.md").read_text()
     assert FAMILIES[family]["pipeline"] in card and "sigmas = [1.0, 0.75, 0.5, 0.25]" in card
+    assert f"whose sides are multiples of {m.pixel_multiple} " in card  # the padding rule
     pe = tmp_path / "pe.ckpt"
     _checkpoint(teacher, pe, **FAMILIES[family]["kw"])
     assert not (export_checkpoint(str(pe), str(tmp_path / "pe")) / "transformer").exists()

@@ -37,6 +37,7 @@ import torch
 from ..checkpoints import check_teacher, read_checkpoint
 from ..diffusion import sampling_timesteps
 from ..models import adapter_cond_channels, check_condition_downsampling
+from ..models.builders import multiple_from_config
 from ..models.teachers import family_of, read_model_index
 
 
@@ -142,7 +143,7 @@ def export_checkpoint(
     deterministic.save_pretrained(out / "scheduler_deterministic")
     num_train = int(lcm.config.num_train_timesteps)
     step = checkpoint.get("global_step", 0)
-    card = _model_card(hp, base, weights, step, num_train, family, unet, zero_empty)
+    card = _model_card(hp, base, weights, step, num_train, family, unet, zero_empty, vae_scale)
     (out / "README.md").write_text(card)
     which = "unet/ + controlnet/" if hp.get("method") == "codi" else "controlnet/"
     print(
@@ -181,6 +182,7 @@ def _model_card(
     family: str = "sd",
     unet: Any = None,
     zero_empty: bool = True,
+    vae_scale: int = 8,
 ) -> str:
     method = {"pe-codi": "PE-CoDi (adapter only)", "codi": "CoDi (adapter + UNet)"}
     method = method.get(hp.get("method", "pe-codi"), hp.get("method"))
@@ -193,12 +195,23 @@ def _model_card(
     c_skip = 0.25 / ((10.0 * smallest) ** 2 + 0.25)
     steps = 4 if 4 in timesteps else budgets[-1]
     args = (base, hp.get("revision"), hp.get("method") == "codi", steps, timesteps[steps])
+    multiple = vae_scale * multiple_from_config(type(unet).__name__, unet.config)[0]
+    pipe_call = (
+        f"pipe({{prompt}}, image=padded, height=H, width=W, num_inference_steps={steps},\n"
+        '             guidance_scale=1.0, output_type="pt").images'
+    )
     if hp.get("pixel_space", False):
         snippet = _pixel_usage(*args)
+        pipe_call = (
+            f'generate(padded, [""], {timesteps[steps]}, deterministic,\n'
+            "                 torch.Generator().manual_seed(0))"
+        )
     elif family == "sdxl":
         snippet = _sdxl_usage(*args, unet.config, hp.get("vae_path"), zero_empty)
+        pipe_call = pipe_call.format(prompt="**text")
     else:
         snippet = _latent_usage(*args, hp.get("vae_path"))
+    snippet += "\n\n" + any_size_section(multiple, pipe_call.replace("{prompt}", "prompt"))
     return f"""---
 library_name: diffusers
 base_model: {base}
@@ -242,6 +255,33 @@ deterministic scheduler leaves out the boundary condition's `c_skip` term, at mo
 ```json
 {config}
 ```
+"""
+
+
+def any_size_section(multiple: int, call: str, value_range: str = "[0, 1]") -> str:
+    """The card's note on output sizes: sides that are multiples of ``multiple``, and the
+    padding rule ``codi-lightning predict`` follows for other sizes; ``call`` samples
+    ``padded`` (a [1, 3, H, W] tensor) at ``H`` x ``W`` and returns a [1, 3, H, W] tensor."""
+    return f"""## Any output size
+
+The model samples images whose sides are multiples of {multiple} (the VAE factor times the
+network's own multiple). For any other size `codi-lightning predict` (and
+`CoDiPipeline`) pads the condition by reflection to the next multiples, samples, and crops
+the result back to the condition's size; do the same here:
+
+```python
+import torch.nn.functional as F
+
+# condition: a [1, 3, h, w] tensor in {value_range}, any h and w
+h, w = condition.shape[-2:]
+H, W = -(-h // {multiple}) * {multiple}, -(-w // {multiple}) * {multiple}
+mode = "reflect" if H - h < h and W - w < w else "replicate"  # reflect needs room
+padded = F.pad(condition, (0, W - w, 0, H - h), mode=mode)
+image = {call}[..., :h, :w]
+```
+
+Large outputs: `codi-lightning predict` samples them in overlapping tiles blended at every
+step (`--model.tiling.*`; `CoDiPipeline(..., tiling=TilingConfig(...))`).
 """
 
 

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from ..diffusion import FlowSchedule, sampling_timesteps
+from ..models.builders import multiple_from_config
 from ..models.teachers import flux, sd3
-from .exporter import _sub_state, card_budgets
+from .exporter import _sub_state, any_size_section, card_budgets
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,9 @@ def export_flow(
         out / "scheduler_deterministic"
     )
     size, tokens = None, None
+    vae = AutoencoderKL.load_config(base, subfolder="vae", **kw)
+    vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    multiple = vae_scale * multiple_from_config(spec.network, config)[0]
     if scheduler_config.get("use_dynamic_shifting"):  # the training resolution's shift
         size = hp.get("shift_resolution")
         if size is None:
@@ -90,18 +94,16 @@ def export_flow(
                 "resolution), which fixes this teacher's sigma shift: it is not a "
                 "checkpoint of a codi-lightning run on this teacher"
             )
-        vae = AutoencoderKL.load_config(base, subfolder="vae", **kw)
-        vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
         tokens = (int(size) // vae_scale // 2) ** 2
     schedule = FlowSchedule.from_config(scheduler_config, tokens)
-    card = _card(spec, hp, base, weights, step, schedule, codi, size)
+    card = _card(spec, hp, base, weights, step, schedule, codi, size, multiple)
     (out / "README.md").write_text(card)
     return "transformer/ + controlnet/" if codi else "controlnet/"
 
 
 def _card(
     spec: FlowExport, hp: dict[str, Any], base: str, weights: str, step: int,
-    schedule: FlowSchedule, codi: bool, size: int | None,
+    schedule: FlowSchedule, codi: bool, size: int | None, multiple: int = 16,
 ) -> str:  # fmt: skip
     method = "CoDi (adapter + transformer)" if codi else "PE-CoDi (adapter only)"
     num_grid, num_train = int(hp.get("num_grid", 50)), schedule.num_train_timesteps
@@ -153,6 +155,17 @@ def _card(
         f"             guidance_scale={spec.guidance}, "
         "generator=torch.Generator().manual_seed(0)).images[0]"
     )
+    any_size = any_size_section(
+        multiple,
+        f"pipe(prompt, control_image=padded, sigmas=sigmas, height=H, width=W,\n"
+        f'             guidance_scale={spec.guidance}, output_type="pt").images',
+        "[-1, 1]",
+    )
+    if size is not None:
+        any_size += (
+            f"\nAt sizes other than {size} x {size} px the scheduler shifts the sigmas by the "
+            "size, as the base model does; `codi-lightning predict` keeps the training shift.\n"
+        )
     return f"""---
 library_name: diffusers
 base_model: {base}
@@ -214,6 +227,7 @@ torch.manual_seed(0)  # the per-step noise
 {call}
 ```
 
+{any_size}
 ## Training configuration
 
 ```json

@@ -250,11 +250,16 @@ def network_multiple(unet: nn.Module) -> tuple[int, str]:
     """The multiple of the latent's sides the network takes, and what sets it: the
     UNet's downsampling to its lowest level, a transformer's patch size, or Flux's 2x2
     packing (of 1x1 patches)."""
-    if type(unet).__name__.startswith("Flux"):  # 1x1 patches of 2x2-packed latents
-        return 2 * int(unet.config.patch_size), "Flux's 2x2 latent packing"
-    if "patch_size" in unet.config:
-        return int(unet.config.patch_size), "transformer patch size"
-    return 2 ** (len(unet.config.block_out_channels) - 1), "UNet downsampling"
+    return multiple_from_config(type(unet).__name__, unet.config)
+
+
+def multiple_from_config(class_name: str, config: Any) -> tuple[int, str]:
+    """:func:`network_multiple` of a network of ``class_name`` with ``config``."""
+    if class_name.startswith("Flux"):  # 1x1 patches of 2x2-packed latents
+        return 2 * int(config["patch_size"]), "Flux's 2x2 latent packing"
+    if "patch_size" in config:
+        return int(config["patch_size"]), "transformer patch size"
+    return 2 ** (len(config["block_out_channels"]) - 1), "UNet downsampling"
 
 
 def check_resolution(resolution: int, vae_scale: int, unet: nn.Module) -> None:
