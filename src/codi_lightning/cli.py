@@ -33,7 +33,7 @@ from .data.cache import write_cached_shards
 from .data.datamodule import MissingShardsError, check_local_shards, shard_sources
 from .data.folder import ConditionFolder
 from .export import export_checkpoint
-from .training import CoDiDistillation, ImageWriter, StepProgressBar
+from .training import CoDiDistillation, ImageWriter, NonFiniteTrainingError, StepProgressBar
 
 DEFAULT_MODEL = CoDiDistillation
 
@@ -439,6 +439,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             traceback.print_exc()
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except NonFiniteTrainingError as err:  # the run's own failure, not a usage error
+        if os.environ.get("CODI_DEBUG") == "1":
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 def _main(argv: Sequence[str] | None) -> None:

@@ -187,12 +187,26 @@ def test_size_filters_use_json_metadata_then_the_header(tmp_path):
         "a.png": solid(size=(40, 30)), "a.json": json.dumps(meta).encode(),
         "b.png": solid(size=(40, 30)),
         "c.png": solid(size=(16, 24)),
-        "d.png": solid(size=(90, 30)), "d.json": b"not json",
+        "d.png": solid(size=(90, 30)), "d.json": b'{"caption_source": "none"}',
     })  # fmt: skip
     keys, skipped = _val(_dm(str(shard), max_aspect=2.0))
     assert keys == ["b", "c"] and skipped == {"aspect_ratio": 2}
     keys, skipped = _val(_dm(str(shard), min_size=20))
     assert keys == ["a", "b", "d"] and skipped == {"too_small": 1}
+
+
+def test_any_json_failure_is_a_counted_skip(tmp_path):
+    """Not JSON, nested past the parser's recursion limit, another type than an object,
+    larger than 1 MB: each a ``corrupt_json`` skip, never a crash."""
+    shard = write_tar(tmp_path / "s.tar", {
+        "a.png": solid(), "a.json": b"not json",
+        "b.png": solid(), "b.json": b"[" * 100_000 + b"]" * 100_000,
+        "c.png": solid(), "c.json": b"[1, 2]",
+        "d.png": solid(), "d.json": b'{"x": "' + b"y" * 1_000_001 + b'"}',
+        "e.png": solid(), "e.json": b'{"width": 16, "height": 16}',
+    })  # fmt: skip
+    keys, skipped = _val(_dm(str(shard)))
+    assert keys == ["e"] and skipped == {"corrupt_json": 4}
 
 
 def test_all_bad_training_stream_raises_naming_the_shards(tmp_path):

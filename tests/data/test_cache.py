@@ -2,6 +2,8 @@
 cache holds exactly what the module would compute, the loss equals the loss on the raw
 images for the same noise; the module then never runs the VAE or the text encoder."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -168,3 +170,118 @@ def test_unreadable_cache_members_are_skipped_with_their_reason():
     with pytest.raises(BadSample) as info:
         decode_sample(raw)
     assert info.value.reason == "corrupt_cache" and "k.latents.safetensors" in str(info.value)
+
+
+def _member_bytes(tensors: dict, meta: dict | None = None) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta or {})
+
+
+def _good_members() -> dict:
+    latents = {"mean": torch.zeros(4, 8, 8), "std": torch.ones(4, 8, 8)}
+    text = {"hidden_states": torch.zeros(77, 32)}
+    return {"latents": latents, "text": text}
+
+
+SPEC = {"latents": {"mean": (4,), "std": (4,)}, "text": {"hidden_states": (77, 32)}}
+BAD_CACHES = {  # name: (member, tensors replacing the good ones, reason, words in the detail)
+    "nan": ("latents", {"mean": torch.full((4, 8, 8), float("nan"))}, "non_finite", "NaN"),
+    "inf text": ("text", {"hidden_states": torch.full((77, 32), float("inf"))}, "non_finite",
+                 "hidden_states"),
+    "shape": ("latents", {"std": torch.ones(4, 8, 7)}, "corrupt_cache", "differ in shape"),
+    "channels": ("latents", {"mean": torch.zeros(16, 8, 8), "std": torch.ones(16, 8, 8)},
+                 "corrupt_cache", "the run's teacher makes 4"),
+    "1-d": ("latents", {"mean": torch.zeros(256)}, "corrupt_cache", "not 3-D"),
+    "missing": ("latents", {"std": None}, "corrupt_cache", "has no std"),
+    "text length": ("text", {"hidden_states": torch.zeros(76, 32)}, "corrupt_cache", "77x32"),
+    "text width": ("text", {"hidden_states": torch.zeros(77, 16)}, "corrupt_cache", "77x32"),
+    "int": ("latents", {"mean": torch.zeros(4, 8, 8, dtype=torch.int32)}, "corrupt_cache",
+            "torch.int32"),
+    "bool": ("latents", {"mean": torch.zeros(4, 8, 8, dtype=torch.bool)}, "corrupt_cache",
+             "torch.bool"),
+    "f64": ("latents", {"mean": torch.zeros(4, 8, 8, dtype=torch.float64)}, "corrupt_cache",
+            "torch.float64"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CACHES))
+def test_bad_cached_members_are_named_skips(case):
+    """Every class of broken cached member is a skip with its reason, naming the member
+    (the sample key) and what is wrong; the good members pass."""
+    import io
+
+    from codi_lightning.data import BadSample, decode_sample
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buf, format="PNG")
+    members = _good_members()
+    raw = {"__key__": "k", "png": buf.getvalue()}
+    for name, tensors in members.items():
+        raw[f"{name}.safetensors"] = _member_bytes(tensors)
+    assert decode_sample(dict(raw), cache_spec=SPEC)["latents"][0]["mean"].shape == (4, 8, 8)
+    member, change, reason, words = BAD_CACHES[case]
+    tensors = {**members[member], **change}
+    raw[f"{member}.safetensors"] = _member_bytes(
+        {k: v for k, v in tensors.items() if v is not None}
+    )
+    with pytest.raises(BadSample) as info:
+        decode_sample(raw, cache_spec=SPEC)
+    assert info.value.reason == reason
+    assert f"k.{member}.safetensors" in str(info.value) and words in str(info.value)
+
+
+def _rewrite_cached(src: str, dst, change: dict) -> None:
+    """Copy a cached shard, replacing tensors of the samples in ``change``
+    (``{key: {member: {name: tensor}}}``)."""
+    import tarfile
+
+    from safetensors.torch import load
+
+    from codi_lightning.data.decode import read_safetensors
+
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        for info in tin.getmembers():
+            data = tin.extractfile(info).read()
+            key, _, member = info.name.partition(".")
+            if key in change and member.removesuffix(".safetensors") in change[key]:
+                tensors, meta = read_safetensors(data)
+                tensors = {**load(data), **change[key][member.removesuffix(".safetensors")]}
+                data = _member_bytes(tensors, meta)
+                info.size = len(data)
+            tout.addfile(info, io.BytesIO(data))
+
+
+def test_a_nan_in_one_cached_sample_never_reaches_the_weights(tmp_path, shards, tiny_teacher):
+    """The issue's case: one NaN in one cached sample (and a sample cached with another
+    VAE's 16 channels): fit through the CLI skips both, counted, and writes finite weights."""
+    import yaml
+
+    from codi_lightning.checkpoints import read_checkpoint
+
+    bad = tmp_path / "bad-000000.tar"
+    nan = torch.zeros(4, 8, 8)
+    nan[1, 2, 3] = float("nan")
+    _rewrite_cached(shards["fp32"], bad, {"0": {"latents": {"mean": nan}},
+                                          "3": {"latents": {"mean": torch.zeros(16, 8, 8),
+                                                            "std": torch.ones(16, 8, 8)}}})  # fmt: skip
+    cfg = yaml.safe_load(open("configs/tiny_cpu.yaml"))
+    cfg["trainer"].update(default_root_dir=str(tmp_path / "run"), max_steps=4,
+                          limit_val_batches=0, enable_progress_bar=False)  # fmt: skip
+    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
+    cfg["trainer"]["callbacks"][0]["init_args"].update(dirpath=str(tmp_path / "ckpt"))
+    cfg["model"].update(pretrained=str(tiny_teacher), pixel_space=False, num_grid=10)
+    cfg["data"].update(train_shards=str(bad), val_shards=None, num_workers=0, batch_size=4,
+                       resolution=32, hflip=False)  # fmt: skip
+    config = tmp_path / "cached.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    main(["fit", "--config", str(config), "--trainer.log_every_n_steps", "1"])
+    state = read_checkpoint(tmp_path / "ckpt" / "last.ckpt")["state_dict"]
+    assert state and all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (tmp_path / "logs").rglob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    assert acc.Scalars("data/skipped_non_finite")[-1].value >= 1
+    assert acc.Scalars("data/skipped_corrupt_cache")[-1].value >= 1

@@ -25,7 +25,14 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .decode import DEFAULT_MAX_PIXELS, BadSample, CaptionErrors, decode_sample, select_member
+from .decode import (
+    DEFAULT_MAX_PIXELS,
+    BadSample,
+    CacheSpec,
+    CaptionErrors,
+    decode_sample,
+    select_member,
+)
 from .folder import ConditionFolder, SizeGroupedBatches, collate_conditions
 from .lockstep import LockstepLoader, distributed_world
 from .pixels import float_pixels
@@ -386,6 +393,13 @@ class ShardDataModule(L.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
         self.stages: dict[str, PairStage] = {}
+        self.cache_spec: CacheSpec | None = None
+
+    def expect_cache(self, spec: CacheSpec | None) -> None:
+        """What the run's teacher makes, for cached shards (``data.decode.check_cached``):
+        a cached member of another shape is a ``corrupt_cache`` skip naming shard, key
+        and shapes. The module calls it in ``setup``, before any loader is built."""
+        self.cache_spec = spec
 
     @staticmethod
     def _check_options(
@@ -434,7 +448,8 @@ class ShardDataModule(L.LightningDataModule):
         # JPEGs at least twice the crop decode at reduced scale when resizing shrinks them
         decode = partial(decode_sample, max_pixels=hp.max_pixels, min_size=hp.min_size,
                          max_aspect=hp.max_aspect, caption_errors=hp.caption_errors,
-                         draft=hp.resolution if hp.resize_shorter else 0)  # fmt: skip
+                         draft=hp.resolution if hp.resize_shorter else 0,
+                         cache_spec=self.cache_spec)  # fmt: skip
         stage = PairStage(self._transform(train=name == "train"), seed, rank, decode,
                           hp.max_consecutive_skips, urls)  # fmt: skip
         self.stages[name] = stage

@@ -20,6 +20,7 @@ import struct
 import warnings
 from typing import Any, Literal
 
+import torch
 from PIL import Image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -184,15 +185,30 @@ def _load(img: Image.Image, reason: str, member: str) -> Image.Image:
         raise BadSample(reason, f"{member} is not a readable image ({image_error(err)})") from err
 
 
+MAX_JSON_BYTES = 1_000_000  # a sample's metadata is a few hundred bytes
+
+
 def _meta(sample: dict[str, Any]) -> dict[str, Any]:
-    """The ``json`` member as a dict ({} when absent or unreadable)."""
+    """The ``json`` member as a dict ({} when absent).
+
+    Raises:
+        BadSample: ``corrupt_json`` for a member that is not a JSON object: not JSON,
+            another type, more than ``MAX_JSON_BYTES``, or nested too deeply for the
+            parser (``RecursionError``)."""
     if "json" not in sample:
         return {}
+    raw = sample["json"]
+    member = _member(sample, "json")
+    if len(raw) > MAX_JSON_BYTES:
+        raise BadSample("corrupt_json", f"{member} is {len(raw)} bytes, above {MAX_JSON_BYTES}")
     try:
-        meta = json.loads(sample["json"].decode("utf-8", errors="replace"))
-    except ValueError:
-        return {}
-    return meta if isinstance(meta, dict) else {}
+        meta = json.loads(raw.decode("utf-8", errors="replace"))
+    except (ValueError, RecursionError, MemoryError) as err:
+        kind = "nested too deeply" if isinstance(err, RecursionError) else "not JSON"
+        raise BadSample("corrupt_json", f"{member} is {kind}") from None
+    if not isinstance(meta, dict):
+        raise BadSample("corrupt_json", f"{member} is a JSON {type(meta).__name__}, not an object")
+    return meta
 
 
 def _meta_size(meta: dict[str, Any]) -> tuple[int, int] | None:
@@ -236,6 +252,7 @@ def decode_sample(
     max_aspect: float | None = None,
     caption_errors: CaptionErrors = "replace",
     draft: int = 0,
+    cache_spec: CacheSpec | None = None,
 ) -> dict[str, Any]:
     """Raw WebDataset sample -> ``{"key", "image", "cond" (or None), "mask" (or None),
     "caption", "meta", "size"}``.
@@ -245,6 +262,7 @@ def decode_sample(
     pixels (a 1024 px JPEG cropped at 512: the whole sample 2.2x faster,
     docs/performance.md). 0: always full size.
     ``size`` is the stored ``(width, height)``, whatever the decoded size.
+    ``cache_spec``: the shapes of the run's teacher for cached members (:func:`check_cached`).
 
     Cheap checks come first: the target's size (from ``json`` ``width``/``height`` when
     present, else from the image header) is filtered by ``min_size`` (shorter side) and
@@ -253,13 +271,15 @@ def decode_sample(
 
     Raises:
         BadSample: reasons ``no_target``, ``too_large``, ``too_small``, ``aspect_ratio``,
-            ``corrupt_image``, ``corrupt_condition``, ``corrupt_mask``,
-            ``caption_not_utf8``; ``where`` is ``<shard url> sample <key>`` and
+            ``corrupt_image``, ``corrupt_condition``, ``corrupt_mask``, ``corrupt_json``,
+            ``corrupt_cache``, ``non_finite``, ``caption_not_utf8``; ``where`` is ``<shard url> sample <key>`` and
             ``detail`` names the member, e.g. ``k.png is not a readable image (cannot
             identify image file)``.
     """
     try:
-        return _decode_sample(sample, max_pixels, min_size, max_aspect, caption_errors, draft)
+        return _decode_sample(
+            sample, max_pixels, min_size, max_aspect, caption_errors, draft, cache_spec
+        )
     except BadSample as err:
         err.locate(sample_location(sample))
         raise
@@ -267,7 +287,7 @@ def decode_sample(
 
 def _decode_sample(
     sample: dict[str, Any], max_pixels: int, min_size: int, max_aspect: float | None,
-    caption_errors: CaptionErrors, draft: int = 0,
+    caption_errors: CaptionErrors, draft: int = 0, cache_spec: CacheSpec | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     key = sample.get("__key__", "?")
     target = next((k for k in TARGET_KEYS if k in sample), None)
@@ -294,7 +314,7 @@ def _decode_sample(
     mask = _decode_mask(sample, max_pixels) if cond is not None else None
     out = {"key": key, "image": image, "cond": cond, "mask": mask, "caption": caption,
            "meta": meta, "size": stored_size}  # fmt: skip
-    _decode_cached(sample, out)
+    _decode_cached(sample, out, cache_spec)
     return out
 
 
@@ -333,16 +353,71 @@ def read_safetensors(data: bytes) -> tuple[dict[str, Any], dict[str, str]]:
     return load(data), dict(meta)
 
 
-def _decode_cached(sample: dict[str, Any], out: dict[str, Any]) -> None:
-    """``latents`` / ``text``: (tensors, metadata) of the cached members, when present."""
+CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what `cache` writes
+CacheSpec = dict[str, dict[str, tuple[int | None, ...]]]
+
+
+def _decode_cached(
+    sample: dict[str, Any], out: dict[str, Any], spec: CacheSpec | None = None
+) -> None:
+    """``latents`` / ``text``: (tensors, metadata) of the cached members, when present,
+    checked by :func:`check_cached`."""
     for member, name in ((LATENTS, "latents"), (TEXT, "text")):
         if member in sample:
+            where = _member(sample, member)
             try:
                 out[name] = read_safetensors(sample[member])
             except Exception as err:
-                raise BadSample(
-                    "corrupt_cache", f"{_member(sample, member)} is not readable ({err})"
-                ) from err
+                raise BadSample("corrupt_cache", f"{where} is not readable ({err})") from err
+            check_cached(name, out[name][0], where, spec)
+
+
+def check_cached(
+    name: str, tensors: dict[str, torch.Tensor], where: str, spec: CacheSpec | None = None
+) -> None:
+    """A cached member as ``codi-lightning cache`` writes it, or ``BadSample``:
+    ``corrupt_cache`` for missing keys, dtypes other than fp16/bf16/fp32, the wrong
+    number of dimensions or mismatched mean/std shapes; ``non_finite`` for NaN or inf.
+
+    ``latents``: ``mean`` and ``std`` [C, h, w] (and ``flip_mean`` / ``flip_std``);
+    ``text``: ``hidden_states`` [L, D] and ``added.*`` [N] (or scalars). ``spec``: what
+    the run's teacher makes (``ShardDataModule.expect_cache``), ``{"latents": {"mean":
+    (C,)}, "text": {"hidden_states": (L, D), "added.text_embeds": (P,)}}``: leading
+    dimensions, None for any; a mismatch is ``corrupt_cache``."""
+    if name == "latents":
+        need = {"mean": (3,), "std": (3,)}
+        need.update({k: (3,) for k in ("flip_mean", "flip_std") if k in tensors})
+    else:  # added.*: per-sample vectors (pooled embeddings) or scalars (Flux's guidance)
+        need = {"hidden_states": (2,), **{k: (0, 1) for k in tensors if k.startswith("added.")}}
+    expected = (spec or {}).get(name) or {}
+    missing = sorted((set(need) | set(expected)) - set(tensors))
+    if missing:
+        raise BadSample("corrupt_cache", f"{where} has no {', '.join(missing)}")
+    for key, dims in need.items():
+        t = tensors[key]
+        if t.dtype not in CACHE_DTYPES:
+            raise BadSample("corrupt_cache", f"{where}: {key} is {t.dtype}, not a float16/32")
+        if t.dim() not in dims:
+            raise BadSample(
+                "corrupt_cache", f"{where}: {key} has shape {tuple(t.shape)}, not {dims[-1]}-D"
+            )
+        if not bool(torch.isfinite(t).all()):
+            raise BadSample("non_finite", f"{where}: {key} holds NaN or inf values")
+    for a, b in (("mean", "std"), ("flip_mean", "flip_std")):
+        if a in need and tuple(tensors[a].shape) != tuple(tensors[b].shape):
+            raise BadSample("corrupt_cache", f"{where}: {a} and {b} differ in shape")
+    for key, shape in expected.items():  # the run's teacher: leading dims (None: any)
+        got = tuple(tensors[key].shape)
+        head = got[: len(shape)]
+        if len(head) < len(shape) or any(
+            e is not None and g != e for g, e in zip(head, shape, strict=True)
+        ):
+            want = "x".join("*" if e is None else str(e) for e in shape)
+            raise BadSample(
+                "corrupt_cache",
+                f"{where}: {key} has shape {got}, the run's teacher makes {want} (cached with "
+                "another teacher? run `codi-lightning cache` with this one)",
+            )
 
 
 def _decode_mask(sample: dict[str, Any], max_pixels: int) -> Image.Image | None:

@@ -65,6 +65,11 @@ def sample_keys(batch: dict[str, Any], field: str, batch_idx: int) -> list[str]:
     return list(keys) if keys else [f"{batch_idx}:{i}" for i in range(len(batch["cond"]))]
 
 
+class NonFiniteTrainingError(RuntimeError):
+    """Training met non-finite gradients for ``model.max_nonfinite_steps`` steps in a row
+    (each skipped, the weights unchanged); the message names the step and the fix."""
+
+
 class CoDiDistillation(SkipFrozenState, L.LightningModule):
     """Distil a text-to-image teacher into a 1-4 step conditional model, in one stage.
 
@@ -127,6 +132,9 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
             see :class:`~codi_lightning.diffusion.TilingConfig`.
         grad_clip_norm: clip the trainable gradients to this total norm (works under FSDP2
             and DDP; use it instead of ``trainer.gradient_clip_val``).
+        max_nonfinite_steps: a step whose loss or gradients are not finite is skipped (no
+            optimizer or EMA update, counted in ``train/nonfinite_steps``); this many in a
+            row stop the run with an error naming the step.
         gradient_checkpointing: activation checkpointing in the adapter and the UNets.
         channels_last: channels-last memory format for the UNets and the adapter.
         compile: ``torch.compile`` the UNets and the adapter (``nn.Module.compile``, so
@@ -172,6 +180,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         predict_steps: int = 4,
         tiling: TilingConfig = TilingConfig(),
         grad_clip_norm: float | None = None,
+        max_nonfinite_steps: int = 10,
         gradient_checkpointing: bool = False,
         channels_last: bool = False,
         compile: bool = False,
@@ -183,6 +192,10 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
             raise ValueError(f"model.method={method!r}; choose 'pe-codi' or 'codi'")
         if not 0.0 <= ema_decay <= 1.0:
             raise ValueError(f"model.ema_decay={ema_decay} must lie in [0, 1] (e.g. 0.999)")
+        if max_nonfinite_steps < 1:
+            raise ValueError(f"model.max_nonfinite_steps={max_nonfinite_steps} must be >= 1")
+        if grad_clip_norm is not None and grad_clip_norm <= 0:
+            raise ValueError(f"model.grad_clip_norm={grad_clip_norm} must be positive (or null)")
         if eval_weights not in ("target", "online"):
             raise ValueError(f"model.eval_weights={eval_weights!r}; choose 'target' or 'online'")
         self.loss_config = loss if isinstance(loss, CoDiLossConfig) else CoDiLossConfig(**loss)
@@ -565,29 +578,63 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Log the total gradient norm and clip it (DTensor-aware under FSDP2)."""
+        """The total gradient norm (DTensor-aware under FSDP2, so every rank gets the same
+        global value): a non-finite one skips the step (:meth:`skip_nonfinite_step`),
+        else it is logged and the gradients are clipped to ``grad_clip_norm``."""
         params = [p for p in self.trainable_parameters() if p.grad is not None]
+        self._skip_update = False
         if not params:
             return
-        max_norm = self.hparams.grad_clip_norm
-        log = logs_this_step(self._trainer)
-        if max_norm is None and not log:
-            return  # nothing to clip, nothing to log: no norm to compute
         root = getattr(self.trainer.strategy, "model", None)
-        if type(root).__name__ == "FullyShardedDataParallel":  # FSDP1: its own sharded clip
-            norm = root.clip_grad_norm_(float("inf") if max_norm is None else max_norm)
-        elif max_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if type(root).__name__ == "FullyShardedDataParallel":  # FSDP1: its own sharded norm
+            norm = root.clip_grad_norm_(float("inf"))
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if log:
-            self.log(
-                "train/grad_norm", norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        total = norm  # as the gradients hold it (a DTensor under FSDP2), for clipping
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        # one value on every rank (DDP: reduced gradients; FSDP: the global norm), so the
+        # ranks skip together; a non-finite loss on any rank makes it non-finite too
+        if not torch.isfinite(norm):
+            self.skip_nonfinite_step(params, float(norm))
+            return
+        self._nonfinite_run = 0
+        max_norm = self.hparams.grad_clip_norm
+        if max_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        if logs_this_step(self._trainer):
+            self.log("train/grad_norm", norm)
+
+    def skip_nonfinite_step(self, params: list[nn.Parameter], norm: float) -> None:
+        """Drop this step's gradients (the optimizer then updates nothing: it skips
+        parameters without a gradient) and its EMA update, count and log it, and stop the
+        run with :class:`NonFiniteTrainingError` after ``max_nonfinite_steps`` in a row."""
+        for p in params:
+            p.grad = None
+        self._skip_update = True
+        self._nonfinite_run = getattr(self, "_nonfinite_run", 0) + 1
+        self._nonfinite_total = getattr(self, "_nonfinite_total", 0) + 1
+        self.log("train/nonfinite_steps", float(self._nonfinite_total))
+        step = self.global_step
+        if self.global_rank == 0:
+            warnings.warn(
+                f"step {step}: the gradient norm is {norm} (a non-finite loss or gradient): "
+                "the step is skipped, weights and EMA target unchanged",
+                stacklevel=2,
+            )
+        limit = self.hparams.max_nonfinite_steps
+        if self._nonfinite_run >= limit:
+            raise NonFiniteTrainingError(
+                f"training stopped at step {step}: the gradient norm was {norm} (a non-finite "
+                f"loss or gradient) for {limit} steps in a row; each was skipped, so the "
+                "weights, the EMA target and the checkpoints are those of step "
+                f"{step - limit}. Lower the learning rate, set model.grad_clip_norm, or check "
+                "the data (the data/skipped_* counts); model.max_nonfinite_steps sets the limit"
             )
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        self.update_target()  # step 6: theta^- <- gamma theta^- + (1 - gamma) theta
+        if not getattr(self, "_skip_update", False):  # skipped: non-finite gradients
+            self.update_target()  # step 6: theta^- <- gamma theta^- + (1 - gamma) theta
 
     @torch.no_grad()
     def update_target(self) -> None:
@@ -874,14 +921,31 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def setup(self, stage: str) -> None:
         self._run_dir = run_dir(self.trainer)  # a collective: here, where every rank is
-        resolution = getattr(getattr(self.trainer, "datamodule", None), "resolution", None)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        resolution = getattr(datamodule, "resolution", None)
         if resolution is not None:
             self._tile_size = int(resolution)
+        if stage == "fit" and hasattr(datamodule, "expect_cache"):
+            datamodule.expect_cache(self.cache_spec())
         if resolution is not None and stage in ("fit", "validate", "test"):
             check_resolution(int(resolution), self.vae_scale, self.unet)
         if self.schedule is None:  # a size-dependent schedule: the run's resolution
             self._set_schedule(resolution)
             self.hparams["shift_resolution"] = int(resolution)  # the checkpoint records it
+
+    @torch.no_grad()
+    def cache_spec(self) -> dict[str, dict[str, tuple[int | None, ...]]]:
+        """The shapes this teacher's VAE and text encoder make, which cached shards must
+        have (``data.decode.check_cached``): latent channels; the text sequence's length
+        and width and each added embedding's (one empty prompt encoded to find them)."""
+        spec: dict[str, dict[str, tuple[int | None, ...]]] = {}
+        if self.vae is not None:
+            channels = int(self.vae.config.latent_channels)
+            spec["latents"] = {"mean": (channels,), "std": (channels,)}
+        y = self.text_encoder.encode([""], "cpu" if self._trainer is None else self.device)
+        spec["text"] = {"hidden_states": tuple(y.hidden_states.shape[1:])}
+        spec["text"].update({f"added.{k}": tuple(v.shape[1:]) for k, v in y.added.items()})
+        return spec
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path, *args: Any, **kwargs: Any):
@@ -897,6 +961,24 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
                 torch.save(read_checkpoint(checkpoint_path), path)
                 return super().load_from_checkpoint(path, *args, **kwargs)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Never write weights that are not all finite (a checkpoint over ``last.ckpt``
+        would lose the good model): the trained modules and the EMA target are checked
+        on every rank (FSDP2: each its shards) and the verdict reduced, so every rank
+        raises together."""
+        local = any(
+            not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+            for p in (*self.trainable_parameters(), *self.target.parameters())
+        )
+        flag = torch.tensor(float(local), device=self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            flag = self.trainer.strategy.reduce(flag, reduce_op="sum")
+        if float(flag) > 0:
+            raise NonFiniteTrainingError(
+                f"step {self.global_step}: the trained weights are not all finite; no "
+                "checkpoint written (the last one written is kept)"
+            )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._checkpoint_step = int(checkpoint.get("global_step", 0))
