@@ -255,3 +255,65 @@ def test_image_writer_reduces_on_every_rank_and_prints_on_rank_zero(tmp_path, ca
     writer = ImageWriter(str(tmp_path / "out"))
     writer.on_predict_end(rank0, None)
     assert capsys.readouterr().out == f"wrote 0 images to {tmp_path / 'out'}\n"
+
+
+# ---------------------------------------------------------------- atomic, tolerant writers
+
+
+def test_a_killed_shard_writer_leaves_no_truncated_shard_and_a_rerun_clears_it(tmp_path, capsys):
+    """A shard is written under a partial name and renamed when complete: a writer killed
+    mid-shard (never closed) leaves completed shards and a partial file, no truncated tar
+    under a shard's name; the next run removes the partial file and says so."""
+    from codi_lightning.data.shards import shard_writer
+
+    pattern = str(tmp_path / "out" / "s-%06d.tar")
+    (tmp_path / "out").mkdir()
+    sink = shard_writer(pattern, maxcount=2)
+    for i in range(3):  # shard 0 complete, shard 1 half written
+        sink.write({"__key__": f"k{i}", "txt": "x" * 1000})
+    sink.tarstream.stream.flush()  # bytes on disk, as a killed process leaves them
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == [".s-000001.tar.partial", "s-000000.tar"]
+    assert len(_samples(str(tmp_path / "out" / "s-000000.tar"))) == 2
+    write_shards(str(_folder(tmp_path)), pattern, maxcount=2, progress=False)
+    assert "removed 1 partial shard(s) of an interrupted run" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["s-000000.tar", "s-000001.tar"]
+
+
+def _tar(path, members):
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def test_cache_tolerates_what_training_tolerates_and_writes_safe_names(tmp_path, tiny_teacher,
+                                                                       capsys):  # fmt: skip
+    """Duplicate members (that sample skipped, counted), an empty shard (nothing written,
+    no empty tar left), member names that climb out of the folder or are absolute
+    (written relative)."""
+    from codi_lightning.data import write_cached_shards
+
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(png, format="PNG")
+    png = png.getvalue()
+    dup = _tar(tmp_path / "dup.tar", [("a.png", png), ("a.png", png), ("b.png", png)])
+    empty = _tar(tmp_path / "empty.tar", [])
+    evil = _tar(tmp_path / "evil.tar", [("../../x.png", png), ("/abs/path.png", png)])
+    kw = {"resolution": 32, "progress": False}
+    counts = write_cached_shards(str(tiny_teacher), dup, str(tmp_path / "d" / "c-%06d.tar"), **kw)
+    assert counts == {"written": 1, "skipped_duplicate_member": 1}
+    counts = write_cached_shards(str(tiny_teacher), empty, str(tmp_path / "e" / "c-%06d.tar"), **kw)
+    assert counts == {"written": 0} and list((tmp_path / "e").iterdir()) == []
+    assert "no shard written" in capsys.readouterr().out
+    write_cached_shards(str(tiny_teacher), evil, str(tmp_path / "v" / "c-%06d.tar"), **kw)
+    import tarfile
+
+    with tarfile.open(tmp_path / "v" / "c-000000.tar") as tar:
+        names = tar.getnames()
+    assert sorted({n.split(".")[0] for n in names}) == ["abs/path", "x"]
+    assert not any(n.startswith("/") or ".." in n for n in names)

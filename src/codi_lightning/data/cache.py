@@ -25,7 +25,9 @@ path draws, so with fp32 storage the loss equals the uncached loss exactly (test
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterator
+from pathlib import PurePosixPath
 from typing import Any
 
 import torch
@@ -46,7 +48,7 @@ from .decode import (
     select_member,
 )
 from .pixels import resize_bicubic
-from .shards import _check_output
+from .shards import _check_output, clear_partial, shard_writer
 from .transforms import to_tensor01
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
@@ -75,12 +77,52 @@ def load_encoders(
     return vae, prompt, family.name
 
 
-def _raw_samples(shards: str) -> Iterator[dict[str, Any]]:
+def safe_key(key: str) -> str:
+    """A sample key as a relative member name: ``../../x`` -> ``x``, ``/abs/path`` ->
+    ``abs/path`` (empty when nothing is left), so output tars never name a path outside
+    the folder they are extracted into."""
+    return "/".join(p for p in PurePosixPath(key).parts if p not in ("/", "..", "."))
+
+
+def _raw_samples(shards: str) -> Iterator[dict[str, Any] | str]:
+    """The samples of ``shards`` as ``{"__key__": safe key, ext: bytes}``, or the skip
+    reason (a str) of a sample or shard that cannot be copied: ``duplicate_member`` (a
+    key with the same member twice; training reads such shards up to there),
+    ``unsafe_name`` (a key with nothing left after :func:`safe_key`), ``shard_error`` (a
+    shard that cannot be read to its end). Empty shards give nothing."""
+    from webdataset.tariterators import base_plus_ext, tar_file_expander, url_opener
+
     for urls, _ in shard_sources(shards, "--shards"):
         check_local_shards(urls, "--shards")
         for url in urls:
-            stream = iter([{"url": url}])
-            yield from wds.tarfile_samples(stream, select_files=select_member)
+            current: dict[str, Any] | None = None
+            broken = False
+            try:
+                for member in tar_file_expander(url_opener([{"url": url}]),
+                                                select_files=select_member):  # fmt: skip
+                    if "fname" not in member:  # the end-of-shard marker
+                        continue
+                    key, ext = base_plus_ext(member["fname"])
+                    if key is None:
+                        continue
+                    if current is None or key != current["__key__"]:
+                        if current is not None:
+                            yield "duplicate_member" if broken else current
+                        current, broken = {"__key__": key}, False
+                    if ext in current:
+                        broken = True
+                    current[ext] = member["data"]
+            except Exception:  # truncated, not a tar, unreadable: what came before stays
+                yield "shard_error"
+            if current is not None:
+                yield "duplicate_member" if broken else current
+
+
+def _safe_sample(raw: dict[str, Any] | str) -> dict[str, Any] | str:
+    if isinstance(raw, str):
+        return raw
+    key = safe_key(raw["__key__"])
+    return {**raw, "__key__": key} if key else "unsafe_name"
 
 
 @torch.no_grad()
@@ -132,8 +174,10 @@ def write_cached_shards(
     meta = {"resolution": str(resolution), "resize_shorter": str(bool(resize_shorter)),
             "grid": str(grid), "pretrained": str(pretrained), "family": family}  # fmt: skip
     store = DTYPES[dtype]
-    counts = {"written": 0, "skipped": 0}
-    sink = wds.ShardWriter(output, maxcount=maxcount, verbose=0)
+    counts: Counter[str] = Counter(written=0)
+    clear_partial(output)
+    sink: wds.ShardWriter | None = None  # opened for the first sample: no empty tar
+    seen: set[str] = set()
     pending: list[tuple[dict[str, Any], Image.Image]] = []
 
     def flush() -> None:
@@ -165,21 +209,31 @@ def write_cached_shards(
                     sample[TEXT] = _safetensors(
                         {k: v.to("cpu", store) for k, v in tensors.items()}, meta
                     )
+        nonlocal sink
         for sample, _ in pending:
+            if sink is None:
+                sink = shard_writer(output, maxcount)
             sink.write(sample)
             counts["written"] += 1
         pending.clear()
 
     try:
         for raw in tqdm(_raw_samples(shards), desc="cache", unit="sample", disable=not progress):
+            raw = _safe_sample(raw)
+            if not isinstance(raw, str) and raw["__key__"] in seen:
+                raw = "duplicate_key"  # the same key in two shards (or twice in one)
+            if isinstance(raw, str):
+                counts[f"skipped_{raw}"] += 1
+                continue
+            seen.add(raw["__key__"])
             sample = {k: v for k, v in raw.items() if not k.startswith("__") or k == "__key__"}
             target = next((k for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
             try:
                 if target is None:
                     raise BadSample("no_target", "no target image member")
                 image = decode_image(sample[target], max_pixels)
-            except BadSample:
-                counts["skipped"] += 1
+            except BadSample as err:
+                counts[f"skipped_{err.reason}"] += 1
                 continue
             resized, trimmed = cache_geometry(image.size, resolution, resize_shorter, grid)
             image = resize_bicubic(image, resized)  # the transform's resize
@@ -188,6 +242,10 @@ def write_cached_shards(
                 flush()
         flush()
     finally:
-        sink.close()
-    print(f"cache: {json.dumps(counts)} -> {output}")
-    return counts
+        if sink is not None:
+            sink.close()
+    summary = {"written": counts["written"], **{k: v for k, v in counts.items() if k != "written"}}
+    print(f"cache: {json.dumps(summary)} -> {output}")
+    if not counts["written"]:
+        print(f"no shard written to {output}: the input shards held no usable sample")
+    return summary

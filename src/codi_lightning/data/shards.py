@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import re
 from collections import Counter
@@ -76,6 +77,39 @@ def _check_output(output: str) -> None:
     Path(output).parent.mkdir(parents=True, exist_ok=True)
 
 
+PARTIAL = ".partial"  # a shard being written: ``.<name>.partial`` beside its final name
+
+
+def _partial(fname: str) -> str:
+    path = Path(fname)
+    return str(path.with_name(f".{path.name}{PARTIAL}"))
+
+
+def _publish(fname: str) -> None:
+    os.replace(_partial(fname), fname)
+
+
+def shard_writer(output: str, maxcount: int) -> wds.ShardWriter:
+    """``wds.ShardWriter`` whose shards are written as ``.<name>.partial`` and renamed
+    to their name when complete, so a killed run leaves no truncated tar under a shard's
+    name (only a partial file, which :func:`clear_partial` removes on the next run)."""
+    return wds.ShardWriter(output, maxcount=maxcount, verbose=0, opener=_partial, post=_publish)
+
+
+def clear_partial(output: str) -> int:
+    """Remove the partial shards an interrupted run left beside ``output``'s shards, and
+    say so; returns how many."""
+    pattern = Path(output)
+    stem = pattern.name.split("%", 1)[0]
+    folder = pattern.parent
+    found = [p for p in folder.glob(f".{stem}*{PARTIAL}")] if folder.is_dir() else []
+    for path in found:
+        path.unlink()
+    if found:
+        print(f"removed {len(found)} partial shard(s) of an interrupted run in {folder}")
+    return len(found)
+
+
 def _read(path: Path, max_pixels: int) -> tuple[bytes, tuple[int, int]]:
     """The file's bytes and the image size from the header, after checking that the
     file is a valid image (PIL's ``verify``) of at most ``max_pixels``.
@@ -111,6 +145,7 @@ def _write_all(
     every input leaves no (empty) tar behind."""
     counts: Counter[str] = Counter()
     skipped: list[Skipped] = []
+    clear_partial(output)
     sink: wds.ShardWriter | None = None
     try:
         for sample in tqdm(samples, desc=desc, unit="sample", total=total, disable=not progress):
@@ -119,7 +154,7 @@ def _write_all(
                 skipped.append(sample)
                 continue
             if sink is None:
-                sink = wds.ShardWriter(output, maxcount=maxcount, verbose=0)
+                sink = shard_writer(output, maxcount)
             sink.write(sample)
             counts["written"] += 1
     finally:

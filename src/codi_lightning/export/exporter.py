@@ -29,6 +29,8 @@ The schedulers reproduce the two samplers of ``diffusion.sample`` (METHOD.md, "S
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,6 +48,47 @@ def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
     if not out:
         raise KeyError(f"the checkpoint holds no weights under {prefix!r}")
     return out
+
+
+EXPORT_ENTRIES = {"README.md", "controlnet", "unet", "transformer", "scheduler",
+                  "scheduler_deterministic"}  # fmt: skip
+
+
+def _partial_folder(output: str) -> Path:
+    """A fresh ``.<name>.partial`` folder beside ``output`` to write the export into
+    (one left by an interrupted run is removed, and said). ``output`` must be new, empty
+    or an earlier export (which the finished export replaces), never a folder of other
+    files."""
+    final = Path(output)
+    if final.is_file() or (
+        final.is_dir() and not {p.name for p in final.iterdir()} <= EXPORT_ENTRIES
+    ):
+        raise ValueError(
+            f"--output {output!r} holds other files: give a new or empty folder (an earlier "
+            "export there is replaced)"
+        )
+    partial = final.with_name(f".{final.name}.partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+        print(f"removed the partial export of an interrupted run: {partial}")
+    partial.mkdir(parents=True)
+    return partial
+
+
+def _publish_folder(partial: Path, output: str) -> Path:
+    """Move the complete export to ``output`` (replacing an earlier export there), so an
+    interrupted export never leaves a half-written folder under its name."""
+    final = Path(output)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(partial, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(partial, final)
+    return final
 
 
 def export_checkpoint(
@@ -86,10 +129,10 @@ def export_checkpoint(
     if family in ("sd3", "flux"):
         from .flow import export_flow
 
-        out = Path(output)
-        out.mkdir(parents=True, exist_ok=True)
+        out = _partial_folder(output)
         step = checkpoint.get("global_step", 0)
         which = export_flow(family, hp, state, base, out, weights, step, kw)
+        out = _publish_folder(out, output)
         print(
             f"exported {weights} weights ({which}) to {out}; schedulers: scheduler/ "
             "(FlowMatchLCMScheduler, stochastic) and scheduler_deterministic/ "
@@ -110,8 +153,7 @@ def export_checkpoint(
     channels = tuple(hp.get("adapter_cond_channels") or adapter_cond_channels(vae_scale))
     check_condition_downsampling(channels, vae_scale)
 
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _partial_folder(output)
     controlnet = ControlNetModel.from_unet(
         unet, conditioning_embedding_out_channels=channels, load_weights_from_unet=False
     )
@@ -146,6 +188,7 @@ def export_checkpoint(
     card = _model_card(hp, base, weights, step, num_train, family, unet, zero_empty, vae_scale)
     (out / "README.md").write_text(card)
     which = "unet/ + controlnet/" if hp.get("method") == "codi" else "controlnet/"
+    out = _publish_folder(out, output)
     print(
         f"exported {weights} weights ({which}) to {out}; schedulers: scheduler/ (LCMScheduler, "
         "stochastic) and scheduler_deterministic/ (DPMSolverMultistepScheduler, deterministic)",
