@@ -605,3 +605,37 @@ def test_predict_writes_every_photo_of_a_mixed_folder_at_its_size(
         f"wrote {len(expected)} images to {preds}; skipped 3 inputs (1 not_an_image_file, "
         "1 unreadable, 1 too_large), named above" in out
     )
+
+
+USER_MISTAKES = {  # extra arguments: what the one error line must say
+    "missing teacher": (["--model.pretrained", "/no/such/teacher"],
+                        "teacher '/no/such/teacher' not found"),
+    "gpu without one": (["--trainer.accelerator", "gpu"], "this machine has no CUDA GPU"),
+    "negative batch": (["--data.batch_size", "-3"], "data.batch_size=-3 must be a positive"),
+    "zero devices": (["--trainer.devices", "0"], "--trainer.devices 0: give a positive"),
+    "pixel flag, latent teacher": (["--model.pixel_space", "true"],
+                                   "takes 4-channel latents (a latent model with a VAE)"),
+    "bad tiling": (["--model.tiling.mode", "on", "--model.tiling.tile_size", "-8"],
+                   "tiling.tile_size=-8 must be positive"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(USER_MISTAKES))
+def test_user_mistakes_end_in_a_few_lines_naming_the_fix(case, tiny_teacher, tiny_shards):
+    """Each a short ``error:`` (exit code 2, no traceback, never a hang), before training."""
+    import torch
+
+    if case == "gpu without one" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    extra, words = USER_MISTAKES[case]
+    rc, out, err = _run_cli(
+        "fit", "--config", TINY, "--model.pretrained", str(tiny_teacher),
+        "--model.pixel_space", "false", "--data.train_shards", tiny_shards["train"],
+        "--data.val_shards", tiny_shards["val"], "--trainer.max_steps", "1",
+        "--trainer.logger", "false", "--data.num_workers", "1", *extra,
+    )  # fmt: skip
+    lines = _error_lines(err)
+    assert rc == 2, err
+    assert lines[-1].startswith("error: ") and words in lines[-1], err
+    assert len([line for line in lines if not line.startswith(("Seed set", "Loading"))]) <= 5
+    assert "Traceback" not in err

@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 from jsonargparse import CLI, ArgumentParser
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -256,6 +257,39 @@ def discard_empty_run_dir(trainer: L.Trainer) -> Path | None:
     return folder
 
 
+def root_cause(err: BaseException) -> BaseException:
+    """The first exception of ``err``'s chain (what a class raised before the parser
+    wrapped it)."""
+    seen = {id(err)}
+    while True:
+        nxt = err.__cause__ or err.__context__
+        if nxt is None or id(nxt) in seen:
+            return err
+        seen.add(id(nxt))
+        err = nxt
+
+
+def check_accelerator(trainer: Any) -> None:
+    """``--trainer.accelerator gpu`` (or ``cuda``) on a machine without a CUDA GPU is a
+    one-line error naming the fix, before any model loads (Lightning's own error is a
+    40-line traceback ending in "No supported gpu backend found!")."""
+    import torch
+
+    accelerator = str(trainer.get("accelerator") or "auto").lower()
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UsageError(
+            f"--trainer.accelerator {accelerator}: this machine has no CUDA GPU that torch "
+            "can use; run with --trainer.accelerator cpu (or auto)"
+        )
+    devices = trainer.get("devices")
+    try:  # a count (the command line gives it as a string); lists and "auto" pass
+        count = None if isinstance(devices, bool) else int(devices)
+    except (TypeError, ValueError):
+        count = None
+    if count is not None and count < 1 and count != -1:  # -1: Lightning's "all"
+        raise UsageError(f"--trainer.devices {devices}: give a positive count (or auto)")
+
+
 class CoDiCLI(LightningCLI):
     """The Lightning CLI over any LightningModule (default :class:`CoDiDistillation`, so
     configs without ``model.class_path`` distil; ``DiffusionTraining`` trains a teacher,
@@ -301,6 +335,12 @@ class CoDiCLI(LightningCLI):
         different values, but only once fitting starts, and its message names no option."""
         command = self.config.get("subcommand")
         config = self.config[command] if command else self.config
+        data = config.get("data") or {}
+        if isinstance(data, dict) or hasattr(data, "items"):
+            sizes = ("batch_size", "val_batch_size", "resolution", "num_workers",
+                     "shuffle_buffer", "min_size", "predict_batch_size")  # fmt: skip
+            given = {k: data.get(k) for k in sizes if data.get(k) is not None}
+            ShardDataModule.check_counts(**given)
         model_seed = (config.get("model") or {}).get("init_args", {}).get("seed")
         data_seed = (config.get("data") or {}).get("seed")
         if model_seed is not None and data_seed is not None and model_seed != data_seed:
@@ -311,11 +351,20 @@ class CoDiCLI(LightningCLI):
             )
 
     def instantiate_classes(self) -> None:
-        """Local shard files the command will read exist, checked before any model loads."""
+        """Local shard files the command will read exist, checked before any model loads.
+        An error a class raises while it is built reaches the user as that error (the
+        parser would wrap it in a union error that prints the whole config)."""
         command = self.config.get("subcommand")
         config = self.config[command] if command else self.config
         self._check_shards(command, config.get("data") or {})
-        super().instantiate_classes()
+        check_accelerator(config.get("trainer") or {})
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            root = root_cause(err)
+            if root is err:
+                raise
+            raise root from None
 
     @staticmethod
     def _check_shards(command: str | None, data: Any) -> None:
@@ -427,23 +476,37 @@ class CoDiCLI(LightningCLI):
             self.trainer.callbacks.append(ImageWriter(out))
 
 
+# what a mistake in the command, the config or the inputs raises (the message names the
+# fix): a few lines and exit code 2, not a traceback; RuntimeError and the rest keep theirs
+USER_ERRORS = (
+    CheckpointError, UsageError, MissingShardsError, ValueError, FileNotFoundError,
+    NotADirectoryError, IsADirectoryError, PermissionError, MisconfigurationException,
+)  # fmt: skip
+MAX_ERROR_LINES = 4
+
+
+def error_lines(err: BaseException) -> str:
+    """``err``'s message in at most ``MAX_ERROR_LINES`` lines (a longer one is cut, with
+    where to see the rest)."""
+    lines = str(err).strip().splitlines() or [type(err).__name__]
+    if len(lines) > MAX_ERROR_LINES:
+        lines = [*lines[: MAX_ERROR_LINES - 1], "... (CODI_DEBUG=1 prints all of it)"]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run the CLI. A :class:`CheckpointError` (a bad checkpoint file, a teacher that is
-    not found), a :class:`UsageError` (an option or config the parser refuses, a missing
-    predict folder) or a :class:`MissingShardsError` (shard files not there) ends with ``error: <message>`` on stderr and exit code 2;
-    ``CODI_DEBUG=1`` prints the traceback as well."""
+    """Run the CLI. A mistake in the command, config or inputs (:data:`USER_ERRORS`: a
+    :class:`CheckpointError`, a :class:`UsageError`, a :class:`MissingShardsError`, an
+    option a class refuses with ``ValueError``...) ends with ``error: <message>`` on stderr
+    in a few lines and exit code 2; a :class:`NonFiniteTrainingError` the same way with
+    exit code 1. ``CODI_DEBUG=1`` prints the traceback as well."""
     try:
         _main(argv)
-    except (CheckpointError, UsageError, MissingShardsError) as err:
+    except (*USER_ERRORS, NonFiniteTrainingError) as err:
         if os.environ.get("CODI_DEBUG") == "1":
             traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-    except NonFiniteTrainingError as err:  # the run's own failure, not a usage error
-        if os.environ.get("CODI_DEBUG") == "1":
-            traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+        print(f"error: {error_lines(err)}", file=sys.stderr, flush=True)
+        raise SystemExit(1 if isinstance(err, NonFiniteTrainingError) else 2) from None
 
 
 def _main(argv: Sequence[str] | None) -> None:

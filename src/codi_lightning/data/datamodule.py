@@ -367,6 +367,9 @@ class ShardDataModule(L.LightningDataModule):
         max_consecutive_skips: int = 1000,
     ) -> None:
         super().__init__()
+        self.check_counts(batch_size=batch_size, val_batch_size=val_batch_size,
+                          resolution=resolution, num_workers=num_workers,
+                          shuffle_buffer=shuffle_buffer, min_size=min_size)  # fmt: skip
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"data.caption_dropout={caption_dropout} must lie in [0, 1]")
         make_recipe(condition, sr_factor)  # validates the name and the factor
@@ -400,6 +403,21 @@ class ShardDataModule(L.LightningDataModule):
         a cached member of another shape is a ``corrupt_cache`` skip naming shard, key
         and shapes. The module calls it in ``setup``, before any loader is built."""
         self.cache_spec = spec
+
+    @staticmethod
+    def check_counts(**values: Any) -> None:
+        """The size and count options as given (the CLI calls it before any model loads):
+        ``batch_size``, ``val_batch_size`` (None: ``batch_size``), ``resolution``,
+        ``predict_batch_size`` positive; ``num_workers``, ``shuffle_buffer``, ``min_size``
+        at least 0. A negative batch size would otherwise kill a loader worker and hang
+        the run."""
+        for name, value in values.items():
+            if value is None and name == "val_batch_size":
+                continue
+            low = 0 if name in ("num_workers", "shuffle_buffer", "min_size") else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                kind = "a positive integer" if low else "an integer >= 0"
+                raise ValueError(f"data.{name}={value!r} must be {kind}")
 
     @staticmethod
     def _check_options(

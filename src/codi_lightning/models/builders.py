@@ -103,6 +103,19 @@ def load_teacher(
             "or the path of a local diffusers folder; `codi-lightning` tests use "
             "`codi_lightning.models.write_tiny_teacher` to make one."
         ) from err
+    channels = int(unet.config.in_channels)
+    pixels = 3 * (4 if family.name == "flux" else 1)  # Flux packs 2x2 patches
+    if pixel_space and channels != pixels:
+        raise ValueError(
+            f"model.pixel_space is true but the teacher's {network_class} takes {channels}-"
+            "channel latents (a latent model with a VAE): set model.pixel_space false"
+        )
+    local = Path(pretrained).expanduser()
+    if not pixel_space and not vae_path and local.is_dir() and not (local / "vae").is_dir():
+        raise ValueError(
+            f"{pretrained!r} has no vae/ folder (a pixel-space model, {channels}-channel "
+            "network?): set model.pixel_space true, or give a VAE with model.vae_path"
+        )
     vae = None if pixel_space else load_vae(pretrained, vae_path, weights)
     prompt_encoder = family.load_prompt_encoder(pretrained, index, kw, weights)
     scheduler_config = dict(DDPMScheduler.load_config(pretrained, subfolder="scheduler", **kw))
