@@ -92,14 +92,121 @@ def test_poisoned_checkpoint_is_refused_even_with_the_old_default(tmp_path, monk
     loads = {
         "load_from_checkpoint": lambda: CoDiDistillation.load_from_checkpoint(poisoned),
         "read_checkpoint": lambda: read_checkpoint(poisoned),
+        "checkpoint_step": lambda: checkpoint_step(poisoned),
     }
     for name, load in loads.items():
-        with pytest.raises(Exception, match="Weights only load failed"):
+        with pytest.raises(CheckpointError) as err:
             load()
+        message = str(err.value)
+        assert message.startswith(f"{poisoned}: refused: it holds pickled objects"), message
+        assert "posix.mkdir" in message and "weights_only=False" not in message
         assert not marker.exists(), name
-    with pytest.raises(CheckpointError, match="unreadable"):
-        checkpoint_step(poisoned)
+
+
+def _write_sharded(path: Path, step: int, **extra) -> Path:
+    """A distributed-checkpoint folder as ModelParallelStrategy writes one (state_dict
+    and optimizer through torch.distributed.checkpoint, the rest in meta.pt)."""
+    import torch.distributed.checkpoint as dcp
+
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters())
+    net(torch.randn(1, 3)).sum().backward()
+    opt.step()
+    dcp.save({"state_dict": net.state_dict(), "optimizer_0": opt.state_dict(), **extra},
+             checkpoint_id=str(path), no_dist=True)  # fmt: skip
+    torch.save({"global_step": step, "hyper_parameters": {}}, path / "meta.pt")
+    return path
+
+
+def test_sharded_folders_never_run_code(tmp_path):
+    """A payload in the folder's .metadata, in a non-tensor item or in meta.pt is refused
+    by every reader (the check, read_checkpoint, consolidate, load_from_checkpoint), named,
+    and never runs; a real folder reads."""
+    import pickle
+
+    from codi_lightning.checkpoints import check_checkpoint, consolidate_checkpoint
+
+    good = _write_sharded(tmp_path / "good.ckpt", 7)
+    assert read_checkpoint(good)["global_step"] == 7 and checkpoint_step(good) == 7
+    marker = tmp_path / "payload_ran"
+    meta = _write_sharded(tmp_path / "meta.ckpt", 1000)
+    (meta / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    item = _write_sharded(tmp_path / "item.ckpt", 1000, extra={"x": _Payload(marker)})
+    loose = _write_sharded(tmp_path / "loose.ckpt", 1000)
+    torch.save({"global_step": 1000, "x": _Payload(marker)}, loose / "meta.pt")
+    readers = {
+        "check": check_checkpoint, "read": read_checkpoint, "step": checkpoint_step,
+        "consolidate": lambda p: consolidate_checkpoint(str(p), str(tmp_path / "one.ckpt")),
+        "load_from_checkpoint": CoDiDistillation.load_from_checkpoint,
+    }  # fmt: skip
+    for folder in (meta, item, loose):
+        for name, read in readers.items():
+            with pytest.raises(CheckpointError, match=re.escape(f"{folder}: ")) as err:
+                read(folder)
+            assert "refused" in str(err.value) or "unreadable" in str(err.value), (name, err)
+            assert not marker.exists(), (folder.name, name)
+    assert "posix.mkdir" in str(pytest.raises(CheckpointError, check_checkpoint, meta).value)
+
+
+def test_auto_passes_over_a_planted_folder_to_the_next_good_checkpoint(tmp_path):
+    """A poisoned sharded folder claiming step 1000 among good checkpoints: --ckpt_path
+    auto names it as refused and resumes from the newest good one; nothing runs."""
+    import pickle
+
+    marker = tmp_path / "payload_ran"
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    _write_ckpt(folder / "step=4.ckpt", 4, time.time())
+    _write_sharded(folder / "step=6.ckpt", 6)
+    planted = _write_sharded(folder / "step=1000.ckpt", 1000)
+    (planted / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    found, skipped = newest_checkpoint([folder])
+    assert found == (folder / "step=6.ckpt", 6)
+    assert len(skipped) == 1 and skipped[0].startswith(f"{planted}: refused")
     assert not marker.exists()
+
+
+def test_damaged_and_foreign_files_are_named(tmp_path):
+    """A flipped byte in the tensor data (the zip record's CRC-32 no longer matches), a
+    zip that is not a torch file, a torch file that is not a Lightning checkpoint."""
+    import zipfile
+
+    good = tmp_path / "good.ckpt"
+    torch.save({"global_step": 1, "state_dict": {"w": torch.arange(4096.0)}}, good)
+    data = bytearray(good.read_bytes())
+    with zipfile.ZipFile(good) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("/data/0"))
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    data[start + 1000] ^= 0x10  # one bit of one float
+    flipped = tmp_path / "flipped.ckpt"
+    flipped.write_bytes(bytes(data))
+    assert not torch.equal(
+        torch.load(flipped, weights_only=True)["state_dict"]["w"], torch.arange(4096.0)
+    )  # fmt: skip  (torch loads it silently)
+    foreign = tmp_path / "foreign.ckpt"
+    with zipfile.ZipFile(foreign, "w") as archive:
+        archive.writestr("notes.txt", "hello")
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"weights": torch.zeros(3)}, plain)
+    cases = {flipped: "damaged: the record", foreign: "not a readable torch checkpoint",
+             plain: "not a Lightning checkpoint (no state_dict)"}  # fmt: skip
+    for path, words in cases.items():
+        with pytest.raises(CheckpointError, match=re.escape(f"{path}: ")) as err:
+            read_checkpoint(path)
+        assert words in str(err.value)
+    assert read_checkpoint(good)["global_step"] == 1
+
+
+def test_a_sharded_folder_on_one_device_is_a_short_error(tmp_path):
+    folder = _write_sharded(tmp_path / "step=2.ckpt", 2)
+    result = subprocess.run(
+        [*CLI, "test", "--config", TINY, "--ckpt_path", str(folder)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert lines[-1].startswith(f"error: {folder}: a sharded (FSDP2) checkpoint folder")
+    assert "codi-lightning consolidate" in lines[-1] and "Traceback" not in result.stderr
 
 
 class _KwargsCLI(CoDiCLI):
@@ -133,10 +240,8 @@ def test_newest_checkpoint_by_step_then_time(tmp_path):
     _write_ckpt(b / "step=4.ckpt", 4, now - 30)  # same step, newer: wins the tie
     (a / "empty.ckpt").write_bytes(b"")
     (a / "cut.ckpt").write_bytes((a / "step=4.ckpt").read_bytes()[:100])
-    sharded = a / "step=3.ckpt"  # a distributed-checkpoint folder counts too
-    sharded.mkdir()
-    (sharded / ".metadata").write_bytes(b"x")
-    torch.save({"global_step": 3}, sharded / "meta.pt")
+    sharded = _write_sharded(a / "step=3.ckpt", 3)  # a distributed-checkpoint folder too
+    os.utime(sharded / "meta.pt", (now - 60, now - 60))
     unfinished = a / "step=9.ckpt"  # DCP writes .metadata last: a kill leaves none
     unfinished.mkdir()
     assert newest_checkpoint([a])[0] == (a / "step=4.ckpt", 4)

@@ -3,7 +3,9 @@ up front, find the newest one of a run, and resolve the teacher paths they recor
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import re
 import zipfile
 from collections.abc import Iterable
@@ -33,16 +35,24 @@ def is_sharded(path: str | Path) -> bool:
     return Path(path).is_dir() and (Path(path) / ".metadata").is_file()
 
 
-def check_checkpoint(path: str | Path) -> Path:
-    """Cheap up-front check (no unpickling) that ``path`` can be a checkpoint: a non-empty
-    zip archive (what ``torch.save`` writes; a write cut short has no end-of-archive
-    record) or a distributed-checkpoint folder. Raises :class:`CheckpointError`."""
+def check_checkpoint(path: str | Path, verify_data: bool = True) -> Path:
+    """Up-front check that ``path`` is a checkpoint this project can read safely, before
+    anything loads it. Raises :class:`CheckpointError`, one line naming the path and what
+    the file is.
+
+    A file must be a complete zip archive (what ``torch.save`` writes), whose records all
+    match their CRC-32 (``verify_data``: reads the whole file, about 1 s per GB; a damaged
+    byte is named here instead of trained on), whose pickle holds only tensors and plain
+    data (unpickled with ``weights_only=True``, tensors memory-mapped, not read) and which
+    holds a ``state_dict``. A folder must be a distributed checkpoint whose metadata and
+    non-tensor items unpickle with the allowlist of :func:`verify_sharded`."""
     path = Path(path)
     if path.is_dir():
         if not (path / ".metadata").is_file():
             raise CheckpointError(
                 f"{path}: a folder but not a distributed checkpoint (no .metadata)"
             )
+        verify_sharded(path)
         return path
     if not path.exists():
         raise CheckpointNotFoundError(f"{str(path)!r}: no such checkpoint file or folder")
@@ -59,24 +69,183 @@ def check_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(
             f"{path}: not a checkpoint ({size} bytes, not the zip archive torch.save writes)"
         )
+    if verify_data:
+        _verify_crc(path)
+    _probe(path)
     return path
 
 
-def _load_sharded(path: Path) -> dict[str, Any]:
-    """Lightning's ``_load_distributed_checkpoint``, with ``weights_only=True`` for its
-    ``meta.pt``. torch's distributed-checkpoint reader itself unpickles ``.metadata``
-    (and non-tensor items): read sharded folders only from sources you trust."""
+def _verify_crc(path: Path) -> None:
+    """Every record of the zip archive against its CRC-32 (``torch.save`` records them;
+    ``torch.load`` does not check them)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise CheckpointError(f"{path}: unreadable zip archive ({err})") from None
+    if bad is not None:
+        raise CheckpointError(
+            f"{path}: damaged: the record {bad!r} does not match its CRC-32 (a flipped or "
+            "lost byte); use another checkpoint"
+        )
+
+
+def _probe(path: Path) -> None:
+    """Unpickle with ``weights_only=True``, tensors memory-mapped (not read), and check
+    that it is a Lightning checkpoint; the errors name what the file is."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f"({found.group(1)})" if found else ""
+        raise CheckpointError(
+            f"{path}: refused: it holds pickled objects other than tensors and plain data "
+            f"{what}; a codi-lightning checkpoint holds none (a file from another tool, or "
+            "altered): do not load it"
+        ) from None
+    except Exception as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({reason})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(
+            f"{path}: a torch file but not a Lightning checkpoint (no state_dict): give a "
+            "checkpoint that codi-lightning fit wrote"
+        )
+
+
+# what the ``.metadata`` pickle of torch's distributed checkpoints names (torch 2.6-2.14):
+# its metadata classes, torch.Size, dtypes (checked by type), layouts, the checkpoint path
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+SAFE_METADATA_GLOBALS = {
+    (_DCP_METADATA, n)
+    for n in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+              "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("collections", "OrderedDict"),
+}  # fmt: skip
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a distributed checkpoint's ``.metadata`` naming only
+    :data:`SAFE_METADATA_GLOBALS` and torch dtypes (Python's "restricting globals"); any
+    other name (``os.system``, ``builtins.eval``...) raises ``UnpicklingError``."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in SAFE_METADATA_GLOBALS or dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not allowed")
+
+
+def _safe_reader(path: Path):
+    """A ``FileSystemReader`` whose ``.metadata`` goes through :class:`_MetadataUnpickler`
+    (torch's own ``read_metadata`` unpickles it with no restriction). Tensor records are
+    read by torch with ``weights_only=True`` already."""
     from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            with open(Path(self.path) / ".metadata", "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(path)
+
+
+def _safe_bytes(planner_class: type) -> type:
+    """``planner_class`` whose non-tensor items are unpickled with ``weights_only=True``
+    (torch's planners use ``weights_only=False``); the checked object is handed on
+    re-serialised, so the parent's loader sees nothing else."""
+
+    class SafeBytes(planner_class):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            try:
+                obj = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as err:
+                found = re.search(r"GLOBAL ([\w.]+)", str(err))
+                name = found.group(1) if found else "an object that is not plain data"
+                raise pickle.UnpicklingError(f"GLOBAL {name} is not allowed") from None
+            clean = io.BytesIO()
+            torch.save(obj, clean)
+            clean.seek(0)
+            super().load_bytes(read_item, clean)
+
+    return SafeBytes
+
+
+def verify_sharded(path: str | Path) -> None:
+    """A distributed-checkpoint folder read without running anything a stranger could
+    have written: its ``.metadata`` through an allowlist of torch's metadata classes, each
+    non-tensor item with ``weights_only=True`` (tensors are not read), the files the
+    metadata names present, a ``state_dict`` in it, and Lightning's ``meta.pt`` with
+    ``weights_only=True``. Raises :class:`CheckpointError` naming what was refused."""
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    path = Path(path)
+    try:
+        reader = _safe_reader(path)
+        metadata = reader.read_metadata()
+        files = {getattr(info, "relative_path", None) for info in metadata.storage_data.values()}
+        missing = sorted(f for f in files if f and not (path / f).is_file())
+        if missing:
+            raise CheckpointError(f"{path}: incomplete distributed checkpoint (no {missing[0]})")
+        keys = metadata.state_dict_metadata
+        if not any(k.startswith("state_dict.") for k in keys):
+            raise CheckpointError(f"{path}: a distributed checkpoint without a state_dict")
+        items = {k: None for k, m in keys.items() if isinstance(m, BytesStorageMetadata)}
+        if items:
+            planner = _safe_bytes(DefaultLoadPlanner)(flatten_state_dict=False)
+            load(items, storage_reader=_safe_reader(path), planner=planner, no_dist=True)
+        meta = path / LIGHTNING_META
+        if meta.is_file():
+            torch.load(meta, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as err:  # torch's is a BaseException
+        text = str(err)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found:
+            raise CheckpointError(
+                f"{path}: refused: the distributed checkpoint names {found.group(1)}, which "
+                "a checkpoint of torch's holds only to run code; do not load it"
+            ) from None
+        reason = (text.strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{path}: unreadable distributed checkpoint ({reason})") from None
+
+
+def _load_sharded(path: Path) -> dict[str, Any]:
+    """Lightning's ``_load_distributed_checkpoint`` through the safe reader and planner of
+    :func:`verify_sharded` (nothing in the folder is unpickled beyond torch's metadata
+    classes, tensors and plain data), ``weights_only=True`` for its ``meta.pt``."""
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     checkpoint: dict[str, Any] = {}
-    _load_state_dict(
-        checkpoint,
-        storage_reader=FileSystemReader(path),
-        planner=_EmptyStateDictLoadPlanner(),
-        no_dist=True,
-    )
+    try:
+        _load_state_dict(
+            checkpoint,
+            storage_reader=_safe_reader(path),
+            planner=_safe_bytes(_EmptyStateDictLoadPlanner)(),
+            no_dist=True,
+        )
+    except (pickle.UnpicklingError, CheckpointException) as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if found is None:
+            raise
+        raise CheckpointError(f"{path}: refused: it names {found.group(1)}") from None
     meta = path / LIGHTNING_META
     if meta.is_file():
         checkpoint.update(torch.load(meta, map_location="cpu", weights_only=True))
@@ -104,14 +273,13 @@ def checkpoint_step(path: str | Path) -> int:
     """The ``global_step`` recorded in a checkpoint file or sharded folder, read without
     loading the weights (memory-mapped). Raises :class:`CheckpointError` on a checkpoint
     that is incomplete or unreadable."""
-    file = check_checkpoint(path)
+    file = check_checkpoint(path, verify_data=False)
     if file.is_dir():
         file = file / LIGHTNING_META
         if not file.is_file():
             raise CheckpointError(
                 f"{path}: incomplete distributed checkpoint (no {LIGHTNING_META})"
             )
-        check_checkpoint(file)
     try:
         meta = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
         return int(meta["global_step"])
@@ -142,24 +310,31 @@ def newest_checkpoint(
 ) -> tuple[tuple[Path, int] | None, list[str]]:
     """The complete checkpoint with the highest ``global_step`` (ties: the newest file) in
     ``folders`` and anywhere below ``search``, with its step; and one line per candidate
-    skipped as incomplete or unreadable."""
+    skipped as incomplete, unreadable, damaged or refused (:func:`check_checkpoint`), in
+    which case the next one down is taken."""
     candidates: dict[Path, Path] = {}
     for roots, recursive in ((folders, False), (search, True)):
         for root in roots:
             for path in checkpoint_candidates(root, recursive):
                 candidates.setdefault(path.resolve(), path)
-    best: tuple[int, float, Path] | None = None
+    ranked: list[tuple[int, float, Path]] = []
     skipped: list[str] = []
     for path in candidates.values():
         try:
-            step = checkpoint_step(path)
+            step = checkpoint_step(path)  # read safely (check_checkpoint without the CRCs)
         except CheckpointError as err:
             skipped.append(str(err))
             continue
         stamp = (path / LIGHTNING_META if path.is_dir() else path).stat().st_mtime
-        if best is None or (step, stamp) > best[:2]:
-            best = (step, stamp, path)
-    return ((best[2], best[0]) if best else None), skipped
+        ranked.append((step, stamp, path))
+    for step, _, path in sorted(ranked, key=lambda r: r[:2], reverse=True):
+        try:  # the whole file against its CRCs, only for the one about to be used
+            check_checkpoint(path)
+        except CheckpointError as err:
+            skipped.append(str(err))
+            continue
+        return (path, step), skipped
+    return None, skipped
 
 
 # --------------------------------------------------------------- recorded teacher paths

@@ -27,6 +27,7 @@ from .checkpoints import (
     check_checkpoint,
     consolidate_checkpoint,
     is_missing_local_path,
+    is_sharded,
     newest_checkpoint,
 )
 from .data import ShardDataModule, write_depth_shards, write_edit_shards, write_shards
@@ -184,10 +185,14 @@ TEACHER_OPTIONS = ("pretrained", "init_from")
 CKPT_KEYWORDS = ("last", "best", "hpc", "registry", "auto", "http", "https", "s3", "gs")
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def _say(message: str) -> None:
-    """One line to stderr, from the first process only."""
+    """One line to stderr, from the first process only, without terminal colour codes
+    (a relayed library message may carry them)."""
     if getattr(rank_zero_only, "rank", 0) == 0:
-        print(message, file=sys.stderr, flush=True)
+        print(ANSI.sub("", message), file=sys.stderr, flush=True)
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -394,6 +399,8 @@ class CoDiCLI(LightningCLI):
             self.config[command]["ckpt_path"] = ckpt_path
         elif ckpt_path and str(ckpt_path).split(":")[0] not in CKPT_KEYWORDS:
             check_checkpoint(ckpt_path)
+        if ckpt_path and is_sharded(ckpt_path):
+            self._check_sharded_strategy(command, ckpt_path)
         init = (self.config[command].get("model") or {}).get("init_args") or {}
         keep = {}
         if command in ("validate", "test", "predict"):
@@ -435,6 +442,18 @@ class CoDiCLI(LightningCLI):
             ConditionFolder(folder)
         except FileNotFoundError as err:
             raise UsageError(f"{err}\ngive --data.predict_images a folder of images") from None
+
+    def _check_sharded_strategy(self, command: str, ckpt_path: str) -> None:
+        """A distributed-checkpoint folder loads only under ``ModelParallelStrategy``
+        (Lightning's other strategies fail on a folder with a long ``IsADirectoryError``)."""
+        strategy = (self.config[command].get("trainer") or {}).get("strategy")
+        name = strategy if isinstance(strategy, str) else (strategy or {}).get("class_path", "")
+        if not str(name).endswith("ModelParallelStrategy"):
+            raise UsageError(
+                f"{ckpt_path}: a sharded (FSDP2) checkpoint folder, which loads only with the "
+                "FSDP2 preset (--config configs/trainer/fsdp.yaml); or gather it into one "
+                f"file: codi-lightning consolidate --ckpt {ckpt_path} --output one.ckpt"
+            )
 
     def _newest_checkpoint(self, command: str) -> str | None:
         """``--ckpt_path auto``: the newest complete checkpoint of this run's folders."""
