@@ -52,6 +52,8 @@ def test_layout_and_weights(codi_export, tmp_path):
     card = (out / "README.md").read_text()
     assert FAMILIES[family]["pipeline"] in card and "sigmas = [1.0, 0.75, 0.5, 0.25]" in card
     assert f"whose sides are multiples of {m.pixel_multiple} " in card  # the padding rule
+    length = m.text_encoder.t5_length  # what the module encoded with
+    assert card.count(f"max_sequence_length={length},") == 3  # both samplers, any size
     pe = tmp_path / "pe.ckpt"
     _checkpoint(teacher, pe, **FAMILIES[family]["kw"])
     assert not (export_checkpoint(str(pe), str(tmp_path / "pe")) / "transformer").exists()

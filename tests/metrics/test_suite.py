@@ -174,3 +174,17 @@ def test_swd_separates_distributions_and_is_zero_for_identical_sets():
     suite = EvalSuite(MetricsConfig(**OFFLINE, swd=True), [1])
     suite.update(1, blurred, img)
     assert suite.compute()[1]["swd"] > 0
+
+
+def test_kid_is_shown_with_its_spread_and_what_a_negative_value_means():
+    from codi_lightning.metrics.suite import results_markdown
+
+    rows = {1: {"fid": 3.0, "kid": -0.1602, "kid_std": 0.1201, "images": 128},
+            4: {"fid": 2.0, "kid": 0.0478, "kid_std": 0.1557, "images": 128}}  # fmt: skip
+    table = results_markdown(rows)
+    header = table.splitlines()[0]
+    assert "kid (± std) ↓" in header and "kid_std" not in header
+    assert "| 1 | 3.0000 | -0.1602 ± 0.12 | 128 |" in table
+    assert "falls below 0 by chance" in table
+    plain = results_markdown({1: {"fid": 3.0, "images": 8}})
+    assert "KID" not in plain

@@ -41,14 +41,31 @@ class FlowExport:
     pipeline: str
     adapter_config: Any  # (transformer config, model.adapter_layers) -> adapter config
     guidance: float  # the pipeline's guidance_scale that reproduces training
+    t5_tokenizer: str  # the T5 tokenizer's subfolder
+    t5_length: int  # the T5 sequence length of the module (with a tokenizer at least as long)
 
 
 EXPORTS = {
     "sd3": FlowExport("SD3 family", "SD3ControlNetModel", "SD3Transformer2DModel",
-                      "StableDiffusion3ControlNetPipeline", sd3.adapter_config, 1.0),
+                      "StableDiffusion3ControlNetPipeline", sd3.adapter_config, 1.0,
+                      "tokenizer_3", sd3.T5_LENGTH),
     "flux": FlowExport("Flux", "FluxControlNetModel", "FluxTransformer2DModel",
-                       "FluxControlNetPipeline", flux.adapter_config, flux.GUIDANCE),
+                       "FluxControlNetPipeline", flux.adapter_config, flux.GUIDANCE,
+                       "tokenizer_2", flux.T5_LENGTH),
 }  # fmt: skip
+
+
+def t5_length(spec: FlowExport, base: str, kw: dict) -> int | None:
+    """The T5 sequence length the run's prompt encoder used (as ``models.teachers``
+    sets it: the family's length, or the tokenizer's maximum if shorter); None for a
+    base model without T5."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base, subfolder=spec.t5_tokenizer, **kw)
+    except (OSError, ValueError):
+        return None
+    return min(spec.t5_length, int(tokenizer.model_max_length))
 
 
 def export_flow(
@@ -96,7 +113,8 @@ def export_flow(
             )
         tokens = (int(size) // vae_scale // 2) ** 2
     schedule = FlowSchedule.from_config(scheduler_config, tokens)
-    card = _card(spec, hp, base, weights, step, schedule, codi, size, multiple)
+    card = _card(spec, hp, base, weights, step, schedule, codi, size, multiple,
+                 t5_length(spec, base, kw))  # fmt: skip
     (out / "README.md").write_text(card)
     return "transformer/ + controlnet/" if codi else "controlnet/"
 
@@ -104,6 +122,7 @@ def export_flow(
 def _card(
     spec: FlowExport, hp: dict[str, Any], base: str, weights: str, step: int,
     schedule: FlowSchedule, codi: bool, size: int | None, multiple: int = 16,
+    max_length: int | None = None,
 ) -> str:  # fmt: skip
     method = "CoDi (adapter + transformer)" if codi else "PE-CoDi (adapter only)"
     num_grid, num_train = int(hp.get("num_grid", 50)), schedule.num_train_timesteps
@@ -150,14 +169,20 @@ def _card(
         )
     tag = "flux" if spec.pipeline.startswith("Flux") else "sd3"
     config = json.dumps(hp, indent=2, default=str)
+    length = "" if max_length is None else f" max_sequence_length={max_length},"
+    if max_length is not None:
+        guidance += (
+            f"\nT5 reads {max_length} prompt tokens, as in training: the snippet passes "
+            f"`max_sequence_length={max_length}` (the pipeline's default may differ).\n"
+        )
     call = (
-        f"image = pipe(prompt, control_image=condition, sigmas=sigmas,{size_args}\n"
+        f"image = pipe(prompt, control_image=condition, sigmas=sigmas,{size_args}{length}\n"
         f"             guidance_scale={spec.guidance}, "
         "generator=torch.Generator().manual_seed(0)).images[0]"
     )
     any_size = any_size_section(
         multiple,
-        f"pipe(prompt, control_image=padded, sigmas=sigmas, height=H, width=W,\n"
+        f"pipe(prompt, control_image=padded, sigmas=sigmas, height=H, width=W,{length}\n"
         f'             guidance_scale={spec.guidance}, output_type="pt").images',
         "[-1, 1]",
     )

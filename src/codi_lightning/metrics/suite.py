@@ -340,14 +340,32 @@ def results_markdown(
     """One table: a row per step count, a column per metric; then ``image`` (a path
     relative to the markdown file), a grid of condition | samples at each step count of
     ``results`` | ground truth, if given."""
-    columns = [c for c in next(iter(results.values())) if c != "images"] + ["images"]
+    first = next(iter(results.values()))
+    kid = "kid" in first and "kid_std" in first  # one column: mean ± std
+    columns = [c for c in first if c not in ("images", "kid_std" if kid else "")] + ["images"]
     arrows = {c: (" ↓" if c in LOWER_IS_BETTER else " ↑") if c != "images" else "" for c in columns}
+    names = {c: "kid (± std)" if kid and c == "kid" else c for c in columns}
     lines = [f"### {title}", ""] if title else []
-    lines.append("| steps | " + " | ".join(c + arrows[c] for c in columns) + " |")
+    lines.append("| steps | " + " | ".join(names[c] + arrows[c] for c in columns) + " |")
     lines.append("|---" * (len(columns) + 1) + "|")
+
+    def cell(row: dict[str, float], c: str) -> str:
+        if c == "images":
+            return f"{int(row[c])}"
+        if kid and c == "kid":
+            return f"{row['kid']:.4g} ± {row['kid_std']:.3g}"
+        return f"{row[c]:.4f}"
+
     for steps, row in results.items():
-        cells = [f"{int(row[c])}" if c == "images" else f"{row[c]:.4f}" for c in columns]
-        lines.append(f"| {steps} | " + " | ".join(cells) + " |")
+        lines.append(f"| {steps} | " + " | ".join(cell(row, c) for c in columns) + " |")
+    if kid:
+        lines += [
+            "",
+            "KID is an unbiased estimate (the mean over random subsets, ± its standard "
+            "deviation), so it falls below 0 by chance when the two sets are close: a value "
+            "within a couple of standard deviations of 0, negative ones included, means they "
+            "cannot be told apart at this sample size.",
+        ]
     if image is not None:
         steps = " | ".join(f"{s} {'step' if s == 1 else 'steps'}" for s in results)
         lines += [
