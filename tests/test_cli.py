@@ -597,6 +597,13 @@ def test_predict_writes_every_photo_of_a_mixed_folder_at_its_size(
           *extra])  # fmt: skip
     check_predictions(preds, expected)
     out = capsys.readouterr().out
+    if tiles:  # a rerun after a kill: the partial image it left is removed, and said
+        (preds / "sub dir" / ".left.png.partial").write_bytes(b"half an image")
+        main(["predict", "--config", str(config), "--data.predict_images", str(inputs),
+              "--data.predict_output", str(preds), "--data.predict_max_pixels", "1000000",
+              *extra])  # fmt: skip
+        check_predictions(preds, expected)
+        assert "removed 1 partial images of an interrupted run" in capsys.readouterr().out
     for source, reason in skipped.items():
         assert f"skipped {source}: {reason}" in out
     for source in ("same.jpg", "same.png", "Same.bmp"):

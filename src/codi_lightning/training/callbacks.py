@@ -34,7 +34,17 @@ class ImageWriter(BasePredictionWriter):
         self.skipped: list[dict[str, str]] = []
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.written, self.skipped = 0, []  # per predict run
+        """Per run: reset the counts; rank 0 removes the partial files an interrupted run
+        left (and says so) while the others wait (a collective: every rank calls it)."""
+        self.written, self.skipped = 0, []
+        if trainer.is_global_zero and self.output_dir.is_dir():
+            partial = list(self.output_dir.rglob(".*.png.partial"))
+            for path in partial:
+                path.unlink()
+            if partial:
+                print(f"removed {len(partial)} partial images of an interrupted run in "
+                      f"{self.output_dir}", flush=True)  # fmt: skip
+        trainer.strategy.barrier("image_writer_start")
 
     def write_on_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: dict[str, Any],
