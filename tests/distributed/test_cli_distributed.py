@@ -207,13 +207,13 @@ def test_two_process_fsdp_on_flow_transformers(tmp_path, family, tiny_shards, un
 def test_a_nonfinite_loss_on_one_rank_is_skipped_on_every_rank(strategy, tmp_path, tiny_teacher,
                                                                tiny_shards, uneven_val):  # fmt: skip
     """A NaN in rank 1's batch at step 1 only: both ranks skip that step (the decision is
-    the global gradient norm, the same on every rank), the run goes on to step 3 without
+    the global gradient norm, the same on every rank), the run goes on to step 4 without
     hanging, and the checkpoint's weights are finite."""
     from codi_lightning.checkpoints import read_checkpoint
 
     config = _config(tmp_path, tiny_teacher, tiny_shards["train"], uneven_val["three"])
     cfg = yaml.safe_load(config.read_text())
-    cfg["trainer"].update(max_steps=3, val_check_interval=3, limit_val_batches=1)
+    cfg["trainer"].update(max_steps=4, val_check_interval=4, limit_val_batches=1)
     cfg["trainer"]["callbacks"].append(
         {"class_path": "poison_batch.PoisonBatch", "init_args": {"rank": 1, "step": 1}}
     )
@@ -225,6 +225,6 @@ def test_a_nonfinite_loss_on_one_rank_is_skipped_on_every_rank(strategy, tmp_pat
                       tmp_path, WATCHDOG_S, env)  # fmt: skip
     assert log.count("step 1: the gradient norm is nan") == 1  # rank 0 says it, once
     state = read_checkpoint(tmp_path / "run" / "ckpt" / "last.ckpt")
-    assert state["global_step"] == 3
+    assert state["global_step"] == 4
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values()
                if v.is_floating_point())  # fmt: skip
