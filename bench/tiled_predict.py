@@ -11,7 +11,7 @@
    ``make demo`` writes it) on a 2 x 4 mosaic of the demo's held-out 8x8 inputs, 4x: a
    64x128 output, sampled whole and in 32 px tiles with 8 px overlap (15 tiles). The
    difference to the untiled sample on pixels within 2 px of an inner tile border, and
-   elsewhere.
+   elsewhere; docs/tiled_predict.png shows condition | untiled | tiled | 4 x |difference|.
 
 Numbers go to docs/performance.md by hand, with the machine they came from.
 """
@@ -104,6 +104,10 @@ def seams(ckpt: str, lowres: Path) -> dict:
         for edge in (xs.start * v, xs.stop * v):
             if 0 < edge < cond.shape[-1]:
                 border[:, max(0, edge - 2) : edge + 2] = True
+    from torchvision.utils import save_image
+
+    panel = torch.cat([cond, whole, tiled, ((tiled - whole).abs() * 4).clamp(0, 1)])
+    save_image(panel, REPO / "docs" / "tiled_predict.png", nrow=1, padding=2, pad_value=1.0)
     diff = (tiled - whole).abs().mean(dim=(0, 1))
     return {"tiles": len(grid), "output": list(cond.shape[-2:]),
             "mean_abs_diff_border": round(float(diff[border].mean()), 4),
@@ -115,6 +119,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--ckpt", default=str(REPO / "demo_out" / "checkpoints" / "last.ckpt"))
+    parser.add_argument("--seams-only", action="store_true", help="skip the memory runs")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--tiled", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--teacher", help=argparse.SUPPRESS)
@@ -127,7 +132,8 @@ def main() -> None:
         print("seams:", seams(str(ckpt), ckpt.parents[1] / "lowres"), flush=True)
     else:
         print(f"no {ckpt}: run `make demo` for the seam measurement", flush=True)
-    memory(args.sizes)
+    if not args.seams_only:
+        memory(args.sizes)
 
 
 if __name__ == "__main__":

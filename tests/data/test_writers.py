@@ -197,21 +197,25 @@ def test_parquet_manifest_gives_the_same_shards_as_jsonl(tmp_path):
 
 
 class _Strategy:
-    """Stands in for a 2-process strategy: ``reduce`` adds the other rank's counts."""
+    """Stands in for a 2-process strategy: ``reduce`` adds the other rank's counts
+    (written, then skipped per reason: not_an_image_file, unreadable, too_large, other)."""
 
     root_device = torch.device("cpu")
 
     def __init__(self, other_rank: torch.Tensor) -> None:
-        self.other_rank, self.calls = other_rank, 0
+        self.other_rank, self.calls, self.barriers = other_rank, 0, 0
 
     def reduce(self, tensor, reduce_op="mean"):
         assert reduce_op == "sum"
         self.calls += 1
         return tensor + self.other_rank
 
+    def barrier(self, name=None):
+        self.barriers += 1
+
 
 class _Trainer:
-    def __init__(self, rank: int, other_rank=(0, 0)) -> None:
+    def __init__(self, rank: int, other_rank=(0, 0, 0, 0, 0)) -> None:
         self.is_global_zero = rank == 0
         self.strategy = _Strategy(torch.tensor(other_rank))
 
@@ -222,31 +226,36 @@ def _predict(writer, trainer, images, names, **extra):
 
 
 def test_image_writer_names_skipped_inputs_and_sums_the_ranks(tmp_path, capsys):
-    rank0 = _Trainer(0, other_rank=(3, 1))  # rank 1 wrote 3 and skipped 1
+    rank0 = _Trainer(0, other_rank=(3, 0, 1, 0, 0))  # rank 1 wrote 3, skipped 1 unreadable
     writer = ImageWriter(str(tmp_path / "out"))
     writer.on_predict_start(rank0, None)
-    bad = [{"name": "photos/bad", "reason": "not a readable image (truncated image)"}]
+    assert rank0.strategy.barriers == 1  # every rank waits for rank 0's clean-up
+    bad = [{"name": "photos/bad.png", "reason": "unreadable",
+            "detail": "not a readable image (truncated image)"}]  # fmt: skip
     _predict(writer, rank0, torch.rand(2, 3, 8, 8), ["a", "sub/b"], skipped=bad)
     _predict(writer, rank0, torch.rand(0, 3, 8, 8), [],
-             skipped=[{"name": "huge", "reason": "too large"}])  # an all-bad batch  # fmt: skip
-    _predict(writer, rank0, torch.rand(1, 3, 8, 8), ["c"])  # no "skipped": still fine
+             skipped=[{"name": "huge.png", "reason": "too_large", "detail": "too large"}])  # fmt: skip
+    _predict(writer, rank0, [torch.rand(3, 8, 8), torch.rand(3, 4, 6)], ["c", "d"])  # sizes
     out = capsys.readouterr().out
-    assert "skipped photos/bad: not a readable image (truncated image)\n" in out
-    assert "skipped huge: too large\n" in out
-    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png")) == [
-        "a.png", "c.png", "sub/b.png"
-    ]  # fmt: skip
-    assert writer.written == 3 and [s["name"] for s in writer.skipped] == ["photos/bad", "huge"]
+    assert "skipped photos/bad.png: not a readable image (truncated image)\n" in out
+    assert "skipped huge.png: too large\n" in out
+    written = {p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*")}
+    assert written == {"a.png", "c.png", "d.png", "sub", "sub/b.png"}  # no partial file left
+    assert writer.written == 4 and [s["name"] for s in writer.skipped] == ["photos/bad.png",
+                                                                           "huge.png"]  # fmt: skip
     writer.on_predict_end(rank0, None)
     assert capsys.readouterr().out == (
-        f"wrote 6 images to {tmp_path / 'out'}; skipped 3 unreadable inputs (see above)\n"
+        f"wrote 7 images to {tmp_path / 'out'}; skipped 3 inputs (2 unreadable, 1 too_large), "
+        "named above\n"
     )
     assert rank0.strategy.calls == 1
 
 
 def test_image_writer_reduces_on_every_rank_and_prints_on_rank_zero(tmp_path, capsys):
-    rank1 = _Trainer(1, other_rank=(5, 0))
+    rank1 = _Trainer(1, other_rank=(5, 0, 0, 0, 0))
     writer = ImageWriter(str(tmp_path / "out"))
+    writer.on_predict_start(rank1, None)
+    assert rank1.strategy.barriers == 1
     _predict(writer, rank1, torch.rand(0, 3, 8, 8), [], skipped=[])  # padding: nothing
     writer.on_predict_end(rank1, None)
     assert rank1.strategy.calls == 1  # the collective runs here too, or rank 0 would hang

@@ -261,6 +261,8 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         self._model_configured = False
         self._run_dir: Path | None = None
         self._tile_size = 512  # tiling.tile_size's default: the run's data.resolution (setup)
+        self._skip_update = False  # this step's gradients were not finite: no EMA update
+        self._nonfinite_run = self._nonfinite_total = 0  # skipped steps: in a row, in all
 
     def _set_schedule(self, resolution: int | None) -> None:
         """The schedule of the teacher's scheduler config; for a size-dependent one, at
@@ -611,8 +613,8 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         for p in params:
             p.grad = None
         self._skip_update = True
-        self._nonfinite_run = getattr(self, "_nonfinite_run", 0) + 1
-        self._nonfinite_total = getattr(self, "_nonfinite_total", 0) + 1
+        self._nonfinite_run += 1
+        self._nonfinite_total += 1
         self.log("train/nonfinite_steps", float(self._nonfinite_total))
         step = self.global_step
         if self.global_rank == 0:
@@ -633,7 +635,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        if not getattr(self, "_skip_update", False):  # skipped: non-finite gradients
+        if not self._skip_update:  # skipped: non-finite gradients
             self.update_target()  # step 6: theta^- <- gamma theta^- + (1 - gamma) theta
 
     @torch.no_grad()
