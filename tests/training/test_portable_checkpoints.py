@@ -84,7 +84,7 @@ def test_hub_ids_stay_as_typed(tmp_path, monkeypatch):
 def test_teacher_training_records_absolute_paths(tiny_teacher, tmp_path, monkeypatch):
     shutil.copytree(tiny_teacher, tmp_path / "teacher")
     monkeypatch.chdir(tmp_path)
-    module = DiffusionTraining(output_dir="out/teacher", init_from="teacher")
+    module = DiffusionTraining(output_dir="out/teacher", init_from="teacher", pixel_space=False)
     assert module.hparams.init_from == str(tmp_path.resolve() / "teacher")
     assert module.hparams.output_dir == str(tmp_path.resolve() / "out" / "teacher")
     with pytest.raises(TeacherNotFoundError, match="--model.init_from PATH"):
