@@ -41,10 +41,10 @@ def check_checkpoint(path: str | Path, verify_data: bool = True) -> Path:
     the file is.
 
     A file must be a complete zip archive (what ``torch.save`` writes), whose records all
-    match their CRC-32 (``verify_data``: reads the whole file, about 1 s per GB; a damaged
-    byte is named here instead of trained on), whose pickle holds only tensors and plain
-    data (unpickled with ``weights_only=True``, tensors memory-mapped, not read) and which
-    holds a ``state_dict``. A folder must be a distributed checkpoint whose metadata and
+    match their CRC-32 (``verify_data``: reads the whole file, 0.3 s per GB from the page
+    cache, docs/performance.md; a damaged byte is named here instead of trained on), whose
+    pickle holds only tensors and plain data (unpickled with ``weights_only=True``, tensors
+    memory-mapped, not read) and which holds a ``state_dict``. A folder must be a distributed checkpoint whose metadata and
     non-tensor items unpickle with the allowlist of :func:`verify_sharded`."""
     path = Path(path)
     if path.is_dir():
