@@ -646,3 +646,20 @@ def test_user_mistakes_end_in_a_few_lines_naming_the_fix(case, tiny_teacher, tin
     assert lines[-1].startswith("error: ") and words in lines[-1], err
     assert len([line for line in lines if not line.startswith(("Seed set", "Loading"))]) <= 5
     assert "Traceback" not in err
+
+
+def test_model_step_counts_are_checked_before_the_teacher_loads(tmp_path):
+    """A sampler step count off the training grid, a reversed guidance range: one line
+    naming the option, and the (missing) teacher is never reached."""
+    for extra, words in (
+        (["--model.test_steps", "[1, 80]"], "model.test_steps=[1, 80] must lie in [1, "
+                                            "model.num_grid=50]"),
+        (["--model.predict_steps", "0"], "model.predict_steps=0 must lie in [1"),
+        (["--model.num_grid", "0"], "model.num_grid=0 must be a positive integer"),
+        (["--model.guidance_range", "[9, 3]"], "model.guidance_range=[9, 3] must be [low,"),
+    ):  # fmt: skip
+        rc, _, err = _run_cli("fit", "--config", TINY, "--model.pretrained",
+                              str(tmp_path / "no_teacher"), *extra)  # fmt: skip
+        lines = _error_lines(err)
+        assert rc == 2 and lines[-1].startswith("error: ") and words in lines[-1], err
+        assert "no_teacher" not in err and "Traceback" not in err

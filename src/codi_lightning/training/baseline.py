@@ -21,6 +21,8 @@ class ControlNetBaseline(CoDiDistillation):
     target is the velocity and sampling is the Euler method. The ``loss`` options and
     ``num_grid`` are unused."""
 
+    steps_on_grid = False  # DDIM / Euler at any step count
+
     def compute_loss(self, batch: dict[str, Any], gen: torch.Generator) -> tuple[Tensor, dict]:
         x = self.batch_latents(batch, gen)
         cond, text = self.adapter_condition(batch["cond"]), self.batch_conditioning(batch)

@@ -65,6 +65,24 @@ def sample_keys(batch: dict[str, Any], field: str, batch_idx: int) -> list[str]:
     return list(keys) if keys else [f"{batch_idx}:{i}" for i in range(len(batch["cond"]))]
 
 
+def check_step_counts(num_grid: int, on_grid: bool, **counts: Sequence[int]) -> None:
+    """``model.num_grid`` >= 1 and every sampler step count (``model.val_steps``,
+    ``test_steps``, ``predict_steps``) at least 1 and, for a sampler that takes its steps
+    from the training grid (``on_grid``), at most ``num_grid``; checked before the
+    teacher loads."""
+    if not isinstance(num_grid, int) or num_grid < 1:
+        raise ValueError(f"model.num_grid={num_grid!r} must be a positive integer (e.g. 50)")
+    top = num_grid if on_grid else float("inf")
+    for name, steps in counts.items():
+        if any(not 1 <= int(s) <= top for s in steps):
+            shown = steps[0] if name == "predict_steps" else list(steps)
+            where = f"[1, model.num_grid={num_grid}]: the sampler takes its steps from the "
+            raise ValueError(
+                f"model.{name}={shown} must lie in "
+                + (where + "training grid" if on_grid else "[1, inf)")
+            )
+
+
 class NonFiniteTrainingError(RuntimeError):
     """Training met non-finite gradients for ``model.max_nonfinite_steps`` steps in a row
     (each skipped, the weights unchanged); the message names the step and the fix."""
@@ -148,6 +166,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
     """
 
     skipped_prefixes = FROZEN_PREFIXES + ("eval_suite.",)
+    steps_on_grid = True  # the consistency sampler takes its steps from the training grid
 
     def __init__(
         self,
@@ -192,6 +211,13 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
             raise ValueError(f"model.method={method!r}; choose 'pe-codi' or 'codi'")
         if not 0.0 <= ema_decay <= 1.0:
             raise ValueError(f"model.ema_decay={ema_decay} must lie in [0, 1] (e.g. 0.999)")
+        check_step_counts(num_grid, self.steps_on_grid, val_steps=val_steps,
+                          test_steps=test_steps, predict_steps=[predict_steps])  # fmt: skip
+        if guidance_range[0] >= guidance_range[1] or val_images < 1:
+            raise ValueError(
+                f"model.guidance_range={list(guidance_range)} must be [low, high) with low < "
+                f"high, and model.val_images={val_images} >= 1"
+            )
         if max_nonfinite_steps < 1:
             raise ValueError(f"model.max_nonfinite_steps={max_nonfinite_steps} must be >= 1")
         if grad_clip_norm is not None and grad_clip_norm <= 0:
