@@ -44,8 +44,8 @@ def check_checkpoint(path: str | Path, verify_data: bool = True) -> Path:
     match their CRC-32 (``verify_data``: reads the whole file, 0.3 s per GB from the page
     cache, docs/performance.md; a damaged byte is named here instead of trained on), whose
     pickle holds only tensors and plain data (unpickled with ``weights_only=True``, tensors
-    memory-mapped, not read) and which holds a ``state_dict``. A folder must be a distributed checkpoint whose metadata and
-    non-tensor items unpickle with the allowlist of :func:`verify_sharded`."""
+    memory-mapped, not read) and which holds a ``state_dict``. A folder must be a
+    distributed checkpoint that :func:`verify_sharded` reads without running anything."""
     path = Path(path)
     if path.is_dir():
         if not (path / ".metadata").is_file():
@@ -75,6 +75,13 @@ def check_checkpoint(path: str | Path, verify_data: bool = True) -> Path:
     return path
 
 
+def _global_named(err: BaseException) -> str | None:
+    """The module global an unpickler refused (``GLOBAL os.system`` in torch's and our
+    messages), or None."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    return found.group(1) if found else None
+
+
 def _verify_crc(path: Path) -> None:
     """Every record of the zip archive against its CRC-32 (``torch.save`` records them;
     ``torch.load`` does not check them)."""
@@ -96,8 +103,7 @@ def _probe(path: Path) -> None:
     try:
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        what = f"({found.group(1)})" if found else ""
+        what = f"({_global_named(err)})" if _global_named(err) else ""
         raise CheckpointError(
             f"{path}: refused: it holds pickled objects other than tensors and plain data "
             f"{what}; a codi-lightning checkpoint holds none (a file from another tool, or "
@@ -171,8 +177,7 @@ def _safe_bytes(planner_class: type) -> type:
             try:
                 obj = torch.load(value, weights_only=True)
             except pickle.UnpicklingError as err:
-                found = re.search(r"GLOBAL ([\w.]+)", str(err))
-                name = found.group(1) if found else "an object that is not plain data"
+                name = _global_named(err) or "an object that is not plain data"
                 raise pickle.UnpicklingError(f"GLOBAL {name} is not allowed") from None
             clean = io.BytesIO()
             torch.save(obj, clean)
@@ -214,14 +219,13 @@ def verify_sharded(path: str | Path) -> None:
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as err:  # torch's is a BaseException
-        text = str(err)
-        found = re.search(r"GLOBAL ([\w.]+)", text)
-        if found:
+        name = _global_named(err)
+        if name:
             raise CheckpointError(
-                f"{path}: refused: the distributed checkpoint names {found.group(1)}, which "
-                "a checkpoint of torch's holds only to run code; do not load it"
+                f"{path}: refused: the distributed checkpoint names {name}, which a "
+                "checkpoint of torch's holds only to run code; do not load it"
             ) from None
-        reason = (text.strip().splitlines() or [type(err).__name__])[0]
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise CheckpointError(f"{path}: unreadable distributed checkpoint ({reason})") from None
 
 
@@ -242,10 +246,9 @@ def _load_sharded(path: Path) -> dict[str, Any]:
             no_dist=True,
         )
     except (pickle.UnpicklingError, CheckpointException) as err:
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        if found is None:
+        if _global_named(err) is None:
             raise
-        raise CheckpointError(f"{path}: refused: it names {found.group(1)}") from None
+        raise CheckpointError(f"{path}: refused: it names {_global_named(err)}") from None
     meta = path / LIGHTNING_META
     if meta.is_file():
         checkpoint.update(torch.load(meta, map_location="cpu", weights_only=True))

@@ -341,13 +341,11 @@ class CoDiCLI(LightningCLI):
         command = self.config.get("subcommand")
         config = self.config[command] if command else self.config
         data = config.get("data") or {}
-        if isinstance(data, dict) or hasattr(data, "items"):
-            sizes = ("batch_size", "val_batch_size", "resolution", "num_workers",
-                     "shuffle_buffer", "min_size", "predict_batch_size")  # fmt: skip
-            given = {k: data.get(k) for k in sizes if data.get(k) is not None}
-            ShardDataModule.check_counts(**given)
+        ShardDataModule.check_counts(
+            **{k: data.get(k) for k in ShardDataModule.COUNTS if data.get(k) is not None}
+        )
         model_seed = (config.get("model") or {}).get("init_args", {}).get("seed")
-        data_seed = (config.get("data") or {}).get("seed")
+        data_seed = data.get("seed")
         if model_seed is not None and data_seed is not None and model_seed != data_seed:
             raise ValueError(
                 f"model.seed={model_seed} but data.seed={data_seed}: Lightning requires the "

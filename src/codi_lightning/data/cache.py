@@ -107,7 +107,7 @@ def _raw_samples(shards: str) -> Iterator[dict[str, Any] | str]:
                         continue
                     if current is None or key != current["__key__"]:
                         if current is not None:
-                            yield "duplicate_member" if broken else current
+                            yield _finished(current, broken)
                         current, broken = {"__key__": key}, False
                     if ext in current:
                         broken = True
@@ -115,14 +115,15 @@ def _raw_samples(shards: str) -> Iterator[dict[str, Any] | str]:
             except Exception:  # truncated, not a tar, unreadable: what came before stays
                 yield "shard_error"
             if current is not None:
-                yield "duplicate_member" if broken else current
+                yield _finished(current, broken)
 
 
-def _safe_sample(raw: dict[str, Any] | str) -> dict[str, Any] | str:
-    if isinstance(raw, str):
-        return raw
-    key = safe_key(raw["__key__"])
-    return {**raw, "__key__": key} if key else "unsafe_name"
+def _finished(sample: dict[str, Any], duplicate: bool) -> dict[str, Any] | str:
+    """A read sample with its key made safe, or why it is skipped."""
+    if duplicate:
+        return "duplicate_member"
+    key = safe_key(sample["__key__"])
+    return {**sample, "__key__": key} if key else "unsafe_name"
 
 
 @torch.no_grad()
@@ -219,7 +220,6 @@ def write_cached_shards(
 
     try:
         for raw in tqdm(_raw_samples(shards), desc="cache", unit="sample", disable=not progress):
-            raw = _safe_sample(raw)
             if not isinstance(raw, str) and raw["__key__"] in seen:
                 raw = "duplicate_key"  # the same key in two shards (or twice in one)
             if isinstance(raw, str):

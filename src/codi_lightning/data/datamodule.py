@@ -367,9 +367,12 @@ class ShardDataModule(L.LightningDataModule):
         max_consecutive_skips: int = 1000,
     ) -> None:
         super().__init__()
-        self.check_counts(batch_size=batch_size, val_batch_size=val_batch_size,
-                          resolution=resolution, num_workers=num_workers,
-                          shuffle_buffer=shuffle_buffer, min_size=min_size)  # fmt: skip
+        self.check_counts(
+            batch_size=batch_size, val_batch_size=val_batch_size, resolution=resolution,
+            predict_batch_size=predict_batch_size, predict_upscale=predict_upscale,
+            predict_max_pixels=predict_max_pixels, num_workers=num_workers,
+            shuffle_buffer=shuffle_buffer, min_size=min_size,
+        )  # fmt: skip
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"data.caption_dropout={caption_dropout} must lie in [0, 1]")
         make_recipe(condition, sr_factor)  # validates the name and the factor
@@ -385,11 +388,6 @@ class ShardDataModule(L.LightningDataModule):
                 DeprecationWarning,
                 stacklevel=2,
             )
-        if predict_batch_size < 1 or predict_upscale < 1 or predict_max_pixels < 1:
-            raise ValueError(
-                f"data.predict_batch_size={predict_batch_size}, data.predict_upscale="
-                f"{predict_upscale} and data.predict_max_pixels={predict_max_pixels} must be >= 1"
-            )
         self.save_hyperparameters()
         self.train_shards, self.val_shards = train_shards, val_shards
         self.resolution, self.batch_size = resolution, batch_size
@@ -404,17 +402,21 @@ class ShardDataModule(L.LightningDataModule):
         and shapes. The module calls it in ``setup``, before any loader is built."""
         self.cache_spec = spec
 
-    @staticmethod
-    def check_counts(**values: Any) -> None:
-        """The size and count options as given (the CLI calls it before any model loads):
-        ``batch_size``, ``val_batch_size`` (None: ``batch_size``), ``resolution``,
-        ``predict_batch_size`` positive; ``num_workers``, ``shuffle_buffer``, ``min_size``
-        at least 0. A negative batch size would otherwise kill a loader worker and hang
+    # the size and count options, and their least values
+    COUNTS = {"batch_size": 1, "val_batch_size": 1, "resolution": 1, "predict_batch_size": 1,
+              "predict_upscale": 1, "predict_max_pixels": 1, "num_workers": 0,
+              "shuffle_buffer": 0, "min_size": 0}  # fmt: skip
+
+    @classmethod
+    def check_counts(cls, **values: Any) -> None:
+        """The :attr:`COUNTS` options as given, each an integer of at least its least
+        value (``val_batch_size`` None: ``batch_size``); the CLI calls it before any
+        model loads. A negative batch size would otherwise kill a loader worker and hang
         the run."""
         for name, value in values.items():
             if value is None and name == "val_batch_size":
                 continue
-            low = 0 if name in ("num_workers", "shuffle_buffer", "min_size") else 1
+            low = cls.COUNTS[name]
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 kind = "a positive integer" if low else "an integer >= 0"
                 raise ValueError(f"data.{name}={value!r} must be {kind}")

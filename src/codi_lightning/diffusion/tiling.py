@@ -65,6 +65,17 @@ class TilingConfig:
             return height * width > self.untiled_max_pixels
         return self.mode == "on"
 
+    def grid(
+        self, height: int, width: int, vae_scale: int, unit: int, default_tile: int
+    ) -> TileGrid:
+        """The latent tiles of a padded ``height`` x ``width`` pixel output: tiles of
+        ``tile_size`` (else ``default_tile``) pixels, ``overlap`` (else a quarter tile),
+        both in latent pixels (``vae_scale`` pixels each) on multiples of ``unit``."""
+        tile = self.tile_size or default_tile
+        overlap = self.overlap if self.overlap is not None else tile // 4
+        return TileGrid(height // vae_scale, width // vae_scale, max(tile // vae_scale, unit),
+                        overlap // vae_scale, unit)  # fmt: skip
+
 
 def padded_size(height: int, width: int, multiple: int) -> tuple[int, int]:
     """The smallest size of at least ``height`` x ``width`` whose sides are multiples."""

@@ -10,7 +10,6 @@ from torch import Tensor
 
 from ..diffusion import (
     NoiseSchedule,
-    TileGrid,
     TilingConfig,
     pad_to_multiple,
     sample,
@@ -129,10 +128,7 @@ class CoDiPipeline:
         cond = pad_to_multiple(cond, scale * unit)
         grid = None
         if tiling is not None and tiling.wants_tiles(height, width):
-            tile = tiling.tile_size or 512
-            overlap = tiling.overlap if tiling.overlap is not None else tile // 4
-            grid = TileGrid(cond.shape[-2] // scale, cond.shape[-1] // scale,
-                            max(tile // scale, unit), overlap // scale, unit)  # fmt: skip
+            grid = tiling.grid(*cond.shape[-2:], scale, unit, default_tile=512)
 
         def region(y: Conditioning):
             if grid is None:

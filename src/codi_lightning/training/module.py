@@ -740,11 +740,8 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
     def tile_grid(self, height: int, width: int) -> TileGrid:
         """The latent tiles of a padded ``height`` x ``width`` pixel output, from
         :attr:`tiling` (tile size default: the run's ``data.resolution``)."""
-        tile = self.tiling.tile_size or self._tile_size
-        overlap = self.tiling.overlap if self.tiling.overlap is not None else tile // 4
-        v = self.vae_scale
         unit = network_multiple(self.unet)[0]
-        return TileGrid(height // v, width // v, max(tile // v, unit), overlap // v, unit)
+        return self.tiling.grid(height, width, self.vae_scale, unit, self._tile_size)
 
     def region_denoiser(
         self,
