@@ -648,7 +648,7 @@ def test_user_mistakes_end_in_a_few_lines_naming_the_fix(case, tiny_teacher, tin
     assert "Traceback" not in err
 
 
-def test_model_step_counts_are_checked_before_the_teacher_loads(tmp_path):
+def test_model_step_counts_are_checked_before_the_teacher_loads(tmp_path, tiny_shards):
     """A sampler step count off the training grid, a reversed guidance range: one line
     naming the option, and the (missing) teacher is never reached."""
     for extra, words in (
@@ -659,7 +659,9 @@ def test_model_step_counts_are_checked_before_the_teacher_loads(tmp_path):
         (["--model.guidance_range", "[9, 3]"], "model.guidance_range=[9, 3] must be [low,"),
     ):  # fmt: skip
         rc, _, err = _run_cli("fit", "--config", TINY, "--model.pretrained",
-                              str(tmp_path / "no_teacher"), *extra)  # fmt: skip
+                              str(tmp_path / "no_teacher"), "--data.train_shards",
+                              tiny_shards["train"], "--data.val_shards",
+                              tiny_shards["val"], *extra)  # fmt: skip
         lines = _error_lines(err)
         assert rc == 2 and lines[-1].startswith("error: ") and words in lines[-1], err
         assert "no_teacher" not in err and "Traceback" not in err
