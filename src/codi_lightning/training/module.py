@@ -49,6 +49,7 @@ from ..models import (
     vae_tiles,
 )
 from ..models.teachers import FAMILIES
+from ..models.lora import LowRankUpdate, WithoutLoRA, WithWeights
 from .frozen import SkipFrozenState
 from .optim import optimizers_for
 from .parallel import data_parallel_mesh, enable_memory_savers, keep_unsharded, shard_blocks
@@ -111,7 +112,15 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         vae_path: a replacement VAE (folder or hub id, e.g.
             ``madebyollin/sdxl-vae-fp16-fix``); its config gives the scaling factor.
             The stock SDXL VAE runs in fp32 (or bf16) whatever the training precision.
-        method: ``pe-codi`` (only the adapter trains) or ``codi`` (adapter + UNet copy).
+        method: ``pe-codi`` (the network stays frozen and shared: the adapter trains,
+            and a LoRA of the network when ``lora_rank`` > 0) or ``codi`` (adapter + a
+            trainable copy of the network).
+        lora_rank: rank of a low-rank update (LoRA, through ``peft``) of the frozen
+            network, trained with the adapter (``pe-codi`` only; 0: none). See
+            docs/results_digits.md for what it buys.
+        lora_alpha: LoRA scale numerator (scale ``alpha / rank``); default: the rank.
+        lora_targets: module-name suffixes that take the LoRA; default: the family's
+            (attention, feed-forward and convolution layers; ``models.lora``).
         adapter_cond_channels: condition-embedder widths; derived from the VAE if unset.
         adapter_condition_init: last layer of the condition embedder, ``zero`` (reference
             ControlNet code) or ``random`` (ControlNet paper); see ``build_adapter``.
@@ -176,6 +185,9 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         pixel_space: bool = False,
         vae_path: str | None = None,
         method: Literal["pe-codi", "codi"] = "pe-codi",
+        lora_rank: int = 0,
+        lora_alpha: float | None = None,
+        lora_targets: Sequence[str] | None = None,
         adapter_cond_channels: tuple[int, ...] | None = None,
         adapter_condition_init: Literal["zero", "random"] = "zero",
         adapter_layers: int | None = None,
@@ -209,6 +221,11 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         super().__init__()
         if method not in ("pe-codi", "codi"):
             raise ValueError(f"model.method={method!r}; choose 'pe-codi' or 'codi'")
+        if lora_rank < 0 or (lora_rank and method != "pe-codi"):
+            raise ValueError(
+                f"model.lora_rank={lora_rank}: a LoRA of the frozen network goes with "
+                "model.method=pe-codi and a rank >= 1 (full CoDi trains the whole copy)"
+            )
         if not 0.0 <= ema_decay <= 1.0:
             raise ValueError(f"model.ema_decay={ema_decay} must lie in [0, 1] (e.g. 0.999)")
         check_step_counts(num_grid, self.steps_on_grid, val_steps=val_steps,
@@ -273,12 +290,22 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
                 parts, adapter_cond_channels, adapter_condition_init, adapter_layers
             )
         self.controlnet.train()
+        self.lora: LowRankUpdate | None = None
+        if lora_rank:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + 1)
+                self.lora = LowRankUpdate(
+                    self.unet, lora_rank, lora_targets or self.family.lora_targets, lora_alpha
+                )
+            self.hparams["lora_targets"] = list(self.lora.targets)
         self.student_unet = None
         if method == "codi":
             self.student_unet = copy.deepcopy(self.unet).requires_grad_(True).train()
         target = {"controlnet": copy.deepcopy(self.controlnet)}
         if self.student_unet is not None:
             target["unet"] = copy.deepcopy(self.student_unet)
+        if self.lora is not None:
+            target["lora"] = self.lora.target_copy()
         self.target = nn.ModuleDict(target).requires_grad_(False).eval()
         self._empty_text: Conditioning | None = None
         self._checkpoint_step = 0
@@ -303,6 +330,8 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         mods = {"controlnet": self.controlnet}
         if self.student_unet is not None:
             mods["unet"] = self.student_unet
+        if self.lora is not None:
+            mods["lora"] = self.lora
         return mods
 
     def train(self, mode: bool = True) -> CoDiDistillation:
@@ -367,9 +396,13 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
             controlnet = self.controlnet
         elif which == "target":
             unet = self.target["unet"] if "unet" in self.target else self.unet
+            if self.lora is not None:  # the EMA LoRA in place for this call only
+                unet = WithWeights(self.unet, self.lora.by_network_name(self.target["lora"]))
             controlnet = self.target["controlnet"]
         else:
             unet, controlnet = self.unet, None
+            if self.lora is not None:  # the teacher: the shared network, LoRA off
+                unet = WithoutLoRA(self.unet)
         if guidance is None:
             return partial(self._controlled, unet, controlnet, text=text, cond=cond)
         embedded = self.embedded_guidance(text, guidance)
@@ -414,6 +447,11 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
                 if m is not None:
                     m.to(torch.bfloat16)
         mesh = data_parallel_mesh(self.device_mesh)
+        if mesh is not None and self.lora is not None:
+            raise ValueError(
+                "model.lora_rank with the FSDP2 preset is not supported yet: the LoRA lives "
+                "inside the shared frozen network; train it under DDP (--trainer.strategy ddp)"
+            )
         if mesh is not None:
             for key, module in self.trainable_modules().items():
                 shard_blocks(module, mesh)

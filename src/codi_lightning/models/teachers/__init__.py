@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..conditioning import PromptEncoder
+from ..lora import TRANSFORMER_LORA_TARGETS, UNET_LORA_TARGETS
 from . import flux, sd, sd3, sdxl
 
 
@@ -34,7 +35,8 @@ class TeacherFamily:
         ``SD3ControlNetModel``, Flux's ``FluxControlNetModel``), not as pixels
         (``ControlNetModel``).
     vae_overflows_in_fp16: the stock VAE overflows in fp16 (SDXL): it runs in fp32 or
-        bf16 unless the VAE's config says ``force_upcast: false`` (fp16-fix VAEs)."""
+        bf16 unless the VAE's config says ``force_upcast: false`` (fp16-fix VAEs).
+    lora_targets: module-name suffixes of the network that take a LoRA by default."""
 
     name: str
     load_prompt_encoder: Callable[..., PromptEncoder]
@@ -42,6 +44,7 @@ class TeacherFamily:
     network: tuple[str, str] = ("unet", "UNet2DConditionModel")
     latent_condition: bool = False
     vae_overflows_in_fp16: bool = False
+    lora_targets: tuple[str, ...] = UNET_LORA_TARGETS
 
 
 FAMILIES = {
@@ -53,6 +56,7 @@ FAMILIES = {
         sd3.forward,
         ("transformer", "SD3Transformer2DModel"),
         latent_condition=True,
+        lora_targets=TRANSFORMER_LORA_TARGETS,
     ),  # fmt: skip
     "flux": TeacherFamily(
         "flux",
@@ -60,6 +64,7 @@ FAMILIES = {
         flux.forward,
         ("transformer", "FluxTransformer2DModel"),
         latent_condition=True,
+        lora_targets=TRANSFORMER_LORA_TARGETS,
     ),  # fmt: skip
 }
 
