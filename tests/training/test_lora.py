@@ -72,10 +72,17 @@ def test_teacher_online_and_target_passes_match_longhand_merges(tiny_teacher):
         got = {w: module.denoiser(w, text, cond)(z, t) for w in ("teacher", "online", "target")}
         want = {
             "teacher": fwd(pristine, None, z, tt, text, cond),
-            "online": fwd(_merged(pristine, lora.by_network_name(), 2.0), module.controlnet,
-                          z, tt, text, cond),  # fmt: skip
-            "target": fwd(_merged(pristine, lora.by_network_name(module.target["lora"]), 2.0),
-                          module.target["controlnet"], z, tt, text, cond),  # fmt: skip
+            "online": fwd(
+                _merged(pristine, lora.by_network_name(), 2.0), module.controlnet, z, tt, text, cond
+            ),  # fmt: skip
+            "target": fwd(
+                _merged(pristine, lora.by_network_name(module.target["lora"]), 2.0),
+                module.target["controlnet"],
+                z,
+                tt,
+                text,
+                cond,
+            ),  # fmt: skip
         }
     torch.testing.assert_close(got["teacher"], want["teacher"], rtol=0, atol=0)  # bit for bit
     for which in ("online", "target"):

@@ -40,6 +40,7 @@ from ..checkpoints import check_teacher, read_checkpoint
 from ..diffusion import sampling_timesteps
 from ..models import adapter_cond_channels, check_condition_downsampling
 from ..models.builders import multiple_from_config
+from ..models.lora import ADAPTER_NAME, LORA_FILE, UNET_LORA_TARGETS
 from ..models.teachers import family_of, read_model_index
 
 
@@ -50,7 +51,7 @@ def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
     return out
 
 
-EXPORT_ENTRIES = {"README.md", "controlnet", "unet", "transformer", "scheduler",
+EXPORT_ENTRIES = {"README.md", "controlnet", "unet", "lora", "transformer", "scheduler",
                   "scheduler_deterministic"}  # fmt: skip
 
 
@@ -96,6 +97,7 @@ def export_checkpoint(
     output: str,
     weights: Literal["target", "online"] = "target",
     pretrained: str | None = None,
+    lora: Literal["separate", "merge"] = "separate",
 ) -> Path:
     """Export a CoDi Lightning checkpoint to diffusers folders.
 
@@ -107,6 +109,11 @@ def export_checkpoint(
         weights: ``target`` (EMA, what validation samples with) or ``online``.
         pretrained: base model to read configs from, if not the one recorded in the
             checkpoint (e.g. the same model at another path).
+        lora: a checkpoint with a LoRA of the network (``model.lora_rank``): ``separate``
+            writes it to ``lora/`` in the format ``pipe.load_lora_weights`` loads, next
+            to the ControlNet (the base network stays shared); ``merge`` writes
+            ``unet/``, the base network's weights with the LoRA merged in (this reads
+            the base model's weights).
     """
     from diffusers import (
         ControlNetModel,
@@ -118,6 +125,8 @@ def export_checkpoint(
 
     if weights not in ("target", "online"):
         raise ValueError(f"--weights {weights!r}; choose 'target' or 'online'")
+    if lora not in ("separate", "merge"):
+        raise ValueError(f"--lora {lora!r}; choose 'separate' or 'merge'")
     checkpoint = read_checkpoint(ckpt)
     hp = dict(checkpoint["hyper_parameters"])
     base = pretrained or hp["pretrained"]
@@ -126,9 +135,15 @@ def export_checkpoint(
     kw = {"revision": hp.get("revision")}
     index = read_model_index(base, hp.get("revision"))
     family = family_of(index).name
+    lora_weights = lora_state(state, hp, weights)
     if family in ("sd3", "flux"):
         from .flow import export_flow
 
+        if lora_weights:
+            raise ValueError(
+                f"exporting a LoRA of a {family} network is not supported yet; sample from "
+                "the checkpoint with CoDiDistillation.load_from_checkpoint"
+            )
         out = _partial_folder(output)
         step = checkpoint.get("global_step", 0)
         which = export_flow(family, hp, state, base, out, weights, step, kw)
@@ -164,6 +179,23 @@ def export_checkpoint(
         prefix = {"target": "target.unet.", "online": "student_unet."}[weights]
         unet.load_state_dict(_sub_state(state, prefix), strict=True)
         unet.save_pretrained(out / "unet", safe_serialization=True)
+    if lora_weights and lora == "merge":
+        merged = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **kw)
+        meta = {f"unet.{k}": v for k, v in lora_metadata(hp).items()}  # keyed as the weights
+        merged.load_lora_adapter(lora_weights, prefix="unet", metadata=meta)
+        merged.fuse_lora()  # W + (alpha / r) B A in every LoRA layer
+        merged.unload_lora()  # the fused base layers stay
+        merged.save_pretrained(out / "unet", safe_serialization=True)
+    elif lora_weights:
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        saver = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+        saver.save_lora_weights(
+            out / "lora",
+            weight_name=LORA_FILE,
+            unet_lora_layers={k[len("unet.") :]: v for k, v in lora_weights.items()},
+            unet_lora_adapter_metadata=lora_metadata(hp),
+        )
 
     scheduler_config = DDPMScheduler.load_config(base, subfolder="scheduler", **kw)
     lcm = LCMScheduler.from_config(
@@ -185,9 +217,12 @@ def export_checkpoint(
     deterministic.save_pretrained(out / "scheduler_deterministic")
     num_train = int(lcm.config.num_train_timesteps)
     step = checkpoint.get("global_step", 0)
-    card = _model_card(hp, base, weights, step, num_train, family, unet, zero_empty, vae_scale)
+    folders = {d for d in ("unet", "lora") if (out / d).is_dir()}
+    card = _model_card(
+        hp, base, weights, step, num_train, family, unet, zero_empty, vae_scale, folders
+    )
     (out / "README.md").write_text(card)
-    which = "unet/ + controlnet/" if hp.get("method") == "codi" else "controlnet/"
+    which = " + ".join(f"{d}/" for d in ("unet", "lora", "controlnet") if (out / d).is_dir())
     out = _publish_folder(out, output)
     print(
         f"exported {weights} weights ({which}) to {out}; schedulers: scheduler/ (LCMScheduler, "
@@ -195,6 +230,35 @@ def export_checkpoint(
         flush=True,
     )
     return out
+
+
+def lora_state(
+    state: dict[str, torch.Tensor], hp: dict[str, Any], weights: str
+) -> dict[str, torch.Tensor]:
+    """The checkpoint's LoRA (online or EMA target) in diffusers' LoRA format: keys
+    ``unet.<module>.lora_A.weight`` / ``lora_B``; empty without a LoRA."""
+    prefix = {"target": "target.lora.", "online": "lora.weights."}[weights]
+    tag = f".{ADAPTER_NAME}."
+    out = {}
+    for key, value in state.items():
+        if key.startswith(prefix):
+            name = key[len(prefix) :].replace("__", ".")
+            out["unet." + name.replace(tag, ".")] = value
+    if hp.get("lora_rank") and not out:
+        raise KeyError(f"the checkpoint was trained with a LoRA but holds none under {prefix!r}")
+    return out
+
+
+def lora_metadata(hp: dict[str, Any]) -> dict[str, Any]:
+    """The LoRA's peft config (rank, alpha, target layers), saved with it so that
+    ``load_lora_weights`` rebuilds the same scale ``alpha / r``."""
+    rank = int(hp["lora_rank"])
+    alpha = hp.get("lora_alpha")
+    return {
+        "r": rank,
+        "lora_alpha": float(alpha if alpha is not None else rank),
+        "target_modules": list(hp.get("lora_targets") or UNET_LORA_TARGETS),
+    }
 
 
 # what the deterministic scheduler takes from the base model's scheduler config: the noise
@@ -226,9 +290,14 @@ def _model_card(
     unet: Any = None,
     zero_empty: bool = True,
     vae_scale: int = 8,
+    folders: set[str] | None = None,
 ) -> str:
+    folders = {"unet"} if folders is None and hp.get("method") == "codi" else (folders or set())
     method = {"pe-codi": "PE-CoDi (adapter only)", "codi": "CoDi (adapter + UNet)"}
     method = method.get(hp.get("method", "pe-codi"), hp.get("method"))
+    if hp.get("lora_rank"):
+        how = "in `lora/`" if "lora" in folders else "merged into `unet/`"
+        method = f"PE-CoDi (adapter + rank-{hp['lora_rank']} LoRA of the UNet, {how})"
     config = json.dumps(hp, indent=2, default=str)
     num_grid = int(hp.get("num_grid", 50))
     budgets = card_budgets(hp, num_grid)
@@ -237,23 +306,24 @@ def _model_card(
     smallest = min(ts[-1] for ts in timesteps.values())
     c_skip = 0.25 / ((10.0 * smallest) ** 2 + 0.25)
     steps = 4 if 4 in timesteps else budgets[-1]
-    args = (base, hp.get("revision"), hp.get("method") == "codi", steps, timesteps[steps])
+    args = (base, hp.get("revision"), "unet" in folders, steps, timesteps[steps])
+    lora = "lora" in folders
     multiple = vae_scale * multiple_from_config(type(unet).__name__, unet.config)[0]
     pipe_call = (
         f"pipe({{prompt}}, image=padded, height=H, width=W, num_inference_steps={steps},\n"
         '             guidance_scale=1.0, output_type="pt").images'
     )
     if hp.get("pixel_space", False):
-        snippet = _pixel_usage(*args)
+        snippet = _pixel_usage(*args, lora=lora)
         pipe_call = (
             f'generate(padded, [""], {timesteps[steps]}, deterministic,\n'
             "                 torch.Generator().manual_seed(0))"
         )
     elif family == "sdxl":
-        snippet = _sdxl_usage(*args, unet.config, hp.get("vae_path"), zero_empty)
+        snippet = _sdxl_usage(*args, unet.config, hp.get("vae_path"), zero_empty, lora=lora)
         pipe_call = pipe_call.format(prompt="**text")
     else:
-        snippet = _latent_usage(*args, hp.get("vae_path"))
+        snippet = _latent_usage(*args, hp.get("vae_path"), lora=lora)
     snippet += "\n\n" + any_size_section(multiple, pipe_call.replace("{prompt}", "prompt"))
     return f"""---
 library_name: diffusers
@@ -343,7 +413,7 @@ def _vae_arg(vae_path: str | None) -> str:
 
 def _controlnet_snippet(
     pipeline: str, base: str, extra_args: str, unet: bool, steps: int, ts: list[int],
-    vae_path: str | None, text: str = "", prompt: str = "prompt",
+    vae_path: str | None, text: str = "", prompt: str = "prompt", lora: bool = False,
 ) -> str:  # fmt: skip
     """The stock ControlNet pipeline's usage, both samplers: ``pipeline`` is its class,
     ``extra_args`` the family's own ``from_pretrained`` arguments, ``text`` lines after
@@ -352,6 +422,9 @@ def _controlnet_snippet(
         '\n    unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),' if unet else ""
     )
     unet_arg += _vae_arg(vae_path)
+    load_lora = (
+        '\npipe.load_lora_weights(f"{folder}/lora")  # the LoRA of the base UNet' if lora else ""
+    )
     return f"""```python
 import torch
 from diffusers import (
@@ -364,7 +437,7 @@ controlnet = ControlNetModel.from_pretrained(folder, subfolder="controlnet")
 pipe = {pipeline}.from_pretrained(
     {json.dumps(base)}, controlnet=controlnet,{unet_arg}
     {extra_args},
-)
+){load_lora}
 # condition: the control image, a PIL image or a [1, 3, H, W] tensor in [0, 1]
 prompt = ""{text}
 
@@ -383,11 +456,12 @@ image = pipe({prompt}, image=condition, num_inference_steps={steps}, guidance_sc
 
 
 def _latent_usage(
-    base: str, revision: str | None, unet: bool, steps: int, ts: list[int], vae_path=None
-) -> str:
+    base: str, revision: str | None, unet: bool, steps: int, ts: list[int], vae_path=None,
+    lora: bool = False,
+) -> str:  # fmt: skip
     extra = f"safety_checker=None, requires_safety_checker=False{_revision(revision)}"
     return _controlnet_snippet(
-        "StableDiffusionControlNetPipeline", base, extra, unet, steps, ts, vae_path
+        "StableDiffusionControlNetPipeline", base, extra, unet, steps, ts, vae_path, lora=lora
     )
 
 
@@ -400,6 +474,7 @@ def _sdxl_usage(
     unet_config: Any,
     vae_path: str | None = None,
     zero_empty: bool = True,
+    lora: bool = False,
 ) -> str:
     width = int(unet_config["cross_attention_dim"])
     pooled = int(unet_config["projection_class_embeddings_input_dim"]) - 6 * int(
@@ -417,6 +492,7 @@ if prompt == "":  # zeros, as in training (not the encoded empty string)
     snippet = _controlnet_snippet(
         "StableDiffusionXLControlNetPipeline", base, f"add_watermarker=False{_revision(revision)}",
         unet, steps, ts, vae_path, text='\ntext = {"prompt": prompt}' + zeros, prompt="**text",
+        lora=lora,
     )  # fmt: skip
     return f"""An SDXL model: the stock `StableDiffusionXLControlNetPipeline`. Its size conditioning
 (`original_size`, `crops_coords_top_left`, `target_size`) defaults to original = target =
@@ -426,8 +502,16 @@ recorded sizes; pass other values as you would to SDXL.{empty}
 {snippet}"""
 
 
-def _pixel_usage(base: str, revision: str | None, unet: bool, steps: int, ts: list[int]) -> str:
+def _pixel_usage(
+    base: str, revision: str | None, unet: bool, steps: int, ts: list[int], lora: bool = False
+) -> str:
     rev = _revision(revision)
+    load_lora = (
+        '\nunet.load_lora_adapter(f"{folder}/lora", prefix="unet",  # the LoRA of the base UNet'
+        '\n                        weight_name="pytorch_lora_weights.safetensors")'
+        if lora
+        else ""
+    )
     unet_from = "folder" if unet else f"base{rev}"
     return f"""A pixel-space model (no VAE): stock diffusers has no pipeline for it, so call the
 UNet, the ControlNet and a scheduler in a short loop (the project's
@@ -442,7 +526,7 @@ from diffusers import (
 from transformers import CLIPTextModel, CLIPTokenizer
 
 base, folder = {json.dumps(base)}, "THIS_FOLDER"  # the base model, this export
-unet = UNet2DConditionModel.from_pretrained({unet_from}, subfolder="unet").eval()
+unet = UNet2DConditionModel.from_pretrained({unet_from}, subfolder="unet").eval(){load_lora}
 controlnet = ControlNetModel.from_pretrained(folder, subfolder="controlnet").eval()
 tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"{rev})
 text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder"{rev}).eval()

@@ -24,6 +24,7 @@ from ..models import (
     network_multiple,
     vae_tiles,
 )
+from ..models.lora import LORA_FILE
 
 
 class CoDiPipeline:
@@ -65,6 +66,10 @@ class CoDiPipeline:
         kw = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
         if (Path(folder) / "unet").is_dir():
             parts.unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw).eval()
+        if (Path(folder) / "lora").is_dir():  # a LoRA of the shared base UNet
+            parts.unet.load_lora_adapter(
+                str(Path(folder) / "lora"), prefix="unet", weight_name=LORA_FILE
+            )
         controlnet = ControlNetModel.from_pretrained(folder, subfolder="controlnet", **kw)
         num_grid = LCMScheduler.load_config(folder, subfolder="scheduler")[
             "original_inference_steps"

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 ADAPTER_NAME = "codi"  # the peft adapter name inside the network
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' file name in an export's lora/
 
 # Layers of a diffusers UNet that take the LoRA: attention projections, feed-forward,
 # the transformer blocks' in/out projections, and the convolutions and time projections
@@ -120,7 +121,10 @@ class LowRankUpdate(nn.Module):
     def target_copy(self) -> nn.ParameterDict:
         """A detached copy of the weights: the EMA target's LoRA."""
         return nn.ParameterDict(
-            {k: nn.Parameter(p.detach().clone(), requires_grad=False) for k, p in self.weights.items()}
+            {
+                k: nn.Parameter(p.detach().clone(), requires_grad=False)
+                for k, p in self.weights.items()
+            }
         )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - not called

@@ -48,8 +48,8 @@ from ..models import (
     network_multiple,
     vae_tiles,
 )
-from ..models.teachers import FAMILIES
 from ..models.lora import LowRankUpdate, WithoutLoRA, WithWeights
+from ..models.teachers import FAMILIES
 from .frozen import SkipFrozenState
 from .optim import optimizers_for
 from .parallel import data_parallel_mesh, enable_memory_savers, keep_unsharded, shard_blocks
