@@ -344,7 +344,16 @@ class CoDiCLI(LightningCLI):
         ShardDataModule.check_counts(
             **{k: data.get(k) for k in ShardDataModule.COUNTS if data.get(k) is not None}
         )
-        model_seed = (config.get("model") or {}).get("init_args", {}).get("seed")
+        model_args = (config.get("model") or {}).get("init_args", {}) or {}
+        strategy = (config.get("trainer") or {}).get("strategy")
+        strategy = strategy if isinstance(strategy, str) else (strategy or {}).get("class_path")
+        if model_args.get("lora_rank") and str(strategy).endswith("ModelParallelStrategy"):
+            raise UsageError(
+                f"model.lora_rank={model_args['lora_rank']} with the FSDP2 preset is not "
+                "supported yet (the LoRA lives inside the shared frozen network); train it "
+                "under DDP: --trainer.strategy ddp (the adapter and the LoRA are small)"
+            )
+        model_seed = model_args.get("seed")
         data_seed = data.get("seed")
         if model_seed is not None and data_seed is not None and model_seed != data_seed:
             raise ValueError(

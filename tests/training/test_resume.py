@@ -63,10 +63,11 @@ class SeedRecorder(CoDiDistillation):
 
 
 def _fit(teacher, root, max_steps, ckpt_path=None, accumulate=1, cls=CoDiDistillation,
-         sizes=False):  # fmt: skip
+         sizes=False, lora_rank=0):  # fmt: skip
     torch.manual_seed(0)
     module = cls(
-        str(teacher), method="codi", num_grid=10, ema_decay=0.9,
+        str(teacher), method="pe-codi" if lora_rank else "codi", lora_rank=lora_rank,
+        num_grid=10, ema_decay=0.9,
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
         lr_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5),
     )  # fmt: skip
@@ -92,18 +93,23 @@ class TimeIdsRecorder(CoDiDistillation):
         return y
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl"])
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd-lora"])
 def test_resume_continues_exactly(family, request, tmp_path):
-    teacher = request.getfixturevalue({"sd": "tiny_teacher", "sdxl": "tiny_sdxl_teacher"}[family])
+    """(``sd-lora``: PE-CoDi with a LoRA of the shared UNet, whose weights live inside
+    the frozen network and reach the checkpoint as ``lora.*``.)"""
+    teacher = request.getfixturevalue(
+        {"sd": "tiny_teacher", "sdxl": "tiny_sdxl_teacher", "sd-lora": "tiny_teacher"}[family]
+    )
     sdxl = family == "sdxl"
+    lora = 4 if family == "sd-lora" else 0
     cls = TimeIdsRecorder if sdxl else CoDiDistillation
     k, n = 3, 6
-    _, full, full_losses = _fit(teacher, tmp_path / "a", n, sizes=sdxl, cls=cls)
-    trainer, _, first_losses = _fit(teacher, tmp_path / "b", k, sizes=sdxl)
+    _, full, full_losses = _fit(teacher, tmp_path / "a", n, sizes=sdxl, cls=cls, lora_rank=lora)
+    trainer, _, first_losses = _fit(teacher, tmp_path / "b", k, sizes=sdxl, lora_rank=lora)
     ckpt = tmp_path / "k.ckpt"
     trainer.save_checkpoint(ckpt)
     trainer2, resumed, resumed_losses = _fit(
-        teacher, tmp_path / "c", n, ckpt_path=str(ckpt), sizes=sdxl, cls=cls
+        teacher, tmp_path / "c", n, ckpt_path=str(ckpt), sizes=sdxl, cls=cls, lora_rank=lora
     )
     if sdxl:  # every step, before and after resume, conditions on the batch's sizes
         want = torch.tensor([[64, 48, 3, 0, 32, 32], [40, 33, 0, 4, 32, 32]], dtype=torch.float32)
@@ -119,9 +125,14 @@ def test_resume_continues_exactly(family, request, tmp_path):
         torch.testing.assert_close(got, full_losses[step], rtol=1e-5, atol=1e-6)
     for a, b in zip(full.target.parameters(), resumed.target.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if lora:  # the online LoRA inside the network, resumed and trained on
+        for a, b in zip(full.lora.parameters(), resumed.lora.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert all(float(p.detach().abs().max()) > 0 for p in resumed.target["lora"].values())
     # the EMA really moved during fit (Lightning calls the optimizer_step override)
     torch.manual_seed(0)
-    fresh = CoDiDistillation(str(teacher), method="codi", num_grid=10)
+    fresh = CoDiDistillation(str(teacher), method="pe-codi" if lora else "codi", lora_rank=lora,
+                             num_grid=10)  # fmt: skip
     moved = [
         not torch.equal(a, b)
         for a, b in zip(fresh.target.parameters(), full.target.parameters(), strict=True)
