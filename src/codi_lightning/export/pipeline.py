@@ -36,11 +36,22 @@ class CoDiPipeline:
     same images; the default deterministic one is the exported ``scheduler_deterministic/``
     given the same timesteps as ``timesteps=`` (see the export's model card). SD 1.x/2.x
     and SDXL base models (``to_diffusers`` gives the family's stock ControlNet pipeline).
+
+    Several tasks on one base network: :meth:`load_task` adds another PE-CoDi export (its
+    ControlNet, and its LoRA of the UNet as a peft adapter of its own) without loading
+    the base model again; :meth:`use_task` switches between them.
     """
 
-    def __init__(self, parts: TeacherParts, controlnet: torch.nn.Module, num_grid: int) -> None:
+    def __init__(
+        self, parts: TeacherParts, controlnet: torch.nn.Module, num_grid: int, task: str = "default"
+    ) -> None:
         self.parts, self.controlnet, self.num_grid = parts, controlnet.eval(), num_grid
         self.schedule = NoiseSchedule.from_config(parts.scheduler_config)
+        # task name -> (ControlNet, training grid N, has a LoRA adapter of that name)
+        self.tasks: dict[str, tuple[torch.nn.Module, int, bool]] = {
+            task: (self.controlnet, num_grid, False)
+        }
+        self.task = task
 
     @classmethod
     def from_exported(
@@ -51,8 +62,11 @@ class CoDiPipeline:
         pixel_space: bool = False,
         torch_dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
+        task: str = "default",
     ) -> CoDiPipeline:
-        from diffusers import ControlNetModel, LCMScheduler, UNet2DConditionModel
+        """``folder``: an export of ``base``; ``task``: the name :meth:`use_task` knows it
+        by when more tasks are loaded (:meth:`load_task`)."""
+        from diffusers import UNet2DConditionModel
 
         parts = load_teacher(base, pixel_space=pixel_space, torch_dtype=torch_dtype)
         stock = {"sd3": ("an SD3-family", "StableDiffusion3ControlNetPipeline"),
@@ -66,19 +80,48 @@ class CoDiPipeline:
         kw = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
         if (Path(folder) / "unet").is_dir():
             parts.unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw).eval()
-        if (Path(folder) / "lora").is_dir():  # a LoRA of the shared base UNet
-            parts.unet.load_lora_adapter(
-                str(Path(folder) / "lora"), prefix="unet", weight_name=LORA_FILE
-            )
-        controlnet = ControlNetModel.from_pretrained(folder, subfolder="controlnet", **kw)
-        num_grid = LCMScheduler.load_config(folder, subfolder="scheduler")[
-            "original_inference_steps"
-        ]
-        pipe = cls(parts, controlnet, int(num_grid))
+        controlnet, num_grid, lora = _task_parts(parts.unet, folder, task, kw)
+        pipe = cls(parts, controlnet, num_grid, task)
+        pipe.tasks[task] = (controlnet, num_grid, lora)
         return pipe.to(device)
 
+    def load_task(self, name: str, folder: str) -> None:
+        """Add the PE-CoDi export ``folder`` (trained on the same base model) as task
+        ``name``: its ControlNet, and its ``lora/`` as the UNet's peft adapter ``name``.
+        The base network is shared, not reloaded; the current task stays in use."""
+        if name in self.tasks:
+            raise ValueError(f"a task named {name!r} is loaded already: {sorted(self.tasks)}")
+        if (Path(folder) / "unet").is_dir():
+            raise ValueError(
+                f"{folder} holds its own unet/ (full CoDi, or a merged LoRA): it cannot share "
+                "the base network; load it with CoDiPipeline.from_exported on its own (or "
+                "export the LoRA separately: codi-lightning export --lora separate)"
+            )
+        dtype = next(self.parts.unet.parameters()).dtype
+        controlnet, num_grid, lora = _task_parts(
+            self.parts.unet, folder, name, {"torch_dtype": dtype}
+        )
+        self.tasks[name] = (controlnet.to(self.device), num_grid, lora)
+        self.use_task(self.task)  # loading an adapter activates it: keep the current task
+
+    def use_task(self, name: str) -> None:
+        """Sample with task ``name`` from now on: its ControlNet and grid, its LoRA the
+        only active one (none: the base network as is)."""
+        if name not in self.tasks:
+            raise KeyError(f"no task named {name!r}; loaded: {sorted(self.tasks)}")
+        self.controlnet, self.num_grid, lora = self.tasks[name]
+        unet = self.parts.unet
+        if any(has for _, _, has in self.tasks.values()):
+            if lora:
+                unet.enable_lora()
+                unet.set_adapters([name])
+            else:
+                unet.disable_lora()
+        self.task = name
+
     def to(self, device: str | torch.device) -> CoDiPipeline:
-        for m in (self.parts.unet, self.parts.vae, self.parts.prompt_encoder, self.controlnet):
+        adapters = [c for c, _, _ in self.tasks.values()]
+        for m in (self.parts.unet, self.parts.vae, self.parts.prompt_encoder, *adapters):
             if m is not None:
                 m.to(device)
         self.device = torch.device(device)
@@ -186,3 +229,20 @@ class CoDiPipeline:
             scheduler=LCMScheduler.from_pretrained(folder, subfolder="scheduler"),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )  # fmt: skip
+
+
+def _task_parts(
+    unet: torch.nn.Module, folder: str, name: str, kw: dict
+) -> tuple[torch.nn.Module, int, bool]:
+    """An export's ControlNet, training grid N, and whether it has a LoRA, loaded into
+    ``unet`` as the peft adapter ``name``."""
+    from diffusers import ControlNetModel, LCMScheduler
+
+    lora = (Path(folder) / "lora").is_dir()
+    if lora:  # a LoRA of the shared base UNet
+        unet.load_lora_adapter(
+            str(Path(folder) / "lora"), prefix="unet", weight_name=LORA_FILE, adapter_name=name
+        )
+    controlnet = ControlNetModel.from_pretrained(folder, subfolder="controlnet", **kw).eval()
+    num_grid = LCMScheduler.load_config(folder, subfolder="scheduler")["original_inference_steps"]
+    return controlnet, int(num_grid), lora
