@@ -61,7 +61,23 @@ FLOW_DISTILL, FLOW_BASELINE, FLOW_TEACHER = (
 FLOW_TEACHER_DIR = ROOT / "bench" / "assets" / "digits_flow_teacher"
 FLOW_METHODS = {"flow-baseline": "two-stage (SD3ControlNet + Euler)", "flow-codi": "CoDi"}
 CLASSIFIER = ROOT / "bench" / "assets" / "digits_classifier" / "model.safetensors"
-METHODS = {"baseline": "two-stage (ControlNet + DDIM)", "pe-codi": "PE-CoDi", "codi": "CoDi"}
+# the LoRA rank of the parameter-efficient method with a LoRA (docs/results_digits.md,
+# "PE-CoDi with a LoRA of the UNet": the rank probes)
+LORA_RANK = 4
+METHODS = {
+    "baseline": "two-stage (ControlNet + DDIM)",
+    "pe-codi": "PE-CoDi (adapter only)",
+    "pe-codi-lora": f"PE-CoDi + LoRA r{LORA_RANK}",
+    "codi": "CoDi",
+}
+# what each method adds to its config (configs/digits/{baseline,distill}.yaml)
+METHOD_ARGS = {
+    "baseline": [],
+    "pe-codi": ["--model.method", "pe-codi"],
+    "pe-codi-lora": ["--model.method", "pe-codi", "--model.lora_rank", str(LORA_RANK)],
+    "codi": ["--model.method", "codi"],
+}
+DISTILLED = ("codi", "pe-codi-lora", "pe-codi")  # the distilled methods, in report order
 # name -> (overrides of the CoDi config, label); each changes one switch
 ABLATIONS = {
     "abl-solver-teacher": (["--model.loss.solver", "teacher"], "ODE solver: teacher"),
@@ -71,8 +87,8 @@ ABLATIONS = {
     "abl-batch-t": (["--model.per_sample_timesteps", "false"], "one t per batch"),
 }
 # the order runs start in (longest first, so that the two slots end together)
-COST = {"baseline": 4.0, "codi": 3.0, "pe-codi": 2.5, "abl": 1.5, "flow-baseline": 4.5,
-        "flow-codi": 4.5}  # fmt: skip
+COST = {"baseline": 4.0, "codi": 3.0, "pe-codi-lora": 3.2, "pe-codi": 2.5, "abl": 1.5,
+        "flow-baseline": 4.5, "flow-codi": 4.5}  # fmt: skip
 
 
 @dataclass
@@ -133,8 +149,9 @@ def runs_of(plan: Plan) -> list[Run]:
     runs = []
     for seed in plan.seeds:
         for method in METHODS:
-            extra = [] if method == "baseline" else ["--model.method", method]
-            runs.append(Run(f"{method}-s{seed}", method, seed, plan.steps, extra, seed == 0))
+            runs.append(
+                Run(f"{method}-s{seed}", method, seed, plan.steps, METHOD_ARGS[method], seed == 0)
+            )
     for name in plan.ablations:
         runs.append(Run(name, "abl", 0, plan.ablation_steps, ABLATIONS[name][0]))
     if plan.flow:
@@ -281,7 +298,7 @@ def claim(results: dict) -> dict:
     """The paper's claim on the main metric, computed from the means over seeds."""
     b4, b50 = mean_fid(results, "baseline", 4), mean_fid(results, "baseline", 50)
     out = {"b4": b4, "b50": b50}
-    for method in ("codi", "pe-codi"):
+    for method in DISTILLED:
         for steps in (1, 2, 4):
             fid = mean_fid(results, method, steps)
             out[f"{method}@{steps}"] = {
@@ -293,11 +310,27 @@ def claim(results: dict) -> dict:
     return out
 
 
+def gap_per_seed(results: dict, method: str, steps: int) -> list[float]:
+    """The share of the 4 -> 50 gap ``method`` closes at ``steps``, seed by seed, each
+    against the baseline of the same seed."""
+    base = {k.rsplit("-s", 1)[1]: v for k, v in results["runs"].items()
+            if k.rsplit("-s", 1)[0] == "baseline"}  # fmt: skip
+    out = []
+    for name, run in sorted(results["runs"].items()):
+        head, _, seed = name.rpartition("-s")
+        if head != method or seed not in base:
+            continue
+        b4, b50 = (base[seed]["results"][s]["fid"] for s in ("4", "50"))
+        fid = run["results"][str(steps)]["fid"]
+        out.append((b4 - fid) / (b4 - b50) if b4 != b50 else math.nan)  # no gap: undefined
+    return out
+
+
 def claim_table(results: dict) -> str:
     c = claim(results)
     lines = ["| model | steps | FID (clf), mean | share of the baseline's 4 -> 50 gap closed | "
              "better than baseline 4 | within 10% of baseline 50 |", "|---|---|---|---|---|---|"]  # fmt: skip
-    for method in ("codi", "pe-codi"):
+    for method in DISTILLED:
         for steps in (1, 2, 4):
             r = c[f"{method}@{steps}"]
             lines.append(
@@ -318,13 +351,41 @@ def paper_table(results: dict) -> str:
     c, p = claim(results), PAPER_SR
     paper = {m: (p["controlnet4"] - p[f"{m}4"]) / (p["controlnet4"] - p["ldm50"])
              for m in ("codi", "pe-codi")}  # fmt: skip
+    lora = c["pe-codi-lora@4"]
     lines = ["| | 4-step two-stage | 50-step reference | PE-CoDi 4 | CoDi 4 | gap closed: PE-CoDi | gap closed: CoDi |",
              "|---|---|---|---|---|---|---|",
              f"| paper (DF2K SR, Inception FID) | {p['controlnet4']:.2f} | {p['ldm50']:.2f} (LDM) | "
              f"{p['pe-codi4']:.2f} | {p['codi4']:.2f} | {paper['pe-codi']:.0%} | {paper['codi']:.0%} |",
-             f"| this run (digits 8x SR, classifier FID) | {c['b4']:.2f} | {c['b50']:.2f} (two-stage) | "
-             f"{c['pe-codi@4']['fid']:.2f} | {c['codi@4']['fid']:.2f} | "
-             f"{c['pe-codi@4']['gap_closed']:.0%} | {c['codi@4']['gap_closed']:.0%} |"]  # fmt: skip
+             f"| this run (digits 8x SR, classifier FID), adapter only | {c['b4']:.2f} | "
+             f"{c['b50']:.2f} (two-stage) | {c['pe-codi@4']['fid']:.2f} | {c['codi@4']['fid']:.2f} | "
+             f"{c['pe-codi@4']['gap_closed']:.0%} | {c['codi@4']['gap_closed']:.0%} |",
+             f"| this run, adapter + LoRA r{LORA_RANK} | {c['b4']:.2f} | {c['b50']:.2f} (two-stage) | "
+             f"{lora['fid']:.2f} | {c['codi@4']['fid']:.2f} | {lora['gap_closed']:.0%} | "
+             f"{c['codi@4']['gap_closed']:.0%} |"]  # fmt: skip
+    return "\n".join(lines)
+
+
+def trained_parameters(results: dict) -> dict[str, int]:
+    """Trained parameters per method, counted in seed 0's checkpoint: the adapter, the
+    LoRA, the UNet copy (the EMA target and the frozen parts left out)."""
+    counts = {}
+    for method in DISTILLED:
+        state = torch.load(results["runs"][f"{method}-s0"]["checkpoint"], map_location="cpu",
+                           weights_only=True)["state_dict"]  # fmt: skip
+        counts[method] = sum(
+            v.numel() for k, v in state.items()
+            if k.startswith(("controlnet.", "lora.", "student_unet."))
+        )  # fmt: skip
+    return counts
+
+
+def parameters_table(results: dict) -> str:
+    counts = trained_parameters(results)
+    full = counts["codi"]
+    lines = ["| method | trained parameters | share of CoDi's |", "|---|---|---|"]
+    for method in DISTILLED:
+        lines.append(f"| {METHODS[method]} | {counts[method] / 1e6:.2f}M | "
+                     f"{counts[method] / full:.0%} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -349,7 +410,7 @@ def curve_ranking(results: dict) -> str:
     """At which checkpoints CoDi's and PE-CoDi's 4-step FID lie below the baseline's."""
     base = results["runs"]["baseline-s0"]["curve"]
     out = []
-    for method in ("codi", "pe-codi"):
+    for method in DISTILLED:
         curve = results["runs"][f"{method}-s0"]["curve"]
         steps = sorted(set(curve) & set(base), key=int)
         below = [
@@ -373,13 +434,18 @@ def discussion(results: dict) -> str:
 
     per_seed = ", ".join(f"{v:+.0%}" for v in g["G2_per_seed"])
     pe_gap, codi_gap = c["pe-codi@4"]["gap_closed"], c["codi@4"]["gap_closed"]
-    pe_head = (
-        "PE-CoDi does not beat the two-stage model here."
-        if pe_gap < 0.3
-        else "PE-CoDi sits between the baseline's 4 and 50 steps."
-        if pe_gap < 1
-        else "PE-CoDi closes the gap too."
-    )
+    lora_gap = c["pe-codi-lora@4"]["gap_closed"]
+
+    def verdict_of(gap: float, name: str) -> str:
+        if gap < 0.3:
+            return f"{name} does not beat the two-stage model here."
+        if gap < 0.6:
+            return f"{name} closes part of the gap, less than the paper's PE-CoDi (61%)."
+        return f"{name} closes most of the gap (the paper's PE-CoDi: 61%)."
+
+    lora_seeds = ", ".join(f"{v:.0%}" for v in gap_per_seed(results, "pe-codi-lora", 4))
+    pe_head = verdict_of(pe_gap, "PE-CoDi with the adapter only")
+    lora_head = verdict_of(lora_gap, f"PE-CoDi with a rank-{LORA_RANK} LoRA of the UNet")
     codi_head = (
         "CoDi closes the few-step gap."
         if codi_gap >= 0.5
@@ -411,16 +477,19 @@ def discussion(results: dict) -> str:
    {ms("baseline", 50, "class_consistency", 3)}. One step is CoDi's weak point
    ({ms("codi", 1)}), though far ahead of the baseline's one DDIM step
    ({ms("baseline", 1)}).
-3. **{pe_head}** At 4 steps {ms("pe-codi", 4)}
-   against the baseline's {ms("baseline", 4)} (gap closed: {c["pe-codi@4"]["gap_closed"]:.0%};
-   the paper's PE-CoDi closes 61%), at 1 step {ms("pe-codi", 1)} against
-   {ms("baseline", 1)}. PE-CoDi trains only the adapter, so the frozen teacher UNet must
-   be turned into a consistency function through the adapter's residuals alone, while
-   full CoDi moves the UNet itself. Probes at 500 steps (learning rate 3x and 10x, guidance
-   weight 0.1, x-space consistency; [results_digits.md](results_digits.md#why-pe-codi-trails-codi-here-probes))
-   all left PE-CoDi far from CoDi; that rules out its learning rate and loss weighting,
-   and leaves the adapter's capacity at this size as the explanation, not yet tested.
-4. **Learning curves.** {curve_ranking(results)}. {ranking}
+3. **{lora_head}** At 4 steps {ms("pe-codi-lora", 4)} (gap closed: {lora_gap:.0%}; per
+   seed, each against its own seed's baseline: {lora_seeds}), at 2 steps
+   {ms("pe-codi-lora", 2)}, at 1 step {ms("pe-codi-lora", 1)}. The UNet stays frozen and
+   shared; the LoRA and the adapter are the trained part (table above).
+4. **{pe_head}** At 4 steps {ms("pe-codi", 4)}
+   against the baseline's {ms("baseline", 4)} (gap closed: {pe_gap:.0%}), at 1 step
+   {ms("pe-codi", 1)} against {ms("baseline", 1)}. With the adapter only, the frozen UNet
+   must be turned into a consistency function through the adapter's residuals, added to
+   its encoder skips and middle block; the probes in
+   [results_digits.md](results_digits.md#why-pe-codi-trails-codi-here-probes) (learning
+   rate, loss weights, the teacher as ODE solver, a 4x budget, LoRA ranks) show that the
+   missing piece is a trainable change of the UNet itself, which a low-rank one supplies.
+5. **Learning curves.** {curve_ranking(results)}. {ranking}
 """
 
 
@@ -493,7 +562,8 @@ def plot_steps(results: dict, path: Path) -> None:
 
 @torch.no_grad()
 def image_grid(results: dict, out: Path, path: Path, rows: int = 10) -> None:
-    """input | bicubic | baseline 4 | baseline 50 | PE-CoDi 4 | CoDi 1 | 2 | 4 | truth."""
+    """input | bicubic | baseline 4 | baseline 50 | PE-CoDi 4 | PE-CoDi + LoRA 4 |
+    CoDi 1 | 2 | 4 | truth."""
     import torch.nn.functional as F
 
     from codi_lightning.data import ShardDataModule, float_pixels
@@ -517,8 +587,9 @@ def image_grid(results: dict, out: Path, path: Path, rows: int = 10) -> None:
 
     base = samples("baseline-s0", ControlNetBaseline, [4, 50])
     pe = samples("pe-codi-s0", CoDiDistillation, [4])
+    lora = samples("pe-codi-lora-s0", CoDiDistillation, [4])
     codi = samples("codi-s0", CoDiDistillation, [1, 2, 4])
-    save_grid([low, cond, *base, *pe, *codi, truth], path, min_size=64)
+    save_grid([low, cond, *base, *pe, *lora, *codi, truth], path, min_size=64)
 
 
 def flow_teacher_facts() -> dict:
@@ -590,8 +661,9 @@ def report(results: dict, plan: Plan, docs: Path) -> str:
     verdict = (
         f"CoDi at 4 steps: FID {c['codi@4']['fid']:.2f} against the baseline's "
         f"{g['b4']:.2f} at 4 steps and {g['b50']:.2f} at 50 ({c['codi@4']['gap_closed']:.0%} "
-        f"of the 4 -> 50 gap closed); PE-CoDi at 4 steps {c['pe-codi@4']['fid']:.2f} "
-        f"({c['pe-codi@4']['gap_closed']:.0%})."
+        f"of the 4 -> 50 gap closed); PE-CoDi with a rank-{LORA_RANK} LoRA of the frozen UNet "
+        f"{c['pe-codi-lora@4']['fid']:.2f} ({c['pe-codi-lora@4']['gap_closed']:.0%}); PE-CoDi "
+        f"with the adapter only {c['pe-codi@4']['fid']:.2f} ({c['pe-codi@4']['gap_closed']:.0%})."
     )
     t = results["timing"]
     n_test = results["runs"]["baseline-s0"]["results"]["4"]["images"]
@@ -609,7 +681,8 @@ the baseline had no few-step gap, is the second panel, [results_photos.md](resul
 space, empty captions. Training: the 4,000 training digits; test: {n_test} held-out digits.
 
 **Models.** Teacher: 1.4M-parameter v-prediction UNet (`configs/digits/teacher.yaml`,
-committed). Each method trains its adapter (and, for CoDi, a copy of the UNet) for
+committed). Each method trains its adapter (and, for CoDi, a copy of the UNet; for
+PE-CoDi + LoRA, a rank-{LORA_RANK} LoRA of the frozen UNet through peft) for
 {b["step"]} steps of batch 16 (`configs/digits/distill.yaml`, `configs/digits/baseline.yaml`);
 samples use the EMA weights and the deterministic samplers (the baseline: DDIM with
 trailing timesteps). {seeds} seed(s) per method (adapter init, training noise, data order and
@@ -646,6 +719,11 @@ give):
 
 {paper_table(results)}
 
+Trained parameters (the frozen UNet has 1.40M; the adapter copies its encoder and middle
+block):
+
+{parameters_table(results)}
+
 {discussion(results)}
 ## Learning curves (seed 0, 4 sampling steps)
 
@@ -675,7 +753,8 @@ One switch changed from CoDi; the first row is CoDi's own checkpoint at
 ## Samples
 
 One test digit per row: input ({32 // sr_factor()}x{32 // sr_factor()}) | bicubic |
-baseline DDIM 4 | baseline DDIM 50 | PE-CoDi 4 | CoDi 1 | CoDi 2 | CoDi 4 | ground truth.
+baseline DDIM 4 | baseline DDIM 50 | PE-CoDi (adapter only) 4 | PE-CoDi + LoRA 4 | CoDi 1 |
+CoDi 2 | CoDi 4 | ground truth.
 
 ![samples](results/grid.png)
 

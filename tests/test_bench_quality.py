@@ -4,6 +4,7 @@ the flow-teacher row, report)."""
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -40,7 +41,8 @@ def test_quick_bench_writes_a_report_from_its_runs(tmp_path):
     assert set(results["runs"]["flow-baseline-s0"]["results"]) == {"1", "2", "4", "8", "50"}
     assert set(results["runs"]["baseline-s0"]["results"]) == {"1", "2", "4", "8", "50"}
     assert set(results["runs"]["codi-s0"]["results"]) == {"1", "2", "4"}
-    for run in ("baseline-s0", "codi-s0", "pe-codi-s0"):  # a curve point per checkpoint
+    for run in ("baseline-s0", "codi-s0", "pe-codi-s0", "pe-codi-lora-s0"):  # a curve point
+        assert run in results["runs"]
         curve = results["runs"][run]["curve"]
         assert sorted(curve, key=int) == ["2", "4"]
         assert all(c["results"]["4"]["images"] == 16 for c in curve.values())
@@ -74,6 +76,7 @@ def test_gates_and_claim_are_computed_from_the_numbers():
         "baseline": {4: [130.0, 110.0], 50: [90.0, 110.0]},
         "codi": {1: [200.0, 180.0], 2: [120.0, 100.0], 4: [105.0, 95.0]},
         "pe-codi": {1: [300.0, 300.0], 2: [150.0, 130.0], 4: [115.0, 125.0]},
+        "pe-codi-lora": {1: [250.0, 250.0], 2: [140.0, 120.0], 4: [100.0, 108.0]},
     })  # fmt: skip
     g = q.gates(results)
     assert g["b4"] == pytest.approx(120.0) and g["b50"] == pytest.approx(100.0)
@@ -87,5 +90,10 @@ def test_gates_and_claim_are_computed_from_the_numbers():
     assert c["codi@1"]["gap_closed"] == pytest.approx(-3.5)  # worse than baseline 4
     assert c["codi@4"]["beats_b4"] and not c["pe-codi@4"]["beats_b4"]
     assert c["codi@2"]["within_10pct_of_b50"] and not c["pe-codi@2"]["within_10pct_of_b50"]
+    assert c["pe-codi-lora@4"]["gap_closed"] == pytest.approx((120 - 104) / 20)
+    # per seed, against the same seed's baseline: (130 - 100) / (130 - 90); seed 1's
+    # baseline has no gap (110 -> 110), so no share is defined there
+    per_seed = q.gap_per_seed(results, "pe-codi-lora", 4)
+    assert per_seed[0] == pytest.approx(0.75) and math.isnan(per_seed[1])
     row = q.summary(results, "codi", 1, ("fid",))["fid"]
     assert row == pytest.approx((190.0, 14.142135), rel=1e-6)  # sample std of 200, 180
