@@ -99,10 +99,14 @@ class Plan:
     (docs/performance.md). ``--steps N`` runs another budget."""
 
     seeds: tuple[int, ...] = (0, 1, 2)
+    # methods run on the first seed only: PE-CoDi with the adapter only, the known
+    # negative row (3 seeds in docs/results_digits.md), so that the LoRA method fits
+    single_seed: tuple[str, ...] = ("pe-codi",)
     steps: int = 600
     curve_every: int = 150
     ablation_steps: int = 300
-    ablations: tuple[str, ...] = tuple(ABLATIONS)
+    # CoDi's ablation: off by default (``--ablations``, 12 more minutes on 2 cores)
+    ablations: tuple[str, ...] = ()
     extra: list[str] = field(default_factory=list)  # for every run
     model_extra: list[str] = field(default_factory=list)  # model options (prefix added)
     test_images: int | None = None  # None: the whole test shard (512)
@@ -149,6 +153,8 @@ def runs_of(plan: Plan) -> list[Run]:
     runs = []
     for seed in plan.seeds:
         for method in METHODS:
+            if method in plan.single_seed and seed != plan.seeds[0]:
+                continue
             runs.append(
                 Run(f"{method}-s{seed}", method, seed, plan.steps, METHOD_ARGS[method], seed == 0)
             )
@@ -504,7 +510,14 @@ def ablation_table(results: dict, plan: Plan) -> str:
     for label, row in rows:
         cells = " | ".join(f"{row[k]:.{d}f}" for k, _, d in KEYS) if row else "not run"
         lines.append(f"| {label} | {cells} |")
-    return "\n".join(lines)
+    intro = (f"One switch changed from CoDi; the first row is CoDi's own checkpoint at "
+             f"{plan.ablation_steps} steps.\n\n")  # fmt: skip
+    return intro + "\n".join(lines)
+
+
+NO_ABLATION = """Not part of this run (`make bench-quality ABLATIONS=1` adds it, about 12
+minutes on 2 cores); the last ablation table is in
+[results_digits.md](results_digits.md#codis-ablation-300-training-steps-2026-11-29)."""
 
 
 def plot_curves(results: dict, path: Path) -> None:
@@ -745,10 +758,7 @@ PE-CoDi are in [results_digits.md](results_digits.md#the-longer-budget-1000-trai
 
 ## Ablation (4 sampling steps, {plan.ablation_steps} training steps, seed 0)
 
-One switch changed from CoDi; the first row is CoDi's own checkpoint at
-{plan.ablation_steps} steps.
-
-{ablation_table(results, plan)}
+{ablation_table(results, plan) if plan.ablations else NO_ABLATION}
 
 ## Samples
 
@@ -779,6 +789,8 @@ def main() -> None:
         help="training steps of the main runs (learning-curve checkpoints every steps/4, "
         "ablations at steps/2); default 600 (57 min on 2 cores)",
     )
+    parser.add_argument("--ablations", action="store_true",
+                        help="also CoDi's ablation (one switch at a time, seed 0)")  # fmt: skip
     parser.add_argument("--flow", action="store_true",
                         help="also the flow-teacher row (flow-baseline-s0, flow-codi-s0)")  # fmt: skip
     parser.add_argument("--only", nargs="*", help="run only these (default all; none: report)")
@@ -790,6 +802,8 @@ def main() -> None:
     args = parser.parse_args()
     plan = Plan.quick() if args.quick else Plan()
     plan.flow = args.flow
+    if args.ablations and not args.quick:
+        plan.ablations = tuple(ABLATIONS)
     if args.steps:
         if args.steps % 4:
             raise SystemExit(f"--steps {args.steps}: use a multiple of 4 (curve every steps/4)")
