@@ -139,3 +139,59 @@ def test_our_uniform_pipeline_points_flow_exports_to_the_stock_one(codi_export):
     family, teacher, _, out = codi_export
     with pytest.raises(NotImplementedError, match=FAMILIES[family]["pipeline"]):
         CoDiPipeline.from_exported(str(out), str(teacher))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("layout", ["separate", "merge"])
+def test_lora_of_the_transformer_loads_in_the_stock_pipeline(family, layout, mean_posterior,
+                                                             request, tmp_path):  # fmt: skip
+    """PE-CoDi with a LoRA of the frozen transformer: exported to ``lora/`` (loaded with
+    the stock pipeline's ``load_lora_weights``, as the card's snippet does) or merged into
+    ``transformer/``; either way the stock pipeline with the deterministic scheduler
+    reproduces the module's sampler, and without the LoRA it does not."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    spec = FAMILIES[family]
+    teacher = request.getfixturevalue(f"tiny_{family}_teacher")
+    m = _checkpoint(teacher, tmp_path / "lora.ckpt", lora_rank=2, **spec["kw"])
+    out = export_checkpoint(str(tmp_path / "lora.ckpt"), str(tmp_path / "export"), lora=layout)
+    names = sorted(p.name for p in out.iterdir())
+    assert ("lora" in names) == (layout == "separate")
+    assert ("transformer" in names) == (layout == "merge")
+    card = (out / "README.md").read_text()
+    assert ('pipe.load_lora_weights(f"{folder}/lora")' in card) == (layout == "separate")
+    controlnet = getattr(diffusers, spec["adapter"]).from_pretrained(out, subfolder="controlnet")
+    network = getattr(diffusers, spec["network"])
+    transformer = {}
+    if layout == "merge":
+        transformer = {"transformer": network.from_pretrained(out, subfolder="transformer")}
+    pipe = getattr(diffusers, spec["pipeline"]).from_pretrained(
+        str(teacher), controlnet=controlnet, **transformer
+    )
+    plain = getattr(diffusers, spec["pipeline"]).from_pretrained(
+        str(teacher), controlnet=controlnet
+    )
+    if layout == "separate":
+        pipe.load_lora_weights(f"{out}/lora")  # as the card's snippet
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    cond = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
+    ts = [int(t) for t in sampling_timesteps(2, 1000, 20)]
+    images = []
+    for p in (pipe, plain):
+        p.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+            out, subfolder="scheduler_deterministic"
+        )
+        p.set_progress_bar_config(disable=True)
+        images.append(p(
+            "a red circle", control_image=Image.fromarray(rgb), sigmas=m.schedule.unshifted(ts),
+            guidance_scale=spec["guidance"], height=32, width=32,
+            max_sequence_length=TINY_SD3_T5_LENGTH, output_type="pt",
+            generator=torch.Generator().manual_seed(2),
+        ).images)  # fmt: skip
+    with torch.no_grad():
+        model = m.denoiser("target", m.encode_text(["a red circle"]), m.adapter_condition(cond))
+        noise = randn((1, 16, 8, 8), torch.Generator().manual_seed(2))
+        ours = m.decode_latents(m.run_sampler(model, noise, 2))
+    torch.testing.assert_close(ours, images[0], rtol=0, atol=2e-4)
+    assert (ours - images[1]).abs().max() > 1e-3  # the LoRA is what matches

@@ -139,14 +139,9 @@ def export_checkpoint(
     if family in ("sd3", "flux"):
         from .flow import export_flow
 
-        if lora_weights:
-            raise ValueError(
-                f"exporting a LoRA of a {family} network is not supported yet; sample from "
-                "the checkpoint with CoDiDistillation.load_from_checkpoint"
-            )
         out = _partial_folder(output)
         step = checkpoint.get("global_step", 0)
-        which = export_flow(family, hp, state, base, out, weights, step, kw)
+        which = export_flow(family, hp, state, base, out, weights, step, kw, lora_weights, lora)
         out = _publish_folder(out, output)
         print(
             f"exported {weights} weights ({which}) to {out}; schedulers: scheduler/ "
@@ -180,11 +175,7 @@ def export_checkpoint(
         unet.load_state_dict(_sub_state(state, prefix), strict=True)
         unet.save_pretrained(out / "unet", safe_serialization=True)
     if lora_weights and lora == "merge":
-        merged = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **kw)
-        meta = {f"unet.{k}": v for k, v in lora_metadata(hp).items()}  # keyed as the weights
-        merged.load_lora_adapter(lora_weights, prefix="unet", metadata=meta)
-        merged.fuse_lora()  # W + (alpha / r) B A in every LoRA layer
-        merged.unload_lora()  # the fused base layers stay
+        merged = fused_network(UNet2DConditionModel, base, "unet", lora_weights, hp, kw)
         merged.save_pretrained(out / "unet", safe_serialization=True)
     elif lora_weights:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -249,16 +240,28 @@ def lora_state(
     return out
 
 
-def lora_metadata(hp: dict[str, Any]) -> dict[str, Any]:
+def lora_metadata(hp: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """The LoRA's peft config (rank, alpha, target layers), saved with it so that
-    ``load_lora_weights`` rebuilds the same scale ``alpha / r``."""
+    ``load_lora_weights`` rebuilds the same scale ``alpha / r``; ``prefix``: keyed as the
+    weights are (``unet.``) for ``load_lora_adapter``."""
     rank = int(hp["lora_rank"])
     alpha = hp.get("lora_alpha")
-    return {
+    meta = {
         "r": rank,
         "lora_alpha": float(alpha if alpha is not None else rank),
         "target_modules": list(hp.get("lora_targets") or UNET_LORA_TARGETS),
     }
+    return {f"{prefix}{k}": v for k, v in meta.items()}
+
+
+def fused_network(network_cls: Any, base: str, subfolder: str, lora: dict, hp: dict, kw: dict):
+    """The base model's ``subfolder`` network with the LoRA ``lora`` (keys prefixed
+    ``<subfolder>.``) merged into its weights: ``W + (alpha / r) B A`` in each layer."""
+    network = network_cls.from_pretrained(base, subfolder=subfolder, **kw)
+    network.load_lora_adapter(lora, prefix=subfolder, metadata=lora_metadata(hp, f"{subfolder}."))
+    network.fuse_lora()
+    network.unload_lora()  # the fused base layers stay
+    return network
 
 
 # what the deterministic scheduler takes from the base model's scheduler config: the noise

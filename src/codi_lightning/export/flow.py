@@ -26,6 +26,7 @@ from typing import Any
 
 from ..diffusion import FlowSchedule, sampling_timesteps
 from ..models.builders import multiple_from_config
+from ..models.lora import LORA_FILE
 from ..models.teachers import flux, sd3
 from .exporter import _sub_state, any_size_section, card_budgets
 
@@ -43,15 +44,16 @@ class FlowExport:
     guidance: float  # the pipeline's guidance_scale that reproduces training
     t5_tokenizer: str  # the T5 tokenizer's subfolder
     t5_length: int  # the T5 sequence length of the module (with a tokenizer at least as long)
+    lora_saver: str  # the diffusers pipeline whose save_lora_weights writes a LoRA
 
 
 EXPORTS = {
     "sd3": FlowExport("SD3 family", "SD3ControlNetModel", "SD3Transformer2DModel",
                       "StableDiffusion3ControlNetPipeline", sd3.adapter_config, 1.0,
-                      "tokenizer_3", sd3.T5_LENGTH),
+                      "tokenizer_3", sd3.T5_LENGTH, "StableDiffusion3Pipeline"),
     "flux": FlowExport("Flux", "FluxControlNetModel", "FluxTransformer2DModel",
                        "FluxControlNetPipeline", flux.adapter_config, flux.GUIDANCE,
-                       "tokenizer_2", flux.T5_LENGTH),
+                       "tokenizer_2", flux.T5_LENGTH, "FluxPipeline"),
 }  # fmt: skip
 
 
@@ -70,10 +72,12 @@ def t5_length(spec: FlowExport, base: str, kw: dict) -> int | None:
 
 def export_flow(
     family: str, hp: dict[str, Any], state: dict, base: str, out: Path, weights: str,
-    step: int, kw: dict,
+    step: int, kw: dict, lora: dict | None = None, lora_mode: str = "separate",
 ) -> str:  # fmt: skip
     """Write the export of a ``family`` (``sd3``, ``flux``) checkpoint into ``out``;
-    returns what was written (for the summary)."""
+    returns what was written (for the summary). ``lora``: the checkpoint's LoRA of the
+    transformer (``exporter.lora_state``), written to ``lora/`` or, with ``lora_mode``
+    ``merge``, merged into ``transformer/``."""
     import diffusers
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler
 
@@ -92,6 +96,23 @@ def export_flow(
         prefix = {"target": "target.unet.", "online": "student_unet."}[weights]
         transformer.load_state_dict(_sub_state(state, prefix), strict=True)
         transformer.save_pretrained(out / "transformer", safe_serialization=True)
+    if lora:
+        from .exporter import fused_network, lora_metadata
+
+        lora = {"transformer." + k.removeprefix("unet."): v for k, v in lora.items()}
+        if lora_mode == "merge":
+            fused = fused_network(network_cls, base, "transformer", lora, hp, kw)
+            fused.save_pretrained(out / "transformer", safe_serialization=True)
+        else:
+            saver = getattr(diffusers, spec.lora_saver)
+            saver.save_lora_weights(
+                out / "lora",
+                transformer_lora_layers={
+                    k.removeprefix("transformer."): v for k, v in lora.items()
+                },
+                transformer_lora_adapter_metadata=lora_metadata(hp),
+                weight_name=LORA_FILE,
+            )
     scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(
         base, subfolder="scheduler", **kw
     )
@@ -113,18 +134,26 @@ def export_flow(
             )
         tokens = (int(size) // vae_scale // 2) ** 2
     schedule = FlowSchedule.from_config(scheduler_config, tokens)
-    card = _card(spec, hp, base, weights, step, schedule, codi, size, multiple,
-                 t5_length(spec, base, kw))  # fmt: skip
+    folders = [d for d in ("transformer", "lora") if (out / d).is_dir()]
+    card = _card(spec, hp, base, weights, step, schedule, "transformer" in folders, size,
+                 multiple, t5_length(spec, base, kw), lora="lora" in folders)  # fmt: skip
     (out / "README.md").write_text(card)
-    return "transformer/ + controlnet/" if codi else "controlnet/"
+    return " + ".join(f"{d}/" for d in [*folders, "controlnet"])
 
 
 def _card(
     spec: FlowExport, hp: dict[str, Any], base: str, weights: str, step: int,
     schedule: FlowSchedule, codi: bool, size: int | None, multiple: int = 16,
-    max_length: int | None = None,
+    max_length: int | None = None, lora: bool = False,
 ) -> str:  # fmt: skip
-    method = "CoDi (adapter + transformer)" if codi else "PE-CoDi (adapter only)"
+    """``codi``: the export has its own ``transformer/`` (full CoDi, or a merged LoRA);
+    ``lora``: a ``lora/`` of the base transformer."""
+    method = (
+        "CoDi (adapter + transformer)" if hp.get("method") == "codi" else "PE-CoDi (adapter only)"
+    )
+    if hp.get("lora_rank"):
+        how = "in `lora/`" if lora else "merged into `transformer/`"
+        method = f"PE-CoDi (adapter + rank-{hp['lora_rank']} LoRA of the transformer, {how})"
     num_grid, num_train = int(hp.get("num_grid", 50)), schedule.num_train_timesteps
     budgets = card_budgets(hp, num_grid)
     rows, sigmas = [], {}
@@ -168,6 +197,11 @@ def _card(
             f"classifier-free guidance); the model was distilled {trained}.\n"
         )
     tag = "flux" if spec.pipeline.startswith("Flux") else "sd3"
+    load_lora = (
+        '\npipe.load_lora_weights(f"{folder}/lora")  # the LoRA of the base transformer'
+        if lora
+        else ""
+    )
     config = json.dumps(hp, indent=2, default=str)
     length = "" if max_length is None else f" max_sequence_length={max_length},"
     if max_length is not None:
@@ -235,7 +269,7 @@ controlnet = {spec.adapter}.from_pretrained(folder, subfolder="controlnet")
 pipe = {spec.pipeline}.from_pretrained(
     {json.dumps(base)}, controlnet=controlnet,{transformer}
     {revision.lstrip(", ")}
-)
+){load_lora}
 # condition: the control image, a PIL image or a [1, 3, H, W] tensor in [-1, 1]
 prompt = ""
 sigmas = {sigmas[steps]}  # {steps} steps on the training grid
