@@ -63,7 +63,7 @@ FLOW_METHODS = {"flow-baseline": "two-stage (SD3ControlNet + Euler)", "flow-codi
 CLASSIFIER = ROOT / "bench" / "assets" / "digits_classifier" / "model.safetensors"
 # the LoRA rank of the parameter-efficient method with a LoRA (docs/results_digits.md,
 # "PE-CoDi with a LoRA of the UNet": the rank probes)
-LORA_RANK = 4
+LORA_RANK = 16
 METHODS = {
     "baseline": "two-stage (ControlNet + DDIM)",
     "pe-codi": "PE-CoDi (adapter only)",
