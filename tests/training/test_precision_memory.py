@@ -29,19 +29,27 @@ def test_memory_savers_keep_the_loss(tiny_teacher, option):
     assert all(p.grad is not None for p in m.controlnet.parameters() if p.requires_grad)
 
 
-def test_frozen_parts_in_bf16_target_stays_fp32(tiny_teacher):
-    m = CoDiDistillation(str(tiny_teacher), num_grid=10, frozen_dtype="bf16")
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_frozen_parts_in_bf16_target_stays_fp32(tiny_teacher, lora_rank):
+    """The frozen parts in bf16; every trained weight in fp32, the LoRA inside the bf16
+    network included (its master weights and the optimizer's states)."""
+    m = CoDiDistillation(str(tiny_teacher), num_grid=10, frozen_dtype="bf16", lora_rank=lora_rank)
     m.configure_model()
-    assert m.unet.dtype == m.vae.dtype == m.text_encoder.dtype == torch.bfloat16
+    base = [p for n, p in m.unet.named_parameters() if ".lora_" not in n]
+    assert all(p.dtype == torch.bfloat16 for p in base)
+    assert m.vae.dtype == m.text_encoder.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in m.target.parameters())
-    assert all(p.dtype == torch.float32 for p in m.controlnet.parameters())
+    trained = m.trainable_parameters()
+    assert all(p.dtype == torch.float32 for p in trained)
+    if lora_rank:  # still the very tensors inside the network
+        lora_ids = {id(p) for n, p in m.unet.named_parameters() if ".lora_" in n}
+        assert lora_ids == {id(p) for p in m.lora.parameters()}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = _loss(m)
     loss.backward()
     assert torch.isfinite(loss)
-    assert all(
-        p.grad.dtype == torch.float32 for p in m.controlnet.parameters() if p.grad is not None
-    )
+    assert all(p.grad.dtype == torch.float32 for p in trained if p.grad is not None)
+    assert all(p.grad is not None for p in trained if p.requires_grad)
 
 
 def test_auto_frozen_dtype_stays_fp32_on_cpu(tiny_teacher):

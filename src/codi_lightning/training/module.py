@@ -446,6 +446,10 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
             for m in (self.unet, self.vae, self.text_encoder):  # frozen: no master weights needed
                 if m is not None:
                     m.to(torch.bfloat16)
+            if self.lora is not None:  # trained inside the bf16 network: fp32 master weights
+                with torch.no_grad():
+                    for p in self.lora.parameters():
+                        p.data = p.data.float()
         mesh = data_parallel_mesh(self.device_mesh)
         if mesh is not None and self.lora is not None:
             raise ValueError(
