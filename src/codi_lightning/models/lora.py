@@ -109,10 +109,6 @@ class LowRankUpdate(nn.Module):
             p.requires_grad_(True)
         self.rank, self.alpha, self.targets = int(rank), config.lora_alpha, tuple(found)
 
-    def network_names(self) -> dict[str, str]:
-        """``weights`` key -> the parameter's name inside the network."""
-        return {_key(n): n for n in self.names}
-
     def by_network_name(self, weights: nn.ParameterDict | None = None) -> dict[str, Tensor]:
         """``weights`` (default: this module's) keyed by the network's parameter names."""
         weights = self.weights if weights is None else weights
@@ -171,7 +167,3 @@ def lora_off(network: nn.Module) -> Iterator[None]:
         yield
     finally:
         unscale_lora_layers(network, 0.0)  # 0: back to the configured alpha / rank
-
-
-def has_lora(network: nn.Module) -> bool:
-    return bool(getattr(network, "peft_config", None))
