@@ -93,9 +93,10 @@ COST = {"baseline": 4.0, "codi": 3.0, "pe-codi-lora": 3.2, "pe-codi": 2.5, "abl"
 
 @dataclass
 class Plan:
-    """What the bench runs. The default budget (600 training steps, ablations at 300) keeps
-    the whole run under an hour on 2 cores: 56.8 min measured (2026-11-29); the run at
-    1,000 / 500 steps took 98 min on a shared machine, ~71 min estimated for an idle one
+    """What the bench runs. The default budget (600 training steps; no ablation) took
+    61.7 min on 2 cores (2026-12-06: 3 seeds of the baseline, CoDi and PE-CoDi + LoRA,
+    seed 0 of the adapter-only PE-CoDi); before the LoRA method, with the ablation, 56.8
+    min (2026-11-29). The run at 1,000 / 500 steps took 98 min on a shared machine
     (docs/performance.md). ``--steps N`` runs another budget."""
 
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -435,8 +436,7 @@ def discussion(results: dict) -> str:
         return summary(results, method, steps, (key,))[key]
 
     def ms(method, steps, key="fid", d=2):
-        mean, std = m(method, steps, key)
-        return f"{mean:.{d}f} ± {std:.{d}f}"
+        return cell(m(method, steps, key), d, len(seeds_of(results, method)))
 
     per_seed = ", ".join(f"{v:+.0%}" for v in g["G2_per_seed"])
     pe_gap, codi_gap = c["pe-codi@4"]["gap_closed"], c["codi@4"]["gap_closed"]
@@ -487,14 +487,16 @@ def discussion(results: dict) -> str:
    seed, each against its own seed's baseline: {lora_seeds}), at 2 steps
    {ms("pe-codi-lora", 2)}, at 1 step {ms("pe-codi-lora", 1)}. The UNet stays frozen and
    shared; the LoRA and the adapter are the trained part (table above).
-4. **{pe_head}** At 4 steps {ms("pe-codi", 4)}
+4. **{pe_head}** At 4 steps {ms("pe-codi", 4)} (seed 0 only)
    against the baseline's {ms("baseline", 4)} (gap closed: {pe_gap:.0%}), at 1 step
    {ms("pe-codi", 1)} against {ms("baseline", 1)}. With the adapter only, the frozen UNet
    must be turned into a consistency function through the adapter's residuals, added to
-   its encoder skips and middle block; the probes in
-   [results_digits.md](results_digits.md#why-pe-codi-trails-codi-here-probes) (learning
-   rate, loss weights, the teacher as ODE solver, a 4x budget, LoRA ranks) show that the
-   missing piece is a trainable change of the UNet itself, which a low-rank one supplies.
+   its encoder skips and middle block. The probes in
+   [results_digits.md](results_digits.md#pe-codi-the-probes-that-explain-it-and-the-fix-2026-12-05)
+   (the teacher as ODE solver, 4x the budget, LoRA ranks; learning rate and loss weights
+   before them) say it is slow, not incapable: it follows the baseline's curve for about
+   1,000 steps, then keeps falling; a LoRA of the UNet gets most of the way within this
+   run's {results["runs"]["pe-codi-s0"]["meta"]["step"]} steps.
 5. **Learning curves.** {curve_ranking(results)}. {ranking}
 """
 
@@ -787,7 +789,7 @@ def main() -> None:
         type=int,
         default=None,
         help="training steps of the main runs (learning-curve checkpoints every steps/4, "
-        "ablations at steps/2); default 600 (57 min on 2 cores)",
+        "ablations at steps/2); default 600 (62 min on 2 cores)",
     )
     parser.add_argument("--ablations", action="store_true",
                         help="also CoDi's ablation (one switch at a time, seed 0)")  # fmt: skip
