@@ -5,7 +5,8 @@
 Two PE-CoDi task exports (each an SD 1.5-sized ControlNet and a LoRA of the UNet at
 ``--rank``; random weights, built from the published config in bench/gpu_check.py, no
 download) are written to ``--work``. The script then measures the process's resident
-memory (``VmRSS``) after loading the UNet, after loading task 1 onto it and after
+memory (``VmRSS``, every weight read once, as sampling reads them) after loading the
+UNet, after loading task 1 onto it and after
 loading task 2 with ``load_task``, and, for comparison, what a second full copy of the
 UNet costs. The text encoder and VAE are left out (the same for every task). fp32, CPU.
 docs/performance.md quotes the output.
@@ -40,6 +41,15 @@ def rss_gb() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 2**20
     raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def touch(*modules: torch.nn.Module) -> None:
+    """Read every weight once, as sampling does: weights loaded from safetensors are
+    memory-mapped, and count in the resident set only once read."""
+    with torch.no_grad():
+        for module in modules:
+            for p in module.parameters():
+                p.sum()
 
 
 def write_task(folder: Path, rank: int, seed: int) -> None:
@@ -92,6 +102,7 @@ def main() -> None:
         unet = UNet2DConditionModel(**sd15_unet_config()).eval()
         after_base = rss_gb()
         controlnet, grid, _ = _task_parts(unet, str(work / "sr"), "sr", {})
+        touch(unet, controlnet)
         parts = TeacherParts(unet=unet, vae=None, prompt_encoder=None, scheduler_config={
             "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
             "beta_start": 0.00085, "beta_end": 0.012})  # fmt: skip
@@ -100,8 +111,10 @@ def main() -> None:
         after_one = rss_gb()
         pipe.load_task("inpaint", str(work / "inpaint"))
         pipe.use_task("inpaint")
+        touch(unet, pipe.controlnet)
         after_two = rss_gb()
         second_unet = UNet2DConditionModel(**sd15_unet_config()).eval()
+        touch(second_unet)
         after_copy = rss_gb()
         count = {
             "unet": sum(p.numel() for n, p in unet.named_parameters() if "lora" not in n),

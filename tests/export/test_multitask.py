@@ -63,3 +63,7 @@ def test_task_errors_name_the_fix(task_exports, tiny_teacher, tmp_path):
     )
     with pytest.raises(ValueError, match="cannot share the base network"):
         pipe.load_task("merged", str(merged))
+    # built from parts directly (not from_exported), a pipeline takes tasks as well
+    direct = CoDiPipeline(pipe.parts, pipe.controlnet, pipe.num_grid, task="sr")
+    direct.load_task("plain", str(task_exports["plain"]))
+    assert sorted(direct.tasks) == ["plain", "sr"]

@@ -47,6 +47,7 @@ class CoDiPipeline:
     ) -> None:
         self.parts, self.controlnet, self.num_grid = parts, controlnet.eval(), num_grid
         self.schedule = NoiseSchedule.from_config(parts.scheduler_config)
+        self.device = next(parts.unet.parameters()).device  # ``to`` moves everything
         # task name -> (ControlNet, training grid N, has a LoRA adapter of that name)
         self.tasks: dict[str, tuple[torch.nn.Module, int, bool]] = {
             task: (self.controlnet, num_grid, False)
