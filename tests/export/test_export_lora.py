@@ -106,3 +106,23 @@ def test_stock_sdxl_pipeline_loads_the_lora(tmp_path):
             cond, captions, steps, stochastic=True, generator=torch.Generator().manual_seed(steps)
         )
         torch.testing.assert_close(got, module, rtol=0, atol=1e-5)
+
+
+def test_pixel_space_card_loads_the_lora(tiny_pixel_teacher, tmp_path):
+    """A pixel-space model (no stock pipeline): the card's UNet + ControlNet + scheduler
+    loop, run as written, loads ``lora/`` into the base UNet and reproduces the module's
+    deterministic sampler."""
+    from codi_lightning.diffusion import sampling_timesteps
+
+    m = write_checkpoint(tiny_pixel_teacher, tmp_path / "p.ckpt", scale=0.05, pixel_space=True,
+                         lora_rank=4)  # fmt: skip
+    out = export_checkpoint(str(tmp_path / "p.ckpt"), str(tmp_path / "export"))
+    assert (out / "lora").is_dir()
+    cond = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    card = _run_card(out, cond)
+    for steps in (1, 4):
+        stock = card["generate"](cond, ["a red circle", ""], sampling_timesteps(steps, 1000, 20),
+                                 card["deterministic"], torch.Generator().manual_seed(steps))  # fmt: skip
+        module = m.sample_images(cond, ["a red circle", ""], steps,
+                                 generator=torch.Generator().manual_seed(steps))  # fmt: skip
+        torch.testing.assert_close(stock, module, rtol=0, atol=1e-5)
