@@ -494,9 +494,10 @@ def discussion(results: dict) -> str:
    its encoder skips and middle block. The probes in
    [results_digits.md](results_digits.md#pe-codi-the-probes-that-explain-it-and-the-fix-2026-12-05)
    (the teacher as ODE solver, 4x the budget, LoRA ranks; learning rate and loss weights
-   before them) say it is slow, not incapable: it follows the baseline's curve for about
-   1,000 steps, then keeps falling; a LoRA of the UNet gets most of the way within this
-   run's {results["runs"]["pe-codi-s0"]["meta"]["step"]} steps.
+   before them) find it tracking the two-stage baseline at every checkpoint up to 4x this
+   budget: with the adapter alone the student learns to follow the condition, not to
+   sample in few steps; a LoRA of the UNet gets most of the way within this run's
+   {results["runs"]["pe-codi-s0"]["meta"]["step"]} steps.
 5. **Learning curves.** {curve_ranking(results)}. {ranking}
 """
 
