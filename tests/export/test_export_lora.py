@@ -126,3 +126,24 @@ def test_pixel_space_card_loads_the_lora(tiny_pixel_teacher, tmp_path):
         module = m.sample_images(cond, ["a red circle", ""], steps,
                                  generator=torch.Generator().manual_seed(steps))  # fmt: skip
         torch.testing.assert_close(stock, module, rtol=0, atol=1e-5)
+
+
+def test_a_lora_checkpoint_without_its_lora_is_one_line_on_the_cli(lora_exports, tmp_path):
+    """A checkpoint whose hyperparameters say LoRA but whose weights lack it (edited or
+    damaged): ``export`` ends in one ``error:`` line naming the file, exit code 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, separate, _ = lora_exports
+    state = torch.load(separate.parent / "lora.ckpt", weights_only=True)
+    state["state_dict"] = {k: v for k, v in state["state_dict"].items() if "lora" not in k}
+    bad = tmp_path / "no_lora.ckpt"
+    torch.save(state, bad)
+    cli = str(Path(sys.executable).with_name("codi-lightning"))
+    done = subprocess.run([cli, "export", "--ckpt", str(bad), "--output", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"error: {bad}: trained with a LoRA" in done.stderr
+    assert not (tmp_path / "o").exists()

@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..checkpoints import check_teacher, read_checkpoint
+from ..checkpoints import CheckpointError, check_teacher, read_checkpoint
 from ..diffusion import sampling_timesteps
 from ..models import adapter_cond_channels, check_condition_downsampling
 from ..models.builders import multiple_from_config
@@ -135,7 +135,7 @@ def export_checkpoint(
     kw = {"revision": hp.get("revision")}
     index = read_model_index(base, hp.get("revision"))
     family = family_of(index).name
-    lora_weights = lora_state(state, hp, weights)
+    lora_weights = lora_state(state, hp, weights, ckpt)
     if family in ("sd3", "flux"):
         from .flow import export_flow
 
@@ -224,7 +224,7 @@ def export_checkpoint(
 
 
 def lora_state(
-    state: dict[str, torch.Tensor], hp: dict[str, Any], weights: str
+    state: dict[str, torch.Tensor], hp: dict[str, Any], weights: str, ckpt: str = "checkpoint"
 ) -> dict[str, torch.Tensor]:
     """The checkpoint's LoRA (online or EMA target) in diffusers' LoRA format: keys
     ``unet.<module>.lora_A.weight`` / ``lora_B``; empty without a LoRA."""
@@ -236,7 +236,10 @@ def lora_state(
             name = key[len(prefix) :].replace("__", ".")
             out["unet." + name.replace(tag, ".")] = value
     if hp.get("lora_rank") and not out:
-        raise KeyError(f"the checkpoint was trained with a LoRA but holds none under {prefix!r}")
+        raise CheckpointError(
+            f"{ckpt}: trained with a LoRA (model.lora_rank={hp['lora_rank']}) but holds no "
+            f"{prefix}* weights: a damaged or edited checkpoint"
+        )
     return out
 
 
