@@ -106,8 +106,7 @@ def main() -> None:
         parts = TeacherParts(unet=unet, vae=None, prompt_encoder=None, scheduler_config={
             "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
             "beta_start": 0.00085, "beta_end": 0.012})  # fmt: skip
-        pipe = CoDiPipeline(parts, controlnet, grid, task="sr")
-        pipe.tasks["sr"] = (controlnet, grid, True)
+        pipe = CoDiPipeline(parts, controlnet, grid, task="sr", lora=True)
         after_one = rss_gb()
         pipe.load_task("inpaint", str(work / "inpaint"))
         pipe.use_task("inpaint")

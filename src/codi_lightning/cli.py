@@ -274,6 +274,13 @@ def root_cause(err: BaseException) -> BaseException:
         err = nxt
 
 
+def _is_fsdp2(config: Any) -> bool:
+    """The command's trainer uses ``ModelParallelStrategy`` (the FSDP2 preset)."""
+    strategy = (config.get("trainer") or {}).get("strategy")
+    name = strategy if isinstance(strategy, str) else (strategy or {}).get("class_path", "")
+    return str(name).endswith("ModelParallelStrategy")
+
+
 def check_accelerator(trainer: Any) -> None:
     """``--trainer.accelerator gpu`` (or ``cuda``) on a machine without a CUDA GPU is a
     one-line error naming the fix, before any model loads (Lightning's own error is a
@@ -345,9 +352,7 @@ class CoDiCLI(LightningCLI):
             **{k: data.get(k) for k in ShardDataModule.COUNTS if data.get(k) is not None}
         )
         model_args = (config.get("model") or {}).get("init_args", {}) or {}
-        strategy = (config.get("trainer") or {}).get("strategy")
-        strategy = strategy if isinstance(strategy, str) else (strategy or {}).get("class_path")
-        if model_args.get("lora_rank") and str(strategy).endswith("ModelParallelStrategy"):
+        if model_args.get("lora_rank") and _is_fsdp2(config):
             raise UsageError(
                 f"model.lora_rank={model_args['lora_rank']} with the FSDP2 preset is not "
                 "supported yet (the LoRA lives inside the shared frozen network); train it "
@@ -453,9 +458,7 @@ class CoDiCLI(LightningCLI):
     def _check_sharded_strategy(self, command: str, ckpt_path: str) -> None:
         """A distributed-checkpoint folder loads only under ``ModelParallelStrategy``
         (Lightning's other strategies fail on a folder with a long ``IsADirectoryError``)."""
-        strategy = (self.config[command].get("trainer") or {}).get("strategy")
-        name = strategy if isinstance(strategy, str) else (strategy or {}).get("class_path", "")
-        if not str(name).endswith("ModelParallelStrategy"):
+        if not _is_fsdp2(self.config[command]):
             raise UsageError(
                 f"{ckpt_path}: a sharded (FSDP2) checkpoint folder, which loads only with the "
                 "FSDP2 preset (--config configs/trainer/fsdp.yaml); or gather it into one "

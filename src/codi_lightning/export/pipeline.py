@@ -43,14 +43,20 @@ class CoDiPipeline:
     """
 
     def __init__(
-        self, parts: TeacherParts, controlnet: torch.nn.Module, num_grid: int, task: str = "default"
+        self,
+        parts: TeacherParts,
+        controlnet: torch.nn.Module,
+        num_grid: int,
+        task: str = "default",
+        lora: bool = False,
     ) -> None:
+        """``lora``: the task's LoRA is loaded into ``parts.unet`` as the adapter ``task``."""
         self.parts, self.controlnet, self.num_grid = parts, controlnet.eval(), num_grid
         self.schedule = NoiseSchedule.from_config(parts.scheduler_config)
         self.device = next(parts.unet.parameters()).device  # ``to`` moves everything
         # task name -> (ControlNet, training grid N, has a LoRA adapter of that name)
         self.tasks: dict[str, tuple[torch.nn.Module, int, bool]] = {
-            task: (self.controlnet, num_grid, False)
+            task: (self.controlnet, num_grid, lora)
         }
         self.task = task
 
@@ -82,8 +88,7 @@ class CoDiPipeline:
         if (Path(folder) / "unet").is_dir():
             parts.unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw).eval()
         controlnet, num_grid, lora = _task_parts(parts.unet, folder, task, kw)
-        pipe = cls(parts, controlnet, num_grid, task)
-        pipe.tasks[task] = (controlnet, num_grid, lora)
+        pipe = cls(parts, controlnet, num_grid, task, lora)
         return pipe.to(device)
 
     def load_task(self, name: str, folder: str) -> None:
