@@ -352,12 +352,6 @@ class CoDiCLI(LightningCLI):
             **{k: data.get(k) for k in ShardDataModule.COUNTS if data.get(k) is not None}
         )
         model_args = (config.get("model") or {}).get("init_args", {}) or {}
-        if model_args.get("lora_rank") and _is_fsdp2(config):
-            raise UsageError(
-                f"model.lora_rank={model_args['lora_rank']} with the FSDP2 preset is not "
-                "supported yet (the LoRA lives inside the shared frozen network); train it "
-                "under DDP: --trainer.strategy ddp (the adapter and the LoRA are small)"
-            )
         model_seed = model_args.get("seed")
         data_seed = data.get("seed")
         if model_seed is not None and data_seed is not None and model_seed != data_seed:

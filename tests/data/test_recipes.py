@@ -92,6 +92,36 @@ def test_inpaint_condition_masks_with_grey():
         assert np.array_equal(c[~m], _arr(img)[~m])
 
 
+@pytest.mark.parametrize("size", [(32, 32), (33, 20)])
+def test_half_masks_cover_one_of_four_halves(size):
+    """The ``half`` masks, against the four halves written with numpy slicing: each
+    seed gives exactly one of them, all four occur, and the condition is grey there."""
+    w, h = size
+    halves = []
+    for rows, cols in ((slice(0, h // 2), slice(None)), (slice(h - h // 2, h), slice(None)),
+                       (slice(None), slice(0, w // 2)), (slice(None), slice(w - w // 2, w))):  # fmt: skip
+        m = np.zeros((h, w), bool)
+        m[rows, cols] = True
+        halves.append(m)
+    recipe = make_recipe("inpaint", inpaint_mask="half")
+    img = structured(size, seed=3)
+    seen = set()
+    for seed in range(24):
+        cond, mask = recipe(img, random.Random(seed))
+        m = np.asarray(mask) > 127
+        match = [i for i, half in enumerate(halves) if np.array_equal(m, half)]
+        assert len(match) == 1
+        seen.add(match[0])
+        assert (_arr(cond)[m] == INPAINT_FILL).all()
+        assert np.array_equal(_arr(cond)[~m], _arr(img)[~m])
+    assert seen == {0, 1, 2, 3}
+
+
+def test_unknown_inpaint_mask_is_refused_by_the_data_module():
+    with pytest.raises(ValueError, match="data.inpaint_mask='disc'.*box_or_stroke, half"):
+        ShardDataModule(None, None, resolution=32, condition="inpaint", inpaint_mask="disc")
+
+
 def test_box_and_stroke_masks_differ_in_shape():
     g = np.random.default_rng(0)
     box = np.asarray(box_mask((64, 64), g)) > 0

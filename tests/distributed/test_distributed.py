@@ -63,6 +63,33 @@ def test_two_processes_match_one(runs, strategy):
 
 
 @pytest.fixture(scope="module")
+def lora_runs(tiny_teacher, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist_lora")
+    common = ["train", "--teacher", str(tiny_teacher), "--max-steps", "4", "--global-batch", "4",
+              "--lora-rank", "4"]  # fmt: skip
+    _run([*common, "--strategy", "single", "--out", str(root / "single")], 1, root)
+    _run([*common, "--strategy", "fsdp", "--out", str(root / "fsdp")], 2, root)
+    return root
+
+
+def test_fsdp_with_a_lora_matches_one_process(lora_runs):
+    """PE-CoDi with a LoRA of the frozen UNet under FSDP2: the adapter sharded, the LoRA
+    whole on every rank with its gradients averaged over the ranks. 2 processes compute
+    the losses and the EMA target (adapter and LoRA) of 1 process with the global batch;
+    without the averaging each rank's LoRA would follow its own half of the batch."""
+    ref_losses, ref = _load(lora_runs / "single")
+    losses, state = _load(lora_runs / "fsdp")
+    assert sorted(losses) == [1, 2, 3, 4] and state["global_step"] == 4
+    for step, value in ref_losses.items():
+        assert losses[step] == pytest.approx(value, rel=1e-4), step
+    lora = [name for name in ref["target"] if name.startswith("lora.")]
+    assert lora and any("lora_B" in n and ref["target"][n].abs().max() > 0 for n in lora)
+    assert set(state["target"]) == set(ref["target"])
+    for name, value in ref["target"].items():
+        torch.testing.assert_close(state["target"][name], value, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.fixture(scope="module")
 def sdxl_runs(tiny_sdxl_teacher, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist_sdxl")
     common = ["train", "--teacher", str(tiny_sdxl_teacher), "--max-steps", "2",

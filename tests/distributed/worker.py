@@ -77,7 +77,7 @@ def train(args: argparse.Namespace) -> None:
     }[args.strategy]
     module = CoDiDistillation(
         args.teacher, method=args.method, num_grid=10, ema_decay=0.9, grad_clip_norm=1.0,
-        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), lora_rank=args.lora_rank,
     )  # fmt: skip
     time_ids: list[list[list[float]]] = []  # per teacher UNet call: [b, 6]
 
@@ -164,6 +164,7 @@ def main() -> None:
     parser.add_argument("--teacher")
     parser.add_argument("--strategy", default="single", choices=["single", "ddp", "fsdp"])
     parser.add_argument("--method", default="pe-codi")
+    parser.add_argument("--lora-rank", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=4)
     parser.add_argument("--global-batch", type=int, default=4)
     parser.add_argument("--precision", default="32-true")

@@ -303,6 +303,9 @@ class ShardDataModule(L.LightningDataModule):
             (Real-ESRGAN-style degradation), ``inpaint`` (masked image, masked pixels
             grey, plus ``mask``), ``canny`` (edge map).
         sr_factor: downscaling factor of the super-resolution recipes (2, 4 or 8).
+        inpaint_mask: the ``inpaint`` recipe's masks: ``box_or_stroke`` (random boxes or
+            free-form strokes) or ``half`` (one random half of the image: a large mask
+            over part of a centred object, the digits testbed's inpainting task).
         caption_dropout: probability of an empty caption in training (for guidance).
         hflip: random horizontal flips in training.
         resize_shorter: scale the shorter side to ``resolution`` before cropping.
@@ -347,6 +350,7 @@ class ShardDataModule(L.LightningDataModule):
         num_workers: int = 4,
         condition: Literal["stored", "sr", "sr_realesrgan", "inpaint", "canny"] = "stored",
         sr_factor: int = 4,
+        inpaint_mask: Literal["box_or_stroke", "half"] = "box_or_stroke",
         caption_dropout: float = 0.1,
         hflip: bool = False,
         resize_shorter: bool = True,
@@ -375,7 +379,7 @@ class ShardDataModule(L.LightningDataModule):
         )  # fmt: skip
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"data.caption_dropout={caption_dropout} must lie in [0, 1]")
-        make_recipe(condition, sr_factor)  # validates the name and the factor
+        make_recipe(condition, sr_factor, inpaint_mask)  # validates name, factor and mask
         self._check_options(condition, resolution, sr_factor, max_aspect, max_pixels,
                             max_consecutive_skips, cond_mismatch, caption_errors)  # fmt: skip
         if train_shards:
@@ -457,7 +461,7 @@ class ShardDataModule(L.LightningDataModule):
             random_crop=train,
             hflip=hp.hflip and train,
             resize_shorter=hp.resize_shorter,
-            recipe=make_recipe(hp.condition, hp.sr_factor),
+            recipe=make_recipe(hp.condition, hp.sr_factor, hp.inpaint_mask),
             caption_dropout=hp.caption_dropout if train else 0.0,
             cond_mismatch=hp.cond_mismatch,
             uint8=True,  # floats on the device: on_after_batch_transfer

@@ -8,9 +8,11 @@ so the same seed gives the same condition. The recipes:
 - ``sr``: bicubic downscale by ``sr_factor``, bicubic upscale back.
 - ``sr_realesrgan``: a Real-ESRGAN-style second-order degradation (two rounds of blur,
   random resize, noise and JPEG), then resize to the low resolution and bicubic back up.
-- ``inpaint``: a random box or free-form stroke mask; masked pixels set to grey
-  ``INPAINT_FILL`` (0.5 after scaling to [0, 1]: 0 in the [-1, 1] image space, as
-  diffusers' inpainting pipelines do).
+- ``inpaint``: a random box or free-form stroke mask (``inpaint_mask="box_or_stroke"``)
+  or one random half of the image, top, bottom, left or right (``"half"``: on centred
+  objects such as the digits testbed's, a large mask over part of every object); masked
+  pixels set to grey ``INPAINT_FILL`` (0.5 after scaling to [0, 1]: 0 in the [-1, 1]
+  image space, as diffusers' inpainting pipelines do).
 - ``canny``: a Canny edge map (Gaussian smoothing, Sobel gradients, non-maximum
   suppression, hysteresis thresholds), white edges on black, 3 channels.
 
@@ -255,12 +257,46 @@ def stroke_mask(size: tuple[int, int], g: np.random.Generator) -> Image.Image:
     return mask
 
 
+def half_mask(size: tuple[int, int], g: np.random.Generator) -> Image.Image:
+    """One of the image's four halves (top, bottom, left, right), drawn uniformly; an odd
+    side's middle row or column stays unmasked."""
+    w, h = size
+    mask = Image.new("L", size, 0)
+    side = int(g.integers(0, 4))
+    box = ((0, 0, w - 1, h // 2 - 1), (0, h - h // 2, w - 1, h - 1),
+           (0, 0, w // 2 - 1, h - 1), (w - w // 2, 0, w - 1, h - 1))[side]  # fmt: skip
+    if box[2] >= box[0] and box[3] >= box[1]:  # a 1-pixel side has no half to mask
+        ImageDraw.Draw(mask).rectangle(box, fill=255)
+    return mask
+
+
+INPAINT_MASKS = ("box_or_stroke", "half")
+
+
+class Inpaint:
+    """The ``inpaint`` recipe: ``(masked image, mask)``, masked pixels grey. ``mask`` is
+    ``"box_or_stroke"`` (a box or a stroke mask, even odds) or ``"half"``."""
+
+    def __init__(self, mask: str = "box_or_stroke") -> None:
+        if mask not in INPAINT_MASKS:
+            raise ValueError(
+                f"data.inpaint_mask={mask!r} is unknown; choose one of {', '.join(INPAINT_MASKS)}"
+            )
+        self.mask = mask
+
+    def __call__(self, image: Image.Image, rng: random.Random) -> tuple[Image.Image, Image.Image]:
+        g = numpy_rng(rng)
+        if self.mask == "half":
+            mask = half_mask(image.size, g)
+        else:
+            mask = box_mask(image.size, g) if g.random() < 0.5 else stroke_mask(image.size, g)
+        grey = Image.new("RGB", image.size, INPAINT_FILL)
+        return Image.composite(grey, image, mask), mask
+
+
 def inpaint_condition(image: Image.Image, rng: random.Random) -> tuple[Image.Image, Image.Image]:
     """``(masked image, mask)``: a box (50%) or stroke mask; masked pixels grey."""
-    g = numpy_rng(rng)
-    mask = box_mask(image.size, g) if g.random() < 0.5 else stroke_mask(image.size, g)
-    grey = Image.new("RGB", image.size, INPAINT_FILL)
-    return Image.composite(grey, image, mask), mask
+    return Inpaint()(image, rng)
 
 
 # ------------------------------------------------------------------------ canny
@@ -336,7 +372,9 @@ def canny_condition(image: Image.Image, rng: random.Random) -> Image.Image:
 # ---------------------------------------------------------------------- factory
 
 
-def make_recipe(name: str, sr_factor: int = 4) -> ConditionRecipe | None:
+def make_recipe(
+    name: str, sr_factor: int = 4, inpaint_mask: str = "box_or_stroke"
+) -> ConditionRecipe | None:
     """The on-the-fly condition recipe for ``data.condition`` (None: must be stored)."""
     if name == "stored":
         return None
@@ -345,7 +383,7 @@ def make_recipe(name: str, sr_factor: int = 4) -> ConditionRecipe | None:
             raise ValueError(f"data.sr_factor={sr_factor!r}: give an integer >= 2 (2, 4 or 8)")
         return SuperResolution(sr_factor, degrade=name == "sr_realesrgan")
     if name == "inpaint":
-        return inpaint_condition
+        return Inpaint(inpaint_mask)
     if name == "canny":
         return canny_condition
     raise ValueError(

@@ -52,7 +52,14 @@ from ..models.lora import LowRankUpdate, WithoutLoRA, WithWeights
 from ..models.teachers import FAMILIES
 from .frozen import SkipFrozenState
 from .optim import optimizers_for
-from .parallel import data_parallel_mesh, enable_memory_savers, keep_unsharded, shard_blocks
+from .parallel import (
+    ReplicatedGrads,
+    data_parallel_mesh,
+    enable_memory_savers,
+    global_grad_norm,
+    keep_unsharded,
+    shard_blocks,
+)
 from .run import check_float_pixels, logs_this_step, run_dir, seeded_generator
 from .visualize import save_grid
 
@@ -315,6 +322,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         self._run_dir: Path | None = None
         self._tile_size = 512  # tiling.tile_size's default: the run's data.resolution (setup)
         self._skip_update = False  # this step's gradients were not finite: no EMA update
+        self._replicated: ReplicatedGrads | None = None  # FSDP2: the LoRA's gradient sync
         self._nonfinite_run = self._nonfinite_total = 0  # skipped steps: in a row, in all
 
     def _set_schedule(self, resolution: int | None) -> None:
@@ -450,14 +458,23 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
                 with torch.no_grad():
                     for p in self.lora.parameters():
                         p.data = p.data.float()
-        mesh = data_parallel_mesh(self.device_mesh)
-        if mesh is not None and self.lora is not None:
+        strategy = type(self.trainer.strategy).__name__ if self._trainer else ""
+        if strategy == "FSDPStrategy" and self.lora is not None:
             raise ValueError(
-                "model.lora_rank with the FSDP2 preset is not supported yet: the LoRA lives "
-                "inside the shared frozen network; train it under DDP (--trainer.strategy ddp)"
+                f"model.lora_rank={hp.lora_rank} under FSDP1 (FSDPStrategy) is not supported: "
+                "use the FSDP2 preset (configs/trainer/fsdp.yaml) or DDP"
             )
+        mesh = data_parallel_mesh(self.device_mesh)
+        if mesh is not None and self.lora is not None:  # replicated, as its frozen network
+            self._replicated = ReplicatedGrads(list(self.lora.parameters()), mesh.get_group())
+            self._replicated.broadcast()
+            with torch.no_grad():  # the EMA copy starts from the broadcast weights
+                for key, p in self.lora.weights.items():
+                    self.target["lora"][key].copy_(p)
         if mesh is not None:
             for key, module in self.trainable_modules().items():
+                if key == "lora":  # whole on every rank, inside the replicated network
+                    continue
                 shard_blocks(module, mesh)
                 shard_blocks(self.target[key], mesh)
         if hp.compile:
@@ -651,6 +668,8 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         """The total gradient norm (DTensor-aware under FSDP2, so every rank gets the same
         global value): a non-finite one skips the step (:meth:`skip_nonfinite_step`),
         else it is logged and the gradients are clipped to ``grad_clip_norm``."""
+        if self._replicated is not None:  # FSDP2: a LoRA kept whole on every rank
+            self._replicated.average_grads()
         params = [p for p in self.trainable_parameters() if p.grad is not None]
         self._skip_update = False
         if not params:
@@ -659,9 +678,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         if type(root).__name__ == "FullyShardedDataParallel":  # FSDP1: its own sharded norm
             norm = root.clip_grad_norm_(float("inf"))
         else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        total = norm  # as the gradients hold it (a DTensor under FSDP2), for clipping
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            norm = global_grad_norm([p.grad for p in params])
         # one value on every rank (DDP: reduced gradients; FSDP: the global norm), so the
         # ranks skip together; a non-finite loss on any rank makes it non-finite too
         if not torch.isfinite(norm):
@@ -669,8 +686,10 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
             return
         self._nonfinite_run = 0
         max_norm = self.hparams.grad_clip_norm
-        if max_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        if max_norm is not None:  # as clip_grads_with_norm_, for sharded and whole alike
+            coef = min(max_norm / (float(norm) + 1e-6), 1.0)
+            for p in params:
+                p.grad.mul_(coef)
         if logs_this_step(self._trainer):
             self.log("train/grad_norm", norm)
 

@@ -7,6 +7,13 @@ mesh, so every rank holds matching shards of theta and theta^- and the EMA updat
 touches local shards only. Frozen parts (teacher UNet, VAE, text encoder) are never
 wrapped: they are replicated (in bf16 on GPU under bf16 precision), so no FSDP unit mixes
 frozen and trainable parameters.
+
+A LoRA of the frozen network (``model.lora_rank``) lives inside that replicated network,
+so it is replicated too: :class:`ReplicatedGrads` starts it equal on every rank and
+averages its gradients over the data-parallel group before each optimizer step (what DDP
+does for every parameter; FSDP2's reduce-scatter covers the sharded ones only). Its EMA
+copy then moves identically on every rank. The gradient norm adds both kinds
+(:func:`global_grad_norm`).
 """
 
 from __future__ import annotations
@@ -54,6 +61,57 @@ def keep_unsharded(module: nn.Module, whole: bool) -> int:
         else:
             unit.reshard()
     return len(units)
+
+
+class ReplicatedGrads:
+    """Parameters kept whole on every rank of ``group`` beside FSDP2-sharded ones: one
+    broadcast from the group's first rank at the start, one all-reduce of their
+    gradients (flattened into one buffer) per optimizer step. Every rank calls both, in
+    the same order (they are collectives)."""
+
+    def __init__(self, params: list[nn.Parameter], group) -> None:
+        self.params, self.group = params, group
+
+    def broadcast(self) -> None:
+        import torch
+        import torch.distributed as dist
+
+        src = dist.get_global_rank(self.group, 0)
+        with torch.no_grad():
+            for p in self.params:
+                dist.broadcast(p.data, src=src, group=self.group)
+
+    def average_grads(self) -> None:
+        """Mean of each gradient over the group (a missing one counts as zeros)."""
+        import torch
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self.params]
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=self.group)  # SUM: gloo has no AVG
+        flat /= dist.get_world_size(self.group)
+        for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+            g.copy_(synced)
+
+
+def global_grad_norm(grads: list) -> "torch.Tensor":
+    """The 2-norm of all of ``grads`` as a plain tensor, the same on every rank: FSDP2's
+    sharded gradients (DTensors) through their global norm, plain ones (whole on every
+    rank: DDP's reduced ones, a replicated LoRA's averaged ones) as they are."""
+    import torch
+
+    sharded = [g for g in grads if hasattr(g, "full_tensor")]
+    plain = [g for g in grads if not hasattr(g, "full_tensor")]
+    parts = []
+    if sharded:
+        parts.append(torch.nn.utils.get_total_norm(sharded).full_tensor())
+    if plain:
+        parts.append(torch.nn.utils.get_total_norm(plain))
+    return parts[0] if len(parts) == 1 else torch.linalg.vector_norm(torch.stack(parts))
 
 
 def data_parallel_mesh(mesh):
