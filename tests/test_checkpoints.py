@@ -312,3 +312,68 @@ def test_killed_between_the_two_writes_resumes_from_the_step_file(
     assert f"--ckpt_path auto: skipped 1: {ckpts / 'partial.ckpt'}: truncated" in run.stderr
     assert (tmp_path / "second.start").read_text() == "4"
     assert torch.load(last, weights_only=True, mmap=True)["global_step"] == 6
+
+
+def test_lines_the_cli_relays_carry_no_terminal_colour_codes(capsys):
+    """The ``--ckpt_path auto`` skip line relays library messages (torch's unpickler
+    colours its advice): what the CLI prints is plain text."""
+    from codi_lightning.cli import _say
+
+    _say("--ckpt_path auto: skipped 1: x.ckpt: refused (\x1b[1m\x1b[31mWeightsUnpickler error\x1b[0m)")
+    err = capsys.readouterr().err
+    assert err == "--ckpt_path auto: skipped 1: x.ckpt: refused (WeightsUnpickler error)\n"
+
+
+def test_a_damaged_shard_of_a_checksummed_folder_is_named(tmp_path):
+    """Sharded folders of the FSDP2 preset record each file's size and CRC-32 at save
+    (checksums.json): one flipped bit in a shard, a shard cut short or a missing one is
+    named by the check (and by --ckpt_path auto, which falls back); a folder without
+    the record (Lightning's own strategy) is read as before."""
+    import zlib
+
+    from codi_lightning.checkpoints import CHECKSUMS, check_checkpoint, write_checksums
+
+    plain = _write_sharded(tmp_path / "plain.ckpt", 2)
+    assert check_checkpoint(plain) == plain  # no record: not checked
+    good = _write_sharded(tmp_path / "good.ckpt", 3)
+    record = write_checksums(good)
+    saved = yaml.safe_load(record.read_text())
+    shards = sorted(p for p in good.iterdir() if p.suffix == ".distcp")
+    assert shards and set(saved) == {p.name for p in good.iterdir()} - {CHECKSUMS}
+    for p in good.iterdir():  # the record against zlib over the whole file
+        if p.name != CHECKSUMS:
+            assert saved[p.name] == {"size": p.stat().st_size,
+                                     "crc32": zlib.crc32(p.read_bytes())}  # fmt: skip
+    assert check_checkpoint(good) == good
+    weight = read_checkpoint(good)["state_dict"]["weight"]
+    raw = weight.numpy().tobytes()
+
+    def flip(p):  # one bit inside the stored weight tensor
+        data = bytearray(p.read_bytes())
+        at = data.find(raw)
+        assert at >= 0
+        data[at + 5] ^= 1
+        p.write_bytes(bytes(data))
+
+    newer = tmp_path / "newer.ckpt"
+    damage = {"flipped": flip, "cut": lambda p: p.write_bytes(p.read_bytes()[:-1]),
+              "missing": lambda p: p.unlink()}  # fmt: skip
+    for name, spoil in damage.items():
+        import shutil
+
+        shutil.rmtree(newer, ignore_errors=True)
+        shutil.copytree(good, newer)
+        shard = next(p for p in shards if raw in p.read_bytes())
+        spoil(newer / shard.name)
+        os.utime(newer / "meta.pt", (time.time() + 10, time.time() + 10))  # newer: tried first
+        if name == "flipped":  # without the record: other weights, no error
+            bare = tmp_path / "bare"
+            shutil.copytree(newer, bare)
+            (bare / CHECKSUMS).unlink()
+            assert not torch.equal(read_checkpoint(bare)["state_dict"]["weight"], weight)
+            shutil.rmtree(bare)
+        with pytest.raises(CheckpointError) as info:
+            check_checkpoint(newer)
+        assert shard.name in str(info.value), name
+        found, skipped = newest_checkpoint([tmp_path])
+        assert found == (good, 3) and any(line.startswith(str(newer)) for line in skipped), name

@@ -231,9 +231,34 @@ def test_bad_cached_members_are_named_skips(case):
     assert f"k.{member}.safetensors" in str(info.value) and words in str(info.value)
 
 
+@pytest.mark.parametrize("record", [{"grid": "0"}, {"grid": "abc"}, {"grid": "12"},
+                                    {"resolution": "-64"}, {"resolution": "36"},
+                                    {"resize_shorter": "maybe"}])  # fmt: skip
+def test_a_damaged_cache_record_is_a_named_skip(record):
+    """The geometry recorded with the latents (grid, resolution, resize_shorter) is
+    checked per sample: a damaged record is a ``corrupt_cache`` skip naming the member,
+    never a division by zero or a stopped run; the cache's own record passes."""
+    import io
+
+    from codi_lightning.data import BadSample, decode_sample
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buf, format="PNG")
+    good = {"grid": "8", "resolution": "32", "resize_shorter": "False"}
+    raw = {"__key__": "k", "png": buf.getvalue()}
+    raw["latents.safetensors"] = _member_bytes(_good_members()["latents"], good)
+    assert decode_sample(dict(raw))["latents"][1] == good
+    raw["latents.safetensors"] = _member_bytes(_good_members()["latents"], {**good, **record})
+    with pytest.raises(BadSample) as info:
+        decode_sample(raw)
+    assert info.value.reason == "corrupt_cache" and "k.latents.safetensors" in str(info.value)
+    assert "damaged cache record" in str(info.value)
+
+
 def _rewrite_cached(src: str, dst, change: dict) -> None:
     """Copy a cached shard, replacing tensors of the samples in ``change``
-    (``{key: {member: {name: tensor}}}``)."""
+    (``{key: {member: {name: tensor}}}``; name ``__metadata__``: a dict updating the
+    member's recorded metadata)."""
     import tarfile
 
     from safetensors.torch import load
@@ -246,15 +271,17 @@ def _rewrite_cached(src: str, dst, change: dict) -> None:
             key, _, member = info.name.partition(".")
             if key in change and member.removesuffix(".safetensors") in change[key]:
                 tensors, meta = read_safetensors(data)
-                tensors = {**load(data), **change[key][member.removesuffix(".safetensors")]}
-                data = _member_bytes(tensors, meta)
+                new = dict(change[key][member.removesuffix(".safetensors")])
+                meta.update(new.pop("__metadata__", {}))
+                data = _member_bytes({**load(data), **new}, meta)
                 info.size = len(data)
             tout.addfile(info, io.BytesIO(data))
 
 
 def test_a_nan_in_one_cached_sample_never_reaches_the_weights(tmp_path, shards, tiny_teacher):
-    """The issue's case: one NaN in one cached sample (and a sample cached with another
-    VAE's 16 channels): fit through the CLI skips both, counted, and writes finite weights."""
+    """The issue's case: one NaN in one cached sample (and samples cached with another
+    VAE's 16 channels, on another grid, a damaged grid record): fit through the CLI skips
+    them, counted, and writes finite weights."""
     import yaml
 
     from codi_lightning.checkpoints import read_checkpoint
@@ -264,7 +291,10 @@ def test_a_nan_in_one_cached_sample_never_reaches_the_weights(tmp_path, shards, 
     nan[1, 2, 3] = float("nan")
     _rewrite_cached(shards["fp32"], bad, {"0": {"latents": {"mean": nan}},
                                           "3": {"latents": {"mean": torch.zeros(16, 8, 8),
-                                                            "std": torch.ones(16, 8, 8)}}})  # fmt: skip
+                                                            "std": torch.ones(16, 8, 8)}},
+                                          "4": {"latents": {"mean": torch.zeros(4, 8, 7),
+                                                            "std": torch.ones(4, 8, 7)}},
+                                          "5": {"latents": {"__metadata__": {"grid": "0"}}}})  # fmt: skip
     cfg = yaml.safe_load(open("configs/tiny_cpu.yaml"))
     cfg["trainer"].update(default_root_dir=str(tmp_path / "run"), max_steps=4,
                           limit_val_batches=0, enable_progress_bar=False)  # fmt: skip

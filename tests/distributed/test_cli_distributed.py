@@ -99,6 +99,11 @@ def test_two_process_cli(strategy, tmp_path, tiny_teacher, tiny_shards, uneven_v
                                                   "last.ckpt"}  # fmt: skip
     grids = sorted(p.name for p in out.rglob("samples/*.png"))
     assert grids == ["step_0000002.png", "step_0000004.png"]
+    if strategy == "fsdp":  # the preset records every file's CRC-32, checked before loading
+        from codi_lightning.checkpoints import CHECKSUMS, verify_checksums
+
+        assert (ckpts / "last.ckpt" / CHECKSUMS).is_file()
+        verify_checksums(ckpts / "last.ckpt")
 
     # resume from the last checkpoint and train 2 more steps
     run_cli(["fit", *base, "--trainer.max_steps", "6", "--ckpt_path", str(ckpts / "last.ckpt")],

@@ -103,6 +103,41 @@ def test_full_codi_exports_the_unet(tiny_teacher, tmp_path, capsys):
         assert part in line
 
 
+def test_an_interrupted_export_never_leaves_a_half_written_folder(pe_export, tmp_path,
+                                                                  monkeypatch, capsys):  # fmt: skip
+    """export writes into ``.<name>.partial`` and moves it into place when complete: a
+    run killed midway (here: while writing the model card, after the weights) leaves
+    the earlier export whole; the rerun removes the partial folder, says so, and
+    replaces the earlier export."""
+    from codi_lightning.export import exporter
+
+    _, _, root = pe_export
+    out = tmp_path / "export"
+    export_checkpoint(str(root / "pe.ckpt"), str(out))
+    (out / "README.md").write_text("the earlier export")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(exporter, "_model_card", killed)
+        with pytest.raises(KeyboardInterrupt):
+            export_checkpoint(str(root / "pe.ckpt"), str(out))
+    partial = tmp_path / ".export.partial"
+    assert (partial / "controlnet").is_dir() and not (partial / "README.md").exists()
+    assert (out / "README.md").read_text() == "the earlier export"
+    capsys.readouterr()
+    export_checkpoint(str(root / "pe.ckpt"), str(out))
+    assert f"removed the partial export of an interrupted run: {partial}" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert "base_model:" in (out / "README.md").read_text()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds other files"):
+        export_checkpoint(str(root / "pe.ckpt"), str(tmp_path / "other"))
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
 def test_export_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
         export_checkpoint(str(tmp_path / "missing.ckpt"), str(tmp_path / "o"))

@@ -370,6 +370,21 @@ def _decode_cached(
             except Exception as err:
                 raise BadSample("corrupt_cache", f"{where} is not readable ({err})") from err
             check_cached(name, out[name][0], where, spec)
+            if name == "latents":
+                check_cache_record(out[name][1], where)
+
+
+def check_cache_record(meta: dict[str, str], where: str) -> None:
+    """The geometry ``codi-lightning cache`` records with the latents, where present:
+    ``grid`` a power of two (pixels per latent), ``resolution`` a positive multiple of
+    it, ``resize_shorter`` ``True`` or ``False``; anything else is ``corrupt_cache``
+    (``PairTransform`` compares the values with the run's own)."""
+    grid, resolution = meta.get("grid", str(GRID)), meta.get("resolution", str(GRID))
+    ok = grid.isdecimal() and int(grid) > 0 and not int(grid) & (int(grid) - 1)
+    ok = ok and resolution.isdecimal() and int(resolution) > 0 and not int(resolution) % int(grid)
+    if not ok or meta.get("resize_shorter", "False") not in ("True", "False"):
+        record = {k: meta.get(k) for k in ("grid", "resolution", "resize_shorter")}
+        raise BadSample("corrupt_cache", f"{where}: a damaged cache record {record}")
 
 
 def check_cached(

@@ -173,10 +173,11 @@ class PairTransform:
         if r % g:
             raise ValueError(f"data.resolution={r} is not a multiple of the VAE's grid ({g})")
         (w, h) = cache_geometry(stored, r, self.resize_shorter, g)[1]
-        if tuple(tensors["mean"].shape[-2:]) != (h // g, w // g):
-            raise ValueError(
+        if tuple(tensors["mean"].shape[-2:]) != (h // g, w // g):  # this sample only
+            raise BadSample(
+                "corrupt_cache",
                 f"cached latents of shape {tuple(tensors['mean'].shape)} do not match the "
-                f"{w}x{h} region of a {stored[0]}x{stored[1]} image at resolution {r}"
+                f"{w}x{h} region of a {stored[0]}x{stored[1]} image at resolution {r}",
             )
         if self.random_crop:
             left, top = g * rng.randint(0, (w - r) // g), g * rng.randint(0, (h - r) // g)

@@ -265,8 +265,8 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
 
         check_teacher(
             pretrained,
-            f"{type(self).__name__}.load_from_checkpoint(ckpt, pretrained=...) "
-            "or --model.pretrained PATH",
+            "--model.pretrained PATH (in Python: "
+            f"{type(self).__name__}.load_from_checkpoint(ckpt, pretrained=PATH))",
         )
         # recorded absolute: the checkpoint loads from any working directory
         pretrained = self.hparams["pretrained"] = resolve_local_path(pretrained)

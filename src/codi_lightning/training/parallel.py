@@ -18,6 +18,8 @@ copy then moves identically on every rank. The gradient norm adds both kinds
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 # UNet; SD3 and Flux transformers (Flux: double- and single-stream blocks)
@@ -179,4 +181,34 @@ try:  # FSDP1 policy class for YAML: `auto_wrap_policy: {class_path: ...Diffuser
             super().__init__(diffusers_block_classes())
 
 except ImportError:  # pragma: no cover - torch without distributed
+    pass
+
+
+try:  # the FSDP2 preset's strategy (configs/trainer/fsdp.yaml)
+    from lightning.pytorch.strategies import ModelParallelStrategy as _ModelParallelStrategy
+
+    class CheckedModelParallelStrategy(_ModelParallelStrategy):
+        """Lightning's ``ModelParallelStrategy`` whose sharded checkpoints record the size
+        and CRC-32 of every file (``checksums.json``, written by rank 0 once every rank
+        has written its shards), which ``codi_lightning.checkpoints.check_checkpoint``
+        verifies before anything loads the folder: a damaged shard is named, not trained
+        on (distributed checkpoints carry no checksum of their own)."""
+
+        def save_checkpoint(
+            self, checkpoint: dict, filepath: Any, storage_options: Any | None = None
+        ) -> None:
+            from pathlib import Path
+
+            from ..checkpoints import write_checksums
+
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+            if not self._save_distributed_checkpoint:
+                return
+            path = Path(self.broadcast(filepath))
+            self.barrier()  # every rank's shards are on disk
+            if self.global_rank == 0:
+                write_checksums(path)
+            self.barrier()
+
+except ImportError:  # pragma: no cover - lightning without distributed
     pass

@@ -83,8 +83,8 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         check_teacher(
             init_from,
-            f"{type(self).__name__}.load_from_checkpoint(ckpt, init_from=...) "
-            "or --model.init_from PATH",
+            "--model.init_from PATH (in Python: "
+            f"{type(self).__name__}.load_from_checkpoint(ckpt, init_from=PATH))",
         )
         # recorded absolute: the checkpoint works from any working directory
         init_from = self.hparams["init_from"] = resolve_local_path(init_from)
