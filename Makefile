@@ -54,7 +54,7 @@ demo: install
 QUICK ?=
 bench-quality: install
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
-	$(PY) bench/quality.py $(if $(QUICK),--quick) $(if $(FLOW),--flow) $(if $(ABLATIONS),--ablations)
+	$(PY) bench/quality.py $(if $(QUICK),--quick) $(if $(FLOW),--flow) $(if $(ABLATIONS),--ablations) $(if $(INPAINT),--inpaint)
 
 # the second panel: 4x SR of photo patches (docs/results_photos.md); 41 min on 2 cores
 bench-quality-photos: install

@@ -24,14 +24,23 @@ ROOT = Path(__file__).resolve().parents[1]
 MARGIN = 0.30
 
 
-def bicubic_metrics(metrics: dict, shards: str, sr_factor: int, limit: int | None = None) -> dict:
+def bicubic_metrics(
+    metrics: dict,
+    shards: str,
+    sr_factor: int,
+    limit: int | None = None,
+    condition: str = "sr",
+    inpaint_mask: str = "half",
+) -> dict:
     """The bicubic-upscaled input itself, scored like the models (the first ``limit``
-    digits of the shards, default all)."""
+    digits of the shards, default all); ``condition="inpaint"``: the masked digits
+    (masks ``inpaint_mask``) instead."""
     from codi_lightning.data import ShardDataModule, float_pixels
     from codi_lightning.metrics import EvalSuite, MetricsConfig
 
     dm = ShardDataModule(None, shards, resolution=32, batch_size=limit or 128, num_workers=0,
-                         condition="sr", sr_factor=sr_factor, resize_shorter=False)  # fmt: skip
+                         condition=condition, sr_factor=sr_factor, inpaint_mask=inpaint_mask,
+                         resize_shorter=False)  # fmt: skip
     suite = EvalSuite(MetricsConfig(**metrics), [0])
     for batch in map(float_pixels, dm.test_dataloader()):
         suite.update(0, batch["cond"], (batch["image"] + 1) / 2)

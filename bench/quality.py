@@ -3,6 +3,7 @@
     make bench-quality            # python bench/quality.py           (docs/results.md)
     make bench-quality QUICK=1    # python bench/quality.py --quick   (same code, a few steps)
     make bench-quality FLOW=1     # python bench/quality.py --flow    (+ the flow-teacher row)
+    make bench-quality INPAINT=1  # python bench/quality.py --inpaint (the inpainting block)
 
 8x super-resolution of 32x32 handwritten digits (4x4 input) in pixel space, on the
 teacher, classifier and data of docs/results_digits.md (teacher and classifier committed
@@ -18,6 +19,11 @@ MNIST digits in seconds). The run:
   against CoDi's own checkpoint at that step (from its curve);
 - a grid of test digits: input | bicubic | baseline 4 | baseline 50 | PE-CoDi 4 |
   CoDi 1 | 2 | 4 | ground truth;
+- with ``--inpaint`` (on its own: the inpainting block, merged into ``--out``'s results):
+  inpainting of the same digits, one random half of each image masked grey
+  (``data.inpaint_mask=half``), the masked image as the condition; the baseline, CoDi
+  and PE-CoDi + LoRA, three seeds, no learning curve; gates against the masked input
+  itself;
 - with ``--flow``: the same CoDi-against-two-stage comparison (seed 0) for a rectified-flow
   teacher, the SD3-style transformer of ``configs/digits/flow_teacher.yaml``
   (``configs/digits/flow_{distill,baseline}.yaml``; the baseline samples by the Euler
@@ -78,6 +84,11 @@ METHOD_ARGS = {
     "codi": ["--model.method", "codi"],
 }
 DISTILLED = ("codi", "pe-codi-lora", "pe-codi")  # the distilled methods, in report order
+# the inpainting block (``--inpaint``): its runs are named "inpaint-<method>-s<seed>"
+INPAINT = "inpaint-"
+INPAINT_METHODS = ("baseline", "codi", "pe-codi-lora")
+INPAINT_MASK = "half"  # data.inpaint_mask
+INPAINT_ARGS = ["--data.condition", "inpaint", "--data.inpaint_mask", INPAINT_MASK]
 # name -> (overrides of the CoDi config, label); each changes one switch
 ABLATIONS = {
     "abl-solver-teacher": (["--model.loss.solver", "teacher"], "ODE solver: teacher"),
@@ -93,16 +104,18 @@ COST = {"baseline": 4.0, "codi": 3.0, "pe-codi-lora": 3.2, "pe-codi": 2.5, "abl"
 
 @dataclass
 class Plan:
-    """What the bench runs. The default budget (600 training steps; no ablation) took
-    61.7 min on 2 cores (2026-12-06: 3 seeds of the baseline, CoDi and PE-CoDi + LoRA,
-    seed 0 of the adapter-only PE-CoDi); before the LoRA method, with the ablation, 56.8
-    min (2026-11-29). The run at 1,000 / 500 steps took 98 min on a shared machine
+    """What the bench runs. The default budget (600 training steps; no ablation): 3
+    seeds of the baseline, CoDi and PE-CoDi + LoRA. With seed 0 of the adapter-only
+    PE-CoDi as well it took 61.7 min on 2 cores (2026-12-06); its runs without that one
+    add up to 110.5 one-thread run-minutes, about 56 min on two slots (estimated from
+    that run's own times, docs/results.md). Before the LoRA method, with the ablation,
+    56.8 min (2026-11-29). The run at 1,000 / 500 steps took 98 min on a shared machine
     (docs/performance.md). ``--steps N`` runs another budget."""
 
     seeds: tuple[int, ...] = (0, 1, 2)
-    # methods run on the first seed only: PE-CoDi with the adapter only, the known
-    # negative row (3 seeds in docs/results_digits.md), so that the LoRA method fits
-    single_seed: tuple[str, ...] = ("pe-codi",)
+    # PE-CoDi with the adapter only, the known negative row (3 seeds and the probes in
+    # docs/results_digits.md): seed 0, with ``--ablations`` (10 run-minutes)
+    adapter_only: bool = False
     steps: int = 600
     curve_every: int = 150
     ablation_steps: int = 300
@@ -112,6 +125,7 @@ class Plan:
     model_extra: list[str] = field(default_factory=list)  # model options (prefix added)
     test_images: int | None = None  # None: the whole test shard (512)
     flow: bool = False  # the flow-teacher row (seed 0 of each flow method)
+    inpaint: bool = False  # the inpainting block instead of the SR runs
 
     @classmethod
     def quick(cls) -> Plan:
@@ -122,6 +136,7 @@ class Plan:
             curve_every=2,
             ablation_steps=2,
             ablations=("abl-no-guidance",),
+            adapter_only=True,
             extra=[
                 "--trainer.limit_test_batches",
                 "1",
@@ -143,6 +158,7 @@ class Run:
     steps: int
     overrides: list[str]
     curve: bool = False
+    task: str = "sr"  # or "inpaint"
 
     @property
     def config(self) -> str:
@@ -151,10 +167,15 @@ class Run:
 
 
 def runs_of(plan: Plan) -> list[Run]:
+    if plan.inpaint:
+        runs = [Run(f"{INPAINT}{method}-s{seed}", method, seed, plan.steps,
+                    METHOD_ARGS[method], task="inpaint")
+                for seed in plan.seeds for method in INPAINT_METHODS]  # fmt: skip
+        return sorted(runs, key=lambda r: (-COST[r.family] * r.steps, r.seed))
     runs = []
     for seed in plan.seeds:
         for method in METHODS:
-            if method in plan.single_seed and seed != plan.seeds[0]:
+            if method == "pe-codi" and (not plan.adapter_only or seed != plan.seeds[0]):
                 continue
             runs.append(
                 Run(f"{method}-s{seed}", method, seed, plan.steps, METHOD_ARGS[method], seed == 0)
@@ -180,6 +201,8 @@ def command(run: Run, plan: Plan, out: Path) -> list[str]:
         "--trainer.default_root_dir", str(out / "runs" / run.name),
         "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
+    if run.task == "inpaint":  # no input-consistency PSNR: the input is not a downscale
+        args += [*INPAINT_ARGS, f"{model}.metrics.input_consistency_factor", "0"]
     if run.curve:
         args += ["--curve_steps", "4", "--trainer.callbacks.every_n_train_steps",
                  str(plan.curve_every), "--trainer.callbacks.save_top_k", "-1"]  # fmt: skip
@@ -235,6 +258,18 @@ def bicubic_row(out: Path, limit: int | None = None) -> dict:
     return bicubic_metrics(metrics, str(out / "data" / "test-000000.tar"), sr_factor(), limit)
 
 
+def masked_input_row(out: Path, limit: int | None = None) -> dict:
+    """The inpainting block's reference: the masked test digits themselves, scored as
+    the models' outputs are (the same masks: the test stream's seeded recipe)."""
+    from digits_gates import bicubic_metrics
+
+    metrics = {**metrics_config(), "input_consistency_factor": None}
+    if limit:
+        metrics["kid_subset_size"] = min(metrics["kid_subset_size"], limit // 2)
+    return bicubic_metrics(metrics, str(out / "data" / "test-000000.tar"), sr_factor(), limit,
+                           condition="inpaint", inpaint_mask=INPAINT_MASK)  # fmt: skip
+
+
 def sr_factor() -> int:
     import yaml
 
@@ -250,6 +285,15 @@ KEYS = (("fid", "FID (clf) ↓", 2), ("kid", "KID (clf) ↓", 1),
 
 def seeds_of(results: dict, method: str) -> list[dict]:
     return [v for k, v in sorted(results["runs"].items()) if k.rsplit("-s", 1)[0] == method]
+
+
+def shown(results: dict) -> dict[str, str]:
+    """The SR methods this run has (the adapter-only PE-CoDi only with ``--ablations``)."""
+    return {m: label for m, label in METHODS.items() if f"{m}-s0" in results["runs"]}
+
+
+def distilled(results: dict) -> tuple[str, ...]:
+    return tuple(m for m in DISTILLED if m in shown(results))
 
 
 def mean_std(rows: list[dict], key: str) -> tuple[float, float]:
@@ -279,7 +323,7 @@ def main_table(results: dict) -> str:
              "|---|---" + "|---" * len(KEYS) + "|"]  # fmt: skip
     bic = results["bicubic"]
     lines.append("| bicubic | - | " + " | ".join(f"{bic[k]:.{d}f}" for k, _, d in KEYS) + " |")
-    for method, label in METHODS.items():
+    for method, label in shown(results).items():
         runs = seeds_of(results, method)
         for steps in sorted((int(s) for s in runs[0]["results"]), key=int):
             row = summary(results, method, steps)
@@ -305,7 +349,7 @@ def claim(results: dict) -> dict:
     """The paper's claim on the main metric, computed from the means over seeds."""
     b4, b50 = mean_fid(results, "baseline", 4), mean_fid(results, "baseline", 50)
     out = {"b4": b4, "b50": b50}
-    for method in DISTILLED:
+    for method in distilled(results):
         for steps in (1, 2, 4):
             fid = mean_fid(results, method, steps)
             out[f"{method}@{steps}"] = {
@@ -317,11 +361,11 @@ def claim(results: dict) -> dict:
     return out
 
 
-def gap_per_seed(results: dict, method: str, steps: int) -> list[float]:
+def gap_per_seed(results: dict, method: str, steps: int, baseline: str = "baseline") -> list[float]:
     """The share of the 4 -> 50 gap ``method`` closes at ``steps``, seed by seed, each
-    against the baseline of the same seed."""
+    against the baseline (``baseline``) of the same seed."""
     base = {k.rsplit("-s", 1)[1]: v for k, v in results["runs"].items()
-            if k.rsplit("-s", 1)[0] == "baseline"}  # fmt: skip
+            if k.rsplit("-s", 1)[0] == baseline}  # fmt: skip
     out = []
     for name, run in sorted(results["runs"].items()):
         head, _, seed = name.rpartition("-s")
@@ -337,7 +381,7 @@ def claim_table(results: dict) -> str:
     c = claim(results)
     lines = ["| model | steps | FID (clf), mean | share of the baseline's 4 -> 50 gap closed | "
              "better than baseline 4 | within 10% of baseline 50 |", "|---|---|---|---|---|---|"]  # fmt: skip
-    for method in DISTILLED:
+    for method in distilled(results):
         for steps in (1, 2, 4):
             r = c[f"{method}@{steps}"]
             lines.append(
@@ -363,12 +407,16 @@ def paper_table(results: dict) -> str:
              "|---|---|---|---|---|---|---|",
              f"| paper (DF2K SR, Inception FID) | {p['controlnet4']:.2f} | {p['ldm50']:.2f} (LDM) | "
              f"{p['pe-codi4']:.2f} | {p['codi4']:.2f} | {paper['pe-codi']:.0%} | {paper['codi']:.0%} |",
-             f"| this run (digits 8x SR, classifier FID), adapter only | {c['b4']:.2f} | "
-             f"{c['b50']:.2f} (two-stage) | {c['pe-codi@4']['fid']:.2f} | {c['codi@4']['fid']:.2f} | "
-             f"{c['pe-codi@4']['gap_closed']:.0%} | {c['codi@4']['gap_closed']:.0%} |",
-             f"| this run, adapter + LoRA r{LORA_RANK} | {c['b4']:.2f} | {c['b50']:.2f} (two-stage) | "
+             f"| this run (digits 8x SR, classifier FID), adapter + LoRA r{LORA_RANK} | "
+             f"{c['b4']:.2f} | {c['b50']:.2f} (two-stage) | "
              f"{lora['fid']:.2f} | {c['codi@4']['fid']:.2f} | {lora['gap_closed']:.0%} | "
              f"{c['codi@4']['gap_closed']:.0%} |"]  # fmt: skip
+    if "pe-codi@4" in c:
+        lines.append(
+            f"| this run, adapter only | {c['b4']:.2f} | {c['b50']:.2f} (two-stage) | "
+            f"{c['pe-codi@4']['fid']:.2f} | {c['codi@4']['fid']:.2f} | "
+            f"{c['pe-codi@4']['gap_closed']:.0%} | {c['codi@4']['gap_closed']:.0%} |"
+        )
     return "\n".join(lines)
 
 
@@ -376,7 +424,7 @@ def trained_parameters(results: dict) -> dict[str, int]:
     """Trained parameters per method, counted in seed 0's checkpoint: the adapter, the
     LoRA, the UNet copy (the EMA target and the frozen parts left out)."""
     counts = {}
-    for method in DISTILLED:
+    for method in distilled(results):
         state = torch.load(results["runs"][f"{method}-s0"]["checkpoint"], map_location="cpu",
                            weights_only=True)["state_dict"]  # fmt: skip
         counts[method] = sum(
@@ -390,7 +438,7 @@ def parameters_table(results: dict) -> str:
     counts = trained_parameters(results)
     full = counts["codi"]
     lines = ["| method | trained parameters | share of CoDi's |", "|---|---|---|"]
-    for method in DISTILLED:
+    for method in distilled(results):
         lines.append(f"| {METHODS[method]} | {counts[method] / 1e6:.2f}M | "
                      f"{counts[method] / full:.0%} |")  # fmt: skip
     return "\n".join(lines)
@@ -400,7 +448,7 @@ def budget_lines(results: dict) -> str:
     """Whether each learning curve has flattened: the change of 4-step FID over the last
     curve interval (flat: under 5%)."""
     out = []
-    for method, label in METHODS.items():
+    for method, label in shown(results).items():
         curve = results["runs"][f"{method}-s0"]["curve"]
         steps = sorted(curve, key=int)
         if len(steps) < 2:
@@ -417,7 +465,7 @@ def curve_ranking(results: dict) -> str:
     """At which checkpoints CoDi's and PE-CoDi's 4-step FID lie below the baseline's."""
     base = results["runs"]["baseline-s0"]["curve"]
     out = []
-    for method in DISTILLED:
+    for method in distilled(results):
         curve = results["runs"][f"{method}-s0"]["curve"]
         steps = sorted(set(curve) & set(base), key=int)
         below = [
@@ -439,7 +487,7 @@ def discussion(results: dict) -> str:
         return cell(m(method, steps, key), d, len(seeds_of(results, method)))
 
     per_seed = ", ".join(f"{v:+.0%}" for v in g["G2_per_seed"])
-    pe_gap, codi_gap = c["pe-codi@4"]["gap_closed"], c["codi@4"]["gap_closed"]
+    codi_gap = c["codi@4"]["gap_closed"]
     lora_gap = c["pe-codi-lora@4"]["gap_closed"]
 
     def verdict_of(gap: float, name: str) -> str:
@@ -450,7 +498,6 @@ def discussion(results: dict) -> str:
         return f"{name} closes most of the gap (the paper's PE-CoDi: 61%)."
 
     lora_seeds = ", ".join(f"{v:.0%}" for v in gap_per_seed(results, "pe-codi-lora", 4))
-    pe_head = verdict_of(pe_gap, "PE-CoDi with the adapter only")
     lora_head = verdict_of(lora_gap, f"PE-CoDi with a rank-{LORA_RANK} LoRA of the UNet")
     codi_head = (
         "CoDi closes the few-step gap."
@@ -487,19 +534,32 @@ def discussion(results: dict) -> str:
    seed, each against its own seed's baseline: {lora_seeds}), at 2 steps
    {ms("pe-codi-lora", 2)}, at 1 step {ms("pe-codi-lora", 1)}. The UNet stays frozen and
    shared; the LoRA and the adapter are the trained part (table above).
-4. **{pe_head}** At 4 steps {ms("pe-codi", 4)} (seed 0 only)
-   against the baseline's {ms("baseline", 4)} (gap closed: {pe_gap:.0%}), at 1 step
-   {ms("pe-codi", 1)} against {ms("baseline", 1)}. With the adapter only, the frozen UNet
+4. {adapter_only(results, c, ms)}
+5. **Learning curves.** {curve_ranking(results)}. {ranking}
+"""
+
+
+def adapter_only(results: dict, c: dict, ms) -> str:
+    """Item 4 of the discussion: the adapter-only PE-CoDi, measured in this run (with
+    ``--ablations``) or not."""
+    why = """With the adapter only, the frozen UNet
    must be turned into a consistency function through the adapter's residuals, added to
    its encoder skips and middle block. The probes in
    [results_digits.md](results_digits.md#pe-codi-the-probes-that-explain-it-and-the-fix-2026-12-05)
    (the teacher as ODE solver, 4x the budget, LoRA ranks; learning rate and loss weights
    before them) find it tracking the two-stage baseline at every checkpoint up to 4x this
    budget: with the adapter alone the student learns to follow the condition, not to
-   sample in few steps; a LoRA of the UNet gets most of the way within this run's
-   {results["runs"]["pe-codi-s0"]["meta"]["step"]} steps.
-5. **Learning curves.** {curve_ranking(results)}. {ranking}
-"""
+   sample in few steps; a LoRA of the UNet gets most of the way in the same budget."""
+    if "pe-codi@4" not in c:
+        return f"""**PE-CoDi with the adapter only is not part of this run** (`make bench-quality
+   ABLATIONS=1` adds its seed 0; 3 seeds in results_digits.md: within the seed spread of
+   the two-stage model at 1, 2 and 4 steps). {why}"""
+    gap = c["pe-codi@4"]["gap_closed"]
+    head = ("does not beat the two-stage model here" if gap < 0.3
+            else "closes part of the gap")  # fmt: skip
+    return f"""**PE-CoDi with the adapter only {head}.** At 4 steps {ms("pe-codi", 4)} (seed 0
+   only) against the baseline's {ms("baseline", 4)} (gap closed: {gap:.0%}), at 1 step
+   {ms("pe-codi", 1)} against {ms("baseline", 1)}. {why}"""
 
 
 def ablation_table(results: dict, plan: Plan) -> str:
@@ -530,7 +590,7 @@ def plot_curves(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-    for method, label in METHODS.items():
+    for method, label in shown(results).items():
         curve = results["runs"][f"{method}-s0"]["curve"]
         steps = sorted(curve, key=int)
         fid = [curve[s]["results"]["4"]["fid"] for s in steps]
@@ -560,7 +620,7 @@ def plot_steps(results: dict, path: Path) -> None:
     keys = [k for k in KEYS if k[0] in ("fid", "class_consistency", "psnr", "input_psnr")]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
     for ax, (key, title, _) in zip(axes, keys, strict=True):
-        for method, label in METHODS.items():
+        for method, label in shown(results).items():
             steps = sorted(int(s) for s in seeds_of(results, method)[0]["results"])
             rows = [summary(results, method, s)[key] for s in steps]
             ax.errorbar(steps, [m for m, _ in rows], yerr=[s for _, s in rows], marker="o",
@@ -578,7 +638,7 @@ def plot_steps(results: dict, path: Path) -> None:
 
 @torch.no_grad()
 def image_grid(results: dict, out: Path, path: Path, rows: int = 10) -> None:
-    """input | bicubic | baseline 4 | baseline 50 | PE-CoDi 4 | PE-CoDi + LoRA 4 |
+    """input | bicubic | baseline 4 | baseline 50 | (PE-CoDi 4 |) PE-CoDi + LoRA 4 |
     CoDi 1 | 2 | 4 | truth."""
     import torch.nn.functional as F
 
@@ -602,7 +662,7 @@ def image_grid(results: dict, out: Path, path: Path, rows: int = 10) -> None:
                 for s in steps]  # fmt: skip
 
     base = samples("baseline-s0", ControlNetBaseline, [4, 50])
-    pe = samples("pe-codi-s0", CoDiDistillation, [4])
+    pe = samples("pe-codi-s0", CoDiDistillation, [4]) if "pe-codi-s0" in results["runs"] else []
     lora = samples("pe-codi-lora-s0", CoDiDistillation, [4])
     codi = samples("codi-s0", CoDiDistillation, [1, 2, 4])
     save_grid([low, cond, *base, *pe, *lora, *codi, truth], path, min_size=64)
@@ -661,6 +721,78 @@ and {b50:.2f} at 50: {closed:.0%} of the 4 -> 50 gap closed (one seed).
 """
 
 
+INPAINT_KEYS = tuple(k for k in KEYS if k[0] != "input_psnr")
+NO_INPAINT = """Not part of this run (`make bench-quality INPAINT=1` runs it on its own, about
+55 minutes on 2 cores, and adds it here)."""
+
+
+def inpaint_complete(results: dict, seeds: tuple[int, ...]) -> bool:
+    names = {f"{INPAINT}{m}-s{s}" for m in INPAINT_METHODS for s in seeds}
+    return names <= set(results["runs"]) and "masked_input" in results
+
+
+def inpaint_gates(results: dict) -> dict:
+    """The SR gates on the inpainting block, against the masked input: G1 baseline 50 at
+    least 30% under it, G2 baseline 4 at least 30% over baseline 50 (mean and per seed)."""
+    base = INPAINT + "baseline"
+    b4, b50 = mean_fid(results, base, 4), mean_fid(results, base, 50)
+    masked = results["masked_input"]["fid"]
+    per_seed = [r["results"]["4"]["fid"] / r["results"]["50"]["fid"] - 1
+                for r in seeds_of(results, base)]  # fmt: skip
+    return {"masked": masked, "b4": b4, "b50": b50, "G1": 1 - b50 / masked,
+            "G1_pass": b50 <= 0.7 * masked, "G2": b4 / b50 - 1, "G2_pass": b4 >= 1.3 * b50,
+            "G2_per_seed": per_seed}  # fmt: skip
+
+
+def inpaint_section(results: dict, seeds: tuple[int, ...]) -> str:
+    """The inpainting block: gates, table, and the share of the gap each distilled method
+    closes (from the means, and seed by seed), or a line when the run has none."""
+    if not inpaint_complete(results, seeds):
+        return NO_INPAINT
+    g = inpaint_gates(results)
+    lines = ["| method | steps | " + " | ".join(k[1] for k in INPAINT_KEYS) + " |",
+             "|---|---" + "|---" * len(INPAINT_KEYS) + "|"]  # fmt: skip
+    masked = results["masked_input"]
+    lines.append("| masked input | - | " + " | ".join(
+        f"{masked[k]:.{d}f}" for k, _, d in INPAINT_KEYS) + " |")  # fmt: skip
+    shares = []
+    for method in INPAINT_METHODS:
+        runs = seeds_of(results, INPAINT + method)
+        for steps in sorted((int(s) for s in runs[0]["results"]), key=int):
+            row = summary(results, INPAINT + method, steps, tuple(k for k, _, _ in INPAINT_KEYS))
+            cells = " | ".join(cell(row[k], d, len(runs)) for k, _, d in INPAINT_KEYS)
+            lines.append(f"| {METHODS[method]} | {steps} | {cells} |")
+        if method != "baseline":
+            fid4 = mean_fid(results, INPAINT + method, 4)
+            closed = (g["b4"] - fid4) / (g["b4"] - g["b50"])
+            per_seed = gap_per_seed(results, INPAINT + method, 4, INPAINT + "baseline")
+            shares.append(f"| {METHODS[method]} | {fid4:.2f} | {closed:.0%} | "
+                          f"{', '.join(f'{v:.0%}' for v in per_seed)} |")  # fmt: skip
+    t = results.get("inpaint_timing")
+    when = (f" It took {t['minutes']:.1f} minutes on {t['machine']}, {t['date']}." if t
+            else "")  # fmt: skip
+    return f"""The same digits, teacher, budget and metrics as the main table; the task is
+inpainting: one random half of each 32x32 digit (top, bottom, left or right) is masked
+grey and the masked image is the condition (`--data.condition inpaint
+--data.inpaint_mask half`), so the masked half of every digit must be drawn anew.
+{len(seeds)} seed(s) each; the masks of the test digits are drawn from the data seed, as the noise is.
+The reference row scores the masked digits themselves (seed 0's masks).{when}
+
+| masked input FID | baseline 4 | baseline 50 | G1: 50 vs masked (need ≤ -30%) | G2: 4 vs 50 (need ≥ +30%) | G2 per seed |
+|---|---|---|---|---|---|
+| {g["masked"]:.2f} | {g["b4"]:.2f} | {g["b50"]:.2f} | {-g["G1"]:+.0%} ({"pass" if g["G1_pass"] else "FAIL"}) | {g["G2"]:+.0%} ({"pass" if g["G2_pass"] else "FAIL"}) | {", ".join(f"{v:+.0%}" for v in g["G2_per_seed"])} |
+
+{chr(10).join(lines)}
+
+Share of the baseline's 4 -> 50 gap closed at 4 steps (the paper's PE-CoDi on
+inpainting: 104%):
+
+| model | FID at 4, mean | from the means | per seed (each against its seed's baseline) |
+|---|---|---|---|
+{chr(10).join(shares)}
+"""
+
+
 def times_table(results: dict) -> str:
     lines = ["| run | training steps | training | test (incl. learning-curve checkpoints) |",
              "|---|---|---|---|"]  # fmt: skip
@@ -678,9 +810,12 @@ def report(results: dict, plan: Plan, docs: Path) -> str:
         f"CoDi at 4 steps: FID {c['codi@4']['fid']:.2f} against the baseline's "
         f"{g['b4']:.2f} at 4 steps and {g['b50']:.2f} at 50 ({c['codi@4']['gap_closed']:.0%} "
         f"of the 4 -> 50 gap closed); PE-CoDi with a rank-{LORA_RANK} LoRA of the frozen UNet "
-        f"{c['pe-codi-lora@4']['fid']:.2f} ({c['pe-codi-lora@4']['gap_closed']:.0%}); PE-CoDi "
-        f"with the adapter only {c['pe-codi@4']['fid']:.2f} ({c['pe-codi@4']['gap_closed']:.0%})."
+        f"{c['pe-codi-lora@4']['fid']:.2f} ({c['pe-codi-lora@4']['gap_closed']:.0%})"
     )
+    if "pe-codi@4" in c:
+        verdict += (f"; PE-CoDi with the adapter only {c['pe-codi@4']['fid']:.2f} "
+                    f"({c['pe-codi@4']['gap_closed']:.0%})")  # fmt: skip
+    verdict += "."
     t = results["timing"]
     n_test = results["runs"]["baseline-s0"]["results"]["4"]["images"]
     return f"""# Results: the few-step claim on the digits testbed (CPU)
@@ -766,12 +901,16 @@ PE-CoDi are in [results_digits.md](results_digits.md#the-longer-budget-1000-trai
 ## Samples
 
 One test digit per row: input ({32 // sr_factor()}x{32 // sr_factor()}) | bicubic |
-baseline DDIM 4 | baseline DDIM 50 | PE-CoDi (adapter only) 4 | PE-CoDi + LoRA 4 | CoDi 1 |
-CoDi 2 | CoDi 4 | ground truth.
+baseline DDIM 4 | baseline DDIM 50 | {"PE-CoDi (adapter only) 4 | " if "pe-codi-s0" in results["runs"] else ""}PE-CoDi + LoRA 4 |
+CoDi 1 | CoDi 2 | CoDi 4 | ground truth.
 
 ![samples](results/grid.png)
 
-{flow_section(results, plan)}## Time per run (minutes)
+{flow_section(results, plan)}## Inpainting (`--inpaint`)
+
+{inpaint_section(results, plan.seeds)}
+
+## Time per run (minutes)
 
 {times_table(results)}
 """
@@ -796,6 +935,8 @@ def main() -> None:
                         help="also CoDi's ablation (one switch at a time, seed 0)")  # fmt: skip
     parser.add_argument("--flow", action="store_true",
                         help="also the flow-teacher row (flow-baseline-s0, flow-codi-s0)")  # fmt: skip
+    parser.add_argument("--inpaint", action="store_true",
+                        help="the inpainting block only (9 runs), merged into --out's results")  # fmt: skip
     parser.add_argument("--only", nargs="*", help="run only these (default all; none: report)")
     parser.add_argument(
         "--resume",
@@ -804,9 +945,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     plan = Plan.quick() if args.quick else Plan()
-    plan.flow = args.flow
+    plan.flow, plan.inpaint = args.flow, args.inpaint
     if args.ablations and not args.quick:
-        plan.ablations = tuple(ABLATIONS)
+        plan.ablations, plan.adapter_only = tuple(ABLATIONS), True
     if args.steps:
         if args.steps % 4:
             raise SystemExit(f"--steps {args.steps}: use a multiple of 4 (curve every steps/4)")
@@ -843,15 +984,21 @@ def main() -> None:
         for future in as_completed(futures):  # saved as each run ends
             results["runs"][futures[future].name] = future.result()
             results_file.write_text(json.dumps(results, indent=2))
-    results["bicubic"] = bicubic_row(out, plan.test_images)
+    if plan.inpaint:
+        results["masked_input"] = masked_input_row(out, plan.test_images)
+    else:
+        results["bicubic"] = bicubic_row(out, plan.test_images)
     if args.only is None:  # a complete run: its time is the experiment's time
-        results["timing"] = {
+        results["inpaint_timing" if plan.inpaint else "timing"] = {
             "minutes": (time.monotonic() - start) / 60,
             "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()} CPU ({os.cpu_count()} cores), torch {torch.__version__}",
         }
     results_file.write_text(json.dumps(results, indent=2))
-    missing = [r.name for r in runs_of(plan) if r.name not in results["runs"]]
+    main_plan = Plan.quick() if args.quick else Plan()
+    main_plan.flow, main_plan.ablations = plan.flow, plan.ablations
+    main_plan.adapter_only = plan.adapter_only
+    missing = [r.name for r in runs_of(plan) + runs_of(main_plan) if r.name not in results["runs"]]
     if missing or "timing" not in results:
         print(f"partial results in {results_file}; report not written (missing: {missing})")
         return

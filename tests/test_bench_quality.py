@@ -97,3 +97,34 @@ def test_gates_and_claim_are_computed_from_the_numbers():
     assert per_seed[0] == pytest.approx(0.75) and math.isnan(per_seed[1])
     row = q.summary(results, "codi", 1, ("fid",))["fid"]
     assert row == pytest.approx((190.0, 14.142135), rel=1e-6)  # sample std of 200, 180
+
+
+def test_inpainting_gates_and_shares_are_computed_from_the_numbers():
+    """The inpainting block: gates against the masked input, the share of the gap from
+    the means and per seed against the same seed's inpainting baseline (longhand), and
+    a report section quoting them; the SR runs do not enter it."""
+    q = _quality()
+    fids = {
+        "baseline": {1: [400.0] * 3, 2: [300.0] * 3, 4: [150.0, 160.0, 140.0],
+                     8: [120.0] * 3, 50: [100.0, 110.0, 90.0]},
+        "codi": {1: [300.0] * 3, 2: [130.0] * 3, 4: [100.0, 120.0, 110.0]},
+        "pe-codi-lora": {1: [300.0] * 3, 2: [140.0] * 3, 4: [125.0, 135.0, 115.0]},
+    }  # fmt: skip
+    results = _runs({f"inpaint-{m}": v for m, v in fids.items()})
+    results["runs"].update(_runs({"baseline": {4: [999.0], 50: [1.0]}})["runs"])  # SR: ignored
+    for run in results["runs"].values():
+        for row in run["results"].values():
+            row.update({k: 1.0 for k, _, _ in q.INPAINT_KEYS if k != "fid"})
+    results["masked_input"] = {"fid": 400.0, **{k: 1.0 for k, _, _ in q.INPAINT_KEYS if k != "fid"}}
+    g = q.inpaint_gates(results)
+    assert g["b4"] == pytest.approx(150.0) and g["b50"] == pytest.approx(100.0)
+    assert g["G1"] == pytest.approx(0.75) and g["G1_pass"]
+    assert g["G2"] == pytest.approx(0.5) and g["G2_pass"]
+    assert g["G2_per_seed"] == pytest.approx([0.5, 160 / 110 - 1, 140 / 90 - 1])
+    per_seed = q.gap_per_seed(results, "inpaint-codi", 4, "inpaint-baseline")
+    assert per_seed == pytest.approx([1.0, 40 / 50, 30 / 50])
+    text = q.inpaint_section(results, (0, 1, 2))
+    assert "| 400.00 | 150.00 | 100.00 | -75% (pass) | +50% (pass) |" in text
+    assert "| CoDi | 110.00 | 80% | 100%, 80%, 60% |" in text  # (150 - 110) / (150 - 100)
+    assert f"| {q.METHODS['pe-codi-lora']} | 125.00 | 50% | 50%, 50%, 50% |" in text  # 25 / 50 each
+    assert q.inpaint_section(results, (0, 1, 2, 3)) == q.NO_INPAINT  # a seed missing

@@ -319,7 +319,9 @@ def test_lines_the_cli_relays_carry_no_terminal_colour_codes(capsys):
     colours its advice): what the CLI prints is plain text."""
     from codi_lightning.cli import _say
 
-    _say("--ckpt_path auto: skipped 1: x.ckpt: refused (\x1b[1m\x1b[31mWeightsUnpickler error\x1b[0m)")
+    _say(
+        "--ckpt_path auto: skipped 1: x.ckpt: refused (\x1b[1m\x1b[31mWeightsUnpickler error\x1b[0m)"
+    )
     err = capsys.readouterr().err
     assert err == "--ckpt_path auto: skipped 1: x.ckpt: refused (WeightsUnpickler error)\n"
 

@@ -92,24 +92,40 @@ def test_inpaint_condition_masks_with_grey():
         assert np.array_equal(c[~m], _arr(img)[~m])
 
 
-@pytest.mark.parametrize("size", [(32, 32), (33, 20)])
-def test_half_masks_cover_one_of_four_halves(size):
-    """The ``half`` masks, against the four halves written with numpy slicing: each
-    seed gives exactly one of them, all four occur, and the condition is grey there."""
+def _regions(kind: str, w: int, h: int) -> list[np.ndarray]:
+    """The masks a ``kind`` recipe may draw, written with numpy slicing: the four halves,
+    or the four quadrants' complements (the kept quadrant takes an odd middle line)."""
+    out = []
+    if kind == "half":
+        for rows, cols in ((slice(0, h // 2), slice(None)), (slice(h - h // 2, h), slice(None)),
+                           (slice(None), slice(0, w // 2)), (slice(None), slice(w - w // 2, w))):  # fmt: skip
+            m = np.zeros((h, w), bool)
+            m[rows, cols] = True
+            out.append(m)
+    else:
+        for rows in (slice(0, (h + 1) // 2), slice(h // 2, h)):
+            for cols in (slice(0, (w + 1) // 2), slice(w // 2, w)):
+                m = np.ones((h, w), bool)
+                m[rows, cols] = False
+                out.append(m)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["half", "three_quarters"])
+@pytest.mark.parametrize("size", [(32, 32), (33, 21)])
+def test_large_masks_cover_one_of_four_regions(kind, size):
+    """The ``half`` and ``three_quarters`` masks, against the regions written with numpy
+    slicing: each seed gives exactly one of the four, all four occur, and the condition
+    is grey there and the image elsewhere."""
     w, h = size
-    halves = []
-    for rows, cols in ((slice(0, h // 2), slice(None)), (slice(h - h // 2, h), slice(None)),
-                       (slice(None), slice(0, w // 2)), (slice(None), slice(w - w // 2, w))):  # fmt: skip
-        m = np.zeros((h, w), bool)
-        m[rows, cols] = True
-        halves.append(m)
-    recipe = make_recipe("inpaint", inpaint_mask="half")
+    regions = _regions(kind, w, h)
+    recipe = make_recipe("inpaint", inpaint_mask=kind)
     img = structured(size, seed=3)
     seen = set()
     for seed in range(24):
         cond, mask = recipe(img, random.Random(seed))
         m = np.asarray(mask) > 127
-        match = [i for i, half in enumerate(halves) if np.array_equal(m, half)]
+        match = [i for i, region in enumerate(regions) if np.array_equal(m, region)]
         assert len(match) == 1
         seen.add(match[0])
         assert (_arr(cond)[m] == INPAINT_FILL).all()
@@ -118,7 +134,7 @@ def test_half_masks_cover_one_of_four_halves(size):
 
 
 def test_unknown_inpaint_mask_is_refused_by_the_data_module():
-    with pytest.raises(ValueError, match="data.inpaint_mask='disc'.*box_or_stroke, half"):
+    with pytest.raises(ValueError, match="data.inpaint_mask='disc'.*box_or_stroke, half, three_q"):
         ShardDataModule(None, None, resolution=32, condition="inpaint", inpaint_mask="disc")
 
 

@@ -304,8 +304,9 @@ class ShardDataModule(L.LightningDataModule):
             grey, plus ``mask``), ``canny`` (edge map).
         sr_factor: downscaling factor of the super-resolution recipes (2, 4 or 8).
         inpaint_mask: the ``inpaint`` recipe's masks: ``box_or_stroke`` (random boxes or
-            free-form strokes) or ``half`` (one random half of the image: a large mask
-            over part of a centred object, the digits testbed's inpainting task).
+            free-form strokes), ``half`` (one random half of the image) or
+            ``three_quarters`` (all but one random quadrant): large masks over part of a
+            centred object (the digits testbed's inpainting task).
         caption_dropout: probability of an empty caption in training (for guidance).
         hflip: random horizontal flips in training.
         resize_shorter: scale the shorter side to ``resolution`` before cropping.
@@ -350,7 +351,7 @@ class ShardDataModule(L.LightningDataModule):
         num_workers: int = 4,
         condition: Literal["stored", "sr", "sr_realesrgan", "inpaint", "canny"] = "stored",
         sr_factor: int = 4,
-        inpaint_mask: Literal["box_or_stroke", "half"] = "box_or_stroke",
+        inpaint_mask: Literal["box_or_stroke", "half", "three_quarters"] = "box_or_stroke",
         caption_dropout: float = 0.1,
         hflip: bool = False,
         resize_shorter: bool = True,

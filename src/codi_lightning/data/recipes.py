@@ -9,8 +9,9 @@ so the same seed gives the same condition. The recipes:
 - ``sr_realesrgan``: a Real-ESRGAN-style second-order degradation (two rounds of blur,
   random resize, noise and JPEG), then resize to the low resolution and bicubic back up.
 - ``inpaint``: a random box or free-form stroke mask (``inpaint_mask="box_or_stroke"``)
-  or one random half of the image, top, bottom, left or right (``"half"``: on centred
-  objects such as the digits testbed's, a large mask over part of every object); masked
+  or one random half of the image, top, bottom, left or right (``"half"``), or all of it
+  but one random quadrant (``"three_quarters"``): on centred objects such as the digits
+  testbed's, a large mask over part of every object; masked
   pixels set to grey ``INPAINT_FILL`` (0.5 after scaling to [0, 1]: 0 in the [-1, 1]
   image space, as diffusers' inpainting pipelines do).
 - ``canny``: a Canny edge map (Gaussian smoothing, Sobel gradients, non-maximum
@@ -270,12 +271,25 @@ def half_mask(size: tuple[int, int], g: np.random.Generator) -> Image.Image:
     return mask
 
 
-INPAINT_MASKS = ("box_or_stroke", "half")
+def three_quarter_mask(size: tuple[int, int], g: np.random.Generator) -> Image.Image:
+    """All but one of the image's four quadrants (the one kept drawn uniformly; on an
+    odd side it keeps the middle row or column)."""
+    w, h = size
+    keep = int(g.integers(0, 4))  # top left, top right, bottom left, bottom right
+    cols = slice(0, w - w // 2) if keep in (0, 2) else slice(w // 2, w)
+    rows = slice(0, h - h // 2) if keep in (0, 1) else slice(h // 2, h)
+    mask = np.full((h, w), 255, np.uint8)
+    mask[rows, cols] = 0
+    return Image.fromarray(mask, "L")
+
+
+INPAINT_MASKS = ("box_or_stroke", "half", "three_quarters")
 
 
 class Inpaint:
     """The ``inpaint`` recipe: ``(masked image, mask)``, masked pixels grey. ``mask`` is
-    ``"box_or_stroke"`` (a box or a stroke mask, even odds) or ``"half"``."""
+    ``"box_or_stroke"`` (a box or a stroke mask, even odds), ``"half"`` or
+    ``"three_quarters"``."""
 
     def __init__(self, mask: str = "box_or_stroke") -> None:
         if mask not in INPAINT_MASKS:
@@ -288,6 +302,8 @@ class Inpaint:
         g = numpy_rng(rng)
         if self.mask == "half":
             mask = half_mask(image.size, g)
+        elif self.mask == "three_quarters":
+            mask = three_quarter_mask(image.size, g)
         else:
             mask = box_mask(image.size, g) if g.random() < 0.5 else stroke_mask(image.size, g)
         grey = Image.new("RGB", image.size, INPAINT_FILL)

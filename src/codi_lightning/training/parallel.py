@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 # UNet; SD3 and Flux transformers (Flux: double- and single-stream blocks)
@@ -75,7 +76,6 @@ class ReplicatedGrads:
         self.params, self.group = params, group
 
     def broadcast(self) -> None:
-        import torch
         import torch.distributed as dist
 
         src = dist.get_global_rank(self.group, 0)
@@ -85,7 +85,6 @@ class ReplicatedGrads:
 
     def average_grads(self) -> None:
         """Mean of each gradient over the group (a missing one counts as zeros)."""
-        import torch
         import torch.distributed as dist
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
@@ -100,7 +99,7 @@ class ReplicatedGrads:
             g.copy_(synced)
 
 
-def global_grad_norm(grads: list) -> "torch.Tensor":
+def global_grad_norm(grads: list) -> torch.Tensor:
     """The 2-norm of all of ``grads`` as a plain tensor, the same on every rank: FSDP2's
     sharded gradients (DTensors) through their global norm, plain ones (whole on every
     rank: DDP's reduced ones, a replicated LoRA's averaged ones) as they are."""
@@ -127,8 +126,6 @@ def data_parallel_mesh(mesh):
 def enable_memory_savers(
     modules: list[nn.Module], checkpointing: bool, channels_last: bool
 ) -> None:
-    import torch
-
     for m in modules:
         if checkpointing and hasattr(m, "enable_gradient_checkpointing"):
             m.enable_gradient_checkpointing()
