@@ -175,6 +175,7 @@ RUN_TIME_OPTIONS = (
     "eval_stochastic",
     "metrics",
     "predict_steps",
+    "predict_tasks",
     "tiling",
 )
 # Teacher locations: a local path recorded in the checkpoint that does not exist here
@@ -399,6 +400,7 @@ class CoDiCLI(LightningCLI):
         if not command:
             return super()._parse_ckpt_path()
         self._check_predict_inputs(command)
+        self._check_predict_tasks(command)
         ckpt_path = self.config[command].get("ckpt_path")
         if ckpt_path == "auto":
             ckpt_path = self._newest_checkpoint(command)
@@ -448,6 +450,22 @@ class CoDiCLI(LightningCLI):
             ConditionFolder(folder)
         except FileNotFoundError as err:
             raise UsageError(f"{err}\ngive --data.predict_images a folder of images") from None
+
+    def _check_predict_tasks(self, command: str) -> None:
+        """``--model.predict_tasks {name: checkpoint, ...}``: each checkpoint checked up
+        front; without ``--ckpt_path`` the first task's checkpoint builds the model (its
+        teacher is the backbone every task shares)."""
+        config = self.config[command]
+        init = (config.get("model") or {}).get("init_args") or {}
+        tasks = init.get("predict_tasks") or {}
+        if not tasks:
+            return
+        if command != "predict":
+            raise UsageError("model.predict_tasks is an option of predict")
+        for path in tasks.values():
+            check_checkpoint(path)
+        if not config.get("ckpt_path"):
+            config["ckpt_path"] = next(iter(tasks.values()))
 
     def _check_sharded_strategy(self, command: str, ckpt_path: str) -> None:
         """A distributed-checkpoint folder loads only under ``ModelParallelStrategy``

@@ -240,8 +240,8 @@ def test_two_process_cli_trains_a_lora_of_the_shared_unet(strategy, tmp_path, ti
                                                          tiny_shards, uneven_val):  # fmt: skip
     """PE-CoDi with a LoRA of the frozen UNet (``model.lora_rank``) on 2 processes, DDP
     and FSDP2 (adapter sharded, LoRA whole on every rank): fit with validation, resume,
-    predict, and export of the EMA LoRA to ``lora/`` (diffusers' format) equal to the
-    checkpoint's."""
+    predict (under DDP also two tasks on one backbone, ``model.predict_tasks``), and
+    export of the EMA LoRA to ``lora/`` (diffusers' format) equal to the checkpoint's."""
     from safetensors.torch import load_file
 
     from codi_lightning.checkpoints import read_checkpoint
@@ -273,6 +273,20 @@ def test_two_process_cli_trains_a_lora_of_the_shared_unet(strategy, tmp_path, ti
              "--data.predict_images", str(inputs), "--data.predict_output", str(preds),
              "--data.predict_max_pixels", "1000000"], tmp_path)  # fmt: skip
     check_predictions(preds, expected)
+    if strategy == "ddp":  # two tasks on one backbone: each as its own predict, bit for bit
+        import numpy as np
+        from PIL import Image
+
+        both = tmp_path / "both"
+        early = ckpts / "epoch=0-step=4.ckpt"
+        run_cli(["predict", *base, "--model.predict_tasks", f"{{late: {last}, early: {early}}}",
+                 "--data.predict_images", str(inputs), "--data.predict_output", str(both),
+                 "--data.predict_max_pixels", "1000000"], tmp_path)  # fmt: skip
+        check_predictions(both / "late", expected)
+        check_predictions(both / "early", expected)
+        for name in expected:
+            late = np.asarray(Image.open(both / "late" / f"{name}.png"))
+            np.testing.assert_array_equal(late, np.asarray(Image.open(preds / f"{name}.png")))
 
     exported = tmp_path / "exported"
     run_cli(["export", "--ckpt", str(last), "--output", str(exported)], tmp_path, 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import re
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -71,6 +72,21 @@ def sample_keys(batch: dict[str, Any], field: str, batch_idx: int) -> list[str]:
     name (predict); ``batch_idx:i`` for batches that carry neither."""
     keys = batch.get(field)
     return list(keys) if keys else [f"{batch_idx}:{i}" for i in range(len(batch["cond"]))]
+
+
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def check_task_names(tasks: dict[str, str] | None) -> None:
+    """``model.predict_tasks``: names usable as folder names, each with a checkpoint."""
+    for name, path in (tasks or {}).items():
+        if not isinstance(name, str) or not TASK_NAME.fullmatch(name):
+            raise ValueError(
+                f"model.predict_tasks: task name {name!r} must be letters, digits, '_', '.' "
+                "or '-' (it names the output folder)"
+            )
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"model.predict_tasks: task {name!r} needs a checkpoint path")
 
 
 def check_step_counts(num_grid: int, on_grid: bool, **counts: Sequence[int]) -> None:
@@ -161,6 +177,11 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
             predict, instead of the deterministic one.
         metrics: which metrics ``test`` computes, and their weights.
         predict_steps: sampling steps of ``codi-lightning predict``.
+        predict_tasks: several trained tasks on one loaded backbone in ``predict``:
+            ``{name: checkpoint}``, each a PE-CoDi checkpoint of the same teacher and
+            adapter/LoRA layout (say an SR one and an inpainting one). Every input is
+            sampled by every task and written to ``<output>/<name>/``; between tasks
+            only the trained part (adapter and LoRA) is swapped, the backbone stays.
         tiling: when large outputs are sampled in overlapping tiles (``mode``,
             ``tile_size``, ``overlap``, ``untiled_max_pixels``; sizes in output pixels),
             see :class:`~codi_lightning.diffusion.TilingConfig`.
@@ -216,6 +237,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         eval_stochastic: bool = False,
         metrics: MetricsConfig = MetricsConfig(),
         predict_steps: int = 4,
+        predict_tasks: dict[str, str] | None = None,
         tiling: TilingConfig = TilingConfig(),
         grad_clip_norm: float | None = None,
         max_nonfinite_steps: int = 10,
@@ -248,6 +270,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
             raise ValueError(f"model.grad_clip_norm={grad_clip_norm} must be positive (or null)")
         if eval_weights not in ("target", "online"):
             raise ValueError(f"model.eval_weights={eval_weights!r}; choose 'target' or 'online'")
+        check_task_names(predict_tasks)
         self.loss_config = loss if isinstance(loss, CoDiLossConfig) else CoDiLossConfig(**loss)
         self.metrics_config = (
             metrics if isinstance(metrics, MetricsConfig) else MetricsConfig(**metrics)
@@ -323,6 +346,8 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         self._tile_size = 512  # tiling.tile_size's default: the run's data.resolution (setup)
         self._skip_update = False  # this step's gradients were not finite: no EMA update
         self._replicated: ReplicatedGrads | None = None  # FSDP2: the LoRA's gradient sync
+        self._task_states: dict[str, dict[str, Tensor]] = {}  # predict_tasks, loaded
+        self._current_task: str | None = None
         self._nonfinite_run = self._nonfinite_total = 0  # skipped steps: in a row, in all
 
     def _set_schedule(self, resolution: int | None) -> None:
@@ -968,6 +993,18 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         sampled too (FSDP2) and returns none. Conditions of several sizes (a list, see
         ``data.folder.collate_conditions``) are sampled one size at a time. ``skipped``
         passes the unusable inputs on to the writer."""
+        if not self._task_states:
+            images = self._predict_images(batch, batch_idx)
+            names = [] if batch.get("pad") else batch["name"]
+            return {"images": images, "names": names, "skipped": batch.get("skipped", [])}
+        images, names = [], []
+        for task in self._task_states:  # the same inputs and noise for every task
+            self.use_task(task)
+            images += self._predict_images(batch, batch_idx)
+            names += [] if batch.get("pad") else [f"{task}/{n}" for n in batch["name"]]
+        return {"images": images, "names": names, "skipped": batch.get("skipped", [])}
+
+    def _predict_images(self, batch: dict[str, Any], batch_idx: int) -> list[Tensor]:
         keys = sample_keys(batch, "name", batch_idx)
         conds = batch["cond"]
         if isinstance(conds, Tensor):
@@ -983,17 +1020,74 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
                 out = self._eval_samples(part, self.hparams.predict_steps, [keys[i] for i in rows])
                 for i, image in zip(rows, out.cpu(), strict=True):
                     images[i] = image
-        if batch.get("pad"):
-            images, names = [], []
-        else:
-            names = batch["name"]
-        return {"images": images, "names": names, "skipped": batch.get("skipped", [])}
+        return [] if batch.get("pad") else images
+
+    # the options several tasks on one backbone must share: the teacher, and the layout
+    # and sampling grid of the trained part
+    TASK_KEYS = ("pretrained", "revision", "weights_variant", "pixel_space", "vae_path",
+                 "method", "lora_rank", "lora_alpha", "lora_targets", "adapter_cond_channels",
+                 "adapter_layers", "num_grid", "cfg_aware", "shift_resolution")  # fmt: skip
+
+    def load_tasks(self) -> None:
+        """Read the trained parts of ``predict_tasks`` (what sampling uses: the EMA
+        target's, or the online weights with ``eval_weights=online``), each checked
+        against this model's :attr:`TASK_KEYS`; a mismatch is a ``ValueError`` naming the
+        task, the option and the way out."""
+        tasks = self.hparams.get("predict_tasks") or {}
+        if not tasks:
+            return
+        if self.device_mesh is not None:
+            raise ValueError(
+                "model.predict_tasks under the FSDP2 preset is not supported (the trained "
+                "parts are sharded): predict several tasks on one device or under DDP"
+            )
+        target = self.hparams.eval_weights == "target"
+        own = {k for k in self.state_dict() if k.startswith("target.") == target}
+        for name, path in tasks.items():
+            checkpoint = read_checkpoint(path)
+            hp = checkpoint.get("hyper_parameters") or {}
+            if hp.get("method") == "codi":
+                raise ValueError(
+                    f"model.predict_tasks: {name} ({path}) is full CoDi, with a UNet of its "
+                    "own; several tasks share one frozen backbone only with PE-CoDi: "
+                    "predict it on its own"
+                )
+            for key in self.TASK_KEYS:
+                mine, theirs = self.hparams.get(key), hp.get(key)
+                if isinstance(mine, tuple | list) and isinstance(theirs, tuple | list):
+                    mine, theirs = list(mine), list(theirs)
+                if mine != theirs:
+                    raise ValueError(
+                        f"model.predict_tasks: {name} ({path}) has {key}={theirs!r}, the "
+                        f"loaded model {key}={mine!r}; tasks on one backbone share it: "
+                        "predict that task on its own (or load both in CoDiPipeline)"
+                    )
+            state = {k: v for k, v in checkpoint["state_dict"].items() if k in own}
+            if set(state) != own:
+                missing = sorted(own - set(state))
+                raise ValueError(f"model.predict_tasks: {name} ({path}) has no {missing[0]}")
+            self._task_states[name] = state
+        self._current_task = None
+
+    @torch.no_grad()
+    def use_task(self, name: str) -> None:
+        """Put task ``name``'s trained weights in place (copied into the adapter's and the
+        LoRA's tensors; the backbone is not touched)."""
+        if name == self._current_task:
+            return
+        tensors = dict(self.named_parameters(remove_duplicate=False))
+        tensors.update(self.named_buffers(remove_duplicate=False))
+        for key, value in self._task_states[name].items():
+            tensors[key].copy_(value)
+        self._current_task = name
 
     def on_predict_start(self) -> None:
         """Under FSDP2, gather the sharded networks once and keep them whole: predict
         samples each input at its own size (tiles, size groups), so ranks run different
-        numbers of forwards, and a sharded forward is a collective."""
+        numbers of forwards, and a sharded forward is a collective. Then read the
+        ``predict_tasks``, if any."""
         keep_unsharded(self, True)
+        self.load_tasks()
 
     def on_predict_end(self) -> None:
         keep_unsharded(self, False)
