@@ -113,3 +113,27 @@ def test_predict_step_samples_a_batch_of_mixed_sizes_one_size_at_a_time(tiny_tea
     for c, name, image in zip(conds, names, out["images"], strict=True):
         alone = m.predict_step({"cond": c[None], "caption": [""], "name": [name]}, 5)
         torch.testing.assert_close(alone["images"][0], image)
+
+
+def test_tiled_sampling_encodes_and_decodes_in_vae_tiles(module, monkeypatch):
+    """With several tiles the VAE runs diffusers' tiled decode (and tiled encode, in the
+    families that encode the condition), tiles of the sampling grid's size, its own
+    settings restored afterwards; untiled it does neither."""
+    m = module
+    vae = m.vae
+    calls = []
+    for name in ("encode", "_tiled_encode", "tiled_decode"):
+        original = getattr(vae, name)
+        spy = lambda *a, _n=name, _f=original, **k: calls.append(_n) or _f(*a, **k)  # noqa: E731
+        monkeypatch.setattr(vae, name, spy)
+    before = (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size)
+    m.tiling = TilingConfig(mode="off")
+    m.sample_images(cond(), ["", "a"], 1, generator=gens())
+    assert "tiled_decode" not in calls and "_tiled_encode" not in calls
+    encodes = "encode" in calls
+    calls.clear()
+    m.tiling = TilingConfig(mode="on", tile_size=16, overlap=8)
+    m.sample_images(cond(), ["", "a"], 1, generator=gens())
+    assert "tiled_decode" in calls and ("_tiled_encode" in calls) == encodes
+    assert (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size) == before
+    m.tiling = TilingConfig()
