@@ -1,6 +1,6 @@
-"""`make bench-quality QUICK=1 FLOW=1`: the quality bench's code paths on a few steps, so
-that the bench cannot rot (data, runs with learning curves, gates, tables, plots, grid,
-the flow-teacher row, report)."""
+"""`make bench-quality QUICK=1 FLOW=1` (then `INPAINT=1`): the quality bench's code paths
+on a few steps, so that the bench cannot rot (data, runs with learning curves, gates,
+tables, plots, grid, the flow-teacher row, the inpainting block, report)."""
 
 import importlib.util
 import json
@@ -58,6 +58,24 @@ def test_quick_bench_writes_a_report_from_its_runs(tmp_path):
     assert "not run" not in text
     for png in ("metrics_vs_steps.png", "curves.png", "grid.png"):
         assert (tmp_path / "results" / png).stat().st_size > 1000
+    assert "## Inpainting" in text and q.NO_INPAINT in text
+    # the inpainting block on its own, merged into the same results and report
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", "--inpaint",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=900, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    inpaint = {f"inpaint-{m}-s0" for m in q.INPAINT_METHODS}
+    assert inpaint <= set(results["runs"]) and "flow-codi-s0" in results["runs"]
+    assert set(results["runs"]["inpaint-baseline-s0"]["results"]) == {"1", "2", "4", "8", "50"}
+    assert "input_psnr" not in results["runs"]["inpaint-codi-s0"]["results"]["4"]
+    assert results["masked_input"]["fid"] > 0 and "inpaint_timing" in results
+    text = (tmp_path / "results.md").read_text()
+    i50 = results["runs"]["inpaint-baseline-s0"]["results"]["50"]["fid"]
+    assert q.NO_INPAINT not in text and f"{i50:.2f}" in text
+    assert f"{results['masked_input']['fid']:.2f}" in text
 
 
 def _runs(fids: dict[str, dict[int, list[float]]]) -> dict:
