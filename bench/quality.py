@@ -107,8 +107,8 @@ class Plan:
     """What the bench runs. The default budget (600 training steps; no ablation): 3
     seeds of the baseline, CoDi and PE-CoDi + LoRA. With seed 0 of the adapter-only
     PE-CoDi as well it took 61.7 min on 2 cores (2026-12-06); its runs without that one
-    add up to 110.5 one-thread run-minutes, about 56 min on two slots (estimated from
-    that run's own times, docs/results.md). Before the LoRA method, with the ablation,
+    add up to 110.6 one-thread run-minutes, 57-61 min on two slots with the data and
+    the report (estimated from that run's own times, docs/performance.md). Before the LoRA method, with the ablation,
     56.8 min (2026-11-29). The run at 1,000 / 500 steps took 98 min on a shared machine
     (docs/performance.md). ``--steps N`` runs another budget."""
 

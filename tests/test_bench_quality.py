@@ -23,16 +23,20 @@ def _quality():
     return module
 
 
-def test_quick_bench_writes_a_report_from_its_runs(tmp_path):
-    pytest.importorskip("mlxtend")
+def _quick_bench(out, *flags: str) -> dict:
+    """``bench/quality.py --quick FLAGS --out OUT``; its results.json."""
     env = dict(os.environ, CODI_DEBUG="1")
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", "--flow",
-         "--out", str(tmp_path)],
+        [sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", *flags, "--out", str(out)],
         capture_output=True, text=True, timeout=900, env=env, cwd=ROOT,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    results = json.loads((tmp_path / "results.json").read_text())
+    return json.loads((out / "results.json").read_text())
+
+
+def test_quick_bench_writes_a_report_from_its_runs(tmp_path):
+    pytest.importorskip("mlxtend")
+    results = _quick_bench(tmp_path, "--flow")
     q = _quality()
     plan = q.Plan.quick()
     plan.flow = True
@@ -60,13 +64,7 @@ def test_quick_bench_writes_a_report_from_its_runs(tmp_path):
         assert (tmp_path / "results" / png).stat().st_size > 1000
     assert "## Inpainting" in text and q.NO_INPAINT in text
     # the inpainting block on its own, merged into the same results and report
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", "--inpaint",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=900, env=env, cwd=ROOT,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = _quick_bench(tmp_path, "--inpaint")
     inpaint = {f"inpaint-{m}-s0" for m in q.INPAINT_METHODS}
     assert inpaint <= set(results["runs"]) and "flow-codi-s0" in results["runs"]
     assert set(results["runs"]["inpaint-baseline-s0"]["results"]) == {"1", "2", "4", "8", "50"}

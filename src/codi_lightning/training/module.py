@@ -992,7 +992,8 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         """Images for the batch's inputs, each at its condition's size; a padding batch is
         sampled too (FSDP2) and returns none. Conditions of several sizes (a list, see
         ``data.folder.collate_conditions``) are sampled one size at a time. ``skipped``
-        passes the unusable inputs on to the writer."""
+        passes the unusable inputs on to the writer. With ``predict_tasks`` every task
+        samples the batch in turn, its images named ``<task>/<name>``."""
         if not self._task_states:
             images = self._predict_images(batch, batch_idx)
             names = [] if batch.get("pad") else batch["name"]
