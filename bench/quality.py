@@ -88,6 +88,8 @@ DISTILLED = ("codi", "pe-codi-lora", "pe-codi")  # the distilled methods, in rep
 INPAINT = "inpaint-"
 INPAINT_METHODS = ("baseline", "codi", "pe-codi-lora")
 INPAINT_MASK = "three_quarters"  # data.inpaint_mask (docs/results_digits.md: "half" missed G2)
+INPAINT_MASK_WORDS = {"half": "one random half of each 32x32 digit (top, bottom, left or right)",
+                      "three_quarters": "all of each 32x32 digit but one random quadrant"}  # fmt: skip
 INPAINT_ARGS = ["--data.condition", "inpaint", "--data.inpaint_mask", INPAINT_MASK]
 # name -> (overrides of the CoDi config, label); each changes one switch
 ABLATIONS = {
@@ -755,7 +757,7 @@ def inpaint_section(results: dict, seeds: tuple[int, ...]) -> str:
     masked = results["masked_input"]
     lines.append("| masked input | - | " + " | ".join(
         f"{masked[k]:.{d}f}" for k, _, d in INPAINT_KEYS) + " |")  # fmt: skip
-    shares = []
+    shares, fractions = [], []
     for method in INPAINT_METHODS:
         runs = seeds_of(results, INPAINT + method)
         for steps in sorted((int(s) for s in runs[0]["results"]), key=int):
@@ -766,17 +768,24 @@ def inpaint_section(results: dict, seeds: tuple[int, ...]) -> str:
             fid4 = mean_fid(results, INPAINT + method, 4)
             closed = (g["b4"] - fid4) / (g["b4"] - g["b50"])
             per_seed = gap_per_seed(results, INPAINT + method, 4, INPAINT + "baseline")
+            fractions.append(closed)
             shares.append(f"| {METHODS[method]} | {fid4:.2f} | {closed:.0%} | "
                           f"{', '.join(f'{v:.0%}' for v in per_seed)} |")  # fmt: skip
     t = results.get("inpaint_timing")
-    when = (f" It took {t['minutes']:.1f} minutes on {t['machine']}, {t['date']}." if t
-            else "")  # fmt: skip
+    when = (f" It took {t['minutes']:.1f} minutes on {t['machine']}, {t['date']}"
+            f"{' (' + t['note'] + ')' if t.get('note') else ''}." if t else "")  # fmt: skip
+    verdict = (
+        "Neither distilled method closes most of the gap on this task in this budget."
+        if max(fractions) < 0.6
+        else "The distilled methods close most of the gap on this task too."
+    )
     return f"""The same digits, teacher, budget and metrics as the main table; the task is
-inpainting: one random half of each 32x32 digit (top, bottom, left or right) is masked
-grey and the masked image is the condition (`--data.condition inpaint
---data.inpaint_mask half`), so the masked half of every digit must be drawn anew.
-{len(seeds)} seed(s) each; the masks of the test digits are drawn from the data seed, as the noise is.
-The reference row scores the masked digits themselves (seed 0's masks).{when}
+inpainting: {INPAINT_MASK_WORDS[INPAINT_MASK]} is masked grey and the masked image is
+the condition (`--data.condition inpaint --data.inpaint_mask {INPAINT_MASK}`), so the
+masked part of every digit must be drawn anew (the mask's choice:
+[results_digits.md](results_digits.md#testbed-3-inpainting-which-mask-2026-12-06)).
+{len(seeds)} seed(s) each; the masks of the test digits are drawn from the data seed, as the
+noise is. The reference row scores the masked digits themselves (seed 0's masks).{when}
 
 | masked input FID | baseline 4 | baseline 50 | G1: 50 vs masked (need ≤ -30%) | G2: 4 vs 50 (need ≥ +30%) | G2 per seed |
 |---|---|---|---|---|---|
@@ -790,6 +799,8 @@ inpainting: 104%):
 | model | FID at 4, mean | from the means | per seed (each against its seed's baseline) |
 |---|---|---|---|
 {chr(10).join(shares)}
+
+**{verdict}**
 """
 
 

@@ -143,4 +143,5 @@ def test_inpainting_gates_and_shares_are_computed_from_the_numbers():
     assert "| 400.00 | 150.00 | 100.00 | -75% (pass) | +50% (pass) |" in text
     assert "| CoDi | 110.00 | 80% | 100%, 80%, 60% |" in text  # (150 - 110) / (150 - 100)
     assert f"| {q.METHODS['pe-codi-lora']} | 125.00 | 50% | 50%, 50%, 50% |" in text  # 25 / 50 each
+    assert "The distilled methods close most of the gap on this task too." in text  # 80%
     assert q.inpaint_section(results, (0, 1, 2, 3)) == q.NO_INPAINT  # a seed missing
