@@ -103,8 +103,6 @@ def global_grad_norm(grads: list) -> torch.Tensor:
     """The 2-norm of all of ``grads`` as a plain tensor, the same on every rank: FSDP2's
     sharded gradients (DTensors) through their global norm, plain ones (whole on every
     rank: DDP's reduced ones, a replicated LoRA's averaged ones) as they are."""
-    import torch
-
     sharded = [g for g in grads if hasattr(g, "full_tensor")]
     plain = [g for g in grads if not hasattr(g, "full_tensor")]
     parts = []
