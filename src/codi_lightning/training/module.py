@@ -347,6 +347,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         self._skip_update = False  # this step's gradients were not finite: no EMA update
         self._replicated: ReplicatedGrads | None = None  # FSDP2: the LoRA's gradient sync
         self._task_states: dict[str, dict[str, Tensor]] = {}  # predict_tasks, loaded
+        self._task_tensors: dict[str, Tensor] = {}
         self._current_task: str | None = None
         self._nonfinite_run = self._nonfinite_total = 0  # skipped steps: in a row, in all
 
@@ -1069,6 +1070,9 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
                 raise ValueError(f"model.predict_tasks: {name} ({path}) has no {missing[0]}")
             self._task_states[name] = state
         self._current_task = None
+        tensors = dict(self.named_parameters(remove_duplicate=False))
+        tensors.update(self.named_buffers(remove_duplicate=False))
+        self._task_tensors = {k: tensors[k] for k in own}  # where each task's weights go
 
     @torch.no_grad()
     def use_task(self, name: str) -> None:
@@ -1076,10 +1080,8 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         LoRA's tensors; the backbone is not touched)."""
         if name == self._current_task:
             return
-        tensors = dict(self.named_parameters(remove_duplicate=False))
-        tensors.update(self.named_buffers(remove_duplicate=False))
         for key, value in self._task_states[name].items():
-            tensors[key].copy_(value)
+            self._task_tensors[key].copy_(value)
         self._current_task = name
 
     def on_predict_start(self) -> None:
