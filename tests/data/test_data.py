@@ -264,3 +264,16 @@ def test_uint8_batches_fed_past_the_data_module_stop_with_the_fix(tiny_shards, t
         model.compute_loss(batch, torch.Generator().manual_seed(0))
     loss, _ = model.compute_loss(float_pixels(batch), torch.Generator().manual_seed(0))
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("rank,world,workers", [(0, 1, 2), (0, 2, 1), (1, 2, 1), (1, 3, 1),
+                                                (2, 3, 0)])  # fmt: skip
+def test_eval_workers_only_for_the_shards_a_rank_gets(tiny_shards, monkeypatch, rank, world,
+                                                      workers):  # fmt: skip
+    """Two shards over ``world`` ranks, 2 workers asked: a rank starts one worker per shard
+    it gets (webdataset deals them as urls[rank::world]), none where it gets no shard."""
+    dm = ShardDataModule(tiny_shards["train"], tiny_shards["train"], resolution=32,
+                         batch_size=2, num_workers=2)  # fmt: skip
+    monkeypatch.setattr(dm, "_rank_and_step", lambda: (rank, 0))
+    monkeypatch.setattr(dm, "_world", lambda: world)
+    assert dm.val_dataloader().loader.num_workers == workers

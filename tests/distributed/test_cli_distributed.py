@@ -3,7 +3,7 @@
 fit with validation and periodic checkpoints, resume, validate, test (metrics equal to a
 1-process run over the same samples), predict (every input written once) and export.
 The validation/test shards split unevenly: 3 shards of 4, 4 and 2 samples over 2 ranks
-x 2 workers (rank 1's second worker gets nothing) and, for ``validate``, 1 shard over 2
+x 2 workers (rank 1 gets one shard: one worker) and, for ``validate``, 1 shard over 2
 ranks (rank 1 gets nothing at all). Every command runs under a watchdog: a hang is killed
 with SIGABRT (Python's faulthandler prints every thread's stack) and fails the test.
 """

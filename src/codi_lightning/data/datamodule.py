@@ -533,7 +533,10 @@ class ShardDataModule(L.LightningDataModule):
             stage,
             stage.batches(self.val_batch_size, partial=True),
         )
-        loader = self._loader(pipeline, min(self.num_workers, len(urls)))
+        # worker processes only for the shards this rank gets (split_by_node deals them out
+        # as urls[rank::world]): a rank left without any reads none and forks nothing
+        share = len(urls[rank :: self._world()])
+        loader = self._loader(pipeline, min(self.num_workers, share))
         return LockstepLoader(loader, self._eval_padding)
 
     def _world(self) -> int:
