@@ -1,6 +1,7 @@
-"""Train the digit classifier whose features the digits experiment's FID/KID use.
+"""Train the digit classifiers whose features the digits experiment's FID/KID use.
 
-    OMP_NUM_THREADS=1 python bench/digits_classifier.py
+    OMP_NUM_THREADS=1 python bench/digits_classifier.py                         # the main one
+    OMP_NUM_THREADS=1 python bench/digits_classifier.py --architecture resnet   # the second
 
 A :class:`~codi_lightning.metrics.DigitsClassifier` (small CNN, 128-d penultimate layer)
 trained on the 4,000 TRAINING digits of bench/digits_data.py only (the split is the
@@ -9,6 +10,12 @@ on the 1,000 test digits, which neither the classifier, the teacher nor the adap
 Writes ``bench/assets/digits_classifier/model.safetensors`` and ``info.json`` (accuracy,
 command, settings, time). The metrics load it with ``metrics.feature: classifier`` and
 ``metrics.classifier_weights: bench/assets/digits_classifier/model.safetensors``.
+
+``--architecture resnet`` trains the second feature network instead, a
+:class:`~codi_lightning.metrics.DigitsResNet` (residual, strided, global pooling, 96-d
+penultimate layer; another seed), on the same training digits only, into
+``bench/assets/digits_resnet/``; ``metrics.resnet_classifier_weights`` adds its FID as the
+column ``fid_res``, so that no claim rests on one feature network.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from digits_data import digits, split  # noqa: E402
 
-from codi_lightning.metrics import DigitsClassifier  # noqa: E402
+from codi_lightning.metrics.features import ARCHITECTURES  # noqa: E402
 
 
 def as_images(x) -> torch.Tensor:
@@ -47,7 +54,7 @@ def shift(images: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> tor
 
 
 @torch.no_grad()
-def accuracy(model: DigitsClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
+def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
     model.eval()
     pred = torch.cat([model(images[i : i + 500]).argmax(1) for i in range(0, len(images), 500)])
     return float((pred == labels).float().mean())
@@ -57,12 +64,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", default=str(ROOT / "bench" / "assets" / "digits_classifier"))
+    parser.add_argument("--architecture", choices=sorted(ARCHITECTURES), default="vgg")
+    parser.add_argument("--out", default=None, help="default bench/assets/digits_classifier "
+                        "(vgg) or bench/assets/digits_resnet (resnet)")  # fmt: skip
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.002)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None, help="default 0 (vgg), 1 (resnet)")
     args = parser.parse_args()
+    resnet = args.architecture == "resnet"
+    if args.seed is None:
+        args.seed = 1 if resnet else 0
+    if args.out is None:
+        folder = "digits_resnet" if resnet else "digits_classifier"
+        args.out = str(ROOT / "bench" / "assets" / folder)
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
@@ -70,7 +85,7 @@ def main() -> None:
     train, test = split()
     x_train, y_train = as_images(x[train]), torch.from_numpy(y[train])
     x_test, y_test = as_images(x[test]), torch.from_numpy(y[test])
-    model = DigitsClassifier()
+    model = ARCHITECTURES[args.architecture]()
     steps = args.epochs * (len(x_train) // args.batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps)
@@ -98,7 +113,7 @@ def main() -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
     info = {
         "command": "OMP_NUM_THREADS=1 python bench/digits_classifier.py " + " ".join(sys.argv[1:]),
-        "architecture": "codi_lightning.metrics.DigitsClassifier",
+        "architecture": f"codi_lightning.metrics.{type(model).__name__}",
         "train_digits": len(x_train),
         "test_digits": len(x_test),
         "test_accuracy": round(acc, 4),

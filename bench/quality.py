@@ -11,7 +11,7 @@ in bench/assets with the commands that made them; the data is written from mlxte
 MNIST digits in seconds). The run:
 
 - gates: bicubic against the two-stage baseline at 4 and 50 DDIM steps (G1, G2);
-- main table: CoDi and PE-CoDi at 1, 2, 4 steps, the baseline at 1, 2, 4, 8, 50, three
+- main table: CoDi and PE-CoDi at 1, 2, 4 steps, the baseline at 1, 2, 4, 50, three
   seeds each (adapter init, training noise, data order and sampling noise all change);
 - learning curves: seed 0 of each method saves a checkpoint every ``curve_every`` steps,
   each tested at 4 sampling steps (classifier FID against training steps and minutes);
@@ -67,6 +67,11 @@ FLOW_DISTILL, FLOW_BASELINE, FLOW_TEACHER = (
 FLOW_TEACHER_DIR = ROOT / "bench" / "assets" / "digits_flow_teacher"
 FLOW_METHODS = {"flow-baseline": "two-stage (SD3ControlNet + Euler)", "flow-codi": "CoDi"}
 CLASSIFIER = ROOT / "bench" / "assets" / "digits_classifier" / "model.safetensors"
+RESNET = ROOT / "bench" / "assets" / "digits_resnet" / "model.safetensors"
+# gap shares get a 95% paired-bootstrap interval over the test digits under both
+# feature networks (bench/gap_spread.py), from this many resamples
+SPREAD_METRICS = {"fid": "classifier", "fid_res": "second classifier (ResNet)"}
+DRAWS = 1000
 # the LoRA rank of the parameter-efficient method with a LoRA (docs/results_digits.md,
 # "PE-CoDi with a LoRA of the UNet": the rank probes)
 LORA_RANK = 16
@@ -99,8 +104,11 @@ ABLATIONS = {
     "abl-no-guidance": (["--model.loss.guidance_weight", "0"], "no guidance term"),
     "abl-batch-t": (["--model.per_sample_timesteps", "false"], "one t per batch"),
 }
-# the order runs start in (longest first, so that the two slots end together)
-COST = {"baseline": 4.0, "codi": 3.0, "pe-codi-lora": 3.2, "pe-codi": 2.5, "abl": 1.5,
+# the order runs start in, longest first so that the two slots end together: relative
+# minutes per training step from the 2026-12-06 run (PE-CoDi + LoRA 12-14 min a run,
+# the baseline 12-14 with its 50-step test, CoDi 10-12); of the family orders this one
+# ends the 9 default runs soonest (57.4 min of runs against 59.3 for baseline first)
+COST = {"pe-codi-lora": 4.2, "baseline": 4.0, "codi": 3.0, "pe-codi": 2.5, "abl": 1.5,
         "flow-baseline": 4.5, "flow-codi": 4.5}  # fmt: skip
 
 
@@ -205,6 +213,7 @@ def command(run: Run, plan: Plan, out: Path) -> list[str]:
     ]  # fmt: skip
     if run.task == "inpaint":  # no input-consistency PSNR: the input is not a downscale
         args += [*INPAINT_ARGS, f"{model}.metrics.input_consistency_factor", "0"]
+    args += [f"{model}.metrics.save_features", "true"]  # for the bootstrap intervals
     if run.curve:
         args += ["--curve_steps", "4", "--trainer.callbacks.every_n_train_steps",
                  str(plan.curve_every), "--trainer.callbacks.save_top_k", "-1"]  # fmt: skip
@@ -238,6 +247,8 @@ def execute(run: Run, plan: Plan, out: Path) -> dict:
     fit = ckpt.stat().st_mtime - start  # training ends when last.ckpt is written
     result = {"fit_seconds": fit, "test_seconds": total - fit,
               "checkpoint": str(ckpt), **json.loads((folder / "metrics.json").read_text())}  # fmt: skip
+    if (folder / "test_features.pt").is_file():
+        result["features"] = str(folder / "test_features.pt")
     if run.curve:
         result["curve"] = json.loads((folder / "curve.json").read_text())
     print(f"{run.name}: trained in {fit / 60:.1f} min, tested in {(total - fit) / 60:.1f}",
@@ -279,7 +290,7 @@ def sr_factor() -> int:
 
 
 # ---------------------------------------------------------------------------- report
-KEYS = (("fid", "FID (clf) ↓", 2), ("kid", "KID (clf) ↓", 1),
+KEYS = (("fid", "FID (clf) ↓", 2), ("fid_res", "FID (res) ↓", 2), ("kid", "KID (clf) ↓", 1),
         ("class_consistency", "class cons. ↑", 3), ("fid_rc", "FID (rc) ↓", 2),
         ("swd", "SWD ↓", 1), ("psnr", "PSNR ↑", 2), ("ssim", "SSIM ↑", 3),
         ("input_psnr", "input PSNR ↑", 2))  # fmt: skip
@@ -299,6 +310,10 @@ def distilled(results: dict) -> tuple[str, ...]:
 
 
 def mean_std(rows: list[dict], key: str) -> tuple[float, float]:
+    """Mean and sample std over ``rows``; NaN where a row lacks ``key`` (a run made
+    before that metric existed)."""
+    if any(key not in r for r in rows):
+        return math.nan, math.nan
     values = [r[key] for r in rows]
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -317,14 +332,20 @@ def mean_fid(results: dict, method: str, steps: int) -> float:
 
 def cell(value: tuple[float, float], digits: int, n: int) -> str:
     mean, std = value
+    if math.isnan(mean):
+        return "-"
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else "")
+
+
+def value(row: dict, key: str, digits: int) -> str:
+    return f"{row[key]:.{digits}f}" if key in row else "-"
 
 
 def main_table(results: dict) -> str:
     lines = ["| method | steps | " + " | ".join(k[1] for k in KEYS) + " |",
              "|---|---" + "|---" * len(KEYS) + "|"]  # fmt: skip
     bic = results["bicubic"]
-    lines.append("| bicubic | - | " + " | ".join(f"{bic[k]:.{d}f}" for k, _, d in KEYS) + " |")
+    lines.append("| bicubic | - | " + " | ".join(value(bic, k, d) for k, _, d in KEYS) + " |")
     for method, label in shown(results).items():
         runs = seeds_of(results, method)
         for steps in sorted((int(s) for s in runs[0]["results"]), key=int):
@@ -363,9 +384,10 @@ def claim(results: dict) -> dict:
     return out
 
 
-def gap_per_seed(results: dict, method: str, steps: int, baseline: str = "baseline") -> list[float]:
-    """The share of the 4 -> 50 gap ``method`` closes at ``steps``, seed by seed, each
-    against the baseline (``baseline``) of the same seed."""
+def gap_per_seed(results: dict, method: str, steps: int, baseline: str = "baseline",
+                 metric: str = "fid") -> list[float]:  # fmt: skip
+    """The share of the 4 -> 50 gap ``method`` closes at ``steps`` on ``metric``, seed by
+    seed, each against the baseline (``baseline``) of the same seed."""
     base = {k.rsplit("-s", 1)[1]: v for k, v in results["runs"].items()
             if k.rsplit("-s", 1)[0] == baseline}  # fmt: skip
     out = []
@@ -373,24 +395,128 @@ def gap_per_seed(results: dict, method: str, steps: int, baseline: str = "baseli
         head, _, seed = name.rpartition("-s")
         if head != method or seed not in base:
             continue
-        b4, b50 = (base[seed]["results"][s]["fid"] for s in ("4", "50"))
-        fid = run["results"][str(steps)]["fid"]
+        if metric not in run["results"][str(steps)]:
+            continue
+        b4, b50 = (base[seed]["results"][s][metric] for s in ("4", "50"))
+        fid = run["results"][str(steps)][metric]
         out.append((b4 - fid) / (b4 - b50) if b4 != b50 else math.nan)  # no gap: undefined
     return out
 
 
+def spreads(results: dict, out_prefix: str, methods: tuple[str, ...], draws: int = DRAWS
+            ) -> dict[str, dict[str, dict[str, float]]]:  # fmt: skip
+    """The 95% paired-bootstrap interval (over the test digits) of each share of the gap
+    closed, ``{metric: {"<method>@<steps>": {"lo", "hi"}}}``, from the features every run
+    stored; runs named ``<out_prefix><method>-s<seed>``. Empty for a metric whose
+    features some run lacks (a run made before they were stored)."""
+    from gap_spread import fid_resamples, share_interval
+
+    runs = results["runs"]
+    seeds = sorted(k.rsplit("-s", 1)[1] for k in runs
+                   if k.rsplit("-s", 1)[0] == out_prefix + "baseline")  # fmt: skip
+    wanted = {"baseline": (4, 50), **{m: (1, 2, 4) for m in methods}}
+    loaded = {}
+    for method in wanted:
+        for seed in seeds:
+            run = runs.get(f"{out_prefix}{method}-s{seed}", {})
+            if not Path(run.get("features", "")).is_file():
+                return {}
+            loaded[method, seed] = torch.load(run["features"], weights_only=True)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    jobs = {}
+    for metric in SPREAD_METRICS:
+        real, fakes = None, {}
+        for (method, seed), by_steps in loaded.items():
+            for steps in wanted[method]:
+                stored = by_steps.get(steps, {}).get(metric)
+                if stored is None:
+                    break
+                if real is None:
+                    real = stored["real"]
+                elif not torch.allclose(stored["real"], real, atol=1e-4):
+                    raise ValueError(f"{out_prefix}{method}-s{seed} was tested on other "
+                                     "images (or in another order) than the other runs")  # fmt: skip
+                fakes[f"{method}|{seed}|{steps}"] = stored["fake"]
+        if real is None or len(fakes) != sum(len(v) for v in wanted.values()) * len(seeds):
+            continue
+        jobs[metric] = (real, fakes)
+    with ThreadPoolExecutor(len(jobs) or 1) as pool:  # torch's eigen solvers free the GIL
+        draws_of = dict(zip(jobs, pool.map(lambda job: fid_resamples(*job, draws),
+                                           jobs.values()), strict=True))  # fmt: skip
+    for metric, fid in draws_of.items():
+        out[metric] = {}
+        for method in methods:
+            for steps in wanted[method]:
+                lo, hi = share_interval(*([fid[f"{m}|{seed}|{s}"] for seed in seeds]
+                                          for m, s in (("baseline", 4), ("baseline", 50),
+                                                       (method, steps))))  # fmt: skip
+                out[metric][f"{method}@{steps}"] = {"lo": lo, "hi": hi}
+    return out
+
+
+def gap_from_means(results: dict, method: str, steps: int, metric: str = "fid",
+                   baseline: str = "baseline") -> float:  # fmt: skip
+    b4, b50, m = (summary(results, name, s, (metric,))[metric][0]
+                  for name, s in ((baseline, 4), (baseline, 50), (method, steps)))  # fmt: skip
+    return (b4 - m) / (b4 - b50) if b4 != b50 else math.nan
+
+
+def share_cells(results: dict, spread: dict, method: str, steps: int, metric: str,
+                baseline: str = "baseline") -> tuple[str, str]:  # fmt: skip
+    """The share from the means with its 95% bootstrap interval, and the shares seed by
+    seed (each against its own seed's baseline), as two table cells."""
+    share = gap_from_means(results, method, steps, metric, baseline)
+    if math.isnan(share):
+        return "-", "-"
+    key = f"{method.removeprefix(INPAINT)}@{steps}"
+    interval = spread.get(metric, {}).get(key)
+    text = f"{share:.0%}" + (f" [{interval['lo']:.0%}, {interval['hi']:.0%}]" if interval else "")
+    per_seed = gap_per_seed(results, method, steps, baseline, metric)
+    return text, ", ".join(f"{v:.0%}" for v in per_seed)
+
+
 def claim_table(results: dict) -> str:
     c = claim(results)
-    lines = ["| model | steps | FID (clf), mean | share of the baseline's 4 -> 50 gap closed | "
-             "better than baseline 4 | within 10% of baseline 50 |", "|---|---|---|---|---|---|"]  # fmt: skip
+    spread = results.get("spreads", {})
+    lines = ["| model | steps | FID (clf), mean | gap closed, clf [95% CI] | per seed, clf | "
+             "gap closed, res [95% CI] | per seed, res | better than baseline 4 | "
+             "within 10% of baseline 50 |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for method in distilled(results):
         for steps in (1, 2, 4):
             r = c[f"{method}@{steps}"]
+            clf = " | ".join(share_cells(results, spread, method, steps, "fid"))
+            res = " | ".join(share_cells(results, spread, method, steps, "fid_res"))
             lines.append(
-                f"| {METHODS[method]} | {steps} | {r['fid']:.2f} | {r['gap_closed']:.0%} | "
+                f"| {METHODS[method]} | {steps} | {r['fid']:.2f} | {clf} | {res} | "
                 f"{'yes' if r['beats_b4'] else 'no'} | {'yes' if r['within_10pct_of_b50'] else 'no'} |"
             )
     return "\n".join(lines)
+
+
+def claim_words(results: dict, method: str, label: str, steps: int = 4,
+                baseline: str = "baseline") -> str:  # fmt: skip
+    """What holds for ``method`` at ``steps`` on every seed and under every feature
+    network measured: the range of its per-seed shares of the gap, and what that range
+    supports."""
+    by_metric = {metric: [v for v in gap_per_seed(results, method, steps, baseline, metric)
+                          if not math.isnan(v)] for metric in SPREAD_METRICS}  # fmt: skip
+    shares = [v for values in by_metric.values() for v in values]
+    if not shares:
+        return f"{label}: no per-seed share at {steps} steps."
+    nets = sum(bool(values) for values in by_metric.values())
+    where = ("over its seeds and both feature networks" if nets > 1
+             else "over its seeds (one feature network)")  # fmt: skip
+    lo, hi = min(shares), max(shares)
+    if lo >= 1.0:
+        means = "as good as or better than the two-stage model's 50 steps"
+    elif lo >= 0.6:
+        means = "at least 60% of it everywhere (the paper's PE-CoDi: 61%)"
+    elif lo > 0:
+        means = "better than the two-stage model's 4 steps, but not by most of the gap"
+    else:
+        means = "on some seed not better than the two-stage model's 4 steps"
+    span = f"{lo:.0%}" if f"{lo:.0%}" == f"{hi:.0%}" else f"{lo:.0%} to {hi:.0%}"
+    return f"{label} at {steps} steps closes {span} of its seed's 4 -> 50 gap {where}: {means}."
 
 
 # The paper's Table 1, super-resolution FID (METHOD.md): the two-stage model (ControlNet)
@@ -757,7 +883,8 @@ def inpaint_section(results: dict, seeds: tuple[int, ...]) -> str:
     masked = results["masked_input"]
     lines.append("| masked input | - | " + " | ".join(
         f"{masked[k]:.{d}f}" for k, _, d in INPAINT_KEYS) + " |")  # fmt: skip
-    shares, fractions = [], []
+    shares, fractions, words = [], [], []
+    spread = results.get("inpaint_spreads", {})
     for method in INPAINT_METHODS:
         runs = seeds_of(results, INPAINT + method)
         for steps in sorted((int(s) for s in runs[0]["results"]), key=int):
@@ -767,10 +894,13 @@ def inpaint_section(results: dict, seeds: tuple[int, ...]) -> str:
         if method != "baseline":
             fid4 = mean_fid(results, INPAINT + method, 4)
             closed = (g["b4"] - fid4) / (g["b4"] - g["b50"])
-            per_seed = gap_per_seed(results, INPAINT + method, 4, INPAINT + "baseline")
             fractions.append(closed)
-            shares.append(f"| {METHODS[method]} | {fid4:.2f} | {closed:.0%} | "
-                          f"{', '.join(f'{v:.0%}' for v in per_seed)} |")  # fmt: skip
+            cells = [" | ".join(share_cells(results, spread, INPAINT + method, 4, metric,
+                                            INPAINT + "baseline"))
+                     for metric in SPREAD_METRICS]  # fmt: skip
+            shares.append(f"| {METHODS[method]} | {fid4:.2f} | {' | '.join(cells)} |")
+            words.append(claim_words(results, INPAINT + method, METHODS[method], 4,
+                                     INPAINT + "baseline"))  # fmt: skip
     t = results.get("inpaint_timing")
     when = (f" It took {t['minutes']:.1f} minutes on {t['machine']}, {t['date']}"
             f"{' (' + t['note'] + ')' if t.get('note') else ''}." if t else "")  # fmt: skip
@@ -796,11 +926,11 @@ noise is. The reference row scores the masked digits themselves (seed 0's masks)
 Share of the baseline's 4 -> 50 gap closed at 4 steps (the paper's PE-CoDi on
 inpainting: 104%):
 
-| model | FID at 4, mean | from the means | per seed (each against its seed's baseline) |
-|---|---|---|---|
+| model | FID at 4, mean | gap closed, clf [95% CI] | per seed, clf | gap closed, res [95% CI] | per seed, res |
+|---|---|---|---|---|---|
 {chr(10).join(shares)}
 
-**{verdict}**
+**{verdict}** {" ".join(words)}
 """
 
 
@@ -811,6 +941,11 @@ def times_table(results: dict) -> str:
         lines.append(f"| {name} | {r['meta']['step']} | {r['fit_seconds'] / 60:.1f} | "
                      f"{r['test_seconds'] / 60:.1f} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def resnet_accuracy() -> str:
+    info = RESNET.parent / "info.json"
+    return f"{json.loads(info.read_text())['test_accuracy']:.1%}" if info.is_file() else "?"
 
 
 def report(results: dict, plan: Plan, docs: Path) -> str:
@@ -827,6 +962,8 @@ def report(results: dict, plan: Plan, docs: Path) -> str:
         verdict += (f"; PE-CoDi with the adapter only {c['pe-codi@4']['fid']:.2f} "
                     f"({c['pe-codi@4']['gap_closed']:.0%})")  # fmt: skip
     verdict += "."
+    words = " ".join(claim_words(results, m, METHODS[m]) for m in distilled(results))
+    verdict += f"\n\n**What holds on every seed.** {words}"
     t = results["timing"]
     n_test = results["runs"]["baseline-s0"]["results"]["4"]["images"]
     return f"""# Results: the few-step claim on the digits testbed (CPU)
@@ -852,7 +989,10 @@ sampling noise all change); tables give the mean ± standard deviation over seed
 
 **Metrics.** FID and KID over the 128-d penultimate features of a digit classifier
 trained on the training digits only (97.4% test accuracy; `bench/digits_classifier.py`),
-the main metric; class consistency (share of outputs the classifier puts in the class
+the main metric; FID (res): the same over a second classifier of another architecture
+(a residual network with global pooling, 96-d features, another seed; {resnet_accuracy()}
+test accuracy; `bench/digits_classifier.py --architecture resnet`), so that no claim
+rests on one feature network; class consistency (share of outputs the classifier puts in the class
 it gives the ground truth); FID over random-conv features (secondary); sliced Wasserstein
 distance over 7x7 patches of a 3-level Laplacian pyramid (x 1e3, no network); PSNR, SSIM and
 input-consistency PSNR ({sr_factor()}x down, against the input).
@@ -874,6 +1014,12 @@ input-consistency PSNR ({sr_factor()}x down, against the input).
 {verdict}
 
 {claim_table(results)}
+
+Each share of the gap is given from the means over seeds with its 95% interval from a
+paired bootstrap over the test digits ({DRAWS} resamples of the {n_test} digits, the same
+digits drawn from every run; `bench/gap_spread.py`), and seed by seed, each seed against
+its own seed's baseline; "clf" is the main classifier's FID, "res" the second
+classifier's.
 
 Against the paper (its 50-step reference is the undistilled LDM; here it is the
 two-stage model itself, whose 50-step samples are the best this teacher and adapter
@@ -977,7 +1123,8 @@ def main() -> None:
 
         prepare(str(out / "data"))
     needed = [(TEACHER_DIR / "unet", f"codi-lightning fit --config {TEACHER}"),
-              (CLASSIFIER, "python bench/digits_classifier.py")]  # fmt: skip
+              (CLASSIFIER, "python bench/digits_classifier.py"),
+              (RESNET, "python bench/digits_classifier.py --architecture resnet")]  # fmt: skip
     if plan.flow:
         needed.append((FLOW_TEACHER_DIR / "transformer",
                        f"codi-lightning fit --config {FLOW_TEACHER}"))  # fmt: skip
@@ -997,8 +1144,12 @@ def main() -> None:
             results_file.write_text(json.dumps(results, indent=2))
     if plan.inpaint:
         results["masked_input"] = masked_input_row(out, plan.test_images)
+        results["inpaint_spreads"] = spreads(
+            results, INPAINT, tuple(m for m in INPAINT_METHODS if m != "baseline")
+        )
     else:
         results["bicubic"] = bicubic_row(out, plan.test_images)
+        results["spreads"] = spreads(results, "", distilled(results))
     if args.only is None:  # a complete run: its time is the experiment's time
         results["inpaint_timing" if plan.inpaint else "timing"] = {
             "minutes": (time.monotonic() - start) / 60,

@@ -43,7 +43,7 @@ def test_quick_bench_writes_a_report_from_its_runs(tmp_path):
     assert set(results["runs"]) == {r.name for r in q.runs_of(plan)}
     assert {"flow-baseline-s0", "flow-codi-s0"} <= set(results["runs"])
     assert set(results["runs"]["flow-baseline-s0"]["results"]) == {"1", "2", "4", "8", "50"}
-    assert set(results["runs"]["baseline-s0"]["results"]) == {"1", "2", "4", "8", "50"}
+    assert set(results["runs"]["baseline-s0"]["results"]) == {"1", "2", "4", "50"}
     assert set(results["runs"]["codi-s0"]["results"]) == {"1", "2", "4"}
     for run in ("baseline-s0", "codi-s0", "pe-codi-s0", "pe-codi-lora-s0"):  # a curve point
         assert run in results["runs"]
@@ -60,6 +60,14 @@ def test_quick_bench_writes_a_report_from_its_runs(tmp_path):
     flow50 = results["runs"]["flow-baseline-s0"]["results"]["50"]["fid"]
     assert "## A rectified-flow teacher" in text and f"{flow50:.2f}" in text
     assert "not run" not in text
+    for metric in ("fid", "fid_res"):  # intervals under both feature networks
+        for key in ("codi@4", "pe-codi-lora@1", "pe-codi@2"):
+            interval = results["spreads"][metric][key]
+            assert interval["lo"] <= interval["hi"]
+    assert results["runs"]["codi-s0"]["results"]["4"]["fid_res"] > 0
+    assert "FID (res)" in text and "gap closed, res [95% CI]" in text
+    lo = results["spreads"]["fid_res"]["codi@4"]["lo"]
+    assert f"[{lo:.0%}, " in text  # the report quotes the interval
     for png in ("metrics_vs_steps.png", "curves.png", "grid.png"):
         assert (tmp_path / "results" / png).stat().st_size > 1000
     assert "## Inpainting" in text and q.NO_INPAINT in text
@@ -67,13 +75,14 @@ def test_quick_bench_writes_a_report_from_its_runs(tmp_path):
     results = _quick_bench(tmp_path, "--inpaint")
     inpaint = {f"inpaint-{m}-s0" for m in q.INPAINT_METHODS}
     assert inpaint <= set(results["runs"]) and "flow-codi-s0" in results["runs"]
-    assert set(results["runs"]["inpaint-baseline-s0"]["results"]) == {"1", "2", "4", "8", "50"}
+    assert set(results["runs"]["inpaint-baseline-s0"]["results"]) == {"1", "2", "4", "50"}
     assert "input_psnr" not in results["runs"]["inpaint-codi-s0"]["results"]["4"]
     assert results["masked_input"]["fid"] > 0 and "inpaint_timing" in results
     text = (tmp_path / "results.md").read_text()
     i50 = results["runs"]["inpaint-baseline-s0"]["results"]["50"]["fid"]
     assert q.NO_INPAINT not in text and f"{i50:.2f}" in text
     assert f"{results['masked_input']['fid']:.2f}" in text
+    assert set(results["inpaint_spreads"]) == {"fid", "fid_res"}
 
 
 def _runs(fids: dict[str, dict[int, list[float]]]) -> dict:
@@ -141,7 +150,84 @@ def test_inpainting_gates_and_shares_are_computed_from_the_numbers():
     assert per_seed == pytest.approx([1.0, 40 / 50, 30 / 50])
     text = q.inpaint_section(results, (0, 1, 2))
     assert "| 400.00 | 150.00 | 100.00 | -75% (pass) | +50% (pass) |" in text
-    assert "| CoDi | 110.00 | 80% | 100%, 80%, 60% |" in text  # (150 - 110) / (150 - 100)
-    assert f"| {q.METHODS['pe-codi-lora']} | 125.00 | 50% | 50%, 50%, 50% |" in text  # 25 / 50 each
+    # (150 - 110) / (150 - 100); no features stored: no interval; fid_res has no gap here
+    assert "| CoDi | 110.00 | 80% | 100%, 80%, 60% | - | - |" in text
+    assert f"| {q.METHODS['pe-codi-lora']} | 125.00 | 50% | 50%, 50%, 50% | - | - |" in text
+    assert (
+        "CoDi at 4 steps closes 60% to 100% of its seed's 4 -> 50 gap over its seeds "
+        "(one feature network): at least 60% of it everywhere"
+    ) in text
+    assert "LoRA r16 at 4 steps closes 50% of its seed's 4 -> 50 gap over its seeds" in text
     assert "The distilled methods close most of the gap on this task too." in text  # 80%
     assert q.inpaint_section(results, (0, 1, 2, 3)) == q.NO_INPAINT  # a seed missing
+
+
+def _gap_spread():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gap_spread
+
+    return gap_spread
+
+
+def test_bootstrap_fids_are_fids_of_the_same_resampled_rows():
+    """Each bootstrap draw is the FID (codi_lightning.metrics.frechet_distance, itself
+    checked against torchmetrics) of the same resampled rows of the real and the fake
+    features; one generator seed gives the same draws."""
+    import torch
+
+    from codi_lightning.metrics import frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(60, 6, generator=g)
+    fakes = {
+        "a": real + 0.5 * torch.randn(60, 6, generator=g),
+        "b": torch.randn(60, 6, generator=g) * 2,
+    }
+    draws = _gap_spread().fid_resamples(real, fakes, draws=3, seed=7)
+    gen = torch.Generator().manual_seed(7)  # the rows the function draws, longhand
+    for b in range(3):
+        rows = torch.randint(60, (60,), generator=gen)
+        for name, fake in fakes.items():
+            assert float(draws[name][b]) == pytest.approx(
+                frechet_distance(real[rows], fake[rows]), rel=1e-6
+            )
+    again = _gap_spread().fid_resamples(real, fakes, draws=3, seed=7)
+    assert torch.equal(draws["a"], again["a"])
+
+
+def test_share_interval_is_the_percentiles_of_the_per_draw_shares():
+    import torch
+
+    b4 = [torch.tensor([130.0, 120.0, 110.0]), torch.tensor([110.0, 120.0, 130.0])]
+    b50 = [torch.tensor([90.0, 100.0, 110.0]), torch.tensor([110.0, 100.0, 90.0])]
+    model = [torch.tensor([110.0, 110.0, 100.0]), torch.tensor([100.0, 100.0, 120.0])]
+    # seed means per draw: b4 120, 120, 120; b50 100, 100, 100; model 105, 105, 110
+    lo, hi = _gap_spread().share_interval(b4, b50, model, level=1.0)
+    assert (lo, hi) == pytest.approx((0.5, 0.75))  # min and max of 0.75, 0.75, 0.5
+
+
+def test_spreads_read_every_runs_features_and_refuse_other_test_images(tmp_path):
+    """The report's intervals from stored features: a model whose features equal the
+    baseline's 50-step ones closes the whole gap on every draw; a run tested on other
+    digits is refused."""
+    import torch
+
+    q = _quality()
+    g = torch.Generator().manual_seed(1)
+    real = torch.randn(40, 5, generator=g)
+    far, near = real + 1.0, real + 0.1 * torch.randn(40, 5, generator=g)
+    runs = {}
+    for seed in (0, 1):
+        for method, steps_fake in (("baseline", {4: far, 50: near}),
+                                   ("codi", {1: far, 2: far, 4: near})):  # fmt: skip
+            path = tmp_path / f"{method}-{seed}.pt"
+            torch.save({s: {"fid": {"real": real, "fake": f}} for s, f in steps_fake.items()}, path)
+            runs[f"{method}-s{seed}"] = {"features": str(path)}
+    out = q.spreads({"runs": runs}, "", ("codi",), draws=20)
+    assert out["fid"]["codi@4"] == pytest.approx({"lo": 1.0, "hi": 1.0})
+    assert out["fid"]["codi@1"] == pytest.approx({"lo": 0.0, "hi": 0.0})
+    assert "fid_res" not in out  # no run stored those features
+    torch.save({s: {"fid": {"real": real.flip(0), "fake": near}} for s in (1, 2, 4)},
+               tmp_path / "codi-1.pt")  # fmt: skip
+    with pytest.raises(ValueError, match="codi-s1 was tested on other images"):
+        q.spreads({"runs": runs}, "", ("codi",), draws=2)

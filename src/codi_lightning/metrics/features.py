@@ -100,19 +100,77 @@ class DigitsClassifier(nn.Module):
         return self.head(self.features(images))
 
 
+class _Residual(nn.Module):
+    """Two 3x3 convolutions with group norm, added to the input (a 1x1 projection and a
+    stride where the width or size changes)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+            nn.GroupNorm(8, c_out), nn.SiLU(),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.GroupNorm(8, c_out),
+        )  # fmt: skip
+        self.skip = (
+            nn.Identity() if c_in == c_out and stride == 1
+            else nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
+        )  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.silu(self.body(x) + self.skip(x))
+
+
+class DigitsResNet(nn.Module):
+    """A second digit classifier of another architecture, for a second FID column
+    (bench/digits_classifier.py --architecture resnet trains it).
+
+    Where :class:`DigitsClassifier` is a plain VGG-style stack with max-pooling and a
+    fully connected penultimate layer over the 4x4 map, this is a residual network:
+    a stem conv, three residual stages (24, 48, 96 channels; strided convolutions
+    instead of pooling; group norm, SiLU), global average pooling to 96 values and a
+    96-unit layer (the penultimate layer, :meth:`features`) before the 10-way head.
+    """
+
+    num_features = 96
+    num_classes = 10
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 24, 3, padding=1), nn.GroupNorm(8, 24), nn.SiLU())
+        self.stages = nn.Sequential(
+            _Residual(24, 24, 1), _Residual(24, 48, 2), _Residual(48, 96, 2), _Residual(96, 96, 2)
+        )
+        self.penultimate = nn.Sequential(nn.Linear(96, 96), nn.SiLU())
+        self.head = nn.Linear(96, self.num_classes)
+
+    def features(self, images: Tensor) -> Tensor:
+        h = images.float().mean(dim=1, keepdim=True)
+        if h.shape[-1] != 32 or h.shape[-2] != 32:
+            h = torch.nn.functional.interpolate(h, size=(32, 32), mode="bilinear", antialias=True)
+        h = self.stages(self.stem(h * 2 - 1))
+        return self.penultimate(h.mean(dim=(2, 3)))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.features(images))
+
+
+ARCHITECTURES = {"vgg": DigitsClassifier, "resnet": DigitsResNet}
+
+
 class ClassifierFeatures(nn.Module):
-    """FID/KID features from a trained classifier: the penultimate layer (128 values) of
-    :class:`DigitsClassifier` loaded from ``weights_path`` (safetensors), images in
-    [0, 1]. :meth:`predict` gives the classifier's class, for class consistency."""
+    """FID/KID features from a trained classifier: the penultimate layer of
+    :class:`DigitsClassifier` (``architecture="vgg"``, 128 values) or
+    :class:`DigitsResNet` (``"resnet"``, 96 values) loaded from ``weights_path``
+    (safetensors), images in [0, 1]. :meth:`predict` gives the classifier's class, for
+    class consistency."""
 
-    num_features = DigitsClassifier.num_features
-
-    def __init__(self, weights_path: str) -> None:
+    def __init__(self, weights_path: str, architecture: str = "vgg") -> None:
         super().__init__()
         from safetensors.torch import load_file
 
-        self.net = DigitsClassifier()
+        self.net = ARCHITECTURES[architecture]()
         self.net.load_state_dict(load_file(str(weights_path)))
+        self.num_features = self.net.num_features
         self.requires_grad_(False).eval()
 
     def train(self, mode: bool = True) -> ClassifierFeatures:

@@ -58,6 +58,13 @@ class MetricsConfig:
         kid_subset_size: KID subset size (lowered to the number of images if larger).
         swd: sliced Wasserstein distance over Laplacian-pyramid patches (x 1e3; needs
             no weights; images of at least 28 px for 3 levels).
+        resnet_classifier_weights: safetensors of :class:`DigitsResNet`
+            (``bench/digits_classifier.py --architecture resnet``): adds ``fid_res``, FID
+            over a second feature network of another architecture.
+        save_features: keep every test image's features (targets and outputs, in order)
+            for FID and ``fid_res``; ``codi-lightning test`` writes them to
+            ``test_features.pt`` for a bootstrap over the test images
+            (:func:`frechet_distance` recomputes FID from them).
 
     With ``feature: classifier`` the suite also reports ``class_consistency``: the share
     of outputs the classifier puts in the class it predicts for the ground-truth image
@@ -81,6 +88,8 @@ class MetricsConfig:
     clip_model: str = "openai/clip-vit-large-patch14"
     kid_subset_size: int = 100
     swd: bool = False
+    resnet_classifier_weights: str | None = None
+    save_features: bool = False
 
 
 class _ClipImageText(nn.Module):
@@ -152,10 +161,64 @@ def build_feature(config: MetricsConfig) -> nn.Module:
     return InceptionFeatures(None if path is None else str(path))
 
 
+def build_resnet_feature(config: MetricsConfig) -> nn.Module | None:
+    """The second classifier's features (``fid_res``), or None when not configured."""
+    weights = config.resnet_classifier_weights
+    if weights is None:
+        return None
+    if not Path(weights).is_file():
+        raise MissingWeightsError(
+            f"model.metrics.resnet_classifier_weights: no file at {weights!r}; train the "
+            "second classifier with `python bench/digits_classifier.py --architecture resnet`"
+            " or leave the option out"
+        )
+    return ClassifierFeatures(weights, "resnet")
+
+
 def downscale(images: Tensor, factor: int) -> Tensor:
     return F.interpolate(
         images, scale_factor=1 / factor, mode="bicubic", antialias=True, align_corners=False
     ).clamp(0, 1)
+
+
+def frechet_distance(real: Tensor, fake: Tensor) -> float:
+    """FID from two sets of features [N, D]: |mu_r - mu_f|^2 + tr(S_r) + tr(S_f)
+    - 2 tr((S_r S_f)^(1/2)), with unbiased covariances and the trace of the square root
+    as the sum of the square roots of the eigenvalues of S_r S_f (float64). The same
+    quantity torchmetrics' FID computes from its running sums, here for subsets of stored
+    features (a bootstrap over the test images)."""
+    real, fake = real.double(), fake.double()
+    mu_r, mu_f = real.mean(0), fake.mean(0)
+    cov_r, cov_f = torch.cov(real.T), torch.cov(fake.T)
+    root = torch.linalg.eigvals(cov_r @ cov_f).sqrt().real.sum()
+    return float((mu_r - mu_f).square().sum() + cov_r.trace() + cov_f.trace() - 2 * root)
+
+
+class FeatureStore(Metric):
+    """Every target's and output's features, in update order: row i of ``real`` and of
+    ``fake`` belong to the same test image, so runs tested on the same images in the same
+    order can be resampled together (a paired bootstrap). ``compute`` gathers all ranks'
+    rows (rank by rank)."""
+
+    full_state_update = False
+
+    def __init__(self, feature: nn.Module, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.feature = feature
+        self.add_state("real", [], dist_reduce_fx="cat")
+        self.add_state("fake", [], dist_reduce_fx="cat")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        self.real.append(self.feature(target).float())
+        self.fake.append(self.feature(preds).float())
+
+    def compute(self) -> dict[str, Tensor]:
+        def rows(value: list[Tensor] | Tensor) -> Tensor:
+            if isinstance(value, list):  # not synced (one process) or nothing seen
+                return torch.cat(value) if value else torch.empty(0)
+            return value
+
+        return {"real": rows(self.real).cpu(), "fake": rows(self.fake).cpu()}
 
 
 class ClassConsistency(Metric):
@@ -198,6 +261,7 @@ class EvalSuite(nn.Module):
         use_classifier = config.feature == "classifier"
         feature = build_feature(config) if (config.fid or config.kid or use_classifier) else None
         random_conv = RandomConvFeatures() if config.fid_random_conv else None
+        resnet = build_resnet_feature(config)
         clip = clip_loader(config.clip_model)() if config.clip else None
         groups = {}
         for steps in self.step_counts:
@@ -206,6 +270,12 @@ class EvalSuite(nn.Module):
                 group["fid"] = FrechetInceptionDistance(feature=feature, normalize=True)
             if random_conv is not None:
                 group["fid_rc"] = FrechetInceptionDistance(feature=random_conv, normalize=True)
+            if resnet is not None:
+                group["fid_res"] = FrechetInceptionDistance(feature=resnet, normalize=True)
+            if config.save_features and config.fid:
+                group["features"] = FeatureStore(feature)
+                if resnet is not None:
+                    group["features_res"] = FeatureStore(resnet)
             if config.kid:
                 group["kid"] = KernelInceptionDistance(
                     feature=feature, normalize=True, subset_size=config.kid_subset_size
@@ -241,6 +311,12 @@ class EvalSuite(nn.Module):
         if "fid_rc" in g:
             g["fid_rc"].update(target, real=True)
             g["fid_rc"].update(preds, real=False)
+        if "fid_res" in g:
+            g["fid_res"].update(target, real=True)
+            g["fid_res"].update(preds, real=False)
+        for name in ("features", "features_res"):
+            if name in g:
+                g[name].update(preds, target)
         if "kid" in g:
             g["kid"].update(target, real=True)
             g["kid"].update(preds, real=False)
@@ -314,7 +390,7 @@ class EvalSuite(nn.Module):
                 results[steps] = row
                 continue
             for name, metric in g.items():
-                if name == "images":
+                if name == "images" or isinstance(metric, FeatureStore):
                     continue
                 if name == "kid":
                     metric.subset_size = min(metric.subset_size, n)
@@ -325,13 +401,27 @@ class EvalSuite(nn.Module):
             results[steps] = row
         return results
 
+    def features(self) -> dict[int, dict[str, dict[str, Tensor]]]:
+        """With ``save_features``: per step count, the stored features behind ``fid``
+        (and ``fid_res``) as ``{"real": [N, D], "fake": [N, D]}``, gathered from every
+        rank (a collective: call on every rank, after :meth:`compute`)."""
+        out: dict[int, dict[str, dict[str, Tensor]]] = {}
+        for steps in self.step_counts:
+            g = self.groups[str(steps)]
+            out[steps] = {
+                metric: g[name].compute()
+                for name, metric in (("features", "fid"), ("features_res", "fid_res"))
+                if name in g
+            }
+        return out
+
     def reset(self) -> None:
         for g in self.groups.values():
             for metric in g.values():
                 metric.reset()
 
 
-LOWER_IS_BETTER = {"fid", "fid_rc", "kid", "kid_std", "lpips", "swd"}
+LOWER_IS_BETTER = {"fid", "fid_rc", "fid_res", "kid", "kid_std", "lpips", "swd"}
 
 
 def results_markdown(

@@ -954,6 +954,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         results = self.eval_suite.compute()  # reduced across ranks; every rank computes
+        features = self.eval_suite.features() if self.metrics_config.save_features else None
         for steps, row in results.items():
             for name, value in row.items():
                 self.log(f"test/{name}@{steps}", float(value), rank_zero_only=True)
@@ -970,6 +971,8 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
             grid = self.save_test_grid(folder / "test_samples.png", step)
             image = grid.name if grid is not None else None
             json_path, md_path = write_results(results, folder, meta, image=image)
+            if features is not None:  # per-image features, for a bootstrap afterwards
+                torch.save(features, folder / "test_features.pt")
             print(md_path.read_text())
             written = f"{json_path}, {md_path} and {grid}" if grid else f"{json_path} and {md_path}"
             print(f"metrics written to {written}")
