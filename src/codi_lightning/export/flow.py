@@ -28,7 +28,7 @@ from ..diffusion import FlowSchedule, sampling_timesteps
 from ..models.builders import multiple_from_config
 from ..models.lora import LORA_FILE
 from ..models.teachers import flux, sd3
-from .exporter import _sub_state, any_size_section, card_budgets
+from .parts import any_size_section, card_budgets, fused_network, lora_metadata, sub_state
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def export_flow(
 ) -> str:  # fmt: skip
     """Write the export of a ``family`` (``sd3``, ``flux``) checkpoint into ``out``;
     returns what was written (for the summary). ``lora``: the checkpoint's LoRA of the
-    transformer (``exporter.lora_state``), written to ``lora/`` or, with ``lora_mode``
+    transformer (``parts.lora_state``), written to ``lora/`` or, with ``lora_mode``
     ``merge``, merged into ``transformer/``."""
     import diffusers
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler
@@ -88,17 +88,15 @@ def export_flow(
         spec.adapter_config(config, hp.get("adapter_layers"))
     )
     prefix = {"target": "target.controlnet.", "online": "controlnet."}[weights]
-    controlnet.load_state_dict(_sub_state(state, prefix), strict=True)
+    controlnet.load_state_dict(sub_state(state, prefix), strict=True)
     controlnet.save_pretrained(out / "controlnet", safe_serialization=True)
     codi = hp.get("method") == "codi"
     if codi:
         transformer = network_cls.from_config(config)
         prefix = {"target": "target.unet.", "online": "student_unet."}[weights]
-        transformer.load_state_dict(_sub_state(state, prefix), strict=True)
+        transformer.load_state_dict(sub_state(state, prefix), strict=True)
         transformer.save_pretrained(out / "transformer", safe_serialization=True)
     if lora:
-        from .exporter import fused_network, lora_metadata
-
         lora = {"transformer." + k.removeprefix("unet."): v for k, v in lora.items()}
         if lora_mode == "merge":
             fused = fused_network(network_cls, base, "transformer", lora, hp, kw)
