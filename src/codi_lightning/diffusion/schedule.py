@@ -97,11 +97,6 @@ class NoiseSchedule:
         abar = _on_device(self, self.alphas_cumprod, t.device)[t.long()]
         return _broadcast(abar.sqrt(), like), _broadcast((1.0 - abar).sqrt(), like)
 
-    def add_noise(self, x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """Forward process ``z_t = alpha_t x + sigma_t eps`` (METHOD.md step 1)."""
-        alpha, sigma = self.alpha_sigma(t, x)
-        return alpha * x + sigma * noise
-
     def boundary(self, z: Tensor, x_hat: Tensor, t: Tensor) -> Tensor:
         """The consistency function ``f(z_t, t)``: LCM's ``c_skip z + c_out x_hat``."""
         return apply_boundary(z, x_hat, t)
@@ -174,8 +169,6 @@ class FlowSchedule:
         :meth:`NoiseSchedule.alpha_sigma`."""
         sigma = _broadcast(_on_device(self, self.sigmas, t.device)[t.long()], like)
         return 1 - sigma, sigma
-
-    add_noise = NoiseSchedule.add_noise  # z_t = alpha_t x + sigma_t eps, alpha = 1 - sigma
 
     def boundary(self, z: Tensor, x_hat: Tensor, t: Tensor) -> Tensor:
         """``f = x_hat = z - sigma v_hat``: it already equals ``z`` at ``sigma = 0``, so no

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..diffusion import TileGrid
-from .conditioning import PromptEncoder, tokenize
+from .conditioning import PromptEncoder
 
 DEFAULT_COND_CHANNELS = (16, 32, 96, 256)
 
@@ -146,13 +146,6 @@ def load_vae(pretrained: str, vae_path: str | None, weights: dict[str, Any]) -> 
 
 
 @torch.no_grad()
-def encode_prompts(tokenizer, text_encoder: nn.Module, prompts, device: torch.device | str):
-    """y: CLIP last hidden states [B, L, D], prompts padded to the tokenizer's maximum
-    length (as Stable Diffusion pipelines do). SD 1.x/2.x only; the families' encoders
-    are :class:`PromptEncoder` subclasses."""
-    return text_encoder(tokenize(tokenizer, prompts).to(device))[0]
-
-
 def build_family_adapter(
     parts: TeacherParts,
     conditioning_embedding_out_channels: tuple[int, ...] | None = None,

@@ -16,7 +16,9 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from ..checkpoints import (
     check_checkpoint,
@@ -484,8 +486,8 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
                 with torch.no_grad():
                     for p in self.lora.parameters():
                         p.data = p.data.float()
-        strategy = type(self.trainer.strategy).__name__ if self._trainer else ""
-        if strategy == "FSDPStrategy" and self.lora is not None:
+        fsdp1 = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
+        if fsdp1 and self.lora is not None:
             raise ValueError(
                 f"model.lora_rank={hp.lora_rank} under FSDP1 (FSDPStrategy) is not supported: "
                 "use the FSDP2 preset (configs/trainer/fsdp.yaml) or DDP"
@@ -701,7 +703,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         if not params:
             return
         root = getattr(self.trainer.strategy, "model", None)
-        if type(root).__name__ == "FullyShardedDataParallel":  # FSDP1: its own sharded norm
+        if isinstance(root, FullyShardedDataParallel):  # FSDP1: its own sharded norm
             norm = root.clip_grad_norm_(float("inf"))
         else:
             norm = global_grad_norm([p.grad for p in params])
