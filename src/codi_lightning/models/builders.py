@@ -104,7 +104,7 @@ def load_teacher(
             "`codi_lightning.models.write_tiny_teacher` to make one."
         ) from err
     channels = int(unet.config.in_channels)
-    pixels = 3 * (4 if family.name == "flux" else 1)  # Flux packs 2x2 patches
+    pixels = 3 * family.packed_channels  # Flux packs 2x2 patches
     if pixel_space and channels != pixels:
         raise ValueError(
             f"model.pixel_space is true but the teacher's {network_class} takes {channels}-"
@@ -159,21 +159,19 @@ def build_family_adapter(
     embedding, zero-initialised or, with ``condition_init="random"``, PyTorch's default
     init: the output projections stay zero either way, so the adapted model equals the
     teacher at step 0; ``conditioning_embedding_out_channels`` does not apply)."""
-    if parts.family in ("sd3", "flux"):
-        from .teachers import flux, sd3
+    from .teachers import FAMILIES
 
+    family = FAMILIES[parts.family]
+    if family.build_adapter is not None:
         if conditioning_embedding_out_channels:
             raise ValueError(
                 f"model.adapter_cond_channels applies to UNet teachers; an {parts.family} "
                 "adapter takes the condition as VAE latents: leave it unset (and see "
                 "model.adapter_layers)"
             )
-        family = sd3 if parts.family == "sd3" else flux
         adapter = family.build_adapter(parts.unet, layers)
         if condition_init == "random":  # the condition's embedding, as a ControlNet's
-            # embedder's last conv
-            embed = adapter.pos_embed_input.proj if family is sd3 else adapter.controlnet_x_embedder
-            embed.reset_parameters()
+            family.condition_embedding(adapter).reset_parameters()  # embedder's last conv
         elif condition_init != "zero":
             raise ValueError(
                 f"adapter condition_init={condition_init!r}; choose 'zero' or 'random'"
@@ -260,12 +258,11 @@ def network_multiple(unet: nn.Module) -> tuple[int, str]:
 
 
 def multiple_from_config(class_name: str, config: Any) -> tuple[int, str]:
-    """:func:`network_multiple` of a network of ``class_name`` with ``config``."""
-    if class_name.startswith("Flux"):  # 1x1 patches of 2x2-packed latents
-        return 2 * int(config["patch_size"]), "Flux's 2x2 latent packing"
-    if "patch_size" in config:
-        return int(config["patch_size"]), "transformer patch size"
-    return 2 ** (len(config["block_out_channels"]) - 1), "UNet downsampling"
+    """:func:`network_multiple` of a network of ``class_name`` with ``config`` (its
+    family's ``network_multiple``)."""
+    from .teachers import family_of_network
+
+    return family_of_network(class_name).network_multiple(config)
 
 
 def check_resolution(resolution: int, vae_scale: int, unet: nn.Module) -> None:

@@ -23,9 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-# UNet; SD3 and Flux transformers (Flux: double- and single-stream blocks)
-BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks")
-BLOCKS = ("mid_block",)
+from ..models.teachers import FAMILIES
+
+# each family's block lists and single blocks (UNet: down/mid/up; SD3: joint blocks;
+# Flux: double- and single-stream blocks), in a fixed order
+BLOCK_LISTS = tuple(dict.fromkeys(n for f in FAMILIES.values() for n in f.fsdp_block_lists))
+BLOCKS = tuple(dict.fromkeys(n for f in FAMILIES.values() for n in f.fsdp_blocks))
 
 
 def shard_blocks(module: nn.Module, mesh) -> int:
@@ -132,38 +135,11 @@ def enable_memory_savers(
 
 
 def diffusers_block_classes() -> set[type[nn.Module]]:
-    """FSDP1 auto-wrap units: every diffusers UNet/ControlNet block class, SD3's joint
-    transformer block and Flux's double- and single-stream blocks, and the
-    UNet/ControlNet/SD3/Flux models themselves, so the online
-    adapter and its EMA copy are separate units with the same layout and frozen models
-    never share a unit with trainable ones."""
-    from diffusers import (
-        ControlNetModel,
-        FluxControlNetModel,
-        FluxTransformer2DModel,
-        SD3ControlNetModel,
-        SD3Transformer2DModel,
-        UNet2DConditionModel,
-    )
-    from diffusers.models.attention import JointTransformerBlock
-    from diffusers.models.unets import unet_2d_blocks
-
-    blocks = {
-        cls
-        for name, cls in vars(unet_2d_blocks).items()
-        if isinstance(cls, type)
-        and issubclass(cls, nn.Module)
-        and name.endswith(("Block2D", "Block2DCrossAttn"))
-    }
-    from diffusers.models.transformers.transformer_flux import (
-        FluxSingleTransformerBlock,
-        FluxTransformerBlock,
-    )
-
-    sd3 = {JointTransformerBlock, SD3ControlNetModel, SD3Transformer2DModel}
-    flux = {FluxTransformerBlock, FluxSingleTransformerBlock, FluxControlNetModel,
-            FluxTransformer2DModel}  # fmt: skip
-    return blocks | sd3 | flux | {ControlNetModel, UNet2DConditionModel}
+    """FSDP1 auto-wrap units: every family's block classes and its network and adapter
+    models (``TeacherFamily.fsdp_block_classes``), so the online adapter and its EMA
+    copy are separate units with the same layout and frozen models never share a unit
+    with trainable ones."""
+    return set().union(*(family.fsdp_block_classes() for family in FAMILIES.values()))
 
 
 try:  # FSDP1 policy class for YAML: `auto_wrap_policy: {class_path: ...DiffusersBlockWrapPolicy}`

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from ..conditioning import Conditioning, PromptEncoder, tokenize
+from ..lora import TRANSFORMER_LORA_TARGETS
+from .base import TeacherFamily
 from .sd3 import adapter_layers
 
 T5_LENGTH = 512  # the T5 sequence length of the stock Flux pipelines (max_sequence_length)
@@ -164,3 +166,39 @@ def build_adapter(transformer: nn.Module, num_layers: int | None = None) -> nn.M
     for p in adapter.controlnet_x_embedder.parameters():
         nn.init.zeros_(p)
     return adapter
+
+
+def network_multiple(config: Mapping[str, Any]) -> tuple[int, str]:
+    """1x1 patches of 2x2-packed latents: a multiple of 2 x the patch size."""
+    return 2 * int(config["patch_size"]), "Flux's 2x2 latent packing"
+
+
+def block_classes() -> set[type[nn.Module]]:
+    """FSDP1 units: the double- and single-stream blocks, the transformer and its
+    ControlNet."""
+    from diffusers import FluxControlNetModel, FluxTransformer2DModel
+    from diffusers.models.transformers.transformer_flux import (
+        FluxSingleTransformerBlock,
+        FluxTransformerBlock,
+    )
+
+    return {FluxTransformerBlock, FluxSingleTransformerBlock, FluxControlNetModel,
+            FluxTransformer2DModel}  # fmt: skip
+
+
+FAMILY = TeacherFamily(
+    "flux",
+    load_prompt_encoder,
+    forward,
+    pipelines=("Flux",),
+    network=("transformer", "FluxTransformer2DModel"),
+    latent_condition=True,
+    lora_targets=TRANSFORMER_LORA_TARGETS,
+    packed_channels=4,
+    build_adapter=build_adapter,
+    condition_embedding=lambda adapter: adapter.controlnet_x_embedder,
+    network_multiple=network_multiple,
+    fsdp_block_lists=("transformer_blocks", "single_transformer_blocks"),
+    fsdp_blocks=(),
+    fsdp_block_classes=block_classes,
+)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..conditioning import Conditioning, PromptEncoder, tokenize
+from .base import TeacherFamily
 
 
 class CLIPPromptEncoder(PromptEncoder):
@@ -58,3 +59,6 @@ def forward(
         mid_block_additional_residual=mid,
         **y,
     ).sample
+
+
+FAMILY = TeacherFamily("sd", load_prompt_encoder, forward)

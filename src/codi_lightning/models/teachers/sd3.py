@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..conditioning import Conditioning, PromptEncoder, tokenize
+from ..lora import TRANSFORMER_LORA_TARGETS
+from .base import TeacherFamily, patch_multiple
 
 T5_LENGTH = 256  # the T5 sequence length of the stock SD3 pipelines (max_sequence_length)
 
@@ -166,3 +168,28 @@ def build_adapter(transformer: nn.Module, num_layers: int | None = None) -> nn.M
     for p in adapter.pos_embed_input.parameters():
         nn.init.zeros_(p)
     return adapter
+
+
+def block_classes() -> set[type[nn.Module]]:
+    """FSDP1 units: the joint transformer block, the transformer and its ControlNet."""
+    from diffusers import SD3ControlNetModel, SD3Transformer2DModel
+    from diffusers.models.attention import JointTransformerBlock
+
+    return {JointTransformerBlock, SD3ControlNetModel, SD3Transformer2DModel}
+
+
+FAMILY = TeacherFamily(
+    "sd3",
+    load_prompt_encoder,
+    forward,
+    pipelines=("StableDiffusion3",),
+    network=("transformer", "SD3Transformer2DModel"),
+    latent_condition=True,
+    lora_targets=TRANSFORMER_LORA_TARGETS,
+    build_adapter=build_adapter,
+    condition_embedding=lambda adapter: adapter.pos_embed_input.proj,
+    network_multiple=patch_multiple,
+    fsdp_block_lists=("transformer_blocks",),
+    fsdp_blocks=(),
+    fsdp_block_classes=block_classes,
+)

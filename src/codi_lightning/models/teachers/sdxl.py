@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from ..conditioning import Conditioning, ImageSizes, PromptEncoder, tokenize
+from . import sd
+from .base import TeacherFamily
 
 
 class SDXLPromptEncoder(PromptEncoder):
@@ -84,3 +86,9 @@ def load_prompt_encoder(
         CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer_2", **kw),
         zero_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
     )
+
+
+FAMILY = TeacherFamily(
+    "sdxl", load_prompt_encoder, sd.forward, pipelines=("StableDiffusionXL",),
+    vae_overflows_in_fp16=True,
+)  # fmt: skip

@@ -1,0 +1,85 @@
+"""What a teacher family is: the record each family file fills in (``FAMILY``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ..conditioning import PromptEncoder
+from ..lora import UNET_LORA_TARGETS
+
+
+def unet_multiple(config: Mapping[str, Any]) -> tuple[int, str]:
+    """A UNet's latent-size multiple: its downsampling to the lowest level."""
+    return 2 ** (len(config["block_out_channels"]) - 1), "UNet downsampling"
+
+
+def patch_multiple(config: Mapping[str, Any]) -> tuple[int, str]:
+    """A patch transformer's latent-size multiple: its patch size."""
+    return int(config["patch_size"]), "transformer patch size"
+
+
+def unet_block_classes() -> set[type[nn.Module]]:
+    """Every diffusers UNet/ControlNet block class, and the two models themselves."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from diffusers.models.unets import unet_2d_blocks
+
+    blocks = {
+        cls
+        for name, cls in vars(unet_2d_blocks).items()
+        if isinstance(cls, type)
+        and issubclass(cls, nn.Module)
+        and name.endswith(("Block2D", "Block2DCrossAttn"))
+    }
+    return blocks | {ControlNetModel, UNet2DConditionModel}
+
+
+@dataclass(frozen=True)
+class TeacherFamily:
+    """Attributes:
+    name: ``sd`` (SD 1.x/2.x), ``sdxl``, ``sd3`` (SD3 / SD3.5) or ``flux`` (Flux.1).
+    pipelines: prefixes of ``model_index.json``'s ``_class_name`` that mean this family
+        (the longest matching prefix wins; a folder matching none is ``sd``).
+    load_prompt_encoder: ``(pretrained, model_index, kw, weights) -> PromptEncoder``.
+    forward: ``(network, adapter | None, z, timestep, text, cond) -> output``: the
+        network with the adapter's residuals; ``timestep`` is what the network is fed
+        (``schedule.model_timesteps``).
+    network: ``(subfolder, diffusers class name)`` of the denoising network.
+    latent_condition: the adapter takes the condition as VAE latents (SD3's
+        ``SD3ControlNetModel``, Flux's ``FluxControlNetModel``), not as pixels
+        (``ControlNetModel``).
+    vae_overflows_in_fp16: the stock VAE overflows in fp16 (SDXL): it runs in fp32 or
+        bf16 unless the VAE's config says ``force_upcast: false`` (fp16-fix VAEs).
+    lora_targets: module-name suffixes of the network that take a LoRA by default.
+    packed_channels: latent channels per VAE channel the network takes (Flux packs
+        2x2 patches: 4).
+    build_adapter: ``(network, layers) -> adapter`` for a transformer family (its
+        ControlNet of ``layers`` blocks); None: the UNet ControlNet of
+        ``models.builders.build_adapter``.
+    condition_embedding: ``adapter -> layer`` that embeds the condition (reset to
+        PyTorch's default init by ``condition_init: random``); transformer families.
+    network_multiple: ``config -> (multiple, what sets it)``: the multiple of the
+        latent's sides the network takes.
+    fsdp_block_lists / fsdp_blocks: attribute names of block lists / single blocks of
+        the network and its adapter, each an FSDP2 unit.
+    fsdp_block_classes: ``() -> classes`` that are FSDP1 auto-wrap units (blocks, the
+        network and adapter models)."""
+
+    name: str
+    load_prompt_encoder: Callable[..., PromptEncoder]
+    forward: Callable[..., Any]
+    pipelines: tuple[str, ...] = ()
+    network: tuple[str, str] = ("unet", "UNet2DConditionModel")
+    latent_condition: bool = False
+    vae_overflows_in_fp16: bool = False
+    lora_targets: tuple[str, ...] = UNET_LORA_TARGETS
+    packed_channels: int = 1
+    build_adapter: Callable[[nn.Module, int | None], nn.Module] | None = None
+    condition_embedding: Callable[[nn.Module], nn.Module] | None = None
+    network_multiple: Callable[[Mapping[str, Any]], tuple[int, str]] = unet_multiple
+    fsdp_block_lists: tuple[str, ...] = ("down_blocks", "up_blocks")
+    fsdp_blocks: tuple[str, ...] = ("mid_block",)
+    fsdp_block_classes: Callable[[], set[type[nn.Module]]] = unet_block_classes
