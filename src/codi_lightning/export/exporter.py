@@ -133,9 +133,9 @@ def export_checkpoint(
     state = checkpoint["state_dict"]
     kw = {"revision": hp.get("revision")}
     index = read_model_index(base, hp.get("revision"))
-    family = family_of(index).name
+    family = family_of(index)
     lora_weights = lora_state(state, hp, weights, ckpt)
-    if family in ("sd3", "flux"):
+    if family.flow_export is not None:
         out = _partial_folder(output)
         step = checkpoint.get("global_step", 0)
         which = export_flow(family, hp, state, base, out, weights, step, kw, lora_weights, lora)
@@ -175,10 +175,9 @@ def export_checkpoint(
         merged = fused_network(UNet2DConditionModel, base, "unet", lora_weights, hp, kw)
         merged.save_pretrained(out / "unet", safe_serialization=True)
     elif lora_weights:
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        import diffusers
 
-        saver = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-        saver.save_lora_weights(
+        getattr(diffusers, family.lora_saver).save_lora_weights(
             out / "lora",
             weight_name=LORA_FILE,
             unet_lora_layers={k[len("unet.") :]: v for k, v in lora_weights.items()},
@@ -207,7 +206,7 @@ def export_checkpoint(
     step = checkpoint.get("global_step", 0)
     folders = {d for d in ("unet", "lora") if (out / d).is_dir()}
     card = _model_card(
-        hp, base, weights, step, num_train, family, unet, zero_empty, vae_scale, folders
+        hp, base, weights, step, num_train, family.name, unet, zero_empty, vae_scale, folders
     )
     (out / "README.md").write_text(card)
     which = " + ".join(f"{d}/" for d in ("unet", "lora", "controlnet") if (out / d).is_dir())

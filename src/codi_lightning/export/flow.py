@@ -20,41 +20,14 @@ checks that the stock pipelines with either scheduler reproduce the module's sam
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..diffusion import FlowSchedule, sampling_timesteps
 from ..models.builders import multiple_from_config
 from ..models.lora import LORA_FILE
-from ..models.teachers import flux, sd3
+from ..models.teachers.base import FlowExport, TeacherFamily
 from .parts import any_size_section, card_budgets, fused_network, lora_metadata, sub_state
-
-
-@dataclass(frozen=True)
-class FlowExport:
-    """What differs between the families' exports: the diffusers class names, the
-    adapter's config for a given transformer config, and the model card's notes."""
-
-    title: str
-    adapter: str
-    network: str
-    pipeline: str
-    adapter_config: Any  # (transformer config, model.adapter_layers) -> adapter config
-    guidance: float  # the pipeline's guidance_scale that reproduces training
-    t5_tokenizer: str  # the T5 tokenizer's subfolder
-    t5_length: int  # the T5 sequence length of the module (with a tokenizer at least as long)
-    lora_saver: str  # the diffusers pipeline whose save_lora_weights writes a LoRA
-
-
-EXPORTS = {
-    "sd3": FlowExport("SD3 family", "SD3ControlNetModel", "SD3Transformer2DModel",
-                      "StableDiffusion3ControlNetPipeline", sd3.adapter_config, 1.0,
-                      "tokenizer_3", sd3.T5_LENGTH, "StableDiffusion3Pipeline"),
-    "flux": FlowExport("Flux", "FluxControlNetModel", "FluxTransformer2DModel",
-                       "FluxControlNetPipeline", flux.adapter_config, flux.GUIDANCE,
-                       "tokenizer_2", flux.T5_LENGTH, "FluxPipeline"),
-}  # fmt: skip
 
 
 def t5_length(spec: FlowExport, base: str, kw: dict) -> int | None:
@@ -71,17 +44,17 @@ def t5_length(spec: FlowExport, base: str, kw: dict) -> int | None:
 
 
 def export_flow(
-    family: str, hp: dict[str, Any], state: dict, base: str, out: Path, weights: str,
+    family: TeacherFamily, hp: dict[str, Any], state: dict, base: str, out: Path, weights: str,
     step: int, kw: dict, lora: dict | None = None, lora_mode: str = "separate",
 ) -> str:  # fmt: skip
-    """Write the export of a ``family`` (``sd3``, ``flux``) checkpoint into ``out``;
+    """Write the export of a checkpoint of a flow ``family`` (its ``flow_export``) into ``out``;
     returns what was written (for the summary). ``lora``: the checkpoint's LoRA of the
     transformer (``parts.lora_state``), written to ``lora/`` or, with ``lora_mode``
     ``merge``, merged into ``transformer/``."""
     import diffusers
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler
 
-    spec = EXPORTS[family]
+    spec = family.flow_export
     network_cls = getattr(diffusers, spec.network)
     config = network_cls.load_config(base, subfolder="transformer", **kw)
     controlnet = getattr(diffusers, spec.adapter).from_config(
@@ -133,14 +106,14 @@ def export_flow(
         tokens = (int(size) // vae_scale // 2) ** 2
     schedule = FlowSchedule.from_config(scheduler_config, tokens)
     folders = [d for d in ("transformer", "lora") if (out / d).is_dir()]
-    card = _card(spec, hp, base, weights, step, schedule, "transformer" in folders, size,
+    card = _card(spec, family.name, hp, base, weights, step, schedule, "transformer" in folders, size,
                  multiple, t5_length(spec, base, kw), lora="lora" in folders)  # fmt: skip
     (out / "README.md").write_text(card)
     return " + ".join(f"{d}/" for d in [*folders, "controlnet"])
 
 
 def _card(
-    spec: FlowExport, hp: dict[str, Any], base: str, weights: str, step: int,
+    spec: FlowExport, tag: str, hp: dict[str, Any], base: str, weights: str, step: int,
     schedule: FlowSchedule, codi: bool, size: int | None, multiple: int = 16,
     max_length: int | None = None, lora: bool = False,
 ) -> str:  # fmt: skip
@@ -194,7 +167,6 @@ def _card(
             "\n`guidance_scale` is fed to the transformer's guidance input (one pass, no "
             f"classifier-free guidance); the model was distilled {trained}.\n"
         )
-    tag = "flux" if spec.pipeline.startswith("Flux") else "sd3"
     load_lora = (
         '\npipe.load_lora_weights(f"{folder}/lora")  # the LoRA of the base transformer'
         if lora

@@ -25,6 +25,7 @@ from ..models import (
     vae_tiles,
 )
 from ..models.lora import LORA_FILE
+from ..models.teachers import FAMILIES
 
 
 class CoDiPipeline:
@@ -76,11 +77,11 @@ class CoDiPipeline:
         from diffusers import UNet2DConditionModel
 
         parts = load_teacher(base, pixel_space=pixel_space, torch_dtype=torch_dtype)
-        stock = {"sd3": ("an SD3-family", "StableDiffusion3ControlNetPipeline"),
-                 "flux": ("a Flux", "FluxControlNetPipeline")}.get(parts.family)  # fmt: skip
-        if stock is not None:
+        flow = FAMILIES[parts.family].flow_export
+        if flow is not None:
             raise NotImplementedError(
-                f"{base} is {stock[0]} model: load the export into diffusers' {stock[1]} "
+                f"{base} is a {flow.title} model: load the export into diffusers' "
+                f"{flow.pipeline} "
                 "(the export's README.md shows how), or sample from the checkpoint with "
                 "CoDiDistillation.load_from_checkpoint"
             )

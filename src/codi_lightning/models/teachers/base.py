@@ -38,6 +38,23 @@ def unet_block_classes() -> set[type[nn.Module]]:
 
 
 @dataclass(frozen=True)
+class FlowExport:
+    """How a flow-transformer family exports (``export.flow``): the diffusers class
+    names, the adapter's config for a given transformer config, and the model card's
+    notes."""
+
+    title: str
+    adapter: str
+    network: str
+    pipeline: str
+    adapter_config: Callable[..., dict]  # (transformer config, adapter_layers) -> config
+    guidance: float  # the pipeline's guidance_scale that reproduces training
+    t5_tokenizer: str  # the T5 tokenizer's subfolder
+    t5_length: int  # the T5 sequence length of the module (with a tokenizer at least as long)
+    lora_saver: str  # the diffusers pipeline whose save_lora_weights writes a LoRA
+
+
+@dataclass(frozen=True)
 class TeacherFamily:
     """Attributes:
     name: ``sd`` (SD 1.x/2.x), ``sdxl``, ``sd3`` (SD3 / SD3.5) or ``flux`` (Flux.1).
@@ -66,7 +83,11 @@ class TeacherFamily:
     fsdp_block_lists / fsdp_blocks: attribute names of block lists / single blocks of
         the network and its adapter, each an FSDP2 unit.
     fsdp_block_classes: ``() -> classes`` that are FSDP1 auto-wrap units (blocks, the
-        network and adapter models)."""
+        network and adapter models).
+    lora_saver: the diffusers pipeline whose ``save_lora_weights`` writes the LoRA of a
+        UNet export (``export.exporter``).
+    flow_export: a flow-transformer family's export (``export.flow``); None: the UNet
+        export of ``export.exporter``."""
 
     name: str
     load_prompt_encoder: Callable[..., PromptEncoder]
@@ -83,3 +104,5 @@ class TeacherFamily:
     fsdp_block_lists: tuple[str, ...] = ("down_blocks", "up_blocks")
     fsdp_blocks: tuple[str, ...] = ("mid_block",)
     fsdp_block_classes: Callable[[], set[type[nn.Module]]] = unet_block_classes
+    lora_saver: str = "StableDiffusionPipeline"
+    flow_export: FlowExport | None = None

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..conditioning import Conditioning, PromptEncoder, tokenize
 from ..lora import TRANSFORMER_LORA_TARGETS
-from .base import TeacherFamily
+from .base import FlowExport, TeacherFamily
 from .sd3 import adapter_layers
 
 T5_LENGTH = 512  # the T5 sequence length of the stock Flux pipelines (max_sequence_length)
@@ -201,4 +201,15 @@ FAMILY = TeacherFamily(
     fsdp_block_lists=("transformer_blocks", "single_transformer_blocks"),
     fsdp_blocks=(),
     fsdp_block_classes=block_classes,
+    flow_export=FlowExport(
+        "Flux",
+        "FluxControlNetModel",
+        "FluxTransformer2DModel",
+        "FluxControlNetPipeline",
+        adapter_config,
+        GUIDANCE,
+        "tokenizer_2",
+        T5_LENGTH,
+        "FluxPipeline",
+    ),  # fmt: skip
 )

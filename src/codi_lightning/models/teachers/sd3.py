@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..conditioning import Conditioning, PromptEncoder, tokenize
 from ..lora import TRANSFORMER_LORA_TARGETS
-from .base import TeacherFamily, patch_multiple
+from .base import FlowExport, TeacherFamily, patch_multiple
 
 T5_LENGTH = 256  # the T5 sequence length of the stock SD3 pipelines (max_sequence_length)
 
@@ -192,4 +192,15 @@ FAMILY = TeacherFamily(
     fsdp_block_lists=("transformer_blocks",),
     fsdp_blocks=(),
     fsdp_block_classes=block_classes,
+    flow_export=FlowExport(
+        "SD3 family",
+        "SD3ControlNetModel",
+        "SD3Transformer2DModel",
+        "StableDiffusion3ControlNetPipeline",
+        adapter_config,
+        1.0,
+        "tokenizer_3",
+        T5_LENGTH,
+        "StableDiffusion3Pipeline",
+    ),  # fmt: skip
 )

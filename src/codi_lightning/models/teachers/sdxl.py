@@ -90,5 +90,5 @@ def load_prompt_encoder(
 
 FAMILY = TeacherFamily(
     "sdxl", load_prompt_encoder, sd.forward, pipelines=("StableDiffusionXL",),
-    vae_overflows_in_fp16=True,
+    vae_overflows_in_fp16=True, lora_saver="StableDiffusionXLPipeline",
 )  # fmt: skip
