@@ -212,7 +212,8 @@ def test_uneven_eval_shards_give_every_rank_as_many_batches(uneven_shards, patte
 @pytest.mark.parametrize("rows", ["0-6/6-10", "0-10/"], ids=["uneven", "one-rank-empty"])
 def test_metrics_over_uneven_ranks_equal_one_process(rows, tmp_path):
     """FID, KID, SWD, PSNR... over ranks that saw different numbers of batches (or none)
-    equal the one-process values over the same samples."""
+    equal the one-process values over the same samples; so do the stored per-image
+    features (rank by rank: the same rows in the same order)."""
     _run(["metrics", "--out", str(tmp_path / "one"), "--rows", "0-10"], 1, tmp_path)
     _run(["metrics", "--out", str(tmp_path / "two"), "--rows", rows], 2, tmp_path)
     ref = json.loads((tmp_path / "one" / "rank0.json").read_text())
@@ -221,6 +222,12 @@ def test_metrics_over_uneven_ranks_equal_one_process(rows, tmp_path):
         assert got["images"] == ref["images"] == 10
         for name, value in ref.items():
             assert got[name] == pytest.approx(value, rel=1e-4, abs=1e-6), (rank, name)
+    one = torch.load(tmp_path / "one" / "features0.pt", weights_only=True)
+    for rank in (0, 1):
+        two = torch.load(tmp_path / "two" / f"features{rank}.pt", weights_only=True)
+        for side in ("real", "fake"):
+            assert two[side].shape == one[side].shape == (10, 256)
+            assert torch.allclose(two[side], one[side], atol=1e-6), (rank, side)
 
 
 def test_fsdp_bf16_mixed_keeps_fp32_master_and_ema(tiny_teacher, tmp_path):

@@ -145,14 +145,16 @@ def metrics(args: argparse.Namespace) -> None:
     part = args.rows.split("/")[rank]
     lo, hi = (int(v) for v in part.split("-")) if part else (0, 0)
     config = MetricsConfig(feature="random_conv", lpips=False, kid_subset_size=1000, swd=True,
-                           input_consistency_factor=4)  # fmt: skip
+                           input_consistency_factor=4, save_features=True)  # fmt: skip
     suite = EvalSuite(config, [1])
     for i in range(lo, hi, 2):
         suite.update(1, preds[i : min(i + 2, hi)], target[i : min(i + 2, hi)])
     results = suite.compute()[1]
+    features = suite.features()[1]["fid"]  # a collective too: every rank
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.json").write_text(json.dumps(results))
+    torch.save(features, out / f"features{rank}.pt")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

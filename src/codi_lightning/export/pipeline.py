@@ -80,8 +80,8 @@ class CoDiPipeline:
         flow = FAMILIES[parts.family].flow_export
         if flow is not None:
             raise NotImplementedError(
-                f"{base} is a {flow.title} model: load the export into diffusers' "
-                f"{flow.pipeline} "
+                f"{base} is a flow-transformer teacher ({flow.title}): load the export into "
+                f"diffusers' {flow.pipeline} "
                 "(the export's README.md shows how), or sample from the checkpoint with "
                 "CoDiDistillation.load_from_checkpoint"
             )

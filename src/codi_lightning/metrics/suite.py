@@ -404,7 +404,8 @@ class EvalSuite(nn.Module):
     def features(self) -> dict[int, dict[str, dict[str, Tensor]]]:
         """With ``save_features``: per step count, the stored features behind ``fid``
         (and ``fid_res``) as ``{"real": [N, D], "fake": [N, D]}``, gathered from every
-        rank (a collective: call on every rank, after :meth:`compute`)."""
+        rank (a collective: call on every rank)."""
+        self._align_list_states()  # ranks that saw no batch take part with empty rows
         out: dict[int, dict[str, dict[str, Tensor]]] = {}
         for steps in self.step_counts:
             g = self.groups[str(steps)]

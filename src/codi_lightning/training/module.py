@@ -18,7 +18,6 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
-from torch.distributed.fsdp import FullyShardedDataParallel
 
 from ..checkpoints import (
     check_checkpoint,
@@ -67,6 +66,15 @@ from .run import check_float_pixels, logs_this_step, run_dir, seeded_generator
 from .visualize import save_grid
 
 FROZEN_PREFIXES = ("unet.", "vae.", "text_encoder.")
+
+
+def _is_fsdp1(module: Any) -> bool:
+    """``module`` is wrapped by FSDP1 (False on a torch without distributed)."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(module, FullyShardedDataParallel)
 
 
 def sample_keys(batch: dict[str, Any], field: str, batch_idx: int) -> list[str]:
@@ -703,7 +711,7 @@ class CoDiDistillation(SkipFrozenState, L.LightningModule):
         if not params:
             return
         root = getattr(self.trainer.strategy, "model", None)
-        if isinstance(root, FullyShardedDataParallel):  # FSDP1: its own sharded norm
+        if _is_fsdp1(root):  # FSDP1: its own sharded norm
             norm = root.clip_grad_norm_(float("inf"))
         else:
             norm = global_grad_norm([p.grad for p in params])
