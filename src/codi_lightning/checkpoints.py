@@ -293,17 +293,12 @@ def _load_sharded(path: Path) -> dict[str, Any]:
     :func:`verify_sharded` (nothing in the folder is unpickled beyond torch's metadata
     classes, tensors and plain data), ``weights_only=True`` for its ``meta.pt``."""
     from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    from .compat import load_dcp_state
 
     checkpoint: dict[str, Any] = {}
     try:
-        _load_state_dict(
-            checkpoint,
-            storage_reader=_safe_reader(path),
-            planner=_safe_bytes(_EmptyStateDictLoadPlanner)(),
-            no_dist=True,
-        )
+        load_dcp_state(checkpoint, _safe_reader(path), _safe_bytes)
     except (pickle.UnpicklingError, CheckpointException) as err:
         if _global_named(err) is None:
             raise

@@ -30,6 +30,7 @@ from .checkpoints import (
     is_sharded,
     newest_checkpoint,
 )
+from .compat import parser_options
 from .data import ShardDataModule, write_depth_shards, write_edit_shards, write_shards
 from .data.cache import write_cached_shards
 from .data.datamodule import MissingShardsError, check_local_shards, shard_sources
@@ -109,7 +110,7 @@ class CommandArgumentParser(_ShortErrors, ArgumentParser):
 
 
 def _option_strings(parser: Any) -> list[str]:
-    return [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+    return parser_options(parser)
 
 
 def _class_options(class_path: str, key: str) -> list[str]:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.image import FrechetInceptionDistance
 
+from ..compat import metric_defaults
 from .features import ClassifierFeatures, InceptionFeatures, RandomConvFeatures
 from .swd import SlicedWassersteinDistance
 from .weights import (
@@ -354,7 +355,7 @@ class EvalSuite(nn.Module):
             f"{path}.{attr}": (metric, attr)
             for path, metric in self.named_modules()
             if isinstance(metric, Metric)
-            for attr, default in metric._defaults.items()
+            for attr, default in metric_defaults(metric).items()
             if isinstance(default, list)
         }
         mine = {}

@@ -8,6 +8,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from ..compat import logger_connector
+
 
 def run_dir(trainer: L.Trainer) -> Path:
     """Where a run writes its grids and results: the logger's folder, else
@@ -38,7 +40,7 @@ def logs_this_step(trainer: L.Trainer | None) -> bool:
     """
     if trainer is None:
         return True
-    connector = getattr(trainer, "_logger_connector", None)
+    connector = logger_connector(trainer)
     if bool(getattr(connector, "should_update_logs", True)):
         return True
     max_steps = getattr(trainer, "max_steps", -1) or -1

@@ -177,13 +177,10 @@ def block_classes() -> set[type[nn.Module]]:
     """FSDP1 units: the double- and single-stream blocks, the transformer and its
     ControlNet."""
     from diffusers import FluxControlNetModel, FluxTransformer2DModel
-    from diffusers.models.transformers.transformer_flux import (
-        FluxSingleTransformerBlock,
-        FluxTransformerBlock,
-    )
 
-    return {FluxTransformerBlock, FluxSingleTransformerBlock, FluxControlNetModel,
-            FluxTransformer2DModel}  # fmt: skip
+    from ...compat import flux_block_classes
+
+    return {*flux_block_classes(), FluxControlNetModel, FluxTransformer2DModel}
 
 
 FAMILY = TeacherFamily(
