@@ -570,7 +570,7 @@ def test_sdxl_config_fit_test_predict_export(tmp_path, tiny_sdxl_teacher, tiny_s
     model_index.json alone, and every command runs on it."""
     import json
 
-    from conftest import predict_and_export, write_cli_config
+    from helpers import predict_and_export, write_cli_config
 
     config, out = write_cli_config(tmp_path, "tiny_sdxl_cpu.yaml", tiny_sdxl_teacher, tiny_shards)
     main(["fit", "--config", str(config)])
@@ -590,7 +590,7 @@ def test_predict_writes_every_photo_of_a_mixed_folder_at_its_size(
     of 8: every good input written once at 4x its size (non-square, 1x1, clashing
     names kept apart), every bad one named with its reason, one summary line; with
     ``tiling.mode on`` and 16 px tiles the 12x7 input alone is 3 x 2 tiles."""
-    from conftest import check_predictions, write_photo_folder
+    from helpers import check_predictions, write_photo_folder
 
     config, _ = _tiny_config(tmp_path, tiny_teacher, tiny_shards)
     inputs = tmp_path / "photos"

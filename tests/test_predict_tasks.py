@@ -4,7 +4,7 @@ the backbone are refused in one line."""
 
 import numpy as np
 import pytest
-from conftest import write_checkpoint
+from helpers import write_checkpoint
 from PIL import Image
 from test_cli import _tiny_config
 

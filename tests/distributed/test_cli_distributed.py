@@ -137,7 +137,7 @@ def test_two_process_cli(strategy, tmp_path, tiny_teacher, tiny_shards, uneven_v
 
     # predict: a folder of mixed photos over 2 ranks, in size-grouped batches of 2, some in
     # tiles (the ranks run different numbers of forwards; FSDP2 gathers the adapter once)
-    from conftest import check_predictions, write_photo_folder
+    from helpers import check_predictions, write_photo_folder
 
     inputs = tmp_path / "photos"
     expected, skipped = write_photo_folder(inputs)
@@ -265,7 +265,7 @@ def test_two_process_cli_trains_a_lora_of_the_shared_unet(strategy, tmp_path, ti
                          for k in moved)  # fmt: skip
 
     preds = tmp_path / "preds"
-    from conftest import check_predictions, write_photo_folder
+    from helpers import check_predictions, write_photo_folder
 
     inputs = tmp_path / "photos"
     expected, _ = write_photo_folder(inputs)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import write_checkpoint
+from helpers import write_checkpoint
 from safetensors.torch import load_file
 
 from codi_lightning.diffusion import sampling_timesteps

@@ -6,7 +6,7 @@ teachers."""
 import numpy as np
 import pytest
 import torch
-from conftest import write_checkpoint
+from helpers import write_checkpoint
 from PIL import Image
 from safetensors.torch import load_file
 

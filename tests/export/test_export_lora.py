@@ -4,7 +4,7 @@ into ``unet/``; stock pipelines reproduce the module's samples either way."""
 
 import pytest
 import torch
-from conftest import write_checkpoint
+from helpers import write_checkpoint
 from safetensors.torch import load_file
 from test_export import _run_card
 

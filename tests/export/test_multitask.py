@@ -4,7 +4,7 @@ loaded base model; each task's images equal that task's images alone, bit for bi
 
 import pytest
 import torch
-from conftest import write_checkpoint
+from helpers import write_checkpoint
 
 from codi_lightning.export import CoDiPipeline, export_checkpoint
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import check_adapter_reads_the_condition, check_step_and_sampling, make_batch
+from helpers import check_adapter_reads_the_condition, check_step_and_sampling, make_batch
 
 from codi_lightning.diffusion import FlowSchedule
 from codi_lightning.models import load_teacher
@@ -112,7 +112,7 @@ def test_flux_config_fit_validate_test_predict(tmp_path, tiny_flux_teacher, tiny
     """configs/tiny_flux_cpu.yaml through the CLI: the resolution comes from the data
     (the schedule's shift depends on it) and is recorded in the checkpoint; fit (with
     validation), test, predict and export run."""
-    from conftest import predict_and_export, write_cli_config
+    from helpers import predict_and_export, write_cli_config
 
     from codi_lightning.checkpoints import read_checkpoint
     from codi_lightning.cli import main

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import check_adapter_reads_the_condition, check_step_and_sampling, make_batch
+from helpers import check_adapter_reads_the_condition, check_step_and_sampling, make_batch
 
 from codi_lightning.diffusion import FlowSchedule
 from codi_lightning.models import load_teacher
@@ -112,7 +112,7 @@ def test_sd3_config_fit_validate_test_predict(tmp_path, tiny_sd3, tiny_shards):
     """configs/tiny_sd3_cpu.yaml through the CLI: the teacher is told apart by its
     model_index.json alone; fit (with validation), validate, test, predict and export run
     on it."""
-    from conftest import predict_and_export, write_cli_config
+    from helpers import predict_and_export, write_cli_config
 
     from codi_lightning.cli import main
 

@@ -4,7 +4,7 @@ the VAE kept out of fp16."""
 
 import pytest
 import torch
-from conftest import make_batch
+from helpers import make_batch
 
 from codi_lightning.models import Conditioning, ImageSizes, load_teacher
 from codi_lightning.models.tiny import (

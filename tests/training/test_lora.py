@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_batch
+from helpers import make_batch
 
 from codi_lightning.training import CoDiDistillation
 

@@ -3,7 +3,7 @@
 import lightning as L
 import pytest
 import torch
-from conftest import make_batch
+from helpers import make_batch
 
 from codi_lightning.diffusion import CoDiLossConfig
 from codi_lightning.training import CoDiDistillation

@@ -7,7 +7,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import make_batch
+from helpers import make_batch
 from torch.utils.data import DataLoader
 
 from codi_lightning.training import CoDiDistillation, NonFiniteTrainingError

@@ -11,7 +11,7 @@ kernels.
 import lightning as L
 import pytest
 import torch
-from conftest import make_batch
+from helpers import make_batch
 from torch.utils.data import DataLoader
 
 from codi_lightning.training import CoDiDistillation

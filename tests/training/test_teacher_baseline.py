@@ -5,7 +5,7 @@ import math
 import lightning as L
 import pytest
 import torch
-from conftest import make_batch
+from helpers import make_batch
 from torch.utils.data import DataLoader
 
 from codi_lightning.diffusion import NoiseSchedule
