@@ -884,7 +884,7 @@ def inpaint_section(results: dict, seeds: tuple[int, ...]) -> str:
              "|---|---" + "|---" * len(INPAINT_KEYS) + "|"]  # fmt: skip
     masked = results["masked_input"]
     lines.append("| masked input | - | " + " | ".join(
-        f"{masked[k]:.{d}f}" for k, _, d in INPAINT_KEYS) + " |")  # fmt: skip
+        value(masked, k, d) for k, _, d in INPAINT_KEYS) + " |")  # fmt: skip
     shares, fractions, words = [], [], []
     spread = results.get("inpaint_spreads", {})
     for method in INPAINT_METHODS:
@@ -1138,6 +1138,11 @@ def main() -> None:
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     results.setdefault("runs", {})
+    if args.only is None and not plan.inpaint:  # a full run: no SR row of an earlier plan
+        planned = {r.name for r in runs_of(plan)}
+        for name in [n for n in results["runs"] if n not in planned and
+                     (n.rsplit("-s", 1)[0] in METHODS or n in ABLATIONS)]:  # fmt: skip
+            del results["runs"][name]
     todo = [r for r in runs_of(plan) if args.only is None or r.name in args.only]
     if args.resume:
         todo = [r for r in todo if r.name not in results["runs"]]
