@@ -151,13 +151,17 @@ def test_inpainting_gates_and_shares_are_computed_from_the_numbers():
     text = q.inpaint_section(results, (0, 1, 2))
     assert "| 400.00 | 150.00 | 100.00 | -75% (pass) | +50% (pass) |" in text
     # (150 - 110) / (150 - 100); no features stored: no interval; fid_res has no gap here
-    assert "| CoDi | 110.00 | 80% | 100%, 80%, 60% | - | - |" in text
-    assert f"| {q.METHODS['pe-codi-lora']} | 125.00 | 50% | 50%, 50%, 50% | - | - |" in text
+    none = "- | -"  # fid_res equal everywhere: no gap at all, nothing to divide
+    assert f"| CoDi | 110.00 | 80% | 100%, 80%, 60% | {none} |" in text
+    assert f"| {q.METHODS['pe-codi-lora']} | 125.00 | 50% | 50%, 50%, 50% | {none} |" in text
     assert (
-        "CoDi at 4 steps closes 60% to 100% of its seed's 4 -> 50 gap over its seeds "
-        "(one feature network): at least 60% of it everywhere"
+        "CoDi at 4 steps: on the main classifier it closes 60% to 100% of its seed's 4 -> 50 "
+        "gap: at least 60% on every seed"
     ) in text
-    assert "LoRA r16 at 4 steps closes 50% of its seed's 4 -> 50 gap over its seeds" in text
+    assert "LoRA r16 at 4 steps: on the main classifier it closes 50% of its seed's" in text
+    # fid_res is 1.0 everywhere here: no gap under that network, so no share, counts instead
+    assert "where the baseline's 4 -> 50 gap is only +0% (under the 30% gate, so no share)" in text
+    assert "below the baseline's 50-step FID on 0 of 3 seeds" in text
     assert "The distilled methods close most of the gap on this task too." in text  # 80%
     assert q.inpaint_section(results, (0, 1, 2, 3)) == q.NO_INPAINT  # a seed missing
 
@@ -231,3 +235,27 @@ def test_spreads_read_every_runs_features_and_refuse_other_test_images(tmp_path)
                tmp_path / "codi-1.pt")  # fmt: skip
     with pytest.raises(ValueError, match="codi-s1 was tested on other images"):
         q.spreads({"runs": runs}, "", ("codi",), draws=2)
+
+
+def test_a_feature_network_without_a_gap_gets_counts_not_shares():
+    """Under a network where the baseline's 4 -> 50 gap is under the 30% gate, the claim
+    counts the seeds that beat the baseline's 50 steps instead of dividing by that gap."""
+    q = _quality()
+    results = _runs({
+        "baseline": {4: [130.0, 110.0], 50: [90.0, 80.0]},
+        "codi": {1: [200.0, 180.0], 2: [120.0, 100.0], 4: [100.0, 70.0]},
+    })  # fmt: skip
+    res = {("baseline", 4): [8.0, 8.2], ("baseline", 50): [7.5, 7.6], ("codi", 4): [5.0, 7.9]}
+    for (method, steps), values in res.items():
+        for seed, v in enumerate(values):
+            results["runs"][f"{method}-s{seed}"]["results"][str(steps)]["fid_res"] = v
+    words = q.claim_words(results, "codi", "CoDi")
+    # main classifier: (130 - 100) / 40 = 75%, (110 - 70) / 30 = 133%
+    assert "on the main classifier it closes 75% to 133% of its seed's 4 -> 50 gap" in words
+    gap = (8.1 / 7.55) - 1  # +7%
+    assert f"gap is only {gap:+.0%} (under the 30% gate, so no share)" in words
+    assert "below the baseline's 50-step FID on 1 of 2 seeds and below its 4-step FID on 2" in words
+    assert q.share_cells(results, {}, "codi", 4, "fid_res") == (
+        f"none: 4 -> 50 gap {gap:+.0%}",
+        "below baseline 50: 1/2",
+    )
