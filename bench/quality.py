@@ -965,6 +965,13 @@ def inpaint_section(results: dict, seeds: tuple[int, ...]) -> str:
         if max(fractions) < 0.6
         else "The distilled methods close most of the gap on this task too."
     )
+    why = (
+        " What this does and does not show, and a budget probe (PE-CoDi + LoRA at twice "
+        "the steps, seed 0: 33% against 21%), are in [results_digits.md]"
+        "(results_digits.md#testbed-3-inpainting-which-mask-2026-12-06)."
+        if max(fractions) < 0.6
+        else ""
+    )
     return f"""The same digits, teacher, budget and metrics as the main table; the task is
 inpainting: {INPAINT_MASK_WORDS[INPAINT_MASK]} is masked grey and the masked image is
 the condition (`--data.condition inpaint --data.inpaint_mask {INPAINT_MASK}`), so the
@@ -986,7 +993,7 @@ inpainting: 104%):
 |---|---|---|---|---|---|
 {chr(10).join(shares)}
 
-**{verdict}** {" ".join(words)}{"" if spread else NO_SPREAD}
+**{verdict}** {" ".join(words)}{why}{"" if spread else NO_SPREAD}
 """
 
 
