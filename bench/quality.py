@@ -27,7 +27,8 @@ MNIST digits in seconds). The run:
 - with ``--flow``: the same CoDi-against-two-stage comparison (seed 0) for a rectified-flow
   teacher, the SD3-style transformer of ``configs/digits/flow_teacher.yaml``
   (``configs/digits/flow_{distill,baseline}.yaml``; the baseline samples by the Euler
-  method). ``--flow --only flow-baseline-s0 flow-codi-s0`` adds it to a finished run.
+  method). ``--flow --only flow-baseline-s0 flow-codi-s0 flow-pe-codi-lora-s0`` adds it to a
+  finished run.
 
 Runs go two at a time, one thread each (two one-thread runs train ~1.25x faster in total
 than one two-thread run after the other on 2 cores), longest first. Every number in the
@@ -65,7 +66,6 @@ FLOW_DISTILL, FLOW_BASELINE, FLOW_TEACHER = (
     "configs/digits/flow_teacher.yaml",
 )
 FLOW_TEACHER_DIR = ROOT / "bench" / "assets" / "digits_flow_teacher"
-FLOW_METHODS = {"flow-baseline": "two-stage (SD3ControlNet + Euler)", "flow-codi": "CoDi"}
 CLASSIFIER = ROOT / "bench" / "assets" / "digits_classifier" / "model.safetensors"
 RESNET = ROOT / "bench" / "assets" / "digits_resnet" / "model.safetensors"
 # gap shares get a 95% paired-bootstrap interval over the test digits under both
@@ -92,6 +92,10 @@ METHOD_ARGS = {
     "codi": ["--model.method", "codi"],
 }
 DISTILLED = ("codi", "pe-codi-lora", "pe-codi")  # the distilled methods, in report order
+# the flow-teacher block (``--flow``, seed 0): its runs are named "flow-<method>-s0"
+FLOW = "flow-"
+FLOW_METHODS = {"flow-baseline": "two-stage (SD3ControlNet + Euler)", "flow-codi": "CoDi",
+                "flow-pe-codi-lora": METHODS["pe-codi-lora"]}  # fmt: skip
 # the inpainting block (``--inpaint``): its runs are named "inpaint-<method>-s<seed>"
 INPAINT = "inpaint-"
 INPAINT_METHODS = ("baseline", "codi", "pe-codi-lora")
@@ -112,7 +116,7 @@ ABLATIONS = {
 # the baseline 12-14 with its 50-step test, CoDi 10-12); of the family orders this one
 # ends the 9 default runs soonest (57.4 min of runs against 59.3 for baseline first)
 COST = {"pe-codi-lora": 4.2, "baseline": 4.0, "codi": 3.0, "pe-codi": 2.5, "abl": 1.5,
-        "flow-baseline": 4.5, "flow-codi": 4.5}  # fmt: skip
+        "flow-baseline": 4.5, "flow-codi": 4.5, "flow-pe-codi-lora": 4.5}  # fmt: skip
 
 
 @dataclass
@@ -175,8 +179,9 @@ class Run:
 
     @property
     def config(self) -> str:
-        return {"baseline": BASELINE, "flow-baseline": FLOW_BASELINE,
-                "flow-codi": FLOW_DISTILL}.get(self.family, DISTILL)  # fmt: skip
+        if self.family.startswith(FLOW):
+            return FLOW_BASELINE if self.family == FLOW + "baseline" else FLOW_DISTILL
+        return BASELINE if self.family == "baseline" else DISTILL
 
 
 def runs_of(plan: Plan) -> list[Run]:
@@ -196,7 +201,8 @@ def runs_of(plan: Plan) -> list[Run]:
     for name in plan.ablations:
         runs.append(Run(name, "abl", 0, plan.ablation_steps, ABLATIONS[name][0]))
     if plan.flow:
-        runs += [Run(f"{method}-s0", method, 0, plan.steps, []) for method in FLOW_METHODS]
+        runs += [Run(f"{method}-s0", method, 0, plan.steps, METHOD_ARGS[method.removeprefix(FLOW)])
+                 for method in FLOW_METHODS]  # fmt: skip
     return sorted(runs, key=lambda r: (-COST[r.family] * r.steps, r.seed))
 
 
@@ -508,7 +514,7 @@ def share_cells(results: dict, spread: dict, method: str, steps: int, metric: st
         rows = seed_rows(results, method, steps, baseline, metric)
         below = sum(m < b50 for _, b50, m in rows)
         return f"none: 4 -> 50 gap {gap:+.0%}", f"below baseline 50: {below}/{len(rows)}"
-    key = f"{method.removeprefix(INPAINT)}@{steps}"
+    key = f"{method.removeprefix(INPAINT).removeprefix(FLOW)}@{steps}"
     interval = spread.get(metric, {}).get(key)
     text = f"{share:.0%}" + (f" [{interval['lo']:.0%}, {interval['hi']:.0%}]" if interval else "")
     per_seed = gap_per_seed(results, method, steps, baseline, metric)
@@ -858,14 +864,27 @@ def flow_teacher_facts() -> dict:
     for file in folder.glob("*.safetensors"):
         with safe_open(str(file), "pt") as f:
             params += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    clip = json.loads((FLOW_TEACHER_DIR / "tokenizer" / "tokenizer_config.json").read_text())
+    t5 = json.loads((FLOW_TEACHER_DIR / "tokenizer_3" / "tokenizer_config.json").read_text())
     return {"params_m": params / 1e6, "layers": config["num_layers"], "patch": config["patch_size"],
             "width": config["attention_head_dim"] * config["num_attention_heads"],
-            "shift": scheduler.get("shift", 1.0)}  # fmt: skip
+            "shift": scheduler.get("shift", 1.0),
+            "text_tokens": clip["model_max_length"] + t5["model_max_length"]}  # fmt: skip
+
+
+def flow_gates(results: dict) -> dict:
+    """The SR gates for the flow teacher (seed 0): G1 its two-stage model at 50 steps at
+    least 30% under bicubic, G2 its 4 steps at least 30% over its 50."""
+    base = results["runs"][FLOW + "baseline-s0"]["results"]
+    b4, b50, bic = base["4"]["fid"], base["50"]["fid"], results["bicubic"]["fid"]
+    return {"bicubic": bic, "b4": b4, "b50": b50, "G1": 1 - b50 / bic,
+            "G1_pass": b50 <= (1 - GATE) * bic, "G2": b4 / b50 - 1,
+            "G2_pass": b4 >= (1 + GATE) * b50}  # fmt: skip
 
 
 def flow_section(results: dict, plan: Plan) -> str:
-    """The flow-teacher row: the same comparison for the rectified-flow teacher (seed 0),
-    or nothing when the run has none."""
+    """The flow-teacher block: gates, table and the share of the gap each distilled
+    method closes, with its bootstrap interval (seed 0), or nothing when the run has none."""
     if not all(f"{m}-s0" in results["runs"] for m in FLOW_METHODS):
         return ""
     lines = ["| method | steps | " + " | ".join(k[1] for k in KEYS) + " |",
@@ -873,29 +892,49 @@ def flow_section(results: dict, plan: Plan) -> str:
     for method, label in FLOW_METHODS.items():
         for steps, row in sorted(results["runs"][f"{method}-s0"]["results"].items(),
                                  key=lambda kv: int(kv[0])):  # fmt: skip
-            cells = " | ".join(f"{row[k]:.{d}f}" for k, _, d in KEYS)
+            cells = " | ".join(value(row, k, d) for k, _, d in KEYS)
             lines.append(f"| {label} | {steps} | {cells} |")
-    base = results["runs"]["flow-baseline-s0"]["results"]
-    codi = results["runs"]["flow-codi-s0"]["results"]
-    b4, b50 = base["4"]["fid"], base["50"]["fid"]
-    closed = (b4 - codi["4"]["fid"]) / (b4 - b50) if b4 != b50 else math.nan
-    steps = results["runs"]["flow-codi-s0"]["meta"]["step"]
+    g = flow_gates(results)
+    spread, base = results.get("flow_spreads", {}), FLOW + "baseline"
+    shares, words = [], []
+    for method, label in list(FLOW_METHODS.items())[1:]:
+        for steps in (1, 2, 4):
+            fid = results["runs"][f"{method}-s0"]["results"][str(steps)]["fid"]
+            cells = [share_cells(results, spread, method, steps, metric, base)[0]
+                     for metric in SPREAD_METRICS]  # fmt: skip
+            shares.append(f"| {label} | {steps} | {fid:.2f} | {' | '.join(cells)} |")
+        words.append(claim_words(results, method, label, 4, base))
+    steps = results["runs"][FLOW + "codi-s0"]["meta"]["step"]
     t = flow_teacher_facts()
+    valid = g["G1_pass"] and g["G2_pass"]
     return f"""## A rectified-flow teacher (seed 0)
 
 The same task, budget ({steps} training steps) and metrics with a flow-matching teacher:
 a {t["params_m"]:.1f}M-parameter SD3-style transformer (`configs/digits/flow_teacher.yaml`:
 {t["layers"]} joint blocks of width {t["width"]} on {t["patch"]}x{t["patch"]} pixel patches,
-velocity loss, sigma shift {t["shift"]:g}; committed; a weak teacher, see that config's
-comment), loaded as the SD3 family. Both methods
-train an `SD3ControlNetModel` of {t["layers"] // 2} of its blocks (CoDi also a copy of the
-transformer), `configs/digits/flow_{{distill,baseline}}.yaml`; the two-stage model samples
-by the Euler method (the flow counterpart of DDIM) at trailing timesteps.
+{t["text_tokens"]} text tokens, velocity loss, sigma shift {t["shift"]:g}; committed, its
+command in that config), loaded as the SD3 family. Every method trains an
+`SD3ControlNetModel` of {t["layers"] // 2} of its blocks (CoDi also a copy of the
+transformer, PE-CoDi a rank-{LORA_RANK} LoRA of the frozen one),
+`configs/digits/flow_{{distill,baseline}}.yaml`; the two-stage model samples by the Euler
+method (the flow counterpart of DDIM) at trailing timesteps.
+
+| bicubic FID | baseline 4 | baseline 50 | G1: 50 vs bicubic (need ≤ -30%) | G2: 4 vs 50 (need ≥ +30%) |
+|---|---|---|---|---|
+| {g["bicubic"]:.2f} | {g["b4"]:.2f} | {g["b50"]:.2f} | {-g["G1"]:+.0%} ({"pass" if g["G1_pass"] else "FAIL"}) | {g["G2"]:+.0%} ({"pass" if g["G2_pass"] else "FAIL"}) |
+
+{second_network_gates(results, base)}
 
 {chr(10).join(lines)}
 
-CoDi at 4 steps: FID {codi["4"]["fid"]:.2f} against the two-stage model's {b4:.2f} at 4 steps
-and {b50:.2f} at 50: {closed:.0%} of the 4 -> 50 gap closed (one seed).
+Share of the baseline's 4 -> 50 gap closed (one seed; 95% paired-bootstrap interval over
+the test digits):
+
+| model | steps | FID (clf) | gap closed, clf [95% CI] | gap closed, res [95% CI] |
+|---|---|---|---|---|
+{chr(10).join(shares)}
+
+{"" if valid else "**This testbed fails a gate, so its shares say little.** "}{" ".join(words)}
 
 """
 
@@ -1158,7 +1197,8 @@ def main() -> None:
     parser.add_argument("--ablations", action="store_true",
                         help="also CoDi's ablation (one switch at a time, seed 0)")  # fmt: skip
     parser.add_argument("--flow", action="store_true",
-                        help="also the flow-teacher row (flow-baseline-s0, flow-codi-s0)")  # fmt: skip
+                        help="also the flow-teacher block (seed 0 of the baseline, CoDi and "
+                             "PE-CoDi + LoRA on the flow teacher)")  # fmt: skip
     parser.add_argument("--inpaint", action="store_true",
                         help="the inpainting block only (9 runs), merged into --out's results")  # fmt: skip
     parser.add_argument("--only", nargs="*", help="run only these (default all; none: report)")
@@ -1222,6 +1262,10 @@ def main() -> None:
     else:
         results["bicubic"] = bicubic_row(out, plan.test_images)
         results["spreads"] = spreads(results, "", distilled(results))
+        if plan.flow:
+            results["flow_spreads"] = spreads(
+                results, FLOW, tuple(m.removeprefix(FLOW) for m in FLOW_METHODS)[1:]
+            )
     if args.only is None:  # a complete run: its time is the experiment's time
         results["inpaint_timing" if plan.inpaint else "timing"] = {
             "minutes": (time.monotonic() - start) / 60,

@@ -41,8 +41,12 @@ def test_quick_bench_writes_a_report_from_its_runs(tmp_path):
     plan = q.Plan.quick()
     plan.flow = True
     assert set(results["runs"]) == {r.name for r in q.runs_of(plan)}
-    assert {"flow-baseline-s0", "flow-codi-s0"} <= set(results["runs"])
-    assert set(results["runs"]["flow-baseline-s0"]["results"]) == {"1", "2", "4", "8", "50"}
+    assert {"flow-baseline-s0", "flow-codi-s0", "flow-pe-codi-lora-s0"} <= set(results["runs"])
+    assert set(results["runs"]["flow-baseline-s0"]["results"]) == {"1", "2", "4", "50"}
+    for metric in ("fid", "fid_res"):  # the flow block's shares get intervals too
+        assert set(results["flow_spreads"][metric]) == {
+            f"{m}@{s}" for m in ("codi", "pe-codi-lora") for s in (1, 2, 4)
+        }
     assert set(results["runs"]["baseline-s0"]["results"]) == {"1", "2", "4", "50"}
     assert set(results["runs"]["codi-s0"]["results"]) == {"1", "2", "4"}
     for run in ("baseline-s0", "codi-s0", "pe-codi-s0", "pe-codi-lora-s0"):  # a curve point
@@ -59,6 +63,8 @@ def test_quick_bench_writes_a_report_from_its_runs(tmp_path):
     assert f"{b50:.2f}" in text  # the report quotes the run's numbers
     flow50 = results["runs"]["flow-baseline-s0"]["results"]["50"]["fid"]
     assert "## A rectified-flow teacher" in text and f"{flow50:.2f}" in text
+    flow4 = results["runs"]["flow-baseline-s0"]["results"]["4"]["fid"]
+    assert f"{flow4 / flow50 - 1:+.0%}" in text  # the flow testbed's G2, computed from its runs
     assert "not run" not in text
     for metric in ("fid", "fid_res"):  # intervals under both feature networks
         for key in ("codi@4", "pe-codi-lora@1", "pe-codi@2"):

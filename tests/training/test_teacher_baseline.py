@@ -142,3 +142,24 @@ def test_flow_transformer_teacher_trains_exports_and_distils(tmp_path):
     assert torch.isfinite(loss) and any(p.grad is not None for p in student.controlnet.parameters())
     images = student.sample_images(batch["cond"], batch["caption"], 2)
     assert images.shape == (2, 3, 16, 16)
+
+
+def test_a_fresh_flow_teachers_short_text_side_is_written_and_read_back(tmp_path):
+    """``text_tokens``: every tokenizer of a fresh flow teacher is that long; the folder
+    it writes gives the distillation's loader and the stock SD3 pipeline the same
+    2 x text_tokens text tokens (CLIP's, then T5's)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from codi_lightning.models.tiny import tiny_sd3_transformer_config
+
+    config = {**tiny_sd3_transformer_config(), "in_channels": 3, "out_channels": 3}
+    m = DiffusionTraining(str(tmp_path / "unused"), transformer=config, text_tokens=6)
+    assert m.encode_text([""]).hidden_states.shape[1] == 12
+    folder = m.export(str(tmp_path / "teacher"))
+    ours = load_teacher(str(folder), pixel_space=True).prompt_encoder.encode(["a 7"], "cpu")
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(folder), transformer=None, vae=None)
+    embeds, _, pooled, _ = pipe.encode_prompt("a 7", "a 7", "a 7", max_sequence_length=6,
+                                              do_classifier_free_guidance=False)  # fmt: skip
+    assert embeds.shape[1] == 12
+    torch.testing.assert_close(ours.hidden_states, embeds)
+    torch.testing.assert_close(ours.added["pooled_projections"], pooled)

@@ -325,9 +325,14 @@ def build_tiny_sd3_text_encoders(tokenizer, tokenizer_2, tokenizer_3):
     return (*encoders, T5EncoderModel(t5))
 
 
-def build_tiny_sd3_text_side():
-    """The three tiny tokenizers and text encoders of :func:`write_tiny_sd3_teacher`."""
+def build_tiny_sd3_text_side(text_tokens: int | None = None):
+    """The three tiny tokenizers and text encoders of :func:`write_tiny_sd3_teacher`;
+    ``text_tokens``: every tokenizer's length (default: CLIP 77, T5
+    ``TINY_SD3_T5_LENGTH``), which the loaders and stock pipelines read back."""
     tokenizers = build_tiny_tokenizer(), build_tiny_tokenizer(), build_tiny_t5_tokenizer()
+    if text_tokens is not None:
+        for tokenizer in tokenizers:
+            tokenizer.model_max_length = int(text_tokens)
     return tokenizers, build_tiny_sd3_text_encoders(*tokenizers)
 
 
