@@ -25,7 +25,6 @@ from ..models import (
     vae_tiles,
 )
 from ..models.lora import LORA_FILE
-from ..models.teachers import FAMILIES
 
 
 class CoDiPipeline:
@@ -77,7 +76,7 @@ class CoDiPipeline:
         from diffusers import UNet2DConditionModel
 
         parts = load_teacher(base, pixel_space=pixel_space, torch_dtype=torch_dtype)
-        flow = FAMILIES[parts.family].flow_export
+        flow = parts.family.flow_export
         if flow is not None:
             raise NotImplementedError(
                 f"{base} is a flow-transformer teacher ({flow.title}): load the export into "

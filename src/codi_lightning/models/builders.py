@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from torch import nn
 
 from ..diffusion import TileGrid
 from .conditioning import PromptEncoder
+from .teachers import FAMILIES, TeacherFamily, family_of, family_of_network, read_model_index
 
 DEFAULT_COND_CHANNELS = (16, 32, 96, 256)
 
@@ -24,14 +25,15 @@ class TeacherParts:
 
     ``unet`` is the denoising network (a ``UNet2DConditionModel``, or the SD3 family's
     ``SD3Transformer2DModel``); ``prompt_encoder`` is the family's text side (prompts ->
-    :class:`Conditioning`); ``family`` names the family (``sd``, ``sdxl``, ``sd3``);
+    :class:`Conditioning`); ``family`` is the family's record (``models.teachers``; it
+    equals its name, ``sd``, ``sdxl``, ``sd3`` or ``flux``);
     ``vae_upcast``: never run the VAE in fp16 (the SDXL VAE overflows there)."""
 
     unet: nn.Module
     vae: nn.Module | None
     prompt_encoder: PromptEncoder
     scheduler_config: dict[str, Any]
-    family: str = "sd"
+    family: TeacherFamily = field(default_factory=lambda: FAMILIES["sd"])
     vae_upcast: bool = False
 
     @property
@@ -81,8 +83,6 @@ def load_teacher(
     import diffusers
     from diffusers import DDPMScheduler
 
-    from .teachers import family_of, read_model_index
-
     if pixel_space and vae_path:
         raise ValueError("model.vae_path is given but model.pixel_space is true (no VAE)")
     index = read_model_index(pretrained, revision)
@@ -124,7 +124,7 @@ def load_teacher(
             module.requires_grad_(False).eval()
     upcast = vae is not None and family.vae_overflows_in_fp16
     upcast = upcast and bool(vae.config.get("force_upcast", True))
-    return TeacherParts(unet, vae, prompt_encoder, scheduler_config, family.name, upcast)
+    return TeacherParts(unet, vae, prompt_encoder, scheduler_config, family, upcast)
 
 
 def load_vae(pretrained: str, vae_path: str | None, weights: dict[str, Any]) -> nn.Module:
@@ -159,9 +159,7 @@ def build_family_adapter(
     embedding, zero-initialised or, with ``condition_init="random"``, PyTorch's default
     init: the output projections stay zero either way, so the adapted model equals the
     teacher at step 0; ``conditioning_embedding_out_channels`` does not apply)."""
-    from .teachers import FAMILIES
-
-    family = FAMILIES[parts.family]
+    family = parts.family
     if family.build_adapter is not None:
         if conditioning_embedding_out_channels:
             raise ValueError(
@@ -260,7 +258,6 @@ def network_multiple(unet: nn.Module) -> tuple[int, str]:
 def multiple_from_config(class_name: str, config: Any) -> tuple[int, str]:
     """:func:`network_multiple` of a network of ``class_name`` with ``config`` (its
     family's ``network_multiple``)."""
-    from .teachers import family_of_network
 
     return family_of_network(class_name).network_multiple(config)
 

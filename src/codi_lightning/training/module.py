@@ -43,7 +43,6 @@ from ..models import (
     load_teacher,
 )
 from ..models.lora import LowRankUpdate, WithoutLoRA, WithWeights
-from ..models.teachers import FAMILIES
 from .evaluation import EvaluationSteps
 from .frozen import SkipFrozenState
 from .optim import optimizers_for
@@ -300,7 +299,7 @@ class CoDiDistillation(EvaluationSteps, Sampling, RankRandomness, SkipFrozenStat
         self.vae_scale, self.scaling_factor = parts.vae_scale, parts.scaling_factor
         self.shift_factor = parts.shift_factor  # SD3's VAE: latents are (z - shift) * scale
         self.vae_upcast = parts.vae_upcast  # never fp16 (SDXL's VAE overflows there)
-        self.family = FAMILIES[parts.family]  # how the networks are called
+        self.family = parts.family  # how the networks are called
         # VP or rectified flow, from the scheduler config; plain tensors, not buffers
         # (Lightning would cast buffers to bf16). A size-dependent (Flux) schedule waits
         # for the resolution when it is not given (``setup``).

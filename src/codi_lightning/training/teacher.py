@@ -96,7 +96,7 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
         self.hparams["output_dir"] = resolve_local_path(output_dir, always_local=True)
         self.shift_factor = 0.0
         if init_from:
-            family = family_of(read_model_index(init_from)).name
+            family = family_of(read_model_index(init_from))
             if family not in ("sd", "sd3"):  # what export() can write back
                 raise ValueError(
                     f"model.init_from={init_from!r} is a {family} teacher: DiffusionTraining "
@@ -130,10 +130,10 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
                     )
             self.text_encoder = encoder.requires_grad_(False).eval()
             if transformer is None:
-                self.unet, self.family = UNet2DConditionModel(**unet), "sd"
+                self.unet, self.family = UNet2DConditionModel(**unet), FAMILIES["sd"]
                 self.scheduler_config = {**SD_SCHEDULER, "prediction_type": prediction_type}
             else:
-                self.unet, self.family = SD3Transformer2DModel(**transformer), "sd3"
+                self.unet, self.family = SD3Transformer2DModel(**transformer), FAMILIES["sd3"]
                 self.scheduler_config = {**SD3_SCHEDULER, "shift": float(flow_shift)}
             self.vae, self.scaling_factor = None, 1.0
         self.schedule = schedule_from_config(self.scheduler_config)
@@ -162,7 +162,7 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
     def network(self, unet: torch.nn.Module, text: Conditioning):
         """``(z, t) -> F(z, t, y)``: the network alone, called its family's way and fed the
         schedule's network timestep."""
-        forward = FAMILIES[self.family].forward
+        forward = self.family.forward
         return lambda z, t: forward(unet, None, z, self.schedule.model_timesteps(t), text, None)
 
     def diffusion_loss(self, batch: dict[str, Any]) -> Tensor:

@@ -54,9 +54,12 @@ class FlowExport:
     lora_saver: str  # the diffusers pipeline whose save_lora_weights writes a LoRA
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TeacherFamily:
-    """Attributes:
+    """A family equals its name (``parts.family == "sd3"``) and prints as it, so messages
+    and configs keep naming families as before.
+
+    Attributes:
     name: ``sd`` (SD 1.x/2.x), ``sdxl``, ``sd3`` (SD3 / SD3.5) or ``flux`` (Flux.1).
     pipelines: prefixes of ``model_index.json``'s ``_class_name`` that mean this family
         (the longest matching prefix wins; a folder matching none is ``sd``).
@@ -106,3 +109,16 @@ class TeacherFamily:
     fsdp_block_classes: Callable[[], set[type[nn.Module]]] = unet_block_classes
     lora_saver: str = "StableDiffusionPipeline"
     flow_export: FlowExport | None = None
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, TeacherFamily):
+            return self.name == other.name
+        if isinstance(other, str):
+            return self.name == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __str__(self) -> str:
+        return self.name
