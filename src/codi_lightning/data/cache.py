@@ -70,7 +70,7 @@ def load_encoders(
     index = read_model_index(pretrained, revision)
     family = family_of(index)
     kw: dict[str, Any] = {"revision": revision}
-    vae = load_vae(pretrained, vae_path, {**kw, "variant": None})
+    vae = load_vae(pretrained, vae_path, {**kw, "variant": None}, family.vae)
     prompt = family.load_prompt_encoder(pretrained, index, kw, {**kw, "variant": None})
     for module in (vae, prompt):
         module.requires_grad_(False).eval()
@@ -169,7 +169,9 @@ def write_cached_shards(
     vae, prompt, family = load_encoders(pretrained, vae_path)
     vae.to(dev)
     prompt.to(dev)
-    grid = 2 ** (len(vae.config.block_out_channels) - 1)  # pixels per latent (8 for SD)
+    from ..models.builders import vae_downsampling, vae_moments
+
+    grid = vae_downsampling(vae.config)  # pixels per latent (8 for SD)
     if resolution % grid:
         raise ValueError(f"--resolution {resolution} is not a multiple of the VAE's grid ({grid})")
     meta = {"resolution": str(resolution), "resize_shorter": str(bool(resize_shorter)),
@@ -195,8 +197,7 @@ def write_cached_shards(
                 latents: dict[str, Tensor] = {}
                 for prefix, view in views.items():
                     x = torch.stack([to_tensor01(im) * 2 - 1 for im in view]).to(dev, vae.dtype)
-                    dist = vae.encode(x).latent_dist
-                    latents[prefix + "mean"], latents[prefix + "std"] = dist.mean, dist.std
+                    latents[prefix + "mean"], latents[prefix + "std"] = vae_moments(vae, x)
                 for j, i in enumerate(part):
                     one = {k: v[j].to("cpu", store) for k, v in latents.items()}
                     pending[i][0][LATENTS] = _safetensors(one, meta)

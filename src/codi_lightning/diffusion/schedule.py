@@ -204,12 +204,31 @@ def dynamic_shift(config: Mapping[str, Any], image_seq_len: int) -> float:
     return math.exp(mu) if kind == "exponential" else mu
 
 
+def flow_match_config(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``FlowMatchEulerDiscreteScheduler`` config of a flow-matching scheduler config:
+    a ``FlowMatch*`` config itself, or the flow mode of the multistep solvers
+    (``prediction_type: flow_prediction`` with ``use_flow_sigmas``, as SANA ships
+    ``DPMSolverMultistepScheduler``), whose ``flow_shift`` is the same sigma shift
+    ``shift u / (1 + (shift - 1) u)``; None for a VP (DDPM, DDIM, ...) config."""
+    if str(config.get("_class_name", "")).startswith("FlowMatch"):
+        return dict(config)
+    if config.get("prediction_type") == "flow_prediction" or config.get("use_flow_sigmas"):
+        return {
+            "_class_name": "FlowMatchEulerDiscreteScheduler",
+            "num_train_timesteps": int(config.get("num_train_timesteps", 1000)),
+            "shift": float(config.get("flow_shift") or 1.0),
+        }
+    return None
+
+
 def schedule_from_config(
     config: Mapping[str, Any], image_seq_len: int | None = None
 ) -> NoiseSchedule | FlowSchedule:
-    """The schedule of a diffusers scheduler config: ``FlowMatch*`` schedulers give a
-    :class:`FlowSchedule` (``image_seq_len``: for resolution-dependent shifting), every
-    other (DDPM, DDIM, Euler, ...) a :class:`NoiseSchedule`."""
-    if str(config.get("_class_name", "")).startswith("FlowMatch"):
-        return FlowSchedule.from_config(config, image_seq_len)
+    """The schedule of a diffusers scheduler config: flow-matching configs
+    (:func:`flow_match_config`) give a :class:`FlowSchedule` (``image_seq_len``: for
+    resolution-dependent shifting), every other (DDPM, DDIM, Euler, ...) a
+    :class:`NoiseSchedule`."""
+    flow = flow_match_config(config)
+    if flow is not None:
+        return FlowSchedule.from_config(flow, image_seq_len)
     return NoiseSchedule.from_config(config)

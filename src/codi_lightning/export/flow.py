@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..diffusion import FlowSchedule, sampling_timesteps
+from ..diffusion.schedule import flow_match_config
 from ..models.builders import multiple_from_config
 from ..models.lora import LORA_FILE
 from ..models.teachers.base import FlowExport, TeacherFamily
@@ -84,8 +85,8 @@ def export_flow(
                 transformer_lora_adapter_metadata=lora_metadata(hp),
                 weight_name=LORA_FILE,
             )
-    scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(
-        base, subfolder="scheduler", **kw
+    scheduler_config = flow_match_config(
+        FlowMatchEulerDiscreteScheduler.load_config(base, subfolder="scheduler", **kw)
     )
     FlowMatchLCMScheduler.from_config(scheduler_config).save_pretrained(out / "scheduler")
     FlowMatchEulerDiscreteScheduler.from_config(scheduler_config).save_pretrained(

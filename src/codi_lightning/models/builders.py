@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..diffusion import TileGrid
+from ..diffusion.schedule import flow_match_config
 from .conditioning import PromptEncoder
 from .teachers import FAMILIES, TeacherFamily, family_of, family_of_network, read_model_index
 
@@ -51,7 +52,7 @@ class TeacherParts:
         """Pixel-to-latent downsampling factor (1 in pixel-space mode)."""
         if self.vae is None:
             return 1
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_downsampling(self.vae.config)
 
     @property
     def scaling_factor(self) -> float:
@@ -116,9 +117,11 @@ def load_teacher(
             f"{pretrained!r} has no vae/ folder (a pixel-space model, {channels}-channel "
             "network?): set model.pixel_space true, or give a VAE with model.vae_path"
         )
-    vae = None if pixel_space else load_vae(pretrained, vae_path, weights)
+    vae = None if pixel_space else load_vae(pretrained, vae_path, weights, family.vae)
     prompt_encoder = family.load_prompt_encoder(pretrained, index, kw, weights)
     scheduler_config = dict(DDPMScheduler.load_config(pretrained, subfolder="scheduler", **kw))
+    # a flow teacher's multistep-solver config (SANA) as the flow-match config it implies
+    scheduler_config = flow_match_config(scheduler_config) or scheduler_config
     for module in (unet, vae, prompt_encoder):
         if module is not None:
             module.requires_grad_(False).eval()
@@ -127,17 +130,20 @@ def load_teacher(
     return TeacherParts(unet, vae, prompt_encoder, scheduler_config, family, upcast)
 
 
-def load_vae(pretrained: str, vae_path: str | None, weights: dict[str, Any]) -> nn.Module:
+def load_vae(
+    pretrained: str, vae_path: str | None, weights: dict[str, Any], vae_class: str = "AutoencoderKL"
+) -> nn.Module:
     """The teacher folder's ``vae/``, or the replacement at ``vae_path`` (its own weights:
-    the teacher's revision and variant do not apply)."""
-    from diffusers import AutoencoderKL
+    the teacher's revision and variant do not apply); ``vae_class``: the family's VAE."""
+    import diffusers
 
+    autoencoder = getattr(diffusers, vae_class)
     if not vae_path:
-        return AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **weights)
+        return autoencoder.from_pretrained(pretrained, subfolder="vae", **weights)
     sub = "vae" if (Path(vae_path).expanduser() / "vae").is_dir() else None
     dtype = {"torch_dtype": weights["torch_dtype"]} if "torch_dtype" in weights else {}
     try:
-        return AutoencoderKL.from_pretrained(vae_path, subfolder=sub, **dtype)
+        return autoencoder.from_pretrained(vae_path, subfolder=sub, **dtype)
     except OSError as err:
         raise OSError(
             f"Could not load the replacement VAE model.vae_path={vae_path!r}: give a VAE "
@@ -274,18 +280,54 @@ def check_resolution(resolution: int, vae_scale: int, unet: nn.Module) -> None:
         )
 
 
+def vae_downsampling(config: Any) -> int:
+    """Pixels per latent of a VAE config: ``2 ** (stages - 1)`` over ``block_out_channels``
+    (``AutoencoderKL``) or ``encoder_block_out_channels`` (``AutoencoderDC``)."""
+    blocks = config.get("block_out_channels") or config.get("encoder_block_out_channels")
+    return 2 ** (len(blocks) - 1)
+
+
+def vae_moments(vae: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    """The mean and standard deviation of the latents of ``images`` in [-1, 1]: the
+    posterior of a Gaussian VAE (``latent_dist``, ``AutoencoderKL``), or the latent of a
+    deterministic one (``latent``, ``AutoencoderDC``) with zero deviation, so that callers
+    draw the same noise either way."""
+    out = vae.encode(images)
+    dist = getattr(out, "latent_dist", None)
+    if dist is None:
+        return out.latent, torch.zeros_like(out.latent)
+    return dist.mean, dist.std
+
+
+def _tile_settings(vae: nn.Module, tile: int, vae_scale: int) -> dict[str, Any]:
+    """The tiling attributes of ``vae`` for latent tiles of side ``tile``: square tiles
+    (``AutoencoderKL``: blending a quarter) or heights and widths with a stride of three
+    quarters (``AutoencoderDC``: the same overlap)."""
+    if hasattr(vae, "tile_sample_min_size"):
+        return {"tile_latent_min_size": tile, "tile_sample_min_size": tile * vae_scale}
+    stride = tile * vae_scale * 3 // 4
+    return {
+        f"tile_{kind}_{side}": value
+        for side in ("height", "width")
+        for kind, value in (("sample_min", tile * vae_scale), ("latent_min", tile),
+                            ("sample_stride", stride))
+    }  # fmt: skip
+
+
 @contextlib.contextmanager
 def vae_tiles(vae: nn.Module | None, grid: TileGrid | None, vae_scale: int) -> Iterator[None]:
     """With a tile grid, the VAE encodes and decodes in tiles of the grid's size
-    (diffusers' ``enable_tiling``, blending its tiles' borders; an image no larger than a
-    tile is one pass). Nothing changes without a grid or a tiling VAE."""
+    (diffusers' tiling, blending its tiles' borders; an image no larger than a tile is one
+    pass). Nothing changes without a grid or a tiling VAE."""
     if grid is None or vae is None or not hasattr(vae, "use_tiling"):
         yield
         return
-    saved = vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size
-    vae.use_tiling = True
-    vae.tile_latent_min_size, vae.tile_sample_min_size = grid.tile, grid.tile * vae_scale
+    settings = {"use_tiling": True, **_tile_settings(vae, grid.tile, vae_scale)}
+    saved = {name: getattr(vae, name) for name in settings}
+    for name, value in settings.items():
+        setattr(vae, name, value)
     try:
         yield
     finally:
-        vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = saved
+        for name, value in saved.items():
+            setattr(vae, name, value)

@@ -447,3 +447,105 @@ def write_tiny_flux_teacher(folder: str | Path, *, seed: int = 0, overwrite: boo
         "feature_extractor": [None, None],
     }
     return write_pipeline_folder(folder, parts, FLUX_SCHEDULER, index)
+
+
+# SANA's scheduler as its folders ship it: DPM-Solver++ in flow mode, sigma shift 3
+SANA_SCHEDULER = {"_class_name": "DPMSolverMultistepScheduler", "num_train_timesteps": 1000,
+                  "prediction_type": "flow_prediction", "use_flow_sigmas": True,
+                  "flow_shift": 3.0, "algorithm_type": "dpmsolver++", "solver_order": 2}  # fmt: skip
+TINY_SANA_TEXT_DIM = 32  # the tiny Gemma 2's width = the transformer's caption_channels
+
+
+def tiny_sana_transformer_config() -> dict[str, Any]:
+    """SanaTransformer2DModel: 2 blocks of width 32 (2 heads of 16; cross-attention of the
+    same width, as the caption projection requires) on 8-channel latents, 1x1 patches."""
+    return {
+        "in_channels": 8,
+        "out_channels": 8,
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
+        "num_layers": 2,
+        "num_cross_attention_heads": 2,
+        "cross_attention_head_dim": 16,
+        "cross_attention_dim": 32,
+        "caption_channels": TINY_SANA_TEXT_DIM,
+        "mlp_ratio": 2.5,
+        "sample_size": 4,
+        "patch_size": 1,
+    }
+
+
+def tiny_sana_vae_config() -> dict[str, Any]:
+    """AutoencoderDC of 4 ResBlock stages: 32 px images -> 4x4x8 latents, 8 pixels a latent
+    as the other tiny VAEs (SANA's DC-AE compresses 32x into 32 channels), SANA's scaling
+    factor."""
+    return {
+        "in_channels": 3,
+        "latent_channels": 8,
+        "attention_head_dim": 8,
+        "encoder_block_types": "ResBlock",
+        "decoder_block_types": "ResBlock",
+        "encoder_block_out_channels": (8, 8, 16, 16),
+        "decoder_block_out_channels": (8, 8, 16, 16),
+        "encoder_layers_per_block": (1, 1, 1, 1),
+        "decoder_layers_per_block": (1, 1, 1, 1),
+        "encoder_qkv_multiscales": ((), (), (), ()),
+        "decoder_qkv_multiscales": ((), (), (), ()),
+        "upsample_block_type": "pixel_shuffle",
+        "downsample_block_type": "pixel_unshuffle",
+        "decoder_norm_types": "rms_norm",
+        "decoder_act_fns": "silu",
+        "scaling_factor": 0.41407,
+    }
+
+
+def build_tiny_gemma_side():
+    """An offline Gemma tokenizer (one token per printable ASCII character, byte fallback
+    for the rest, ``<bos>`` first as Gemma's) and a 2-layer Gemma 2 encoder of width
+    ``TINY_SANA_TEXT_DIM``."""
+    import string
+
+    from transformers import Gemma2Config, Gemma2Model, GemmaTokenizer
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    chars = ["\u2581", *string.ascii_letters, *string.digits, *string.punctuation]
+    tokens = specials + chars + [f"<0x{i:02X}>" for i in range(256)]
+    tokenizer = GemmaTokenizer(
+        vocab={t: i for i, t in enumerate(tokens)}, merges=[], add_bos_token=True,
+        add_eos_token=False,
+    )  # fmt: skip
+    config = Gemma2Config(
+        vocab_size=len(tokens), hidden_size=TINY_SANA_TEXT_DIM, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        max_position_embeddings=2048, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        attn_implementation="eager",
+    )  # fmt: skip
+    return tokenizer, Gemma2Model(config)
+
+
+def write_tiny_sana_teacher(folder: str | Path, *, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write a tiny randomly initialised SANA teacher in the diffusers SANA layout
+    (``transformer/``, ``vae/`` (AutoencoderDC), ``text_encoder/`` (Gemma 2),
+    ``tokenizer/``, ``scheduler/`` as SANA ships it and a ``model_index.json`` naming
+    ``SanaPipeline``, which stock diffusers loads)."""
+    from diffusers import AutoencoderDC, SanaTransformer2DModel
+
+    folder = Path(folder)
+    if (folder / "transformer").exists() and not overwrite:
+        return folder
+    torch.manual_seed(seed)
+    tokenizer, text_encoder = build_tiny_gemma_side()
+    parts = {
+        "transformer": SanaTransformer2DModel(**tiny_sana_transformer_config()),
+        "vae": AutoencoderDC(**tiny_sana_vae_config()),
+        "text_encoder": text_encoder, "tokenizer": tokenizer,
+    }  # fmt: skip
+    index = {
+        "_class_name": "SanaPipeline",
+        "transformer": ["diffusers", "SanaTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderDC"],
+        "text_encoder": ["transformers", "Gemma2Model"],
+        "tokenizer": ["transformers", "GemmaTokenizer"],
+        "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+    }
+    return write_pipeline_folder(folder, parts, SANA_SCHEDULER, index)

@@ -42,6 +42,7 @@ from ..models import (
     check_resolution,
     load_teacher,
 )
+from ..models.builders import vae_moments
 from ..models.lora import LowRankUpdate, WithoutLoRA, WithWeights
 from .evaluation import EvaluationSteps
 from .frozen import SkipFrozenState
@@ -401,8 +402,8 @@ class CoDiDistillation(EvaluationSteps, Sampling, RankRandomness, SkipFrozenStat
         if self.vae is None:  # pixel space: the condition in the images' range
             return cond * 2 - 1
         with self.vae_precision():
-            dist = self.vae.encode((cond * 2 - 1).to(self.vae.dtype)).latent_dist
-        return (dist.mean.float() - self.shift_factor) * self.scaling_factor
+            mean, _ = vae_moments(self.vae, (cond * 2 - 1).to(self.vae.dtype))
+        return (mean.float() - self.shift_factor) * self.scaling_factor
 
     def denoiser(
         self,
@@ -583,9 +584,9 @@ class CoDiDistillation(EvaluationSteps, Sampling, RankRandomness, SkipFrozenStat
         if self.vae is None:
             return images.float()
         with self.vae_precision():
-            dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
-        eps = self.rank_slice_randn(dist.mean.shape, generator)
-        sample = dist.mean.float() + dist.std.float() * eps
+            mean, std = vae_moments(self.vae, images.to(self.vae.dtype))
+        eps = self.rank_slice_randn(mean.shape, generator)
+        sample = mean.float() + std.float() * eps
         return (sample - self.shift_factor) * self.scaling_factor
 
     @torch.no_grad()

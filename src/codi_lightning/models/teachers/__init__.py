@@ -1,6 +1,6 @@
 """Teacher families: the one place that branches on the kind of pretrained model.
 
-Each family is one file (``sd``, ``sdxl``, ``sd3``, ``flux``) that defines ``FAMILY``, a
+Each family is one file (``sd``, ``sdxl``, ``sd3``, ``flux``, ``sana``) that defines ``FAMILY``, a
 :class:`~.base.TeacherFamily`; the registry below lists them.
 
 A family is chosen from the folder's ``model_index.json`` (``_class_name``) and says
@@ -19,12 +19,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import flux, sd, sd3, sdxl
+from . import flux, sana, sd, sd3, sdxl
 from .base import TeacherFamily
 
 # the registry: one line per family, each defined in its own file (``FAMILY``)
 FAMILIES: dict[str, TeacherFamily] = {
-    family.name: family for family in (sd.FAMILY, sdxl.FAMILY, sd3.FAMILY, flux.FAMILY)
+    family.name: family for family in (sd.FAMILY, sdxl.FAMILY, sd3.FAMILY, flux.FAMILY, sana.FAMILY)
 }
 
 

@@ -71,6 +71,7 @@ class TeacherFamily:
     latent_condition: the adapter takes the condition as VAE latents (SD3's
         ``SD3ControlNetModel``, Flux's ``FluxControlNetModel``), not as pixels
         (``ControlNetModel``).
+    vae: the diffusers class of ``vae/`` (``AutoencoderDC`` for SANA).
     vae_overflows_in_fp16: the stock VAE overflows in fp16 (SDXL): it runs in fp32 or
         bf16 unless the VAE's config says ``force_upcast: false`` (fp16-fix VAEs).
     lora_targets: module-name suffixes of the network that take a LoRA by default.
@@ -98,6 +99,7 @@ class TeacherFamily:
     pipelines: tuple[str, ...] = ()
     network: tuple[str, str] = ("unet", "UNet2DConditionModel")
     latent_condition: bool = False
+    vae: str = "AutoencoderKL"
     vae_overflows_in_fp16: bool = False
     lora_targets: tuple[str, ...] = UNET_LORA_TARGETS
     packed_channels: int = 1

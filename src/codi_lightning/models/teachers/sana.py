@@ -1,0 +1,186 @@
+"""SANA: a linear-attention diffusion transformer trained by flow matching, with a
+Gemma 2 text encoder and the DC-AE autoencoder (``AutoencoderDC``, 32x compression into
+32 channels); ``SanaControlNetModel`` is the image-condition adapter, whose condition
+enters as DC-AE latents times the scaling factor (as the stock ``SanaControlNetPipeline``
+encodes it). The folders ship ``DPMSolverMultistepScheduler`` in flow mode
+(``flow_shift``), which ``diffusion.schedule.flow_match_config`` reads as the flow
+schedule it implies."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..conditioning import Conditioning, PromptEncoder
+from .base import FlowExport, TeacherFamily, patch_multiple
+from .sd3 import adapter_layers
+
+TEXT_LENGTH = 300  # the Gemma sequence length of the stock SANA pipelines (max_sequence_length)
+# the LoRA's layers: the self- (linear) and cross-attention projections and the 1x1
+# convolutions of the GLU MBConv feed-forward (its depthwise convolution left out)
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv_inverted", "conv_point")
+
+
+def default_instruction() -> list[str] | None:
+    """The complex human instruction the stock ``SanaControlNetPipeline`` puts before
+    every prompt by default (its ``complex_human_instruction``), read from diffusers."""
+    from diffusers import SanaControlNetPipeline
+
+    default = (
+        inspect.signature(SanaControlNetPipeline.__call__)
+        .parameters["complex_human_instruction"]
+        .default
+    )
+    return list(default) if default else None
+
+
+class SanaPromptEncoder(PromptEncoder):
+    """y as the stock SANA pipelines build it for the prompt: the prompt lower-cased and
+    stripped, the instruction lines (if any) joined before it, right-padded to the
+    instruction's tokens plus ``length - 2``, Gemma's last hidden states, then the first
+    token and the last ``length - 1`` kept [B, length, D];
+    ``added["encoder_attention_mask"]``: the tokenizer's mask of those tokens [B, length].
+
+    The stock pipelines encode the negative prompt without the instruction; here every
+    prompt, the empty one included, is encoded the one way (the unconditional branch of
+    the teacher's guidance in training)."""
+
+    def __init__(
+        self,
+        text_encoder: nn.Module,
+        tokenizer: Any,
+        length: int = TEXT_LENGTH,
+        instruction: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.text_encoder, self.tokenizer, self.length = text_encoder, tokenizer, int(length)
+        self.instruction = list(instruction) if instruction else None
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str], device: torch.device | str) -> Conditioning:
+        prompts = [p.lower().strip() for p in prompts]
+        total = self.length
+        if self.instruction:
+            head = "\n".join(self.instruction)
+            prompts = [head + p for p in prompts]
+            total = len(self.tokenizer.encode(head)) + self.length - 2
+        self.tokenizer.padding_side = "right"
+        tokens = self.tokenizer(
+            prompts, padding="max_length", max_length=total, truncation=True,
+            add_special_tokens=True, return_tensors="pt",
+        )  # fmt: skip
+        mask = tokens.attention_mask.to(device)
+        hidden = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+        keep = [0, *range(total - self.length + 1, total)]  # the first and the last L - 1
+        return Conditioning(hidden[:, keep], {"encoder_attention_mask": mask[:, keep]})
+
+
+def load_prompt_encoder(
+    pretrained: str, index: Mapping[str, Any], kw: dict[str, Any], weights: dict[str, Any]
+) -> SanaPromptEncoder:
+    """``text_encoder/`` (a Gemma 2 model) and ``tokenizer/`` of a diffusers SANA folder;
+    the length is the pipelines' 300, or the tokenizer's maximum if shorter."""
+    from transformers import AutoModel, AutoTokenizer
+
+    encoder = AutoModel.from_pretrained(pretrained, subfolder="text_encoder", **weights)
+    tokenizer = AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kw)
+    length = min(TEXT_LENGTH, int(tokenizer.model_max_length))
+    return SanaPromptEncoder(encoder, tokenizer, length, default_instruction())
+
+
+def forward(
+    transformer: nn.Module,
+    adapter: nn.Module | None,
+    z: Tensor,
+    timestep: Tensor,
+    text: Conditioning,
+    cond: Tensor,
+) -> Tensor:
+    """The velocity of the transformer with the adapter's per-block residuals, called as
+    ``SanaControlNetPipeline`` calls them (``timestep`` is ``1000 sigma``; ``cond`` the
+    condition's latents); a transformer that also predicts its variance (twice the
+    channels) gives its first half."""
+    kw = {
+        "encoder_hidden_states": text.hidden_states,
+        "encoder_attention_mask": text.added["encoder_attention_mask"],
+        "timestep": timestep,
+    }
+    residuals = None
+    if adapter is not None:
+        residuals = tuple(adapter(z, controlnet_cond=cond, return_dict=False, **kw)[0])
+    out = transformer(z, controlnet_block_samples=residuals, return_dict=False, **kw)[0]
+    return out[:, : z.shape[1]] if out.shape[1] == 2 * z.shape[1] else out
+
+
+def adapter_config(transformer_config: Mapping[str, Any], num_layers: int | None) -> dict[str, Any]:
+    """The ``SanaControlNetModel`` config of the adapter for a transformer of
+    ``transformer_config``: its widths (the keys the ControlNet takes) and
+    :func:`~.sd3.adapter_layers` blocks."""
+    from diffusers import SanaControlNetModel
+
+    accepted = inspect.signature(SanaControlNetModel.__init__).parameters
+    config = {k: v for k, v in transformer_config.items() if k in accepted}
+    return {**config, "num_layers": adapter_layers(transformer_config, num_layers)}
+
+
+def build_adapter(transformer: nn.Module, num_layers: int | None = None) -> nn.Module:
+    """A ``SanaControlNetModel`` of the first ``num_layers`` blocks (default: half, at
+    least one), its embeddings and blocks copied from the transformer; its condition
+    projection (``input_block``) and output projections start at zero, so the adapted
+    model equals the teacher at step 0."""
+    from diffusers import SanaControlNetModel
+
+    if transformer.config.get("qk_norm") or transformer.config.get("guidance_embeds"):
+        raise ValueError(
+            "this SANA transformer uses qk_norm or a guidance embedding (SANA 1.5 / "
+            "SANA-Sprint), which SanaControlNetModel's blocks do not have: use a SANA 1.0 "
+            "teacher, whose blocks the ControlNet copies"
+        )
+    adapter = SanaControlNetModel.from_config(adapter_config(transformer.config, num_layers))
+    state = transformer.state_dict()
+    missing, _ = adapter.load_state_dict(state, strict=False)
+    left = {k.split(".")[0] for k in missing} - {"input_block", "controlnet_blocks"}
+    if left:  # every shared part must have been copied
+        raise ValueError(f"the SANA ControlNet's {sorted(left)} do not match the transformer's")
+    return adapter
+
+
+def block_classes() -> set[type[nn.Module]]:
+    """FSDP1 units: the SANA block, the transformer and its ControlNet."""
+    from diffusers import SanaControlNetModel, SanaTransformer2DModel
+    from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
+
+    return {SanaTransformerBlock, SanaControlNetModel, SanaTransformer2DModel}
+
+
+FAMILY = TeacherFamily(
+    "sana",
+    load_prompt_encoder,
+    forward,
+    pipelines=("Sana",),
+    network=("transformer", "SanaTransformer2DModel"),
+    latent_condition=True,
+    lora_targets=LORA_TARGETS,
+    build_adapter=build_adapter,
+    condition_embedding=lambda adapter: adapter.input_block,
+    network_multiple=patch_multiple,
+    fsdp_block_lists=("transformer_blocks",),
+    fsdp_blocks=(),
+    fsdp_block_classes=block_classes,
+    vae="AutoencoderDC",
+    flow_export=FlowExport(
+        "SANA",
+        "SanaControlNetModel",
+        "SanaTransformer2DModel",
+        "SanaControlNetPipeline",
+        adapter_config,
+        1.0,
+        "tokenizer",
+        TEXT_LENGTH,
+        "SanaPipeline",
+    ),  # fmt: skip
+)
