@@ -62,6 +62,13 @@ def tiny_flux_teacher(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sana_teacher(tmp_path_factory) -> Path:
+    from codi_lightning.models import write_tiny_sana_teacher
+
+    return write_tiny_sana_teacher(tmp_path_factory.mktemp("teacher") / "tiny_sana")
+
+
+@pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> dict[str, str]:
     """Two train shards (32 images) and one val shard (10 images) of generated pictures."""
     from codi_lightning.data import write_shards

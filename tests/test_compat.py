@@ -36,6 +36,7 @@ def test_the_accessors_read_what_they_name():
     assert [c.__name__ for c in compat.flux_block_classes()] == [
         "FluxTransformerBlock", "FluxSingleTransformerBlock"
     ]  # fmt: skip
+    assert compat.sana_block_class().__name__ == "SanaTransformerBlock"
     import lightning as L
 
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,

@@ -53,6 +53,8 @@ PRIVATE_APIS = (
                "models.teachers.flux.block_classes (via flux_block_classes)"),
     PrivateAPI("diffusers.models.transformers.transformer_flux", "FluxSingleTransformerBlock",
                (), "models.teachers.flux.block_classes (via flux_block_classes)"),
+    PrivateAPI("diffusers.models.transformers.sana_transformer", "SanaTransformerBlock", (),
+               "models.teachers.sana.block_classes (via sana_block_class)"),
 )  # fmt: skip
 
 
@@ -119,3 +121,10 @@ def flux_block_classes() -> tuple[type, type]:
     )
 
     return FluxTransformerBlock, FluxSingleTransformerBlock
+
+
+def sana_block_class() -> type:
+    """SANA's transformer block class (its ControlNet's blocks too)."""
+    from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
+
+    return SanaTransformerBlock

@@ -192,3 +192,25 @@ def test_dynamic_shifting_is_the_stock_schedule_at_that_size(seq_len):
     torch.testing.assert_close(stock.sigmas[:-1].double(), flow.sigmas[steps], atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="model.shift_resolution"):
         schedule_from_config({"_class_name": type(stock).__name__, **stock.config})
+
+
+def test_a_multistep_solvers_flow_config_is_the_flow_schedule_it_samples():
+    """SANA's scheduler (DPMSolverMultistepScheduler in flow mode, ``flow_shift`` 3): the
+    flow schedule of that shift, FlowMatchEulerDiscreteScheduler's table."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    solver = DPMSolverMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+    )
+    schedule = schedule_from_config(solver.config)
+    assert isinstance(schedule, FlowSchedule) and schedule.shift == 3.0
+    torch.testing.assert_close(
+        schedule.sigmas.float(), FlowMatchEulerDiscreteScheduler(shift=3.0).sigmas.flip(0)
+    )
+    # the network is fed 1000 sigma in both (the solver's timesteps are its sigmas x 1000)
+    solver.set_timesteps(4)
+    torch.testing.assert_close(
+        solver.timesteps.double(), (solver.sigmas[:-1] * 1000).double().round(), atol=1, rtol=0
+    )
+    t = torch.tensor([999, 500, 0])
+    torch.testing.assert_close(schedule.model_timesteps(t).double(), schedule.sigmas[t] * 1000)

@@ -1,7 +1,7 @@
-"""Export of flow-transformer checkpoints (SD3 family, Flux): the folder layout, and the
-stock StableDiffusion3ControlNetPipeline / FluxControlNetPipeline with the exported
-schedulers reproducing the module's deterministic and stochastic samplers on tiny
-teachers."""
+"""Export of flow-transformer checkpoints (SD3 family, Flux, SANA): the folder layout, and
+the stock StableDiffusion3ControlNetPipeline / FluxControlNetPipeline /
+SanaControlNetPipeline with the exported schedulers reproducing the module's deterministic
+and stochastic samplers on tiny teachers."""
 
 import numpy as np
 import pytest
@@ -12,17 +12,32 @@ from safetensors.torch import load_file
 
 from codi_lightning.diffusion import randn, sampling_timesteps
 from codi_lightning.export import export_checkpoint
-from codi_lightning.models.tiny import TINY_SD3_T5_LENGTH
 
 # per family: the stock classes, the pipeline's guidance_scale that reproduces training,
-# the module's extra arguments (Flux: the resolution that fixes its sigma shift)
+# the module's extra arguments (Flux: the resolution that fixes its sigma shift), the
+# pipeline's extra call arguments, and whether the pipeline passes its generator to the
+# scheduler's step (SANA) or the scheduler draws from torch's global one
 FAMILIES = {
     "sd3": {"adapter": "SD3ControlNetModel", "network": "SD3Transformer2DModel",
-            "pipeline": "StableDiffusion3ControlNetPipeline", "guidance": 1.0, "kw": {}},
+            "pipeline": "StableDiffusion3ControlNetPipeline", "guidance": 1.0, "kw": {},
+            "call": {}, "step_generator": False},
     "flux": {"adapter": "FluxControlNetModel", "network": "FluxTransformer2DModel",
              "pipeline": "FluxControlNetPipeline", "guidance": 3.5,
-             "kw": {"shift_resolution": 32}},
+             "kw": {"shift_resolution": 32}, "call": {}, "step_generator": False},
+    "sana": {"adapter": "SanaControlNetModel", "network": "SanaTransformer2DModel",
+             "pipeline": "SanaControlNetPipeline", "guidance": 1.0, "kw": {},
+             "call": {"use_resolution_binning": False}, "step_generator": True},
 }  # fmt: skip
+
+
+def _text_length(m) -> int:
+    """The sequence length the module's prompt encoder reads (T5's; SANA: Gemma's)."""
+    encoder = m.text_encoder
+    return encoder.length if hasattr(encoder, "length") else encoder.t5_length
+
+
+def _latent_shape(m, size: int = 32) -> tuple[int, ...]:
+    return (1, m.vae.config.latent_channels, size // m.vae_scale, size // m.vae_scale)
 
 
 def _checkpoint(teacher, path, **kw):
@@ -52,7 +67,7 @@ def test_layout_and_weights(codi_export, tmp_path):
     card = (out / "README.md").read_text()
     assert FAMILIES[family]["pipeline"] in card and "sigmas = [1.0, 0.75, 0.5, 0.25]" in card
     assert f"whose sides are multiples of {m.pixel_multiple} " in card  # the padding rule
-    length = m.text_encoder.t5_length  # what the module encoded with
+    length = _text_length(m)  # what the module encoded with
     assert card.count(f"max_sequence_length={length},") == 3  # both samplers, any size
     pe = tmp_path / "pe.ckpt"
     _checkpoint(teacher, pe, **FAMILIES[family]["kw"])
@@ -118,14 +133,17 @@ def test_stock_pipeline_reproduces_our_samplers(codi_export, mean_posterior, sto
         stock = pipe(
             prompt, control_image=control, sigmas=m.schedule.unshifted(ts),
             guidance_scale=spec["guidance"], height=32, width=32,
-            max_sequence_length=TINY_SD3_T5_LENGTH, output_type="pt",
-            generator=torch.Generator().manual_seed(steps),
+            max_sequence_length=_text_length(m), output_type="pt",
+            generator=torch.Generator().manual_seed(steps), **spec["call"],
         ).images  # fmt: skip
         with torch.no_grad():
             text = m.encode_text([prompt])
             model = m.denoiser("target", text, m.adapter_condition(cond))
-            noise = randn((1, 16, 8, 8), torch.Generator().manual_seed(steps))
-            step_noise = torch.Generator().manual_seed(11)
+            gen = torch.Generator().manual_seed(steps)
+            noise = randn(_latent_shape(m), gen)
+            # the per-step noise: the pipeline's generator after the initial noise (SANA),
+            # or torch's global generator, seeded above
+            step_noise = gen if spec["step_generator"] else torch.Generator().manual_seed(11)
             latents = m.run_sampler(model, noise, steps, stochastic=stochastic,
                                     generator=step_noise)  # fmt: skip
             ours = m.decode_latents(latents)
@@ -186,12 +204,12 @@ def test_lora_of_the_transformer_loads_in_the_stock_pipeline(family, layout, mea
         images.append(p(
             "a red circle", control_image=Image.fromarray(rgb), sigmas=m.schedule.unshifted(ts),
             guidance_scale=spec["guidance"], height=32, width=32,
-            max_sequence_length=TINY_SD3_T5_LENGTH, output_type="pt",
-            generator=torch.Generator().manual_seed(2),
+            max_sequence_length=_text_length(m), output_type="pt",
+            generator=torch.Generator().manual_seed(2), **spec["call"],
         ).images)  # fmt: skip
     with torch.no_grad():
         model = m.denoiser("target", m.encode_text(["a red circle"]), m.adapter_condition(cond))
-        noise = randn((1, 16, 8, 8), torch.Generator().manual_seed(2))
+        noise = randn(_latent_shape(m), torch.Generator().manual_seed(2))
         ours = m.decode_latents(m.run_sampler(model, noise, 2))
     torch.testing.assert_close(ours, images[0], rtol=0, atol=2e-4)
     assert (ours - images[1]).abs().max() > 1e-3  # the LoRA is what matches

@@ -25,23 +25,24 @@ from typing import Any
 
 from ..diffusion import FlowSchedule, sampling_timesteps
 from ..diffusion.schedule import flow_match_config
-from ..models.builders import multiple_from_config
+from ..models.builders import multiple_from_config, vae_downsampling
 from ..models.lora import LORA_FILE
 from ..models.teachers.base import FlowExport, TeacherFamily
 from .parts import any_size_section, card_budgets, fused_network, lora_metadata, sub_state
 
 
-def t5_length(spec: FlowExport, base: str, kw: dict) -> int | None:
-    """The T5 sequence length the run's prompt encoder used (as ``models.teachers``
+def text_length(spec: FlowExport, base: str, kw: dict) -> int | None:
+    """The sequence length of the text encoder the pipeline's ``max_sequence_length``
+    sets (T5's; SANA: Gemma's) that the run's prompt encoder used (as ``models.teachers``
     sets it: the family's length, or the tokenizer's maximum if shorter); None for a
-    base model without T5."""
+    base model without that tokenizer (SD3 without T5)."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(base, subfolder=spec.t5_tokenizer, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(base, subfolder=spec.text_tokenizer, **kw)
     except (OSError, ValueError):
         return None
-    return min(spec.t5_length, int(tokenizer.model_max_length))
+    return min(spec.text_length, int(tokenizer.model_max_length))
 
 
 def export_flow(
@@ -53,7 +54,7 @@ def export_flow(
     transformer (``parts.lora_state``), written to ``lora/`` or, with ``lora_mode``
     ``merge``, merged into ``transformer/``."""
     import diffusers
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler
+    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler
 
     spec = family.flow_export
     network_cls = getattr(diffusers, spec.network)
@@ -93,8 +94,9 @@ def export_flow(
         out / "scheduler_deterministic"
     )
     size, tokens = None, None
-    vae = AutoencoderKL.load_config(base, subfolder="vae", **kw)
-    vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    vae_scale = vae_downsampling(
+        getattr(diffusers, family.vae).load_config(base, subfolder="vae", **kw)
+    )
     multiple = vae_scale * multiple_from_config(spec.network, config)[0]
     if scheduler_config.get("use_dynamic_shifting"):  # the training resolution's shift
         size = hp.get("shift_resolution")
@@ -108,7 +110,7 @@ def export_flow(
     schedule = FlowSchedule.from_config(scheduler_config, tokens)
     folders = [d for d in ("transformer", "lora") if (out / d).is_dir()]
     card = _card(spec, family.name, hp, base, weights, step, schedule, "transformer" in folders, size,
-                 multiple, t5_length(spec, base, kw), lora="lora" in folders)  # fmt: skip
+                 multiple, text_length(spec, base, kw), lora="lora" in folders)  # fmt: skip
     (out / "README.md").write_text(card)
     return " + ".join(f"{d}/" for d in [*folders, "controlnet"])
 
@@ -155,6 +157,13 @@ def _card(
             "latent tokens, so a seed gives other noise values than in `codi-lightning` "
             "(from the same distribution).\n"
         )
+    prelude = ""
+    if spec.size_from_condition and not size_args:  # else it samples at its default size
+        prelude = (
+            "\nheight, width = (condition.shape[-2:] if torch.is_tensor(condition)\n"
+            "                 else (condition.height, condition.width))  # the condition's size"
+        )
+        size_args = " height=height, width=width,"
     guidance = ""
     if spec.guidance != 1.0:  # a guidance input (Flux-dev): one pass, no CFG
         low_high = list(hp.get("guidance_range", ()))
@@ -174,20 +183,21 @@ def _card(
         else ""
     )
     config = json.dumps(hp, indent=2, default=str)
+    extra = f" {spec.call_args}" if spec.call_args else ""
     length = "" if max_length is None else f" max_sequence_length={max_length},"
     if max_length is not None:
         guidance += (
-            f"\nT5 reads {max_length} prompt tokens, as in training: the snippet passes "
+            f"\nThe text encoder reads {max_length} prompt tokens, as in training: the snippet passes "
             f"`max_sequence_length={max_length}` (the pipeline's default may differ).\n"
         )
     call = (
-        f"image = pipe(prompt, control_image=condition, sigmas=sigmas,{size_args}{length}\n"
+        f"image = pipe(prompt, control_image=condition, sigmas=sigmas,{size_args}{length}{extra}\n"
         f"             guidance_scale={spec.guidance}, "
         "generator=torch.Generator().manual_seed(0)).images[0]"
     )
     any_size = any_size_section(
         multiple,
-        f"pipe(prompt, control_image=padded, sigmas=sigmas, height=H, width=W,{length}\n"
+        f"pipe(prompt, control_image=padded, sigmas=sigmas, height=H, width=W,{length}{extra}\n"
         f'             guidance_scale={spec.guidance}, output_type="pt").images',
         "[-1, 1]",
     )
@@ -221,10 +231,7 @@ shifts them): their own spacing does not lie on the grid.
 |---|---|---|
 {chr(10).join(rows)}
 
-Two differences from `codi-lightning`'s own sampling: the stock pipeline encodes the
-control image with a sample of the VAE posterior where `codi-lightning` uses its mean,
-and `FlowMatchLCMScheduler` draws its per-step noise from torch's global generator (the
-pipeline does not pass `generator` to it): seed it with `torch.manual_seed`.
+{spec.sampling_notes}
 {guidance}
 ## Usage
 
@@ -243,7 +250,7 @@ pipe = {spec.pipeline}.from_pretrained(
 ){load_lora}
 # condition: the control image, a PIL image or a [1, 3, H, W] tensor in [-1, 1]
 prompt = ""
-sigmas = {sigmas[steps]}  # {steps} steps on the training grid
+sigmas = {sigmas[steps]}  # {steps} steps on the training grid{prelude}
 
 # deterministic sampler (codi-lightning test --model.eval_stochastic false)
 pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(

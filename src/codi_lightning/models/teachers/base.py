@@ -49,9 +49,22 @@ class FlowExport:
     pipeline: str
     adapter_config: Callable[..., dict]  # (transformer config, adapter_layers) -> config
     guidance: float  # the pipeline's guidance_scale that reproduces training
-    t5_tokenizer: str  # the T5 tokenizer's subfolder
-    t5_length: int  # the T5 sequence length of the module (with a tokenizer at least as long)
+    # the subfolder of the tokenizer whose length is the pipeline's max_sequence_length
+    # (T5's; SANA: Gemma's), and that length (with a tokenizer at least as long)
+    text_tokenizer: str
+    text_length: int
     lora_saver: str  # the diffusers pipeline whose save_lora_weights writes a LoRA
+    call_args: str = ""  # more arguments of the stock pipeline's call (e.g. ``a=1,``)
+    # the pipeline samples at a fixed default size, not the control image's (SANA: 1024)
+    size_from_condition: bool = False
+    # the model card's words on how the stock pipeline's sampling differs from ours
+    sampling_notes: str = (
+        "Two differences from `codi-lightning`'s own sampling: the stock pipeline encodes "
+        "the\ncontrol image with a sample of the VAE posterior where `codi-lightning` uses "
+        "its mean,\nand `FlowMatchLCMScheduler` draws its per-step noise from torch's global "
+        "generator (the\npipeline does not pass `generator` to it): seed it with "
+        "`torch.manual_seed`."
+    )
 
 
 @dataclass(frozen=True, eq=False)

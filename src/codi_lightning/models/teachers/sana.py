@@ -152,9 +152,10 @@ def build_adapter(transformer: nn.Module, num_layers: int | None = None) -> nn.M
 def block_classes() -> set[type[nn.Module]]:
     """FSDP1 units: the SANA block, the transformer and its ControlNet."""
     from diffusers import SanaControlNetModel, SanaTransformer2DModel
-    from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
 
-    return {SanaTransformerBlock, SanaControlNetModel, SanaTransformer2DModel}
+    from ...compat import sana_block_class
+
+    return {sana_block_class(), SanaControlNetModel, SanaTransformer2DModel}
 
 
 FAMILY = TeacherFamily(
@@ -182,5 +183,13 @@ FAMILY = TeacherFamily(
         "tokenizer",
         TEXT_LENGTH,
         "SanaPipeline",
+        "use_resolution_binning=False,",  # else sizes snap to its bins of 1024 px models
+        size_from_condition=True,
+        sampling_notes=(
+            "The stock pipeline samples as `codi-lightning` does: the DC-AE encodes the control\n"
+            "image deterministically, and the pipeline passes its `generator` to\n"
+            "`FlowMatchLCMScheduler`, which draws the per-step noise from it after the initial\n"
+            "noise (the `torch.manual_seed` line below changes nothing here)."
+        ),
     ),  # fmt: skip
 )
