@@ -85,14 +85,17 @@ def test_sdxl_cache_holds_both_encoders_and_the_pooled_embedding(
     "family, text_keys, kw",
     [("sd3", {"hidden_states", "added.pooled_projections"}, {}),
      ("flux", {"hidden_states", "added.pooled_projections", "added.guidance"},
-      {"shift_resolution": 32})],
+      {"shift_resolution": 32}),
+     ("sana", {"hidden_states", "added.encoder_attention_mask"}, {})],
 )  # fmt: skip
 def test_flow_transformer_cache_gives_the_loss_of_the_raw_images(
     tmp_path, shards, family, text_keys, kw, request
 ):
-    """16-channel latents (the VAE's shift applied when they are read), the family's text
-    sequence and added conditions (SD3: the joint CLIP | T5 sequence and the pooled
-    projections; Flux: T5, the pooled CLIP-L output and the guidance scale); the
+    """16-channel latents (the VAE's shift applied when they are read; SANA: the DC-AE's
+    8-channel latents, deterministic: zero deviation), the family's text sequence and
+    added conditions (SD3: the joint CLIP | T5 sequence and the pooled projections; Flux:
+    T5, the pooled CLIP-L output and the guidance scale; SANA: Gemma's states and their
+    attention mask); the
     condition's latents are still encoded on the fly (the SR condition is made from the
     crop)."""
     teacher = request.getfixturevalue(f"tiny_{family}_teacher")
@@ -100,9 +103,10 @@ def test_flow_transformer_cache_gives_the_loss_of_the_raw_images(
                         resolution=32, dtype="fp32", progress=False)  # fmt: skip
     raw, cached = _batch(shards["raw"]), _batch(str(tmp_path / "x-000000.tar"))
     assert set(cached["text"]) == text_keys
-    assert cached["latent_mean"].shape == (8, 16, 8, 8)
     torch.manual_seed(0)
     model = CoDiDistillation(str(teacher), num_grid=10, **kw)
+    latent = (model.vae.config.latent_channels, 32 // model.vae_scale, 32 // model.vae_scale)
+    assert cached["latent_mean"].shape == (8, *latent)
     expected = _loss(model, raw)
     torch.testing.assert_close(_loss(model, cached), expected, rtol=1e-5, atol=1e-7)
 

@@ -165,13 +165,14 @@ def test_two_process_cli(strategy, tmp_path, tiny_teacher, tiny_shards, uneven_v
         torch.testing.assert_close(value, state[f"target.controlnet.{name}"].float())
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "sana"])
 def test_two_process_fsdp_on_flow_transformers(tmp_path, family, tiny_shards, uneven_val,
                                                request):  # fmt: skip
-    """configs/tiny_{sd3,flux}_cpu.yaml under FSDP2 on 2 processes, full CoDi (the
+    """configs/tiny_{sd3,flux,sana}_cpu.yaml under FSDP2 on 2 processes, full CoDi (the
     transformer copy and the adapter sharded by block; Flux: double- and single-stream
-    blocks, its sigma shift fixed by data.resolution on every rank): fit with validation,
-    test over uneven shards, predict and export."""
+    blocks, its sigma shift fixed by data.resolution on every rank; SANA: the DC-AE and
+    the text's attention mask): fit with validation, test over uneven shards, predict and
+    export."""
     from PIL import Image
 
     teacher = request.getfixturevalue(f"tiny_{family}_teacher")

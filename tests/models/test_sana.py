@@ -159,3 +159,21 @@ def test_random_condition_init_keeps_the_teacher_at_step_zero(tiny_sana_teacher)
         torch.testing.assert_close(
             m.denoiser("online", text, cond)(z, t), m.denoiser("teacher", text, cond)(z, t)
         )
+
+
+@pytest.mark.parametrize("tile", [2, 3, 4])
+def test_dc_ae_tiles_keep_the_latent_and_image_sizes(sana_module, tile):
+    """In DC-AE tiles (large outputs) the latent of a 24 x 48 image is still 3 x 6 and its
+    decode 24 x 48 again: the tiles' strides are whole latents (values differ from the
+    untiled pass near the tiles' borders, as in any tiled VAE)."""
+    from codi_lightning.diffusion.tiling import TileGrid
+    from codi_lightning.models import vae_tiles
+
+    vae = sana_module.vae
+    x = torch.rand(1, 3, 24, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        whole = vae.encode(x).latent
+        with vae_tiles(vae, TileGrid(3, 6, tile, 1), 8):
+            tiled = vae.encode(x).latent
+            image = vae.decode(tiled).sample
+    assert tiled.shape == whole.shape == (1, 8, 3, 6) and image.shape == x.shape

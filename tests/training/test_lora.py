@@ -127,7 +127,7 @@ def test_bad_lora_options_name_the_fix(tiny_teacher, kwargs, words):
         CoDiDistillation(str(tiny_teacher), **kwargs)
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux", "sana"])
 def test_lora_on_every_family_leaves_the_teacher_pass_exact(family, request):
     """Each family's network takes the LoRA on its default layers; the teacher pass (LoRA
     off) is the pristine network's output bit for bit, the online pass differs, and the

@@ -302,10 +302,11 @@ def vae_moments(vae: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
 def _tile_settings(vae: nn.Module, tile: int, vae_scale: int) -> dict[str, Any]:
     """The tiling attributes of ``vae`` for latent tiles of side ``tile``: square tiles
     (``AutoencoderKL``: blending a quarter) or heights and widths with a stride of three
-    quarters (``AutoencoderDC``: the same overlap)."""
+    quarters (``AutoencoderDC``: about the same overlap; whole latents, since its tiled
+    encode keeps ``stride // vae_scale`` latents of each tile)."""
     if hasattr(vae, "tile_sample_min_size"):
         return {"tile_latent_min_size": tile, "tile_sample_min_size": tile * vae_scale}
-    stride = tile * vae_scale * 3 // 4
+    stride = max(1, tile * 3 // 4) * vae_scale
     return {
         f"tile_{kind}_{side}": value
         for side in ("height", "width")
