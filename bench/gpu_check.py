@@ -1,11 +1,11 @@
-"""GPU check: CoDi training-step throughput, memory and MFU at SD 1.5, SDXL and
-SD3.5-medium size (FLUX.1-dev size on request), and sampling latency.
+"""GPU check: CoDi training-step throughput, memory and MFU at SD 1.5, SDXL,
+SD3.5-medium and SANA 1600M size (FLUX.1-dev size on request), and sampling latency.
 
     python bench/gpu_check.py --out bench/gpu_check.json        # on one GPU, all models
     python bench/gpu_check.py --models sd15                     # SD 1.5 only, ~3-5 min
     python bench/gpu_check.py --tiny --device cpu --steps 1     # syntax/plumbing check on CPU
 
-Four models, each a network and its adapter built from config with random weights
+Five models, each a network and its adapter built from config with random weights
 (timings do not depend on weight values; nothing is downloaded):
 
 - ``sd15``: SD 1.5-sized UNet (859.5M); latents 64x64x4 (512 px), text 77x768; batch
@@ -27,6 +27,11 @@ Four models, each a network and its adapter built from config with random weight
   latents 128x128x16 (1024 px) packed into 4096 tokens, text 512x4096 (T5), pooled 768,
   guidance 3.5; the schedule shifted for 4096 tokens; batch ``--sdxl_batch``. Full CoDi
   trains a 12B copy: expect ``oom`` on one card.
+- ``sana1600m``: the SANA 1600M transformer as configured below (20 blocks of width 2240,
+  linear self-attention, cross-attention to Gemma 2 2B states: 1604.5M parameters) and
+  its ``SanaControlNetModel`` of 7 blocks (631.6M, as configs/sana_sr.yaml); latents
+  32x32x32 (1024 px through the 32x DC-AE), text 300x2304 with an attention mask (60
+  prompt tokens); the flow schedule with shift 3; batch ``--sdxl_batch``.
 
 Latents and text embeddings are random, so VAE and text-encoder time is excluded. Each
 configuration runs the project's CoDi loss (online + solver reuse + EMA target), AdamW
@@ -35,9 +40,9 @@ FSDP2 (one-rank mesh: the wrapping overhead, not multi-GPU scaling) and activati
 checkpointing; a configuration that does not fit is recorded as ``oom`` (SDXL full CoDi
 holds ~76 GB of fp32 states alone on one card). FLOPs of one step are counted with
 torch.utils.flop_counter; MFU divides achieved FLOP/s by the card's dense bf16 peak.
-``--tiny`` runs the same code on the tiny SD, SDXL, SD3 and Flux networks
-(``codi_lightning.models.tiny``). The networks are called as the training module calls
-them (``models.teachers``: ``sd.forward``, ``sd3.forward``, ``flux.forward``).
+``--tiny`` runs the same code on the tiny SD, SDXL, SD3, Flux and SANA networks
+(``codi_lightning.models.tiny``). The networks and adapters are built and called as the
+training module does, through the family records (``models.teachers``).
 """
 
 from __future__ import annotations
@@ -60,16 +65,19 @@ from codi_lightning.diffusion import (
     schedule_from_config,
 )
 from codi_lightning.models import Conditioning
-from codi_lightning.models.teachers import flux, sd, sd3
+from codi_lightning.models.teachers import FAMILIES, flux
 from codi_lightning.models.tiny import (
     FLUX_SCHEDULER,
+    SANA_SCHEDULER,
     SD3_SCHEDULER,
     SD_SCHEDULER,
+    TINY_SANA_TEXT_DIM,
     TINY_SD3_JOINT_DIM,
     TINY_SD3_T5_LENGTH,
     TINY_SDXL_POOLED,
     TINY_SDXL_TEXT_WIDTHS,
     tiny_flux_transformer_config,
+    tiny_sana_transformer_config,
     tiny_sd3_transformer_config,
     tiny_sdxl_unet_config,
     tiny_unet_config,
@@ -126,6 +134,19 @@ def flux1_dev_transformer_config() -> dict:
     }  # fmt: skip
 
 
+def sana1600m_transformer_config() -> dict:
+    """The SANA 1600M (1024 px) SanaTransformer2DModel: 20 blocks of 70 heads of 32
+    (linear self-attention), cross-attention of 20 heads of 112 to Gemma 2 2B's 2304-wide
+    states, a GLU MBConv feed-forward of ratio 2.5, 1x1 patches of 32-channel DC-AE
+    latents: 1604.5M parameters."""
+    return {
+        "in_channels": 32, "out_channels": 32, "num_attention_heads": 70,
+        "attention_head_dim": 32, "num_layers": 20, "num_cross_attention_heads": 20,
+        "cross_attention_head_dim": 112, "cross_attention_dim": 2240,
+        "caption_channels": 2304, "mlp_ratio": 2.5, "sample_size": 32, "patch_size": 1,
+    }  # fmt: skip
+
+
 # per model: family, network config, latent size, latent channels, VAE factor, adapter
 # embedder widths (UNets), text length and width, pooled-text width (None: none)
 MODELS = {
@@ -133,8 +154,8 @@ MODELS = {
     "sdxl": ("sdxl", sdxl_unet_config, 128, 4, 8, (16, 32, 96, 256), 77, 2048, 1280),
     "sd35m": ("sd3", sd35m_transformer_config, 128, 16, 8, None, 77 + 256, 4096, 2048),
     "flux1d": ("flux", flux1_dev_transformer_config, 128, 16, 8, None, 512, 4096, 768),
+    "sana1600m": ("sana", sana1600m_transformer_config, 32, 32, 32, None, 300, 2304, None),
 }
-FLUX_ADAPTER_LAYERS = 5  # double-stream blocks in the adapter (configs/flux_sr.yaml)
 TINY_MODELS = {
     "sd15": ("sd", tiny_unet_config, 8, 4, 4, (16, 32, 96), 77, 32, None),
     "sdxl": ("sdxl", tiny_sdxl_unet_config, 8, 4, 4, (16, 32, 96), 77,
@@ -143,7 +164,10 @@ TINY_MODELS = {
               TINY_SD3_JOINT_DIM, 32 + TINY_SDXL_POOLED),
     "flux1d": ("flux", tiny_flux_transformer_config, 8, 16, 4, None, TINY_SD3_T5_LENGTH,
                TINY_SD3_JOINT_DIM, 32),
+    "sana1600m": ("sana", tiny_sana_transformer_config, 4, 8, 8, None, 16,
+                  TINY_SANA_TEXT_DIM, None),
 }  # fmt: skip
+ADAPTER_LAYERS = {"flux": 5, "sana": 7}  # configs/flux_sr.yaml, configs/sana_sr.yaml
 
 
 def spec(args, model: str) -> dict:
@@ -157,25 +181,20 @@ def spec(args, model: str) -> dict:
 
 def build(spec: dict, method: str, device: torch.device):
     """Built on ``device`` (random init there: seconds, not minutes, at SDXL size)."""
-    from diffusers import (
-        ControlNetModel,
-        FluxTransformer2DModel,
-        SD3Transformer2DModel,
-        UNet2DConditionModel,
-    )
 
+    import diffusers
+
+    family = FAMILIES[spec["family"]]
     torch.manual_seed(0)
     with device:
-        if spec["family"] == "sd3":
-            unet = SD3Transformer2DModel(**spec["config"]).requires_grad_(False).eval()
-            controlnet = sd3.build_adapter(unet)
-        elif spec["family"] == "flux":
-            unet = FluxTransformer2DModel(**spec["config"]).requires_grad_(False).eval()
+        network = getattr(diffusers, family.network[1])
+        unet = network(**spec["config"]).requires_grad_(False).eval()
+        if family.build_adapter is not None:  # the family's adapter, as the module builds it
+            layers = ADAPTER_LAYERS.get(family.name)
             depth = unet.config.num_layers
-            controlnet = flux.build_adapter(unet, min(FLUX_ADAPTER_LAYERS, depth))
+            controlnet = family.build_adapter(unet, min(layers, depth) if layers else None)
         else:
-            unet = UNet2DConditionModel(**spec["config"]).requires_grad_(False).eval()
-            controlnet = ControlNetModel.from_unet(
+            controlnet = diffusers.ControlNetModel.from_unet(
                 unet, conditioning_embedding_out_channels=spec["channels"]
             )
     student = copy.deepcopy(unet).requires_grad_(True).train() if method == "codi" else None
@@ -185,7 +204,8 @@ def build(spec: dict, method: str, device: torch.device):
 def schedule_of(spec: dict):
     if spec["family"] == "flux":  # shifted for this many packed tokens
         return schedule_from_config(FLUX_SCHEDULER, (spec["latent"] // 2) ** 2)
-    return schedule_from_config(SD3_SCHEDULER if spec["family"] == "sd3" else SD_SCHEDULER)
+    configs = {"sd3": SD3_SCHEDULER, "sana": SANA_SCHEDULER}
+    return schedule_from_config(configs.get(spec["family"], SD_SCHEDULER))
 
 
 def conditioning(spec: dict, batch: int, device: torch.device, dtype=None) -> Conditioning:
@@ -193,6 +213,10 @@ def conditioning(spec: dict, batch: int, device: torch.device, dtype=None) -> Co
     crop (0, 0)) as added conditions; SD3: the pooled projections; Flux: those and the
     guidance scale."""
     text = torch.randn(batch, spec["text_len"], spec["text_dim"], device=device, dtype=dtype)
+    if spec["family"] == "sana":  # Gemma's states and their mask (a prompt of 60 tokens)
+        mask = torch.zeros(batch, spec["text_len"], device=device, dtype=torch.long)
+        mask[:, :60] = 1
+        return Conditioning(text, {"encoder_attention_mask": mask})
     if spec["pooled"] is None:
         return Conditioning(text)
     pooled = torch.randn(batch, spec["pooled"], device=device, dtype=dtype)
@@ -209,7 +233,7 @@ def conditioning(spec: dict, batch: int, device: torch.device, dtype=None) -> Co
 def condition(spec: dict, batch: int, device: torch.device, dtype=None) -> torch.Tensor:
     """The adapter's input: pixels in [0, 1] (ControlNet) or latents (SD3's and Flux's
     adapters)."""
-    if spec["family"] in ("sd3", "flux"):
+    if FAMILIES[spec["family"]].latent_condition:
         shape = (batch, spec["latent_channels"], spec["latent"], spec["latent"])
         return torch.randn(shape, device=device, dtype=dtype)
     return torch.rand(batch, 3, spec["pixels"], spec["pixels"], device=device, dtype=dtype)
@@ -217,8 +241,9 @@ def condition(spec: dict, batch: int, device: torch.device, dtype=None) -> torch
 
 def controlled(spec: dict, schedule, unet, controlnet, z, t, y: Conditioning, cond):
     """The network with the adapter (None: the teacher alone), called the module's way."""
-    forward = {"sd3": sd3.forward, "flux": flux.forward}.get(spec["family"], sd.forward)
-    return forward(unet, controlnet, z, schedule.model_timesteps(t), y, cond)
+    return FAMILIES[spec["family"]].forward(
+        unet, controlnet, z, schedule.model_timesteps(t), y, cond
+    )
 
 
 def peak_tflops(device: torch.device) -> float | None:
@@ -347,11 +372,11 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny models (CPU plumbing check)")
-    parser.add_argument("--models", default="sd15,sdxl,sd35m",
-                        help="comma-separated: sd15, sdxl, sd35m, flux1d")  # fmt: skip
+    parser.add_argument("--models", default="sd15,sdxl,sd35m,sana1600m",
+                        help="comma-separated: sd15, sdxl, sd35m, flux1d, sana1600m")  # fmt: skip
     parser.add_argument("--batch", type=int, default=4, help="batch of the sd15 rows")
     parser.add_argument("--sdxl_batch", type=int, default=2,
-                        help="batch of the sdxl, sd35m and flux1d rows (1024 px)")  # fmt: skip
+                        help="batch of the sdxl, sd35m, flux1d and sana1600m rows (1024 px)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     parser.add_argument("--out", default="bench/gpu_check.json")
     args = parser.parse_args()

