@@ -37,9 +37,8 @@ from typing import Any, Literal
 from ..checkpoints import check_teacher, read_checkpoint
 from ..diffusion import sampling_timesteps
 from ..models import adapter_cond_channels, check_condition_downsampling
-from ..models.builders import multiple_from_config
 from ..models.lora import LORA_FILE
-from ..models.teachers import family_of, read_model_index
+from ..models.teachers import TeacherFamily, family_of, read_model_index
 from .flow import export_flow
 from .parts import (
     any_size_section,
@@ -206,7 +205,7 @@ def export_checkpoint(
     step = checkpoint.get("global_step", 0)
     folders = {d for d in ("unet", "lora") if (out / d).is_dir()}
     card = _model_card(
-        hp, base, weights, step, num_train, family.name, unet, zero_empty, vae_scale, folders
+        hp, base, weights, step, num_train, family, unet, zero_empty, vae_scale, folders
     )
     (out / "README.md").write_text(card)
     which = " + ".join(f"{d}/" for d in ("unet", "lora", "controlnet") if (out / d).is_dir())
@@ -237,12 +236,13 @@ def _model_card(
     weights: str,
     step: int,
     num_train: int,
-    family: str = "sd",
+    family: TeacherFamily | None = None,
     unet: Any = None,
     zero_empty: bool = True,
     vae_scale: int = 8,
     folders: set[str] | None = None,
 ) -> str:
+    family = family or family_of({})  # the SD layout's family
     folders = {"unet"} if folders is None and hp.get("method") == "codi" else (folders or set())
     method = {"pe-codi": "PE-CoDi (adapter only)", "codi": "CoDi (adapter + UNet)"}
     method = method.get(hp.get("method", "pe-codi"), hp.get("method"))
@@ -259,7 +259,7 @@ def _model_card(
     steps = 4 if 4 in timesteps else budgets[-1]
     args = (base, hp.get("revision"), "unet" in folders, steps, timesteps[steps])
     lora = "lora" in folders
-    multiple = vae_scale * multiple_from_config(type(unet).__name__, unet.config)[0]
+    multiple = vae_scale * family.network_multiple(unet.config)[0]
     pipe_call = (
         f"pipe({{prompt}}, image=padded, height=H, width=W, num_inference_steps={steps},\n"
         '             guidance_scale=1.0, output_type="pt").images'
@@ -270,11 +270,16 @@ def _model_card(
             f'generate(padded, [""], {timesteps[steps]}, deterministic,\n'
             "                 torch.Generator().manual_seed(0))"
         )
-    elif family == "sdxl":
-        snippet = _sdxl_usage(*args, unet.config, hp.get("vae_path"), zero_empty, lora=lora)
-        pipe_call = pipe_call.format(prompt="**text")
     else:
-        snippet = _latent_usage(*args, hp.get("vae_path"), lora=lora)
+        spec = family.unet_export
+        words, text, prompt = (
+            spec.card(unet.config, zero_empty) if spec.card else ("", "", "prompt")
+        )
+        snippet = words + _controlnet_snippet(
+            spec.pipeline, base, spec.from_pretrained_args + _revision(hp.get("revision")),
+            *args[2:], hp.get("vae_path"), text=text, prompt=prompt, lora=lora,
+        )  # fmt: skip
+        pipe_call = pipe_call.format(prompt=prompt)
     snippet += "\n\n" + any_size_section(multiple, pipe_call.replace("{prompt}", "prompt"))
     return f"""---
 library_name: diffusers
@@ -377,53 +382,6 @@ pipe.scheduler = LCMScheduler.from_pretrained(folder, subfolder="scheduler")
 image = pipe({prompt}, image=condition, num_inference_steps={steps}, guidance_scale=1.0,
              generator=torch.Generator().manual_seed(0)).images[0]
 ```"""
-
-
-def _latent_usage(
-    base: str, revision: str | None, unet: bool, steps: int, ts: list[int], vae_path=None,
-    lora: bool = False,
-) -> str:  # fmt: skip
-    extra = f"safety_checker=None, requires_safety_checker=False{_revision(revision)}"
-    return _controlnet_snippet(
-        "StableDiffusionControlNetPipeline", base, extra, unet, steps, ts, vae_path, lora=lora
-    )
-
-
-def _sdxl_usage(
-    base: str,
-    revision: str | None,
-    unet: bool,
-    steps: int,
-    ts: list[int],
-    unet_config: Any,
-    vae_path: str | None = None,
-    zero_empty: bool = True,
-    lora: bool = False,
-) -> str:
-    width = int(unet_config["cross_attention_dim"])
-    pooled = int(unet_config["projection_class_embeddings_input_dim"]) - 6 * int(
-        unet_config["addition_time_embed_dim"]
-    )
-    empty, zeros = "", ""
-    if zero_empty:
-        empty = """ The model saw an empty prompt as
-zeros (SDXL's `force_zeros_for_empty_prompt`, which the pipeline applies only to its
-negative prompt), so the snippet passes zero embeddings for `""`."""
-        zeros = f"""
-if prompt == "":  # zeros, as in training (not the encoded empty string)
-    text = {{"prompt_embeds": torch.zeros(1, 77, {width}, dtype=pipe.dtype),
-            "pooled_prompt_embeds": torch.zeros(1, {pooled}, dtype=pipe.dtype)}}"""
-    snippet = _controlnet_snippet(
-        "StableDiffusionXLControlNetPipeline", base, f"add_watermarker=False{_revision(revision)}",
-        unet, steps, ts, vae_path, text='\ntext = {"prompt": prompt}' + zeros, prompt="**text",
-        lora=lora,
-    )  # fmt: skip
-    return f"""An SDXL model: the stock `StableDiffusionXLControlNetPipeline`. Its size conditioning
-(`original_size`, `crops_coords_top_left`, `target_size`) defaults to original = target =
-the output size and crop (0, 0), what `codi-lightning` samples with when a sample has no
-recorded sizes; pass other values as you would to SDXL.{empty}
-
-{snippet}"""
 
 
 def _pixel_usage(

@@ -25,7 +25,7 @@ from typing import Any
 
 from ..diffusion import FlowSchedule, sampling_timesteps
 from ..diffusion.schedule import flow_match_config
-from ..models.builders import multiple_from_config, vae_downsampling
+from ..models.builders import vae_downsampling
 from ..models.lora import LORA_FILE
 from ..models.teachers.base import FlowExport, TeacherFamily
 from .parts import any_size_section, card_budgets, fused_network, lora_metadata, sub_state
@@ -97,7 +97,7 @@ def export_flow(
     vae_scale = vae_downsampling(
         getattr(diffusers, family.vae).load_config(base, subfolder="vae", **kw)
     )
-    multiple = vae_scale * multiple_from_config(spec.network, config)[0]
+    multiple = vae_scale * family.network_multiple(config)[0]
     if scheduler_config.get("use_dynamic_shifting"):  # the training resolution's shift
         size = hp.get("shift_resolution")
         if size is None:

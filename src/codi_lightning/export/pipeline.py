@@ -211,30 +211,15 @@ class CoDiPipeline:
         return images[..., :height, :width]
 
     def to_diffusers(self, folder: str):
-        """The stock ``StableDiffusionControlNetPipeline`` (SDXL:
-        ``StableDiffusionXLControlNetPipeline``) with ``LCMScheduler`` from ``folder``
+        """The family's stock ControlNet pipeline (``StableDiffusionControlNetPipeline``;
+        SDXL: ``StableDiffusionXLControlNetPipeline``) with ``LCMScheduler`` from ``folder``
         (latent models only)."""
-        from diffusers import LCMScheduler, StableDiffusionControlNetPipeline
+        from diffusers import LCMScheduler
 
         if self.parts.vae is None:
             raise ValueError("stock diffusers has no pixel-space ControlNet pipeline")
-        if self.parts.family == "sdxl":
-            from diffusers import StableDiffusionXLControlNetPipeline
-
-            text = self.parts.prompt_encoder
-            return StableDiffusionXLControlNetPipeline(
-                vae=self.parts.vae, text_encoder=text.text_encoder,
-                text_encoder_2=text.text_encoder_2, tokenizer=text.tokenizer,
-                tokenizer_2=text.tokenizer_2, unet=self.parts.unet, controlnet=self.controlnet,
-                scheduler=LCMScheduler.from_pretrained(folder, subfolder="scheduler"),
-                force_zeros_for_empty_prompt=text.zero_empty_prompt, add_watermarker=False,
-            )  # fmt: skip
-        return StableDiffusionControlNetPipeline(
-            vae=self.parts.vae, text_encoder=self.parts.text_encoder,
-            tokenizer=self.parts.tokenizer, unet=self.parts.unet, controlnet=self.controlnet,
-            scheduler=LCMScheduler.from_pretrained(folder, subfolder="scheduler"),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )  # fmt: skip
+        scheduler = LCMScheduler.from_pretrained(folder, subfolder="scheduler")
+        return self.parts.family.unet_export.assemble(self.parts, self.controlnet, scheduler)
 
 
 def _task_parts(

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..diffusion import TileGrid
 from ..diffusion.schedule import flow_match_config
 from .conditioning import PromptEncoder
-from .teachers import FAMILIES, TeacherFamily, family_of, family_of_network, read_model_index
+from .teachers import TeacherFamily, family_of, family_of_network, read_model_index
 
 DEFAULT_COND_CHANNELS = (16, 32, 96, 256)
 
@@ -34,7 +34,7 @@ class TeacherParts:
     vae: nn.Module | None
     prompt_encoder: PromptEncoder
     scheduler_config: dict[str, Any]
-    family: TeacherFamily = field(default_factory=lambda: FAMILIES["sd"])
+    family: TeacherFamily = field(default_factory=lambda: family_of({}))  # the SD layout
     vae_upcast: bool = False
 
     @property
@@ -258,14 +258,7 @@ def network_multiple(unet: nn.Module) -> tuple[int, str]:
     """The multiple of the latent's sides the network takes, and what sets it: the
     UNet's downsampling to its lowest level, a transformer's patch size, or Flux's 2x2
     packing (of 1x1 patches)."""
-    return multiple_from_config(type(unet).__name__, unet.config)
-
-
-def multiple_from_config(class_name: str, config: Any) -> tuple[int, str]:
-    """:func:`network_multiple` of a network of ``class_name`` with ``config`` (its
-    family's ``network_multiple``)."""
-
-    return family_of_network(class_name).network_multiple(config)
+    return family_of_network(unet).network_multiple(unet.config)
 
 
 def check_resolution(resolution: int, vae_scale: int, unet: nn.Module) -> None:

@@ -8,11 +8,16 @@ trained teacher is written over them.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .teachers.base import write_pipeline_folder
+from .teachers.sd import save_teacher_folder
+from .teachers.sd3 import save_sd3_folder
+
+__all__ = ["save_sd3_folder", "save_teacher_folder", "write_pipeline_folder"]  # re-exported
 
 SD_SCHEDULER = {
     "_class_name": "DDPMScheduler",
@@ -101,52 +106,6 @@ def build_tiny_tokenizer():
         vocab.setdefault(ch, len(vocab))
         vocab.setdefault(ch + "</w>", len(vocab))
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-
-
-def write_pipeline_folder(
-    folder: str | Path, parts: dict[str, Any], scheduler_config: dict[str, Any],
-    index: dict[str, Any],
-) -> Path:  # fmt: skip
-    """Write a diffusers pipeline folder: each part (a model or tokenizer; None: skipped)
-    saved in its subfolder (safetensors), ``scheduler/scheduler_config.json`` and
-    ``model_index.json`` (``index``: the pipeline's ``_class_name`` and components)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, part in parts.items():
-        if part is not None:
-            part.save_pretrained(folder / name)
-    (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(scheduler_config, indent=2)
-    )
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    return folder
-
-
-def save_teacher_folder(
-    folder: str | Path,
-    unet,
-    text_encoder,
-    tokenizer,
-    scheduler_config: dict[str, Any],
-    vae=None,
-) -> Path:
-    """Write teacher parts in the Stable Diffusion folder layout (safetensors) with a
-    ``model_index.json``, so ``load_teacher`` and diffusers pipelines can read it."""
-    components: dict[str, Any] = {
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-    }
-    if vae is not None:
-        components["vae"] = ["diffusers", "AutoencoderKL"]
-        components |= {"safety_checker": [None, None], "feature_extractor": [None, None]}
-        components["requires_safety_checker"] = False
-    parts = {"tokenizer": tokenizer, "text_encoder": text_encoder, "unet": unet, "vae": vae}
-    scheduler = {"_class_name": "DDPMScheduler", **dict(scheduler_config)}
-    index = {"_class_name": "StableDiffusionPipeline", **components}
-    return write_pipeline_folder(folder, parts, scheduler, index)
 
 
 def build_tiny_text_encoder(tokenizer):
@@ -334,35 +293,6 @@ def build_tiny_sd3_text_side(text_tokens: int | None = None):
         for tokenizer in tokenizers:
             tokenizer.model_max_length = int(text_tokens)
     return tokenizers, build_tiny_sd3_text_encoders(*tokenizers)
-
-
-def save_sd3_folder(
-    folder: str | Path, transformer, text_encoders, tokenizers, scheduler_config, vae=None
-) -> Path:
-    """Write SD3-family parts in the diffusers SD3 layout (safetensors) with a
-    ``model_index.json`` naming ``StableDiffusion3Pipeline``; no ``vae/`` for a
-    pixel-space model (``load_teacher(..., pixel_space=True)`` reads it)."""
-    parts = {"transformer": transformer, "vae": vae}
-    for i, suffix in enumerate(("", "_2", "_3")):
-        parts[f"tokenizer{suffix}"], parts[f"text_encoder{suffix}"] = (
-            tokenizers[i], text_encoders[i],
-        )  # fmt: skip
-    config = {"_class_name": "FlowMatchEulerDiscreteScheduler", **dict(scheduler_config)}
-    index = {
-        "_class_name": "StableDiffusion3Pipeline",
-        "transformer": ["diffusers", "SD3Transformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKL"] if vae is not None else [None, None],
-        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
-        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-        "text_encoder_3": ["transformers", "T5EncoderModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", "CLIPTokenizer"],
-        "tokenizer_3": ["transformers", "T5TokenizerFast"],
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "image_encoder": [None, None],
-        "feature_extractor": [None, None],
-    }
-    return write_pipeline_folder(folder, parts, config, index)
 
 
 def write_tiny_sd3_teacher(folder: str | Path, *, seed: int = 0, overwrite: bool = False) -> Path:

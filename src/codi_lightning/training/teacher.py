@@ -15,7 +15,7 @@ from torch import Tensor
 from ..checkpoints import check_teacher, resolve_local_path
 from ..diffusion import diffusion_loss, ema_update, schedule_from_config
 from ..models import Conditioning, build_tiny_text_encoder, build_tiny_tokenizer, load_teacher
-from ..models.teachers import FAMILIES, family_of, read_model_index
+from ..models.teachers import FAMILIES, family_of, family_of_network, read_model_index
 from ..models.teachers.sd import CLIPPromptEncoder
 from ..models.teachers.sd3 import SD3PromptEncoder
 from ..models.tiny import (
@@ -24,8 +24,6 @@ from ..models.tiny import (
     TINY_SD3_JOINT_DIM,
     TINY_SD3_T5_LENGTH,
     build_tiny_sd3_text_side,
-    save_sd3_folder,
-    save_teacher_folder,
 )
 from .ddim import ode_sample
 from .frozen import SkipFrozenState
@@ -97,10 +95,11 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
         self.shift_factor = 0.0
         if init_from:
             family = family_of(read_model_index(init_from))
-            if family not in ("sd", "sd3"):  # what export() can write back
+            if family.write_folder is None:  # what export() can write back
+                writable = ", ".join(f.name for f in FAMILIES.values() if f.write_folder)
                 raise ValueError(
                     f"model.init_from={init_from!r} is a {family} teacher: DiffusionTraining "
-                    "adapts and writes SD 1.x/2.x and SD3-family folders only"
+                    f"adapts and writes the folders of these families only: {writable}"
                 )
             parts = load_teacher(init_from, pixel_space=pixel_space)
             self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.prompt_encoder
@@ -130,12 +129,13 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
                     )
             self.text_encoder = encoder.requires_grad_(False).eval()
             if transformer is None:
-                self.unet, self.family = UNet2DConditionModel(**unet), FAMILIES["sd"]
+                self.unet = UNet2DConditionModel(**unet)
                 self.scheduler_config = {**SD_SCHEDULER, "prediction_type": prediction_type}
             else:
-                self.unet, self.family = SD3Transformer2DModel(**transformer), FAMILIES["sd3"]
+                self.unet = SD3Transformer2DModel(**transformer)
                 self.scheduler_config = {**SD3_SCHEDULER, "shift": float(flow_shift)}
             self.vae, self.scaling_factor = None, 1.0
+            self.family = family_of_network(self.unet)  # the layout export() writes
         self.schedule = schedule_from_config(self.scheduler_config)
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
         if self.vae is not None:
@@ -237,15 +237,8 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
             print(f"teacher written to {path}")
 
     def export(self, folder: str) -> Path:
+        """The EMA network with the other parts, written in its family's layout."""
         unet = copy.deepcopy(self.ema_unet).float().cpu()
-        text = self.text_encoder
-        if self.family == "sd3":
-            encoders = (text.text_encoder, text.text_encoder_2, text.text_encoder_3)
-            tokenizers = (text.tokenizer, text.tokenizer_2, text.tokenizer_3)
-            return save_sd3_folder(folder, unet, encoders, tokenizers, self.scheduler_config,
-                                   self.vae)  # fmt: skip
-        if self.family != "sd":
-            raise NotImplementedError(f"writing a {self.family} teacher folder")
-        return save_teacher_folder(
-            folder, unet, text.text_encoder, text.tokenizer, self.scheduler_config, self.vae
+        return self.family.write_folder(
+            folder, unet, self.text_encoder, self.scheduler_config, self.vae
         )

@@ -51,11 +51,12 @@ def family_of(index: Mapping[str, Any]) -> TeacherFamily:
     return max(matches, key=lambda m: m[0])[1] if matches else FAMILIES["sd"]
 
 
-def family_of_network(class_name: str) -> TeacherFamily:
-    """The family whose denoising network is of diffusers class ``class_name`` (a UNet's
-    family, ``sd``, for any class no family names)."""
+def family_of_network(network: Any) -> TeacherFamily:
+    """The family whose denoising network is ``network`` (a module, or its diffusers class
+    name): a UNet's family, ``sd``, for any class no family names."""
+    name = network if isinstance(network, str) else type(network).__name__
     for family in FAMILIES.values():
-        if family.network[1] == class_name:
+        if family.network[1] == name:
             return family
     return FAMILIES["sd"]
 

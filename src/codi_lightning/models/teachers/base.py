@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -37,6 +39,26 @@ def unet_block_classes() -> set[type[nn.Module]]:
     return blocks | {ControlNetModel, UNet2DConditionModel}
 
 
+def write_pipeline_folder(
+    folder: str | Path, parts: dict[str, Any], scheduler_config: dict[str, Any],
+    index: dict[str, Any],
+) -> Path:  # fmt: skip
+    """Write a diffusers pipeline folder: each part (a model or tokenizer; None: skipped)
+    saved in its subfolder (safetensors), ``scheduler/scheduler_config.json`` and
+    ``model_index.json`` (``index``: the pipeline's ``_class_name`` and components)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, part in parts.items():
+        if part is not None:
+            part.save_pretrained(folder / name)
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(scheduler_config, indent=2)
+    )
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
 @dataclass(frozen=True)
 class FlowExport:
     """How a flow-transformer family exports (``export.flow``): the diffusers class
@@ -65,6 +87,23 @@ class FlowExport:
         "generator (the\npipeline does not pass `generator` to it): seed it with "
         "`torch.manual_seed`."
     )
+
+
+@dataclass(frozen=True)
+class UNetExport:
+    """How a UNet family's latent model exports (``export.exporter``): its stock ControlNet
+    pipeline class, that pipeline's extra ``from_pretrained`` arguments in the model
+    card's snippet, its assembly from loaded parts (``CoDiPipeline.to_diffusers``), and
+    the card's family-specific words.
+
+    ``assemble(parts, controlnet, scheduler)`` builds the pipeline; ``card(unet_config,
+    zero_empty)`` gives (words before the snippet, lines after ``prompt = ""`` in it, how
+    the call passes the prompt), None: none, none, ``prompt``."""
+
+    pipeline: str
+    from_pretrained_args: str
+    assemble: Callable[..., Any]
+    card: Callable[[Mapping[str, Any], bool], tuple[str, str, str]] | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,7 +143,10 @@ class TeacherFamily:
     lora_saver: the diffusers pipeline whose ``save_lora_weights`` writes the LoRA of a
         UNet export (``export.exporter``).
     flow_export: a flow-transformer family's export (``export.flow``); None: the UNet
-        export of ``export.exporter``."""
+        export of ``export.exporter`` (``unet_export``).
+    write_folder: ``(folder, network, prompt_encoder, scheduler_config, vae) -> folder``:
+        parts written back in the family's diffusers layout (``DiffusionTraining``'s
+        teacher); None: not written by this project."""
 
     name: str
     load_prompt_encoder: Callable[..., PromptEncoder]
@@ -124,6 +166,8 @@ class TeacherFamily:
     fsdp_block_classes: Callable[[], set[type[nn.Module]]] = unet_block_classes
     lora_saver: str = "StableDiffusionPipeline"
     flow_export: FlowExport | None = None
+    unet_export: UNetExport | None = None
+    write_folder: Callable[..., Path] | None = None
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, TeacherFamily):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..conditioning import Conditioning, PromptEncoder, tokenize
-from .base import TeacherFamily
+from .base import TeacherFamily, UNetExport, write_pipeline_folder
 
 
 class CLIPPromptEncoder(PromptEncoder):
@@ -61,4 +62,63 @@ def forward(
     ).sample
 
 
-FAMILY = TeacherFamily("sd", load_prompt_encoder, forward)
+def assemble_pipeline(parts: Any, controlnet: nn.Module, scheduler: Any) -> Any:
+    """The stock ``StableDiffusionControlNetPipeline`` of loaded parts (no safety checker)."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    return StableDiffusionControlNetPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+        unet=parts.unet, controlnet=controlnet, scheduler=scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+
+
+def save_teacher_folder(
+    folder: str | Path,
+    unet,
+    text_encoder,
+    tokenizer,
+    scheduler_config: dict[str, Any],
+    vae=None,
+) -> Path:
+    """Write teacher parts in the Stable Diffusion folder layout (safetensors) with a
+    ``model_index.json``, so ``load_teacher`` and diffusers pipelines can read it; no
+    ``vae/`` for a pixel-space model."""
+    components: dict[str, Any] = {
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+    }
+    if vae is not None:
+        components["vae"] = ["diffusers", "AutoencoderKL"]
+        components |= {"safety_checker": [None, None], "feature_extractor": [None, None]}
+        components["requires_safety_checker"] = False
+    parts = {"tokenizer": tokenizer, "text_encoder": text_encoder, "unet": unet, "vae": vae}
+    scheduler = {"_class_name": "DDPMScheduler", **dict(scheduler_config)}
+    index = {"_class_name": "StableDiffusionPipeline", **components}
+    return write_pipeline_folder(folder, parts, scheduler, index)
+
+
+def write_folder(
+    folder: str | Path, unet: nn.Module, prompt_encoder: CLIPPromptEncoder,
+    scheduler_config: dict[str, Any], vae: nn.Module | None = None,
+) -> Path:  # fmt: skip
+    """:func:`save_teacher_folder` of a network and its prompt encoder (the record's
+    ``write_folder``)."""
+    return save_teacher_folder(
+        folder, unet, prompt_encoder.text_encoder, prompt_encoder.tokenizer, scheduler_config, vae
+    )
+
+
+FAMILY = TeacherFamily(
+    "sd",
+    load_prompt_encoder,
+    forward,
+    unet_export=UNetExport(
+        "StableDiffusionControlNetPipeline",
+        "safety_checker=None, requires_safety_checker=False",
+        assemble_pipeline,
+    ),
+    write_folder=write_folder,
+)

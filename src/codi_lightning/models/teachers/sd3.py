@@ -6,6 +6,7 @@ latents (as the stock ``StableDiffusion3ControlNetPipeline`` encodes it)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 
 from ..conditioning import Conditioning, PromptEncoder, tokenize
 from ..lora import TRANSFORMER_LORA_TARGETS
-from .base import FlowExport, TeacherFamily, patch_multiple
+from .base import FlowExport, TeacherFamily, patch_multiple, write_pipeline_folder
 
 T5_LENGTH = 256  # the T5 sequence length of the stock SD3 pipelines (max_sequence_length)
 
@@ -178,6 +179,47 @@ def block_classes() -> set[type[nn.Module]]:
     return {JointTransformerBlock, SD3ControlNetModel, SD3Transformer2DModel}
 
 
+def save_sd3_folder(
+    folder: str | Path, transformer, text_encoders, tokenizers, scheduler_config, vae=None
+) -> Path:
+    """Write SD3-family parts in the diffusers SD3 layout (safetensors) with a
+    ``model_index.json`` naming ``StableDiffusion3Pipeline``; no ``vae/`` for a
+    pixel-space model (``load_teacher(..., pixel_space=True)`` reads it)."""
+    parts = {"transformer": transformer, "vae": vae}
+    for i, suffix in enumerate(("", "_2", "_3")):
+        parts[f"tokenizer{suffix}"], parts[f"text_encoder{suffix}"] = (
+            tokenizers[i], text_encoders[i],
+        )  # fmt: skip
+    config = {"_class_name": "FlowMatchEulerDiscreteScheduler", **dict(scheduler_config)}
+    index = {
+        "_class_name": "StableDiffusion3Pipeline",
+        "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"] if vae is not None else [None, None],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_3": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "tokenizer_3": ["transformers", "T5TokenizerFast"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "image_encoder": [None, None],
+        "feature_extractor": [None, None],
+    }
+    return write_pipeline_folder(folder, parts, config, index)
+
+
+def write_folder(
+    folder: str | Path, transformer: nn.Module, prompt_encoder: SD3PromptEncoder,
+    scheduler_config: dict[str, Any], vae: nn.Module | None = None,
+) -> Path:  # fmt: skip
+    """:func:`save_sd3_folder` of a transformer and its prompt encoder (the record's
+    ``write_folder``)."""
+    text = prompt_encoder
+    encoders = (text.text_encoder, text.text_encoder_2, text.text_encoder_3)
+    tokenizers = (text.tokenizer, text.tokenizer_2, text.tokenizer_3)
+    return save_sd3_folder(folder, transformer, encoders, tokenizers, scheduler_config, vae)
+
+
 FAMILY = TeacherFamily(
     "sd3",
     load_prompt_encoder,
@@ -192,6 +234,7 @@ FAMILY = TeacherFamily(
     fsdp_block_lists=("transformer_blocks",),
     fsdp_blocks=(),
     fsdp_block_classes=block_classes,
+    write_folder=write_folder,
     flow_export=FlowExport(
         "SD3 family",
         "SD3ControlNetModel",

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..conditioning import Conditioning, ImageSizes, PromptEncoder, tokenize
 from . import sd
-from .base import TeacherFamily
+from .base import TeacherFamily, UNetExport
 
 
 class SDXLPromptEncoder(PromptEncoder):
@@ -88,7 +88,48 @@ def load_prompt_encoder(
     )
 
 
+def assemble_pipeline(parts: Any, controlnet: nn.Module, scheduler: Any) -> Any:
+    """The stock ``StableDiffusionXLControlNetPipeline`` of loaded parts (the empty prompt
+    as the folder says, no watermark)."""
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    text = parts.prompt_encoder
+    return StableDiffusionXLControlNetPipeline(
+        vae=parts.vae, text_encoder=text.text_encoder, text_encoder_2=text.text_encoder_2,
+        tokenizer=text.tokenizer, tokenizer_2=text.tokenizer_2, unet=parts.unet,
+        controlnet=controlnet, scheduler=scheduler,
+        force_zeros_for_empty_prompt=text.zero_empty_prompt, add_watermarker=False,
+    )  # fmt: skip
+
+
+def card(unet_config: Mapping[str, Any], zero_empty: bool) -> tuple[str, str, str]:
+    """The model card's SDXL words, the snippet's text lines (zero embeddings for the
+    empty prompt when the model saw it as zeros) and the call's prompt argument."""
+    width = int(unet_config["cross_attention_dim"])
+    pooled = int(unet_config["projection_class_embeddings_input_dim"]) - 6 * int(
+        unet_config["addition_time_embed_dim"]
+    )
+    empty, zeros = "", ""
+    if zero_empty:
+        empty = """ The model saw an empty prompt as
+zeros (SDXL's `force_zeros_for_empty_prompt`, which the pipeline applies only to its
+negative prompt), so the snippet passes zero embeddings for `""`."""
+        zeros = f"""
+if prompt == "":  # zeros, as in training (not the encoded empty string)
+    text = {{"prompt_embeds": torch.zeros(1, 77, {width}, dtype=pipe.dtype),
+            "pooled_prompt_embeds": torch.zeros(1, {pooled}, dtype=pipe.dtype)}}"""
+    words = f"""An SDXL model: the stock `StableDiffusionXLControlNetPipeline`. Its size conditioning
+(`original_size`, `crops_coords_top_left`, `target_size`) defaults to original = target =
+the output size and crop (0, 0), what `codi-lightning` samples with when a sample has no
+recorded sizes; pass other values as you would to SDXL.{empty}
+
+"""
+    return words, '\ntext = {"prompt": prompt}' + zeros, "**text"
+
+
 FAMILY = TeacherFamily(
     "sdxl", load_prompt_encoder, sd.forward, pipelines=("StableDiffusionXL",),
     vae_overflows_in_fp16=True, lora_saver="StableDiffusionXLPipeline",
+    unet_export=UNetExport("StableDiffusionXLControlNetPipeline", "add_watermarker=False",
+                           assemble_pipeline, card),
 )  # fmt: skip
