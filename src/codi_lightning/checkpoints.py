@@ -18,6 +18,15 @@ import torch
 
 LIGHTNING_META = "meta.pt"  # Lightning's file of non-tensor state in a sharded folder
 CHECKSUMS = "checksums.json"  # CRC-32 and size of every file of a sharded folder
+# Where CoDiDistillation's trained weights sit in its state dict, online and EMA target:
+# its ``controlnet``, the full-CoDi copy of the network ``student_unet`` and the LoRA's
+# ``lora.weights``, and their ``target`` copies (tests/training/test_module.py checks
+# them against the module). Export reads checkpoints through this table alone.
+STATE_PREFIXES = {
+    "adapter": {"online": "controlnet.", "target": "target.controlnet."},
+    "network": {"online": "student_unet.", "target": "target.unet."},
+    "lora": {"online": "lora.weights.", "target": "target.lora."},
+}
 
 
 class CheckpointError(ValueError):

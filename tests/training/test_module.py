@@ -224,3 +224,22 @@ def test_ema_follows_the_optimizer_step_in_fit(tiny_teacher):
         if moved[i]:
             stale = decay * tb + (1 - decay) * on_b
             assert not torch.allclose(ta, stale, rtol=1e-6, atol=1e-7), f"param {i}"
+
+
+def test_the_declared_state_prefixes_are_where_the_module_keeps_its_weights(tiny_teacher):
+    """checkpoints.STATE_PREFIXES, which export reads checkpoints by: every trained and
+    EMA module's weights lie under its prefix (CoDi: adapter and network; PE-CoDi with a
+    LoRA: adapter and LoRA)."""
+    from codi_lightning.checkpoints import STATE_PREFIXES
+
+    for kw, parts in (({"method": "codi"}, ("adapter", "network")),
+                      ({"lora_rank": 2}, ("adapter", "lora"))):  # fmt: skip
+        m = CoDiDistillation(str(tiny_teacher), num_grid=10, **kw)
+        keys = list(m.state_dict())
+        modules = {"adapter": m.controlnet, "network": m.student_unet,
+                   "lora": m.lora.weights if m.lora is not None else None}  # fmt: skip
+        for part in parts:
+            for weights, prefix in STATE_PREFIXES[part].items():
+                under = [k for k in keys if k.startswith(prefix)]
+                assert under, (part, weights, prefix)
+                assert len(under) == len(modules[part].state_dict()), (part, weights)

@@ -34,9 +34,10 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from ..checkpoints import check_teacher, read_checkpoint
+from ..checkpoints import STATE_PREFIXES, check_teacher, read_checkpoint
 from ..diffusion import sampling_timesteps
 from ..models import adapter_cond_channels, check_condition_downsampling
+from ..models.builders import vae_downsampling
 from ..models.lora import LORA_FILE
 from ..models.teachers import TeacherFamily, family_of, read_model_index
 from .flow import export_flow
@@ -152,10 +153,10 @@ def export_checkpoint(
     unet = UNet2DConditionModel.from_config(unet_config)
     vae_scale = 1
     if not hp.get("pixel_space", False):
-        from diffusers import AutoencoderKL
+        import diffusers
 
-        vae_config = AutoencoderKL.load_config(base, subfolder="vae", **kw)
-        vae_scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        vae_config = getattr(diffusers, family.vae).load_config(base, subfolder="vae", **kw)
+        vae_scale = vae_downsampling(vae_config)
     channels = tuple(hp.get("adapter_cond_channels") or adapter_cond_channels(vae_scale))
     check_condition_downsampling(channels, vae_scale)
 
@@ -163,11 +164,11 @@ def export_checkpoint(
     controlnet = ControlNetModel.from_unet(
         unet, conditioning_embedding_out_channels=channels, load_weights_from_unet=False
     )
-    prefix = {"target": "target.controlnet.", "online": "controlnet."}[weights]
+    prefix = STATE_PREFIXES["adapter"][weights]
     controlnet.load_state_dict(sub_state(state, prefix), strict=True)
     controlnet.save_pretrained(out / "controlnet", safe_serialization=True)
     if hp.get("method") == "codi":
-        prefix = {"target": "target.unet.", "online": "student_unet."}[weights]
+        prefix = STATE_PREFIXES["network"][weights]
         unet.load_state_dict(sub_state(state, prefix), strict=True)
         unet.save_pretrained(out / "unet", safe_serialization=True)
     if lora_weights and lora == "merge":

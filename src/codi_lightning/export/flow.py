@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..checkpoints import STATE_PREFIXES
 from ..diffusion import FlowSchedule, sampling_timesteps
 from ..diffusion.schedule import flow_match_config
 from ..models.builders import vae_downsampling
@@ -62,13 +63,13 @@ def export_flow(
     controlnet = getattr(diffusers, spec.adapter).from_config(
         spec.adapter_config(config, hp.get("adapter_layers"))
     )
-    prefix = {"target": "target.controlnet.", "online": "controlnet."}[weights]
+    prefix = STATE_PREFIXES["adapter"][weights]
     controlnet.load_state_dict(sub_state(state, prefix), strict=True)
     controlnet.save_pretrained(out / "controlnet", safe_serialization=True)
     codi = hp.get("method") == "codi"
     if codi:
         transformer = network_cls.from_config(config)
-        prefix = {"target": "target.unet.", "online": "student_unet."}[weights]
+        prefix = STATE_PREFIXES["network"][weights]
         transformer.load_state_dict(sub_state(state, prefix), strict=True)
         transformer.save_pretrained(out / "transformer", safe_serialization=True)
     if lora:

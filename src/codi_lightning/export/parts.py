@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoints import CheckpointError
+from ..checkpoints import STATE_PREFIXES, CheckpointError
 from ..models.lora import ADAPTER_NAME, UNET_LORA_TARGETS
 
 
@@ -24,7 +24,7 @@ def lora_state(
 ) -> dict[str, torch.Tensor]:
     """The checkpoint's LoRA (online or EMA target) in diffusers' LoRA format: keys
     ``unet.<module>.lora_A.weight`` / ``lora_B``; empty without a LoRA."""
-    prefix = {"target": "target.lora.", "online": "lora.weights."}[weights]
+    prefix = STATE_PREFIXES["lora"][weights]
     tag = f".{ADAPTER_NAME}."
     out = {}
     for key, value in state.items():

@@ -2,8 +2,9 @@
 
 from .baseline import ControlNetBaseline
 from .callbacks import ImageWriter, StepProgressBar
-from .module import CoDiDistillation, NonFiniteTrainingError
+from .module import CoDiDistillation
 from .teacher import DiffusionTraining
+from .updates import NonFiniteTrainingError
 
 __all__ = [
     "CoDiDistillation",

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import re
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -20,30 +17,26 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 
 from ..checkpoints import (
-    check_checkpoint,
     check_teacher,
-    is_sharded,
-    read_checkpoint,
     resolve_local_path,
 )
 from ..diffusion import (
     CoDiLossConfig,
     TilingConfig,
     codi_loss,
-    ema_update,
     sample_pairs,
     schedule_from_config,
 )
 from ..metrics import EvalSuite, MetricsConfig
 from ..models import (
     Conditioning,
-    ImageSizes,
     build_family_adapter,
     check_resolution,
     load_teacher,
 )
-from ..models.builders import vae_moments
 from ..models.lora import LowRankUpdate, WithoutLoRA, WithWeights
+from .checkpointing import CheckedCheckpoints
+from .checks import check_options
 from .evaluation import EvaluationSteps
 from .frozen import SkipFrozenState
 from .optim import optimizers_for
@@ -51,65 +44,19 @@ from .parallel import (
     ReplicatedGrads,
     data_parallel_mesh,
     enable_memory_savers,
-    global_grad_norm,
     shard_blocks,
 )
 from .randomness import RankRandomness
-from .run import check_float_pixels, logs_this_step, run_dir
+from .run import logs_this_step, run_dir
 from .sampling import Sampling
+from .teacher_io import TeacherIO
+from .updates import GuardedUpdates
 
 FROZEN_PREFIXES = ("unet.", "vae.", "text_encoder.")
 
 
-def _is_fsdp1(module: Any) -> bool:
-    """``module`` is wrapped by FSDP1 (False on a torch without distributed)."""
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(module, FullyShardedDataParallel)
-
-
-TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-
-
-def check_task_names(tasks: dict[str, str] | None) -> None:
-    """``model.predict_tasks``: names usable as folder names, each with a checkpoint."""
-    for name, path in (tasks or {}).items():
-        if not isinstance(name, str) or not TASK_NAME.fullmatch(name):
-            raise ValueError(
-                f"model.predict_tasks: task name {name!r} must be letters, digits, '_', '.' "
-                "or '-' (it names the output folder)"
-            )
-        if not isinstance(path, str) or not path:
-            raise ValueError(f"model.predict_tasks: task {name!r} needs a checkpoint path")
-
-
-def check_step_counts(num_grid: int, on_grid: bool, **counts: Sequence[int]) -> None:
-    """``model.num_grid`` >= 1 and every sampler step count (``model.val_steps``,
-    ``test_steps``, ``predict_steps``) at least 1 and, for a sampler that takes its steps
-    from the training grid (``on_grid``), at most ``num_grid``; checked before the
-    teacher loads."""
-    if not isinstance(num_grid, int) or num_grid < 1:
-        raise ValueError(f"model.num_grid={num_grid!r} must be a positive integer (e.g. 50)")
-    top = num_grid if on_grid else float("inf")
-    for name, steps in counts.items():
-        if any(not 1 <= int(s) <= top for s in steps):
-            shown = steps[0] if name == "predict_steps" else list(steps)
-            where = f"[1, model.num_grid={num_grid}]: the sampler takes its steps from the "
-            raise ValueError(
-                f"model.{name}={shown} must lie in "
-                + (where + "training grid" if on_grid else "[1, inf)")
-            )
-
-
-class NonFiniteTrainingError(RuntimeError):
-    """Training met non-finite gradients for ``model.max_nonfinite_steps`` steps in a row
-    (each skipped, the weights unchanged); the message names the step and the fix."""
-
-
-class CoDiDistillation(EvaluationSteps, Sampling, RankRandomness, SkipFrozenState,
-                       L.LightningModule):  # fmt: skip
+class CoDiDistillation(TeacherIO, GuardedUpdates, CheckedCheckpoints, EvaluationSteps, Sampling,
+                       RankRandomness, SkipFrozenState, L.LightningModule):  # fmt: skip
     """Distil a text-to-image teacher into a 1-4 step conditional model, in one stage.
 
     Submodules: ``unet`` (the frozen pretrained UNet, the teacher, or the SD3 family's
@@ -245,29 +192,13 @@ class CoDiDistillation(EvaluationSteps, Sampling, RankRandomness, SkipFrozenStat
         shift_resolution: int | None = None,
     ) -> None:
         super().__init__()
-        if method not in ("pe-codi", "codi"):
-            raise ValueError(f"model.method={method!r}; choose 'pe-codi' or 'codi'")
-        if lora_rank < 0 or (lora_rank and method != "pe-codi"):
-            raise ValueError(
-                f"model.lora_rank={lora_rank}: a LoRA of the frozen network goes with "
-                "model.method=pe-codi and a rank >= 1 (full CoDi trains the whole copy)"
-            )
-        if not 0.0 <= ema_decay <= 1.0:
-            raise ValueError(f"model.ema_decay={ema_decay} must lie in [0, 1] (e.g. 0.999)")
-        check_step_counts(num_grid, self.steps_on_grid, val_steps=val_steps,
-                          test_steps=test_steps, predict_steps=[predict_steps])  # fmt: skip
-        if guidance_range[0] >= guidance_range[1] or val_images < 1:
-            raise ValueError(
-                f"model.guidance_range={list(guidance_range)} must be [low, high) with low < "
-                f"high, and model.val_images={val_images} >= 1"
-            )
-        if max_nonfinite_steps < 1:
-            raise ValueError(f"model.max_nonfinite_steps={max_nonfinite_steps} must be >= 1")
-        if grad_clip_norm is not None and grad_clip_norm <= 0:
-            raise ValueError(f"model.grad_clip_norm={grad_clip_norm} must be positive (or null)")
-        if eval_weights not in ("target", "online"):
-            raise ValueError(f"model.eval_weights={eval_weights!r}; choose 'target' or 'online'")
-        check_task_names(predict_tasks)
+        check_options(
+            method=method, lora_rank=lora_rank, ema_decay=ema_decay, num_grid=num_grid,
+            on_grid=self.steps_on_grid, val_steps=val_steps, test_steps=test_steps,
+            predict_steps=predict_steps, guidance_range=guidance_range, val_images=val_images,
+            max_nonfinite_steps=max_nonfinite_steps, grad_clip_norm=grad_clip_norm,
+            eval_weights=eval_weights, predict_tasks=predict_tasks,
+        )  # fmt: skip
         self.loss_config = loss if isinstance(loss, CoDiLossConfig) else CoDiLossConfig(**loss)
         self.metrics_config = (
             metrics if isinstance(metrics, MetricsConfig) else MetricsConfig(**metrics)
@@ -372,39 +303,6 @@ class CoDiDistillation(EvaluationSteps, Sampling, RankRandomness, SkipFrozenStat
                 frozen.eval()
         return self
 
-    def _controlled(
-        self,
-        unet: nn.Module,
-        controlnet: nn.Module | None,
-        z: Tensor,
-        t: Tensor,
-        text: Conditioning,
-        cond: Tensor,
-    ) -> Tensor:
-        """F(z_t, t, y, c): the network with the adapter's residuals (no adapter: the
-        teacher), called the family's way (``models.teachers``) and fed the schedule's
-        network timestep for the training timestep ``t`` (flow: ``1000 sigma_t``). ``cond``
-        is what :meth:`adapter_condition` made of the condition."""
-        return self.family.forward(
-            unet, controlnet, z, self.schedule.model_timesteps(t), text, cond
-        )
-
-    @torch.no_grad()
-    def adapter_condition(self, cond: Tensor) -> Tensor:
-        """The condition c (pixels in [0, 1]) as the adapter takes it: as is for a
-        ControlNet; for the SD3 family's adapter VAE latents ``(mean - shift) * scale`` of
-        c in [-1, 1] (the stock SD3 ControlNet pipeline encodes it the same way but takes a
-        posterior sample; the mean keeps the condition a deterministic input); in pixel
-        space c in [-1, 1]."""
-        check_float_pixels(cond, "cond")
-        if not self.family.latent_condition:
-            return cond
-        if self.vae is None:  # pixel space: the condition in the images' range
-            return cond * 2 - 1
-        with self.vae_precision():
-            mean, _ = vae_moments(self.vae, (cond * 2 - 1).to(self.vae.dtype))
-        return (mean.float() - self.shift_factor) * self.scaling_factor
-
     def denoiser(
         self,
         which: Literal["online", "target", "teacher"],
@@ -505,115 +403,6 @@ class CoDiDistillation(EvaluationSteps, Sampling, RankRandomness, SkipFrozenStat
                 m.compile()
         self._model_configured = True
 
-    # ------------------------------------------------------------------ encoders
-    @torch.no_grad()
-    def encode_text(self, captions: Sequence[str], sizes: ImageSizes | None = None) -> Conditioning:
-        """y for ``captions`` (SD: CLIP last hidden states [B, L, D]; SDXL: both encoders
-        and the pooled embedding), with the conditions the family derives from ``sizes``
-        (SDXL's ``time_ids``; none for SD)."""
-        text = self.text_encoder.encode(captions, self.device)
-        return text if sizes is None else self.text_encoder.add_sizes(text, sizes)
-
-    def batch_conditioning(self, batch: dict[str, Any]) -> Conditioning:
-        """y for a batch: its captions and recorded image sizes (:meth:`ImageSizes.from_batch`).
-
-        Cached text conditioning (``batch["text"]``, data/cache.py) replaces the text
-        encoder; rows whose caption is empty (dropped by ``caption_dropout``) get the
-        empty prompt's, as the text encoder would give them."""
-        sizes = ImageSizes.from_batch(batch)
-        cached = batch.get("text")
-        if cached is None:
-            return self.encode_text(batch["caption"], sizes)
-        dtype = self.text_encoder.dtype
-        text = Conditioning(
-            cached["hidden_states"].to(self.device, dtype),
-            {k[len("added.") :]: v.to(self.device, dtype) for k, v in cached.items()
-             if k.startswith("added.")},
-        )  # fmt: skip
-        empty = [i for i, c in enumerate(batch["caption"]) if not c]
-        if empty:
-            rows = torch.tensor(empty, device=self.device)
-            blank = self.empty_text(len(empty))
-            text = Conditioning(
-                text.hidden_states.index_copy(0, rows, blank.hidden_states.to(dtype)),
-                {k: v.index_copy(0, rows, blank.added[k].to(dtype)) for k, v in text.added.items()},
-            )
-        return self.text_encoder.add_sizes(text, sizes)
-
-    def empty_text(self, batch: int) -> Conditioning:
-        """The empty prompt's text conditioning, computed once per device, ``batch`` rows."""
-        if self._empty_text is None or self._empty_text.hidden_states.device != self.device:
-            self._empty_text = self.encode_text([""])
-        return self._empty_text.expand(batch)
-
-    @staticmethod
-    def embedded_guidance(text: Conditioning, w: float) -> Conditioning | None:
-        """``text`` with its guidance input set to ``w`` when the family feeds the guidance
-        scale to the network (Flux-dev: ``added["guidance"]``), else None (guidance is
-        then two passes)."""
-        if "guidance" not in text.added:
-            return None
-        scale = torch.full_like(text.added["guidance"], float(w))
-        return Conditioning(text.hidden_states, {**text.added, "guidance": scale})
-
-    def unconditional(self, like: Conditioning) -> Conditioning:
-        """The guidance branch for ``like``: the empty prompt with ``like``'s non-text
-        conditions (SDXL: the same ``time_ids``, as the stock pipeline)."""
-        return like.with_text(self.empty_text(len(like)))
-
-    @contextlib.contextmanager
-    def vae_precision(self) -> Iterator[None]:
-        """For VAEs that overflow in fp16 (``vae_upcast``: the stock SDXL VAE), run outside
-        autocast in the VAE's own dtype (fp32, or bf16 with ``frozen_dtype``), moving an
-        fp16 VAE (``precision=16-true``) to fp32 once. Other VAEs run as the precision
-        plugin sets."""
-        if not self.vae_upcast:
-            yield
-            return
-        if self.vae.dtype == torch.float16:
-            self.vae.float()
-        with torch.autocast(self.device.type, enabled=False):
-            yield
-
-    @torch.no_grad()
-    def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """x: images in [-1, 1] -> latents times ``scaling_factor`` (identity in pixel space).
-
-        The posterior sample's noise comes from :meth:`rank_slice_randn`, so a run on N
-        processes draws what one process with the global batch would."""
-        if self.vae is None:
-            return images.float()
-        with self.vae_precision():
-            mean, std = vae_moments(self.vae, images.to(self.vae.dtype))
-        eps = self.rank_slice_randn(mean.shape, generator)
-        sample = mean.float() + std.float() * eps
-        return (sample - self.shift_factor) * self.scaling_factor
-
-    @torch.no_grad()
-    def batch_latents(self, batch: dict[str, Any], generator: torch.Generator | None) -> Tensor:
-        """x for a batch: :meth:`encode_images` of its images, or, when the batch carries
-        cached posteriors (``latent_mean``/``latent_std``, data/cache.py), the same sample
-        ``(mean + std * eps) * scaling_factor`` from the same noise, without the VAE."""
-        if "latent_mean" not in batch:
-            return self.encode_images(check_float_pixels(batch["image"], "image"), generator)
-        if self.vae is None:
-            raise ValueError(
-                "the batch carries cached latents but the model works in pixel space "
-                "(model.pixel_space=true): train on the uncached shards"
-            )
-        mean, std = batch["latent_mean"].float(), batch["latent_std"].float()
-        eps = self.rank_slice_randn(mean.shape, generator)
-        return (mean + std * eps - self.shift_factor) * self.scaling_factor
-
-    @torch.no_grad()
-    def decode_latents(self, latents: Tensor) -> Tensor:
-        """Latents -> images in [0, 1]."""
-        if self.vae is not None:
-            with self.vae_precision():
-                latents = latents.float() / self.scaling_factor + self.shift_factor
-                latents = self.vae.decode(latents.to(self.vae.dtype)).sample
-        return ((latents.float() + 1) / 2).clamp(0, 1)
-
     # ------------------------------------------------------------------ training
     def compute_loss(self, batch: dict[str, Any], gen: torch.Generator) -> tuple[Tensor, dict]:
         hp = self.hparams
@@ -650,75 +439,6 @@ class CoDiDistillation(EvaluationSteps, Sampling, RankRandomness, SkipFrozenStat
             for reason, count in (batch.get("skipped") or {}).items():  # cumulative, per worker
                 self.log(f"data/skipped_{reason}", float(count))
         return loss
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """The total gradient norm (DTensor-aware under FSDP2, so every rank gets the same
-        global value): a non-finite one skips the step (:meth:`skip_nonfinite_step`),
-        else it is logged and the gradients are clipped to ``grad_clip_norm``."""
-        if self._replicated is not None:  # FSDP2: a LoRA kept whole on every rank
-            self._replicated.average_grads()
-        params = [p for p in self.trainable_parameters() if p.grad is not None]
-        self._skip_update = False
-        if not params:
-            return
-        root = getattr(self.trainer.strategy, "model", None)
-        if _is_fsdp1(root):  # FSDP1: its own sharded norm
-            norm = root.clip_grad_norm_(float("inf"))
-        else:
-            norm = global_grad_norm([p.grad for p in params])
-        # one value on every rank (DDP: reduced gradients; FSDP: the global norm), so the
-        # ranks skip together; a non-finite loss on any rank makes it non-finite too
-        if not torch.isfinite(norm):
-            self.skip_nonfinite_step(params, float(norm))
-            return
-        self._nonfinite_run = 0
-        max_norm = self.hparams.grad_clip_norm
-        if max_norm is not None:  # as clip_grads_with_norm_, for sharded and whole alike
-            coef = min(max_norm / (float(norm) + 1e-6), 1.0)
-            for p in params:
-                p.grad.mul_(coef)
-        if logs_this_step(self._trainer):
-            self.log("train/grad_norm", norm)
-
-    def skip_nonfinite_step(self, params: list[nn.Parameter], norm: float) -> None:
-        """Drop this step's gradients (the optimizer then updates nothing: it skips
-        parameters without a gradient) and its EMA update, count and log it, and stop the
-        run with :class:`NonFiniteTrainingError` after ``max_nonfinite_steps`` in a row."""
-        for p in params:
-            p.grad = None
-        self._skip_update = True
-        self._nonfinite_run += 1
-        self._nonfinite_total += 1
-        self.log("train/nonfinite_steps", float(self._nonfinite_total))
-        step = self.global_step
-        if self.global_rank == 0:
-            warnings.warn(
-                f"step {step}: the gradient norm is {norm} (a non-finite loss or gradient): "
-                "the step is skipped, weights and EMA target unchanged",
-                stacklevel=2,
-            )
-        limit = self.hparams.max_nonfinite_steps
-        if self._nonfinite_run >= limit:
-            raise NonFiniteTrainingError(
-                f"training stopped at step {step}: the gradient norm was {norm} (a non-finite "
-                f"loss or gradient) for {limit} steps in a row; each was skipped, so the "
-                "weights, the EMA target and the checkpoints are those of step "
-                f"{step - limit}. Lower the learning rate, set model.grad_clip_norm, or check "
-                "the data (the data/skipped_* counts); model.max_nonfinite_steps sets the limit"
-            )
-
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
-        if not self._skip_update:  # skipped: non-finite gradients
-            self.update_target()  # step 6: theta^- <- gamma theta^- + (1 - gamma) theta
-
-    @torch.no_grad()
-    def update_target(self) -> None:
-        for key, online in self.trainable_modules().items():
-            for module in (online, self.target[key]):
-                if hasattr(module, "reshard"):  # FSDP2 roots stay unsharded after forward
-                    module.reshard()
-            ema_update(self.target[key].parameters(), online.parameters(), self.hparams.ema_decay)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.trainable_modules().values() for p in m.parameters()]
@@ -762,39 +482,6 @@ class CoDiDistillation(EvaluationSteps, Sampling, RankRandomness, SkipFrozenStat
         spec["text"] = {"hidden_states": tuple(y.hidden_states.shape[1:])}
         spec["text"].update({f"added.{k}": tuple(v.shape[1:]) for k, v in y.added.items()})
         return spec
-
-    @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: str | Path, *args: Any, **kwargs: Any):
-        """Lightning's ``load_from_checkpoint``, also from a sharded (FSDP2) folder; checked
-        up front (:class:`~codi_lightning.checkpoints.CheckpointError`) and unpickled with
-        ``weights_only=True``. ``pretrained=...`` overrides a teacher that has moved."""
-        check_checkpoint(checkpoint_path)
-        if len(args) < 4:  # (map_location, hparams_file, strict, weights_only)
-            kwargs.setdefault("weights_only", True)
-        if is_sharded(checkpoint_path):
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "consolidated.ckpt"
-                torch.save(read_checkpoint(checkpoint_path), path)
-                return super().load_from_checkpoint(path, *args, **kwargs)
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Never write weights that are not all finite (a checkpoint over ``last.ckpt``
-        would lose the good model): the trained modules and the EMA target are checked
-        on every rank (FSDP2: each its shards) and the verdict reduced, so every rank
-        raises together."""
-        local = any(
-            not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
-            for p in (*self.trainable_parameters(), *self.target.parameters())
-        )
-        flag = torch.tensor(float(local), device=self.device)
-        if self._trainer is not None and self.trainer.world_size > 1:
-            flag = self.trainer.strategy.reduce(flag, reduce_op="sum")
-        if float(flag) > 0:
-            raise NonFiniteTrainingError(
-                f"step {self.global_step}: the trained weights are not all finite; no "
-                "checkpoint written (the last one written is kept)"
-            )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._checkpoint_step = int(checkpoint.get("global_step", 0))
