@@ -296,3 +296,71 @@ def test_two_process_cli_trains_a_lora_of_the_shared_unet(strategy, tmp_path, ti
     for key, value in target.items():
         name = key[len("target.lora.") :].replace("__", ".").replace(f".{ADAPTER_NAME}.", ".")
         torch.testing.assert_close(saved["unet." + name], value.float(), rtol=0, atol=0)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_nodes(args: list[str], cwd: Path, timeout: int = WATCHDOG_S) -> str:
+    """``codi-lightning ARGS`` as docs/scaling.md launches it on 2 nodes of 1 process:
+    two ``torchrun --nnodes 2 --node_rank 0/1`` invocations meeting on the loopback
+    address (c10d rendezvous), each under the watchdog; both nodes' output."""
+    import subprocess
+
+    port = _free_port()
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+
+    def command(rank: int) -> list[str]:
+        return [torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
+                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+                "-m", "codi_lightning", *args, "--trainer.num_nodes", "2",
+                "--trainer.devices", "1", "--trainer.accelerator", "cpu"]  # fmt: skip
+
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    other = subprocess.Popen(command(1), cwd=cwd, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    try:
+        out = run_watched(command(0), cwd, timeout)
+        rest, _ = other.communicate(timeout=60)
+    finally:
+        if other.poll() is None:
+            os.killpg(other.pid, 9)
+    assert other.returncode == 0, rest[-4000:]
+    return out + rest
+
+
+def test_two_nodes_by_torchrun(tmp_path, tiny_teacher, tiny_shards, uneven_val):
+    """The documented multi-node launch, 2 nodes x 1 process on this machine (gloo): fit
+    with validation and checkpoints, resume, and test, whose metrics count every test
+    sample once and equal a 1-process run's (the shards split across nodes as across
+    ranks)."""
+    config = _config(tmp_path, tiny_teacher, tiny_shards["train"], uneven_val["three"])
+    base = ["--config", str(config), "--trainer.strategy", "ddp"]
+    out = tmp_path / "run"
+    log = run_two_nodes(["fit", *base], tmp_path)
+    # one process a node, two in all (Lightning's line as each rank joins)
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in log and "GLOBAL_RANK: 1, MEMBER: 2/2" in log
+    ckpts = out / "ckpt"
+    assert {p.name for p in ckpts.iterdir()} >= {"epoch=0-step=4.ckpt", "last.ckpt"}
+    assert sorted(p.name for p in out.rglob("samples/*.png")) == [
+        "step_0000002.png", "step_0000004.png"]  # fmt: skip
+    run_two_nodes(["fit", *base, "--trainer.max_steps", "6", "--ckpt_path",
+                   str(ckpts / "last.ckpt")], tmp_path)  # fmt: skip
+    assert (ckpts / "epoch=0-step=6.ckpt").exists()
+    two = tmp_path / "test2"
+    run_two_nodes(["test", *base, "--ckpt_path", str(ckpts / "last.ckpt"),
+                   "--trainer.logger.init_args.save_dir", str(two)], tmp_path)  # fmt: skip
+    one = tmp_path / "test1"
+    run_cli(["test", "--config", str(config), "--ckpt_path", str(ckpts / "last.ckpt"),
+             "--trainer.logger.init_args.save_dir", str(one)], tmp_path, procs=1)  # fmt: skip
+    got, ref = _metrics(two), _metrics(one)
+    assert sorted(got) == sorted(ref) == ["1", "2"]
+    for steps, row in ref.items():
+        assert got[steps]["images"] == row["images"] == 10  # every sample once
+        for name, value in row.items():
+            assert got[steps][name] == pytest.approx(value, rel=1e-3, abs=1e-5), (steps, name)
