@@ -86,3 +86,17 @@ def test_compile_keeps_checkpoint_keys(tiny_teacher):
     m.configure_model()
     assert set(m.state_dict()) == keys
     assert torch.isfinite(_loss(m))
+
+
+def test_bf16_frozen_parts_without_a_bf16_precision_name_the_fix(tiny_teacher):
+    """frozen_dtype=bf16 under 32-true would feed fp32 inputs to a bf16 network with no
+    autocast (a dtype error deep in a forward): refused up front, naming both fixes
+    (found running bench/real_size_cpu.py's 2-process step with it)."""
+    m = CoDiDistillation(str(tiny_teacher), num_grid=10, frozen_dtype="bf16")
+    m.trainer = L.Trainer(accelerator="cpu", precision="32-true", logger=False)
+    with pytest.raises(ValueError, match="trainer.precision=bf16-mixed, or model.frozen_dtype"):
+        m.configure_model()
+    m = CoDiDistillation(str(tiny_teacher), num_grid=10, frozen_dtype="bf16")
+    m.trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False)
+    m.configure_model()
+    assert m.unet.dtype == torch.bfloat16

@@ -368,6 +368,13 @@ class CoDiDistillation(TeacherIO, GuardedUpdates, CheckedCheckpoints, Evaluation
                 stacklevel=2,
             )
         on_cuda = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        if hp.frozen_dtype == "bf16" and self._trainer is not None and "bf16" not in precision:
+            # a bf16 network fed fp32 inputs with no autocast to match them fails deep inside
+            raise ValueError(
+                f"model.frozen_dtype=bf16 needs a bf16 precision, but trainer.precision="
+                f"{precision}: set trainer.precision=bf16-mixed, or model.frozen_dtype=fp32 "
+                "(or auto)"
+            )
         bf16 = hp.frozen_dtype == "bf16" or (
             hp.frozen_dtype == "auto" and on_cuda and precision.startswith("bf16")
         )
