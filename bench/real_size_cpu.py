@@ -193,6 +193,7 @@ def main() -> None:
         if step in ("fit", "resume"):
             row["checkpoint_gb"] = size_gb(ckpt)
         if step == "fsdp":
+            row["args"] = args.fsdp_args
             row["checkpoint_gb"] = size_gb(out / "run_fsdp" / "ckpt" / "last.ckpt")
         if step == "export":
             row["export_gb"] = size_gb(out / "exported")
@@ -221,6 +222,8 @@ def write_docs(results: dict, path: Path) -> None:
         if not r:
             continue
         extra = [f"checkpoint {r['checkpoint_gb']:.2f} GB"] if "checkpoint_gb" in r else []
+        if r.get("args"):
+            label += f" (`{r['args']}`)"
         if "export_gb" in r:
             extra += [f"export {r['export_gb']:.2f} GB",
                       f"stock pipeline load {r['stock_pipeline']['load_seconds']:.1f} s"]  # fmt: skip
