@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def test_gpu_check_plumbing_on_cpu(tmp_path):
     script = Path(__file__).parents[1] / "bench" / "gpu_check.py"
@@ -148,3 +150,17 @@ def test_step_overhead_bench_runs_every_mode(tmp_path):
         assert len(row[mode]) == 1 and row[mode][0] > 0
     assert row["framework_ratio"][0] == row["memory"][0] / row["bare"][0]
     assert "| pe-codi |" in report["table"]
+
+
+@pytest.mark.slow  # about 4 minutes on 2 cores and 10 GB of disk: outside `make test`
+def test_real_size_sd15_through_the_cli(tmp_path):
+    """bench/real_size_cpu.py's SD 1.5-sized case: fit with validation and a checkpoint,
+    then export and the stock pipeline's load of it (1 step at 64 px)."""
+    script = Path(__file__).parents[1] / "bench" / "real_size_cpu.py"
+    done = subprocess.run([sys.executable, str(script), "--only", "fit", "export", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=1800)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["params_m"]["unet"] == pytest.approx(859.52, abs=0.01)  # SD 1.5's UNet
+    assert results["fit"]["checkpoint_gb"] > 5  # adapter, EMA target and AdamW moments
+    assert results["export"]["stock_pipeline"]["image"] == [64, 64]

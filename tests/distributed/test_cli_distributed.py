@@ -79,6 +79,15 @@ def _config(root: Path, teacher: Path, train: str, val: str) -> Path:
     return path
 
 
+def check_same_metrics(got: dict, ref: dict) -> None:
+    """Test metrics of a distributed run equal a 1-process run's, over every sample once."""
+    assert sorted(got) == sorted(ref) == ["1", "2"]
+    for steps, row in ref.items():
+        assert got[steps]["images"] == row["images"] == 10  # every sample once
+        for name, value in row.items():
+            assert got[steps][name] == pytest.approx(value, rel=1e-3, abs=1e-5), (steps, name)
+
+
 def _metrics(folder: Path) -> dict:
     files = sorted(folder.rglob("metrics.json"), key=lambda p: p.stat().st_mtime)
     assert files, f"no metrics.json under {folder}"
@@ -128,12 +137,7 @@ def test_two_process_cli(strategy, tmp_path, tiny_teacher, tiny_shards, uneven_v
     one = tmp_path / "test1"
     run_cli(["test", "--config", str(config), "--ckpt_path", str(single_ckpt),
              "--trainer.logger.init_args.save_dir", str(one)], tmp_path, procs=1)  # fmt: skip
-    got, ref = _metrics(two), _metrics(one)
-    assert sorted(got) == sorted(ref) == ["1", "2"]
-    for steps, row in ref.items():
-        assert got[steps]["images"] == row["images"] == 10  # every sample once
-        for name, value in row.items():
-            assert got[steps][name] == pytest.approx(value, rel=1e-3, abs=1e-5), (steps, name)
+    check_same_metrics(_metrics(two), _metrics(one))
 
     # predict: a folder of mixed photos over 2 ranks, in size-grouped batches of 2, some in
     # tiles (the ranks run different numbers of forwards; FSDP2 gathers the adapter once)
@@ -358,9 +362,4 @@ def test_two_nodes_by_torchrun(tmp_path, tiny_teacher, tiny_shards, uneven_val):
     one = tmp_path / "test1"
     run_cli(["test", "--config", str(config), "--ckpt_path", str(ckpts / "last.ckpt"),
              "--trainer.logger.init_args.save_dir", str(one)], tmp_path, procs=1)  # fmt: skip
-    got, ref = _metrics(two), _metrics(one)
-    assert sorted(got) == sorted(ref) == ["1", "2"]
-    for steps, row in ref.items():
-        assert got[steps]["images"] == row["images"] == 10  # every sample once
-        for name, value in row.items():
-            assert got[steps][name] == pytest.approx(value, rel=1e-3, abs=1e-5), (steps, name)
+    check_same_metrics(_metrics(two), _metrics(one))
