@@ -152,7 +152,7 @@ def test_step_overhead_bench_runs_every_mode(tmp_path):
     assert "| pe-codi |" in report["table"]
 
 
-@pytest.mark.slow  # about 4 minutes on 2 cores and 10 GB of disk: outside `make test`
+@pytest.mark.slow  # 2 minutes on 2 cores and 11 GB of disk (teacher, checkpoint, export)
 def test_real_size_sd15_through_the_cli(tmp_path):
     """bench/real_size_cpu.py's SD 1.5-sized case: fit with validation and a checkpoint,
     then export and the stock pipeline's load of it (1 step at 64 px)."""
