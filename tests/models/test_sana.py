@@ -177,3 +177,18 @@ def test_dc_ae_tiles_keep_the_latent_and_image_sizes(sana_module, tile):
             tiled = vae.encode(x).latent
             image = vae.decode(tiled).sample
     assert tiled.shape == whole.shape == (1, 8, 3, 6) and image.shape == x.shape
+
+
+def test_sana_1_5_and_sprint_transformers_are_refused_naming_why():
+    """QK norm (SANA 1.5) or a guidance embedding (SANA-Sprint): SanaControlNetModel's
+    blocks have neither, so the adapter could not copy the transformer's blocks."""
+    from diffusers import SanaTransformer2DModel
+
+    from codi_lightning.models.teachers import sana
+    from codi_lightning.models.tiny import tiny_sana_transformer_config
+
+    for extra in ({"qk_norm": "rms_norm_across_heads"}, {"guidance_embeds": True}):
+        network = SanaTransformer2DModel(**tiny_sana_transformer_config(), **extra)
+        with pytest.raises(ValueError, match="SANA 1.0 teacher"):
+            sana.build_adapter(network, 1)
+    sana.build_adapter(SanaTransformer2DModel(**tiny_sana_transformer_config()), 1)
