@@ -400,3 +400,24 @@ def test_stock_sdxl_controlnet_pipeline_matches_our_sampler(sdxl_exports, method
         mine = ours(cond, captions, steps, stochastic=True,
                     generator=torch.Generator().manual_seed(steps))  # fmt: skip
         torch.testing.assert_close(got, mine, rtol=0, atol=1e-5)
+
+
+def test_the_run_record_types_what_export_reads():
+    """Export reads a checkpoint's hyperparameters through one typed record: lists become
+    tuples of ints, what an older checkpoint lacks takes CoDiDistillation's default, and
+    the raw record is kept whole for the model card."""
+    import inspect
+
+    from codi_lightning.export.parts import RunRecord
+    from codi_lightning.training import CoDiDistillation
+
+    hp = {"pretrained": "/m", "method": "codi", "lora_targets": ["to_q"], "test_steps": [1, 2],
+          "guidance_range": [2, 14], "adapter_cond_channels": [16, 32], "extra": 1}  # fmt: skip
+    run = RunRecord.of(hp)
+    assert run.method == "codi" and run.lora_targets == ("to_q",) and run.test_steps == (1, 2)
+    assert run.guidance_range == (2, 14) and run.adapter_cond_channels == (16, 32)
+    assert dict(run.raw) == hp
+    old = RunRecord.of({"pretrained": "/m"})  # a checkpoint from before these options
+    defaults = inspect.signature(CoDiDistillation.__init__).parameters
+    for name in ("method", "lora_rank", "num_grid", "pixel_space", "cfg_aware"):
+        assert getattr(old, name) == defaults[name].default, name

@@ -42,6 +42,7 @@ from ..models.lora import LORA_FILE
 from ..models.teachers import TeacherFamily, family_of, read_model_index
 from .flow import export_flow
 from .parts import (
+    RunRecord,
     any_size_section,
     card_budgets,
     fused_network,
@@ -127,18 +128,18 @@ def export_checkpoint(
     if lora not in ("separate", "merge"):
         raise ValueError(f"--lora {lora!r}; choose 'separate' or 'merge'")
     checkpoint = read_checkpoint(ckpt)
-    hp = dict(checkpoint["hyper_parameters"])
-    base = pretrained or hp["pretrained"]
+    run = RunRecord.of(checkpoint["hyper_parameters"])
+    base = pretrained or run.pretrained
     check_teacher(base, "--pretrained PATH")
     state = checkpoint["state_dict"]
-    kw = {"revision": hp.get("revision")}
-    index = read_model_index(base, hp.get("revision"))
+    kw = {"revision": run.revision}
+    index = read_model_index(base, run.revision)
     family = family_of(index)
-    lora_weights = lora_state(state, hp, weights, ckpt)
+    lora_weights = lora_state(state, run, weights, ckpt)
     if family.flow_export is not None:
         out = _partial_folder(output)
         step = checkpoint.get("global_step", 0)
-        which = export_flow(family, hp, state, base, out, weights, step, kw, lora_weights, lora)
+        which = export_flow(family, run, state, base, out, weights, step, kw, lora_weights, lora)
         out = _publish_folder(out, output)
         print(
             f"exported {weights} weights ({which}) to {out}; schedulers: scheduler/ "
@@ -152,12 +153,12 @@ def export_checkpoint(
     unet_config = UNet2DConditionModel.load_config(base, subfolder="unet", **kw)
     unet = UNet2DConditionModel.from_config(unet_config)
     vae_scale = 1
-    if not hp.get("pixel_space", False):
+    if not run.pixel_space:
         import diffusers
 
         vae_config = getattr(diffusers, family.vae).load_config(base, subfolder="vae", **kw)
         vae_scale = vae_downsampling(vae_config)
-    channels = tuple(hp.get("adapter_cond_channels") or adapter_cond_channels(vae_scale))
+    channels = tuple(run.adapter_cond_channels or adapter_cond_channels(vae_scale))
     check_condition_downsampling(channels, vae_scale)
 
     out = _partial_folder(output)
@@ -167,12 +168,12 @@ def export_checkpoint(
     prefix = STATE_PREFIXES["adapter"][weights]
     controlnet.load_state_dict(sub_state(state, prefix), strict=True)
     controlnet.save_pretrained(out / "controlnet", safe_serialization=True)
-    if hp.get("method") == "codi":
+    if run.method == "codi":
         prefix = STATE_PREFIXES["network"][weights]
         unet.load_state_dict(sub_state(state, prefix), strict=True)
         unet.save_pretrained(out / "unet", safe_serialization=True)
     if lora_weights and lora == "merge":
-        merged = fused_network(UNet2DConditionModel, base, "unet", lora_weights, hp, kw)
+        merged = fused_network(UNet2DConditionModel, base, "unet", lora_weights, run, kw)
         merged.save_pretrained(out / "unet", safe_serialization=True)
     elif lora_weights:
         import diffusers
@@ -181,13 +182,13 @@ def export_checkpoint(
             out / "lora",
             weight_name=LORA_FILE,
             unet_lora_layers={k[len("unet.") :]: v for k, v in lora_weights.items()},
-            unet_lora_adapter_metadata=lora_metadata(hp),
+            unet_lora_adapter_metadata=lora_metadata(run),
         )
 
     scheduler_config = DDPMScheduler.load_config(base, subfolder="scheduler", **kw)
     lcm = LCMScheduler.from_config(
         scheduler_config,
-        original_inference_steps=int(hp.get("num_grid", 50)),
+        original_inference_steps=run.num_grid,
         timestep_scaling=10.0,
         clip_sample=False,
         set_alpha_to_one=False,
@@ -206,7 +207,7 @@ def export_checkpoint(
     step = checkpoint.get("global_step", 0)
     folders = {d for d in ("unet", "lora") if (out / d).is_dir()}
     card = _model_card(
-        hp, base, weights, step, num_train, family, unet, zero_empty, vae_scale, folders
+        run, base, weights, step, num_train, family, unet, zero_empty, vae_scale, folders
     )
     (out / "README.md").write_text(card)
     which = " + ".join(f"{d}/" for d in ("unet", "lora", "controlnet") if (out / d).is_dir())
@@ -232,7 +233,7 @@ _SCHEDULE_KEYS = (
 
 
 def _model_card(
-    hp: dict[str, Any],
+    run: RunRecord,
     base: str,
     weights: str,
     step: int,
@@ -244,28 +245,28 @@ def _model_card(
     folders: set[str] | None = None,
 ) -> str:
     family = family or family_of({})  # the SD layout's family
-    folders = {"unet"} if folders is None and hp.get("method") == "codi" else (folders or set())
+    folders = {"unet"} if folders is None and run.method == "codi" else (folders or set())
     method = {"pe-codi": "PE-CoDi (adapter only)", "codi": "CoDi (adapter + UNet)"}
-    method = method.get(hp.get("method", "pe-codi"), hp.get("method"))
-    if hp.get("lora_rank"):
+    method = method.get(run.method, run.method)
+    if run.lora_rank:
         how = "in `lora/`" if "lora" in folders else "merged into `unet/`"
-        method = f"PE-CoDi (adapter + rank-{hp['lora_rank']} LoRA of the UNet, {how})"
-    config = json.dumps(hp, indent=2, default=str)
-    num_grid = int(hp.get("num_grid", 50))
-    budgets = card_budgets(hp, num_grid)
+        method = f"PE-CoDi (adapter + rank-{run.lora_rank} LoRA of the UNet, {how})"
+    config = json.dumps(dict(run.raw), indent=2, default=str)
+    num_grid = run.num_grid
+    budgets = card_budgets(run, num_grid)
     timesteps = {s: sampling_timesteps(s, num_train, num_grid) for s in budgets}
     table = "\n".join(f"| {s} | `{ts}` |" for s, ts in timesteps.items())
     smallest = min(ts[-1] for ts in timesteps.values())
     c_skip = 0.25 / ((10.0 * smallest) ** 2 + 0.25)
     steps = 4 if 4 in timesteps else budgets[-1]
-    args = (base, hp.get("revision"), "unet" in folders, steps, timesteps[steps])
+    args = (base, run.revision, "unet" in folders, steps, timesteps[steps])
     lora = "lora" in folders
     multiple = vae_scale * family.network_multiple(unet.config)[0]
     pipe_call = (
         f"pipe({{prompt}}, image=padded, height=H, width=W, num_inference_steps={steps},\n"
         '             guidance_scale=1.0, output_type="pt").images'
     )
-    if hp.get("pixel_space", False):
+    if run.pixel_space:
         snippet = _pixel_usage(*args, lora=lora)
         pipe_call = (
             f'generate(padded, [""], {timesteps[steps]}, deterministic,\n'
@@ -277,8 +278,8 @@ def _model_card(
             spec.card(unet.config, zero_empty) if spec.card else ("", "", "prompt")
         )
         snippet = words + _controlnet_snippet(
-            spec.pipeline, base, spec.from_pretrained_args + _revision(hp.get("revision")),
-            *args[2:], hp.get("vae_path"), text=text, prompt=prompt, lora=lora,
+            spec.pipeline, base, spec.from_pretrained_args + _revision(run.revision),
+            *args[2:], run.vae_path, text=text, prompt=prompt, lora=lora,
         )  # fmt: skip
         pipe_call = pipe_call.format(prompt=prompt)
     snippet += "\n\n" + any_size_section(multiple, pipe_call.replace("{prompt}", "prompt"))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from ..checkpoints import STATE_PREFIXES
 from ..diffusion import FlowSchedule, sampling_timesteps
@@ -29,7 +28,14 @@ from ..diffusion.schedule import flow_match_config
 from ..models.builders import vae_downsampling
 from ..models.lora import LORA_FILE
 from ..models.teachers.base import FlowExport, TeacherFamily
-from .parts import any_size_section, card_budgets, fused_network, lora_metadata, sub_state
+from .parts import (
+    RunRecord,
+    any_size_section,
+    card_budgets,
+    fused_network,
+    lora_metadata,
+    sub_state,
+)
 
 
 def text_length(spec: FlowExport, base: str, kw: dict) -> int | None:
@@ -47,7 +53,7 @@ def text_length(spec: FlowExport, base: str, kw: dict) -> int | None:
 
 
 def export_flow(
-    family: TeacherFamily, hp: dict[str, Any], state: dict, base: str, out: Path, weights: str,
+    family: TeacherFamily, run: RunRecord, state: dict, base: str, out: Path, weights: str,
     step: int, kw: dict, lora: dict | None = None, lora_mode: str = "separate",
 ) -> str:  # fmt: skip
     """Write the export of a checkpoint of a flow ``family`` (its ``flow_export``) into ``out``;
@@ -61,12 +67,12 @@ def export_flow(
     network_cls = getattr(diffusers, spec.network)
     config = network_cls.load_config(base, subfolder="transformer", **kw)
     controlnet = getattr(diffusers, spec.adapter).from_config(
-        spec.adapter_config(config, hp.get("adapter_layers"))
+        spec.adapter_config(config, run.adapter_layers)
     )
     prefix = STATE_PREFIXES["adapter"][weights]
     controlnet.load_state_dict(sub_state(state, prefix), strict=True)
     controlnet.save_pretrained(out / "controlnet", safe_serialization=True)
-    codi = hp.get("method") == "codi"
+    codi = run.method == "codi"
     if codi:
         transformer = network_cls.from_config(config)
         prefix = STATE_PREFIXES["network"][weights]
@@ -75,7 +81,7 @@ def export_flow(
     if lora:
         lora = {"transformer." + k.removeprefix("unet."): v for k, v in lora.items()}
         if lora_mode == "merge":
-            fused = fused_network(network_cls, base, "transformer", lora, hp, kw)
+            fused = fused_network(network_cls, base, "transformer", lora, run, kw)
             fused.save_pretrained(out / "transformer", safe_serialization=True)
         else:
             saver = getattr(diffusers, spec.lora_saver)
@@ -84,7 +90,7 @@ def export_flow(
                 transformer_lora_layers={
                     k.removeprefix("transformer."): v for k, v in lora.items()
                 },
-                transformer_lora_adapter_metadata=lora_metadata(hp),
+                transformer_lora_adapter_metadata=lora_metadata(run),
                 weight_name=LORA_FILE,
             )
     scheduler_config = flow_match_config(
@@ -100,7 +106,7 @@ def export_flow(
     )
     multiple = vae_scale * family.network_multiple(config)[0]
     if scheduler_config.get("use_dynamic_shifting"):  # the training resolution's shift
-        size = hp.get("shift_resolution")
+        size = run.shift_resolution
         if size is None:
             raise ValueError(
                 "the checkpoint does not record model.shift_resolution (the training "
@@ -110,34 +116,32 @@ def export_flow(
         tokens = (int(size) // vae_scale // 2) ** 2
     schedule = FlowSchedule.from_config(scheduler_config, tokens)
     folders = [d for d in ("transformer", "lora") if (out / d).is_dir()]
-    card = _card(spec, family.name, hp, base, weights, step, schedule, "transformer" in folders, size,
+    card = _card(spec, family.name, run, base, weights, step, schedule, "transformer" in folders, size,
                  multiple, text_length(spec, base, kw), lora="lora" in folders)  # fmt: skip
     (out / "README.md").write_text(card)
     return " + ".join(f"{d}/" for d in [*folders, "controlnet"])
 
 
 def _card(
-    spec: FlowExport, tag: str, hp: dict[str, Any], base: str, weights: str, step: int,
+    spec: FlowExport, tag: str, run: RunRecord, base: str, weights: str, step: int,
     schedule: FlowSchedule, codi: bool, size: int | None, multiple: int = 16,
     max_length: int | None = None, lora: bool = False,
 ) -> str:  # fmt: skip
     """``codi``: the export has its own ``transformer/`` (full CoDi, or a merged LoRA);
     ``lora``: a ``lora/`` of the base transformer."""
-    method = (
-        "CoDi (adapter + transformer)" if hp.get("method") == "codi" else "PE-CoDi (adapter only)"
-    )
-    if hp.get("lora_rank"):
+    method = "CoDi (adapter + transformer)" if run.method == "codi" else "PE-CoDi (adapter only)"
+    if run.lora_rank:
         how = "in `lora/`" if lora else "merged into `transformer/`"
-        method = f"PE-CoDi (adapter + rank-{hp['lora_rank']} LoRA of the transformer, {how})"
-    num_grid, num_train = int(hp.get("num_grid", 50)), schedule.num_train_timesteps
-    budgets = card_budgets(hp, num_grid)
+        method = f"PE-CoDi (adapter + rank-{run.lora_rank} LoRA of the transformer, {how})"
+    num_grid, num_train = run.num_grid, schedule.num_train_timesteps
+    budgets = card_budgets(run, num_grid)
     rows, sigmas = [], {}
     for s in budgets:
         ts = sampling_timesteps(s, num_train, num_grid)
         sigmas[s] = schedule.unshifted(ts)
         rows.append(f"| {s} | `{ts}` | `{sigmas[s]}` |")
     steps = 4 if 4 in sigmas else budgets[-1]
-    revision = "" if hp.get("revision") is None else f", revision={json.dumps(hp['revision'])}"
+    revision = "" if run.revision is None else f", revision={json.dumps(run.revision)}"
     transformer = (
         f'\n    transformer={spec.network}.from_pretrained(folder, subfolder="transformer"),'
         if codi
@@ -167,11 +171,11 @@ def _card(
         size_args = " height=height, width=width,"
     guidance = ""
     if spec.guidance != 1.0:  # a guidance input (Flux-dev): one pass, no CFG
-        low_high = list(hp.get("guidance_range", ()))
+        low_high = list(run.guidance_range)
         trained = (
             f"over the integer scales in [{low_high[0]}, {low_high[1]}) (`model.cfg_aware`); "
             f"{spec.guidance} below is the base pipeline's default"
-            if hp.get("cfg_aware") and len(low_high) == 2
+            if run.cfg_aware and len(low_high) == 2
             else f"at {spec.guidance}"
         )
         guidance = (
@@ -183,7 +187,7 @@ def _card(
         if lora
         else ""
     )
-    config = json.dumps(hp, indent=2, default=str)
+    config = json.dumps(dict(run.raw), indent=2, default=str)
     extra = f" {spec.call_args}" if spec.call_args else ""
     length = "" if max_length is None else f" max_sequence_length={max_length},"
     if max_length is not None:

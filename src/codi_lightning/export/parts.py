@@ -1,15 +1,70 @@
-"""What the UNet and flow exporters share: the checkpoint's sub-states, its LoRA in
-diffusers' format, the LoRA merged into a network, and the model cards' common sections.
-Both exporters import this module; neither imports the other's internals."""
+"""What the UNet and flow exporters share: the run's hyperparameters as one typed record,
+the checkpoint's sub-states, its LoRA in diffusers' format, the LoRA merged into a
+network, and the model cards' common sections. Both exporters import this module;
+neither imports the other's internals."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..checkpoints import STATE_PREFIXES, CheckpointError
 from ..models.lora import ADAPTER_NAME, UNET_LORA_TARGETS
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """The hyperparameters export reads from a checkpoint (``hyper_parameters``), typed,
+    with ``CoDiDistillation``'s defaults for what an older checkpoint lacks (but missing
+    test and predict steps add no rows to the card's step table); ``raw``: all of them,
+    as recorded (the model card's training configuration)."""
+
+    pretrained: str
+    method: str = "pe-codi"
+    revision: str | None = None
+    pixel_space: bool = False
+    vae_path: str | None = None
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] | None = None
+    adapter_cond_channels: tuple[int, ...] | None = None
+    adapter_layers: int | None = None
+    num_grid: int = 50
+    cfg_aware: bool = False
+    guidance_range: tuple[int, ...] = ()
+    shift_resolution: int | None = None
+    test_steps: tuple[int, ...] = ()
+    predict_steps: int = 1
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def of(cls, hp: Mapping[str, Any]) -> RunRecord:
+        def get(name: str, default: Any = None) -> Any:
+            value = hp.get(name)
+            return default if value is None else value
+
+        def ints(name: str) -> tuple[int, ...] | None:
+            value = hp.get(name)
+            return None if value is None else tuple(int(v) for v in value)
+
+        targets = hp.get("lora_targets")
+        return cls(
+            pretrained=str(hp["pretrained"]), method=str(get("method", "pe-codi")),
+            revision=hp.get("revision"), pixel_space=bool(get("pixel_space", False)),
+            vae_path=hp.get("vae_path"), lora_rank=int(get("lora_rank", 0)),
+            lora_alpha=None if hp.get("lora_alpha") is None else float(hp["lora_alpha"]),
+            lora_targets=None if targets is None else tuple(targets),
+            adapter_cond_channels=ints("adapter_cond_channels") or None,
+            adapter_layers=hp.get("adapter_layers"), num_grid=int(get("num_grid", 50)),
+            cfg_aware=bool(get("cfg_aware", False)),
+            guidance_range=ints("guidance_range") or (),
+            shift_resolution=hp.get("shift_resolution"),
+            test_steps=ints("test_steps") or (), predict_steps=int(get("predict_steps", 1)),
+            raw=dict(hp),
+        )  # fmt: skip
 
 
 def sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -20,7 +75,7 @@ def sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
 
 
 def lora_state(
-    state: dict[str, torch.Tensor], hp: dict[str, Any], weights: str, ckpt: str = "checkpoint"
+    state: dict[str, torch.Tensor], run: RunRecord, weights: str, ckpt: str = "checkpoint"
 ) -> dict[str, torch.Tensor]:
     """The checkpoint's LoRA (online or EMA target) in diffusers' LoRA format: keys
     ``unet.<module>.lora_A.weight`` / ``lora_B``; empty without a LoRA."""
@@ -31,42 +86,42 @@ def lora_state(
         if key.startswith(prefix):
             name = key[len(prefix) :].replace("__", ".")
             out["unet." + name.replace(tag, ".")] = value
-    if hp.get("lora_rank") and not out:
+    if run.lora_rank and not out:
         raise CheckpointError(
-            f"{ckpt}: trained with a LoRA (model.lora_rank={hp['lora_rank']}) but holds no "
+            f"{ckpt}: trained with a LoRA (model.lora_rank={run.lora_rank}) but holds no "
             f"{prefix}* weights: a damaged or edited checkpoint"
         )
     return out
 
 
-def lora_metadata(hp: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def lora_metadata(run: RunRecord, prefix: str = "") -> dict[str, Any]:
     """The LoRA's peft config (rank, alpha, target layers), saved with it so that
     ``load_lora_weights`` rebuilds the same scale ``alpha / r``; ``prefix``: keyed as the
     weights are (``unet.``) for ``load_lora_adapter``."""
-    rank = int(hp["lora_rank"])
-    alpha = hp.get("lora_alpha")
+    rank, alpha = run.lora_rank, run.lora_alpha
     meta = {
         "r": rank,
         "lora_alpha": float(alpha if alpha is not None else rank),
-        "target_modules": list(hp.get("lora_targets") or UNET_LORA_TARGETS),
+        "target_modules": list(run.lora_targets or UNET_LORA_TARGETS),
     }
     return {f"{prefix}{k}": v for k, v in meta.items()}
 
 
-def fused_network(network_cls: Any, base: str, subfolder: str, lora: dict, hp: dict, kw: dict):
+def fused_network(network_cls: Any, base: str, subfolder: str, lora: dict, run: RunRecord,
+                  kw: dict):  # fmt: skip
     """The base model's ``subfolder`` network with the LoRA ``lora`` (keys prefixed
     ``<subfolder>.``) merged into its weights: ``W + (alpha / r) B A`` in each layer."""
     network = network_cls.from_pretrained(base, subfolder=subfolder, **kw)
-    network.load_lora_adapter(lora, prefix=subfolder, metadata=lora_metadata(hp, f"{subfolder}."))
+    network.load_lora_adapter(lora, prefix=subfolder, metadata=lora_metadata(run, f"{subfolder}."))
     network.fuse_lora()
     network.unload_lora()  # the fused base layers stay
     return network
 
 
-def card_budgets(hp: dict[str, Any], num_grid: int) -> list[int]:
+def card_budgets(run: RunRecord, num_grid: int) -> list[int]:
     """The step counts a model card lists: 1, 2, 4, 8 and the run's test and predict
     steps, within the grid."""
-    budgets = {1, 2, 4, 8, *hp.get("test_steps", ()), hp.get("predict_steps", 1)}
+    budgets = {1, 2, 4, 8, *run.test_steps, run.predict_steps}
     return sorted(int(s) for s in budgets if 1 <= int(s) <= num_grid)
 
 
