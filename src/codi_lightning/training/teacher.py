@@ -54,7 +54,8 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
         text_tokens: the token length of each tokenizer of a fresh flow model (default:
             CLIP 77 and T5 32, 109 text tokens). Every joint block runs the text tokens
             through attention and MLPs as it does the image's, so a short text (8: 16
-            tokens) makes a small model's steps about twice as fast (configs/digits/flow_teacher.yaml).
+            tokens) makes a small model's steps about twice as fast (docs/results_digits.md,
+            "The flow teacher").
         ema_decay: decay of the EMA copy that is exported.
         optimizer, lr_scheduler: factories (YAML-injectable).
         val_steps: DDIM steps of the validation samples.
