@@ -421,3 +421,21 @@ def test_the_run_record_types_what_export_reads():
     defaults = inspect.signature(CoDiDistillation.__init__).parameters
     for name in ("method", "lora_rank", "num_grid", "pixel_space", "cfg_aware"):
         assert getattr(old, name) == defaults[name].default, name
+
+
+def test_a_checkpoint_without_its_base_model_names_the_option(tmp_path, tiny_teacher):
+    """A checkpoint that records no model.pretrained, alone or with a --pretrained that
+    has no VAE for a latent run: a one-line error naming --pretrained, no traceback."""
+    from codi_lightning.checkpoints import CheckpointError
+
+    ckpt = tmp_path / "bare.ckpt"
+    torch.save({"hyper_parameters": {"method": "pe-codi"}, "state_dict": {}, "global_step": 0,
+                "pytorch-lightning_version": "2.6.6"}, ckpt)  # fmt: skip
+    with pytest.raises(CheckpointError, match="records no model.pretrained.*--pretrained"):
+        export_checkpoint(str(ckpt), str(tmp_path / "a"))
+    pixel = tmp_path / "pixel"
+    from codi_lightning.models import write_tiny_teacher
+
+    write_tiny_teacher(pixel, pixel_space=True)
+    with pytest.raises(CheckpointError, match="has no VAE.*--pretrained"):
+        export_checkpoint(str(ckpt), str(tmp_path / "b"), pretrained=str(pixel))

@@ -34,7 +34,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from ..checkpoints import STATE_PREFIXES, check_teacher, read_checkpoint
+from ..checkpoints import STATE_PREFIXES, CheckpointError, check_teacher, read_checkpoint
 from ..diffusion import sampling_timesteps
 from ..models import adapter_cond_channels, check_condition_downsampling
 from ..models.builders import vae_downsampling
@@ -130,6 +130,11 @@ def export_checkpoint(
     checkpoint = read_checkpoint(ckpt)
     run = RunRecord.of(checkpoint["hyper_parameters"])
     base = pretrained or run.pretrained
+    if not base:
+        raise CheckpointError(
+            f"{ckpt}: records no model.pretrained (not a checkpoint of a codi-lightning "
+            "distillation run?): pass the base model with --pretrained PATH"
+        )
     check_teacher(base, "--pretrained PATH")
     state = checkpoint["state_dict"]
     kw = {"revision": run.revision}
@@ -156,7 +161,13 @@ def export_checkpoint(
     if not run.pixel_space:
         import diffusers
 
-        vae_config = getattr(diffusers, family.vae).load_config(base, subfolder="vae", **kw)
+        try:
+            vae_config = getattr(diffusers, family.vae).load_config(base, subfolder="vae", **kw)
+        except OSError as err:
+            raise CheckpointError(
+                f"{ckpt} was trained in latent space but {base!r} has no VAE (vae/): give "
+                "the base model it was trained on with --pretrained PATH"
+            ) from err
         vae_scale = vae_downsampling(vae_config)
     channels = tuple(run.adapter_cond_channels or adapter_cond_channels(vae_scale))
     check_condition_downsampling(channels, vae_scale)

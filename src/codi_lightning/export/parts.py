@@ -52,7 +52,7 @@ class RunRecord:
 
         targets = hp.get("lora_targets")
         return cls(
-            pretrained=str(hp["pretrained"]), method=str(get("method", "pe-codi")),
+            pretrained=str(hp.get("pretrained") or ""), method=str(get("method", "pe-codi")),
             revision=hp.get("revision"), pixel_space=bool(get("pixel_space", False)),
             vae_path=hp.get("vae_path"), lora_rank=int(get("lora_rank", 0)),
             lora_alpha=None if hp.get("lora_alpha") is None else float(hp["lora_alpha"]),
