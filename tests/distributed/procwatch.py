@@ -74,3 +74,12 @@ def run_watched(cmd: list[str], cwd, timeout: int, env: dict | None = None) -> s
         )
     assert proc.returncode == 0, f"exit {proc.returncode}: {' '.join(cmd)}\n{out[-8000:]}"
     return out
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback address now (for a rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

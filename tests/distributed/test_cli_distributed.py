@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from procwatch import run_watched
+from procwatch import free_port, run_watched
 
 pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).parents[2]
@@ -302,21 +302,13 @@ def test_two_process_cli_trains_a_lora_of_the_shared_unet(strategy, tmp_path, ti
         torch.testing.assert_close(saved["unet." + name], value.float(), rtol=0, atol=0)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_two_nodes(args: list[str], cwd: Path, timeout: int = WATCHDOG_S) -> str:
     """``codi-lightning ARGS`` as docs/scaling.md launches it on 2 nodes of 1 process:
     two ``torchrun --nnodes 2 --node_rank 0/1`` invocations meeting on the loopback
     address (c10d rendezvous), each under the watchdog; both nodes' output."""
     import subprocess
 
-    port = _free_port()
+    port = free_port()
     torchrun = str(Path(sys.executable).with_name("torchrun"))
 
     def command(rank: int) -> list[str]:

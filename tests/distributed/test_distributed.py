@@ -9,22 +9,15 @@ rank losses), hence rtol 1e-4 on losses and atol 1e-5 on the EMA target.
 """
 
 import json
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from procwatch import run_watched
+from procwatch import free_port, run_watched
 
 pytestmark = pytest.mark.distributed
 WORKER = str(Path(__file__).with_name("worker.py"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(args: list[str], procs: int, tmp: Path) -> None:
@@ -32,7 +25,7 @@ def _run(args: list[str], procs: int, tmp: Path) -> None:
         cmd = [sys.executable, WORKER, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
-               f"--master_port={_free_port()}", WORKER, *args]  # fmt: skip
+               f"--master_port={free_port()}", WORKER, *args]  # fmt: skip
     run_watched(cmd, tmp, timeout=300)
 
 
