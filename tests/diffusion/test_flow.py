@@ -214,3 +214,23 @@ def test_a_multistep_solvers_flow_config_is_the_flow_schedule_it_samples():
     )
     t = torch.tensor([999, 500, 0])
     torch.testing.assert_close(schedule.model_timesteps(t).double(), schedule.sigmas[t] * 1000)
+
+
+def test_the_vp_view_of_a_flow_state_has_its_noise_level():
+    """vp_view_of_flow: at any flow sigma the VP scales give b / (a + b) = sigma with
+    a^2 + b^2 = 1, at a fractional timestep between the integer ones that bracket it;
+    levels a VP schedule never reaches are refused."""
+    from codi_lightning.diffusion import NoiseSchedule, vp_view_of_flow
+    from codi_lightning.models.tiny import SD_SCHEDULER
+
+    abar = NoiseSchedule.from_config(SD_SCHEDULER).alphas_cumprod
+    sigma = torch.tensor([0.1, 0.5, 0.77, 0.9]).double()
+    t, a, b = vp_view_of_flow(abar, sigma)
+    torch.testing.assert_close(b / (a + b), sigma, rtol=0, atol=2e-4)
+    torch.testing.assert_close(a.square() + b.square(), torch.ones(4, dtype=torch.float64))
+    ratio = (1 - abar).sqrt() / (abar.sqrt() + (1 - abar).sqrt())
+    for level, when in zip(sigma, t, strict=True):
+        below = int(when)
+        assert ratio[below] <= level <= ratio[below + 1]
+    with pytest.raises(ValueError, match="noise levels"):
+        vp_view_of_flow(abar, torch.tensor([0.99]))

@@ -163,3 +163,55 @@ def test_a_fresh_flow_teachers_short_text_side_is_written_and_read_back(tmp_path
     assert embeds.shape[1] == 12
     torch.testing.assert_close(ours.hidden_states, embeds)
     torch.testing.assert_close(ours.added["pooled_projections"], pooled)
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
+def test_a_velocity_teacher_sets_the_flow_target_where_it_reaches(
+    tmp_path, monkeypatch, prediction_type
+):
+    """``velocity_teacher``: at a flow state that is a VP state of integer timestep t scaled
+    by 1 / (a + b), the target is (z - x_T) / sigma with x_T the VP teacher's clean
+    estimate at t, as diffusers' DDPMScheduler forms the state and converts the output;
+    outside the VP noise levels it is the data target eps - x."""
+    from diffusers import DDPMScheduler
+
+    from codi_lightning.models import write_tiny_teacher
+    from codi_lightning.models.tiny import tiny_sd3_transformer_config
+
+    vp = write_tiny_teacher(tmp_path / "vp", pixel_space=True, prediction_type=prediction_type)
+    config = {**tiny_sd3_transformer_config(), "in_channels": 3, "out_channels": 3}
+    m = DiffusionTraining(str(tmp_path / "unused"), transformer=config, velocity_teacher=str(vp))
+    parts = load_teacher(str(vp), pixel_space=True)
+    stock = DDPMScheduler.from_pretrained(str(vp), subfolder="scheduler")
+    x, eps = torch.rand(2, 3, 16, 16) * 2 - 1, torch.randn(2, 3, 16, 16)
+    t = torch.tensor([37, 812])
+    z_vp = stock.add_noise(x, eps, t)
+    abar = stock.alphas_cumprod[t].view(-1, 1, 1, 1)
+    a, b = abar.sqrt(), (1 - abar).sqrt()
+    z, sigma = z_vp / (a + b), b / (a + b)
+    text = parts.prompt_encoder.encode(["", ""], "cpu")
+    stock.set_timesteps(1000)
+    with torch.no_grad():
+        out = parts.family.forward(parts.unet, None, z_vp, t, text, None)
+    x_t = [stock.step(out[i : i + 1], int(t[i]), z_vp[i : i + 1]).pred_original_sample
+           for i in range(2)]  # fmt: skip
+    expected = (z - torch.cat(x_t)) / sigma
+    torch.testing.assert_close(m.teacher_velocity(z, sigma, ["", ""]), expected,
+                               rtol=1e-4, atol=1e-4)  # fmt: skip
+    # outside the VP noise levels (flow sigma 0.001 and 0.999) the loss is the data loss
+    low, high = m.velocity_reach
+    assert m.schedule.sigmas[0] < low < 0.05 and 0.9 < high < m.schedule.sigmas[-1]
+    batch = make_batch(batch=2, resolution=16)
+
+    def losses(timesteps):
+        monkeypatch.setattr(torch, "randint", lambda *args, **kw: torch.tensor(timesteps))
+        with torch.no_grad():
+            torch.manual_seed(0)
+            taught = m.diffusion_loss(batch)
+            torch.manual_seed(0)
+            return taught, m.diffusion_loss(batch, data_target=True)
+
+    taught, data = losses([0, 999])
+    torch.testing.assert_close(taught, data)
+    taught, data = losses([300, 700])
+    assert not torch.allclose(taught, data)

@@ -5,7 +5,13 @@ from .ema import ema_update
 from .losses import CoDiLossConfig, codi_loss, diffusion_loss, distance
 from .parameterization import to_output, to_x_eps
 from .sampling import guided_output, randn, sample
-from .schedule import FlowSchedule, NoiseSchedule, betas_from_config, schedule_from_config
+from .schedule import (
+    FlowSchedule,
+    NoiseSchedule,
+    betas_from_config,
+    schedule_from_config,
+    vp_view_of_flow,
+)
 from .solvers import ode_step
 from .tiling import (
     TileGrid,
@@ -43,6 +49,7 @@ __all__ = [
     "step_ratio",
     "tiled_denoiser",
     "tiled_over",
+    "vp_view_of_flow",
     "to_output",
     "to_x_eps",
 ]

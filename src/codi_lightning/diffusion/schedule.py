@@ -221,6 +221,44 @@ def flow_match_config(config: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def vp_view_of_flow(alphas_cumprod: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Where a VP model sees the flow state ``z = (1 - sigma) x + sigma eps``.
+
+    A VP state ``a x + b eps`` is the flow state at ``sigma = b / (a + b)`` scaled by
+    ``a + b``, so a VP model denoises a flow state at the (fractional) timestep ``t`` where
+    ``b_t / (a_t + b_t) = sigma``: found by linear interpolation of that ratio over the
+    integer timesteps, with ``abar_t`` interpolated there too.
+
+    Args:
+        alphas_cumprod: the VP schedule's ``abar_t``, shape ``[T]``.
+        sigma: flow noise levels, any shape; at most the VP schedule's last ratio.
+
+    Returns:
+        ``(t, a, b)`` shaped as ``sigma``: the fractional timestep and the VP scales, so that
+        ``(a + b) z`` is the VP model's input at ``t``.
+    """
+    abar = alphas_cumprod.to(torch.float64)
+    ratio = (1 - abar).sqrt() / (abar.sqrt() + (1 - abar).sqrt())  # increasing in t
+    s = sigma.to(torch.float64).reshape(-1)
+    if bool((s > ratio[-1] + 1e-6).any()) or bool((s < ratio[0] - 1e-6).any()):
+        raise ValueError(
+            f"flow sigma outside [{float(ratio[0]):.4f}, {float(ratio[-1]):.4f}], the noise "
+            "levels this VP schedule reaches"
+        )
+    s = s.clamp(ratio[0], ratio[-1])  # float32 rounding at the ends
+    hi = torch.searchsorted(ratio, s).clamp(1, len(ratio) - 1)
+    lo = hi - 1
+    frac = (s - ratio[lo]) / (ratio[hi] - ratio[lo])
+    t = lo + frac
+    abar_t = abar[lo] + frac * (abar[hi] - abar[lo])
+    shape = sigma.shape
+    return (
+        t.reshape(shape).to(sigma.dtype),
+        abar_t.sqrt().reshape(shape).to(sigma.dtype),
+        (1 - abar_t).sqrt().reshape(shape).to(sigma.dtype),
+    )
+
+
 def schedule_from_config(
     config: Mapping[str, Any], image_seq_len: int | None = None
 ) -> NoiseSchedule | FlowSchedule:

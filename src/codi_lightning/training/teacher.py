@@ -9,11 +9,19 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from ..checkpoints import check_teacher, resolve_local_path
-from ..diffusion import diffusion_loss, ema_update, schedule_from_config
+from ..diffusion import (
+    NoiseSchedule,
+    diffusion_loss,
+    ema_update,
+    schedule_from_config,
+    to_x_eps,
+    vp_view_of_flow,
+)
 from ..models import Conditioning, build_tiny_text_encoder, build_tiny_tokenizer, load_teacher
 from ..models.teachers import FAMILIES, family_of, family_of_network, read_model_index
 from ..models.teachers.sd import CLIPPromptEncoder
@@ -56,13 +64,22 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
             through attention and MLPs as it does the image's, so a short text (8: 16
             tokens) makes a small model's steps about twice as fast (docs/results_digits.md,
             "The flow teacher").
+        velocity_teacher: a trained VP teacher folder (a UNet of the same pixel space,
+            e.g. ``bench/assets/digits_teacher``) whose clean-image estimate ``x_T`` sets a
+            fresh flow model's target where its noise levels reach: ``v = (z - x_T) /
+            sigma``, the teacher's estimate of ``E[eps - x | z]``, instead of the one-sample
+            ``eps - x``; the data target outside its noise levels. The target then has
+            no sampling noise, which a small transformer needs at high noise, where one
+            noisy sample says little about where the strokes go (docs/results_digits.md,
+            "The flow teacher"). The validation loss stays the data loss.
         ema_decay: decay of the EMA copy that is exported.
         optimizer, lr_scheduler: factories (YAML-injectable).
         val_steps: DDIM steps of the validation samples.
         val_images: validation grid rows.
     """
 
-    skipped_prefixes = ("vae.", "text_encoder.")  # frozen, rebuilt in __init__
+    # frozen, rebuilt in __init__
+    skipped_prefixes = ("vae.", "text_encoder.", "velocity_unet.", "velocity_text.")
 
     def __init__(
         self,
@@ -74,6 +91,7 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
         transformer: dict[str, Any] | None = None,
         flow_shift: float = 1.0,
         text_tokens: int | None = None,
+        velocity_teacher: str | None = None,
         ema_decay: float = 0.999,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -138,13 +156,47 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
             self.vae, self.scaling_factor = None, 1.0
             self.family = family_of_network(self.unet)  # the layout export() writes
         self.schedule = schedule_from_config(self.scheduler_config)
+        self.velocity_unet = self.velocity_text = None
+        if velocity_teacher is not None:
+            self._load_velocity_teacher(velocity_teacher, pixel_space)
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
         if self.vae is not None:
             self.vae.requires_grad_(False).eval()
 
+    def _load_velocity_teacher(self, folder: str, pixel_space: bool) -> None:
+        option = f"model.velocity_teacher={folder!r}"
+        if self.schedule.prediction_type != "flow":
+            raise ValueError(f"{option}: velocity targets are for a flow model (model.transformer)")
+        if not pixel_space or self.vae is not None:
+            raise ValueError(f"{option}: velocity targets need a pixel-space model (no VAE)")
+        check_teacher(folder, "--model.velocity_teacher PATH")
+        self.hparams["velocity_teacher"] = folder = resolve_local_path(folder)
+        parts = load_teacher(folder, pixel_space=True)
+        schedule = schedule_from_config(parts.scheduler_config)
+        if not isinstance(schedule, NoiseSchedule):
+            raise ValueError(f"{option} is a flow teacher: give a VP (DDPM-schedule) teacher")
+        self.velocity_unet = parts.unet.requires_grad_(False).eval()
+        self.velocity_text = parts.prompt_encoder.requires_grad_(False).eval()
+        self.velocity_family, self.velocity_schedule = parts.family, schedule
+        abar = schedule.alphas_cumprod[[0, -1]]  # the flow sigmas it reaches
+        ratio = (1 - abar).sqrt() / (abar.sqrt() + (1 - abar).sqrt())
+        self.velocity_reach = (float(ratio[0]), float(ratio[1]))
+
+    @torch.no_grad()
+    def teacher_velocity(self, z: Tensor, sigma: Tensor, captions: list[str]) -> Tensor:
+        """``(z - x_T) / sigma``: the velocity teacher's estimate of ``E[eps - x | z]`` at
+        the flow state ``z`` of noise level ``sigma`` ([B, 1, 1, 1], within its reach)."""
+        t, a, b = vp_view_of_flow(self.velocity_schedule.alphas_cumprod, sigma)
+        text = self.velocity_text.encode(captions, z.device)
+        z_vp = (a + b) * z
+        out = self.velocity_family.forward(self.velocity_unet, None, z_vp, t.view(-1), text, None)
+        x_t = to_x_eps(out.float(), z_vp, a, b, self.velocity_schedule.prediction_type)[0]
+        return (z - x_t) / sigma
+
     def train(self, mode: bool = True) -> DiffusionTraining:
         super().train(mode)
-        for frozen in (self.vae, self.text_encoder, self.ema_unet):
+        frozen_parts = (self.vae, self.text_encoder, self.ema_unet, self.velocity_unet)
+        for frozen in frozen_parts:
             if frozen is not None:
                 frozen.eval()
         return self
@@ -166,14 +218,24 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
         forward = self.family.forward
         return lambda z, t: forward(unet, None, z, self.schedule.model_timesteps(t), text, None)
 
-    def diffusion_loss(self, batch: dict[str, Any]) -> Tensor:
+    def diffusion_loss(self, batch: dict[str, Any], data_target: bool = False) -> Tensor:
         """``|| F(z_t, t, y) - target ||^2`` with t uniform in [0, T) (flow: the velocity
-        target at the shifted sigma of t)."""
+        target at the shifted sigma of t; with a velocity teacher and not ``data_target``,
+        the teacher's velocity where it reaches)."""
         x = self.encode_images(batch["image"])
         text = self.encode_text(batch["caption"])
         noise = torch.randn_like(x)
         t = torch.randint(0, self.schedule.num_train_timesteps, (x.shape[0],), device=x.device)
-        return diffusion_loss(self.network(self.unet, text), x, noise, t, self.schedule)
+        model = self.network(self.unet, text)
+        if self.velocity_unet is None or data_target:
+            return diffusion_loss(model, x, noise, t, self.schedule)
+        alpha, sigma = self.schedule.alpha_sigma(t, x)
+        z = alpha * x + sigma * noise
+        low, high = self.velocity_reach
+        reach = (sigma >= low) & (sigma <= high)
+        taught = self.teacher_velocity(z, sigma.clamp(low, high), batch["caption"])
+        target = torch.where(reach, taught, noise - x)
+        return F.mse_loss(model(z, t).float(), target)
 
     @torch.no_grad()
     def sample(self, text: Conditioning, noise: Tensor, steps: int) -> Tensor:
@@ -210,7 +272,7 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
         """Validation loss (padding batches weigh 0) and, for the first batch, a grid of
         DDIM samples: every rank samples (the same forwards everywhere), rank 0 writes."""
         weight = 0 if batch.get("pad") else len(batch["image"])
-        self.log("val/loss", self.diffusion_loss(batch), batch_size=weight, sync_dist=True)
+        self.log("val/loss", self.diffusion_loss(batch, True), batch_size=weight, sync_dist=True)
         if batch_idx == 0 and not self.trainer.sanity_checking:
             n = min(self.hparams.val_images, len(batch["image"]))
             text = self.encode_text(batch["caption"][:n])
