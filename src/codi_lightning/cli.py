@@ -36,6 +36,7 @@ from .data.cache import write_cached_shards
 from .data.datamodule import MissingShardsError, check_local_shards, shard_sources
 from .data.folder import ConditionFolder
 from .export import export_checkpoint
+from .serve import serve
 from .training import CoDiDistillation, ImageWriter, NonFiniteTrainingError, StepProgressBar
 
 DEFAULT_MODEL = CoDiDistillation
@@ -47,7 +48,10 @@ EXTRA_COMMANDS = {
     "depth-shards": write_depth_shards,
     "export": export_checkpoint,
     "consolidate": consolidate_checkpoint,
+    "serve": serve,
 }
+# options of the extra commands that also answer to the name the Lightning commands use
+OPTION_ALIASES = {"serve": {"--model.pretrained": "--pretrained"}}
 # the teacher, VAE, text encoder and EMA target are in eval mode on purpose
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
@@ -74,7 +78,8 @@ EPILOG = (
     "`codi-lightning cache --help` adds the teacher's VAE latents and text embeddings to "
     "shards, so training skips both encoders; "
     "`codi-lightning export --help` writes diffusers folders from a checkpoint; "
-    "`codi-lightning consolidate --help` gathers a sharded checkpoint into one file."
+    "`codi-lightning consolidate --help` gathers a sharded checkpoint into one file; "
+    "`codi-lightning serve --help` opens a local page to try a model in the browser."
 )
 SUBCOMMAND_EPILOG = (
     "The model's options (model.*) are listed by `codi-lightning {command} --model.help "
@@ -551,12 +556,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(1 if isinstance(err, NonFiniteTrainingError) else 2) from None
 
 
+def _alias(arg: str, aliases: dict[str, str]) -> str:
+    name, eq, value = arg.partition("=")
+    return aliases[name] + eq + value if name in aliases else arg
+
+
 def _main(argv: Sequence[str] | None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in EXTRA_COMMANDS:
+        aliases = OPTION_ALIASES.get(args[0], {})
+        rest = [_alias(a, aliases) for a in args[1:]]
         CLI(
             EXTRA_COMMANDS[args[0]],
-            args=args[1:],
+            args=rest,
             prog=f"{PROG} {args[0]}",
             as_positional=False,
             parser_class=CommandArgumentParser,

@@ -124,26 +124,37 @@ class ConditionFolder(Dataset):
         return {**item, "cond": to_tensor01(image), "caption": prompt}
 
     def _load(self, data: bytes) -> Image.Image:
-        """Decode (after the input and output size checks) and scale by ``upscale``."""
-        try:
-            image = open_image(data, self.max_pixels)
-        except BadSample as err:
-            if err.reason == "too_large":
-                raise BadSample("too_large", f"{err.detail}; raise data.max_pixels") from err
-            raise
-        w, h = image.size
-        out_w, out_h = w * self.upscale, h * self.upscale
-        if out_w * out_h > self.max_output_pixels:
-            raise BadSample(
-                "too_large",
-                f"a {w}x{h} input makes a {out_w}x{out_h} output ({out_w * out_h / 1e6:.1f} MP), "
-                f"above data.predict_max_pixels={self.max_output_pixels}: raise it to predict "
-                "this image (large outputs are sampled in tiles, model.tiling)",
-            )
-        image = to_rgb(image)
-        if self.upscale != 1:
-            image = image.resize((out_w, out_h), Image.BICUBIC)
-        return image
+        return load_condition(data, self.upscale, self.max_pixels, self.max_output_pixels)
+
+
+def load_condition(
+    data: bytes,
+    upscale: int = 1,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_output_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """A predict input's bytes as the RGB condition image: decoded after the input and
+    output size checks (``BadSample`` naming the option to raise), scaled by ``upscale``
+    (bicubic)."""
+    try:
+        image = open_image(data, max_pixels)
+    except BadSample as err:
+        if err.reason == "too_large":
+            raise BadSample("too_large", f"{err.detail}; raise data.max_pixels") from err
+        raise
+    w, h = image.size
+    out_w, out_h = w * upscale, h * upscale
+    if out_w * out_h > max_output_pixels:
+        raise BadSample(
+            "too_large",
+            f"a {w}x{h} input makes a {out_w}x{out_h} output ({out_w * out_h / 1e6:.1f} MP), "
+            f"above data.predict_max_pixels={max_output_pixels}: raise it to predict "
+            "this image (large outputs are sampled in tiles, model.tiling)",
+        )
+    image = to_rgb(image)
+    if upscale != 1:
+        image = image.resize((out_w, out_h), Image.BICUBIC)
+    return image
 
 
 def _ext(path: Path) -> str:
