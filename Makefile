@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,ui]"
 	touch $@
 
 test: install
@@ -47,7 +47,7 @@ demo: install
 	$(VENV)/bin/codi-lightning validate --config configs/demo.yaml $(DEMO_PATHS) --ckpt_path $(DEMO_OUT)/checkpoints/last.ckpt
 	$(VENV)/bin/codi-lightning test --config configs/demo.yaml $(DEMO_PATHS) --ckpt_path $(DEMO_OUT)/checkpoints/last.ckpt
 	$(VENV)/bin/codi-lightning predict --config configs/demo.yaml $(DEMO_PATHS) --ckpt_path $(DEMO_OUT)/checkpoints/last.ckpt --data.predict_images $(DEMO_OUT)/lowres
-	$(PY) -m codi_lightning.demo --out $(DEMO_OUT) --report
+	$(PY) -m codi_lightning.demo --out $(DEMO_OUT) --report --cli $(VENV)/bin/codi-lightning
 
 # the few-step claim on the digits testbed (docs/results.md); QUICK=1: the same code on a
 # few steps (under 2 min)

@@ -75,3 +75,23 @@ def test_demo_config_fits_tests_and_predicts(demo_out, tmp_path):
         "--data.predict_images", str(demo_out / "lowres"))  # fmt: skip
     outputs = sorted((tmp_path / "pred").glob("*.png"))
     assert len(outputs) == 8 and all(Image.open(p).size == (32, 32) for p in outputs)
+
+
+def test_the_demo_report_ends_with_a_serve_command_that_parses(tmp_path, capsys):
+    """`make demo`'s last lines: the command that opens the page on its checkpoint; the
+    command line is one `codi-lightning serve` accepts as written."""
+
+    from codi_lightning.cli import main
+    from codi_lightning.demo import report
+
+    grid = tmp_path / "logs" / "demo" / "version_0" / "samples" / "step_0000300.png"
+    grid.parent.mkdir(parents=True)
+    grid.write_bytes(b"")
+    last = report(tmp_path, cli="codi-lightning").splitlines()[-1].split()
+    assert last[:2] == ["codi-lightning", "serve"]
+    assert "--ckpt_path" in last and str(tmp_path / "checkpoints" / "last.ckpt") in last
+    with pytest.raises(SystemExit) as done:
+        main([*last[1:], "--print_config"])
+    assert done.value.code == 0
+    printed = capsys.readouterr().out
+    assert f"examples: {tmp_path / 'lowres'}" in printed

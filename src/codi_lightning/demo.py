@@ -87,8 +87,9 @@ def prepare(out: str | Path, val_images: int = 128, inputs: int = 8, factor: int
     return out
 
 
-def report(out: str | Path) -> str:
-    """Where the demo's logs, checkpoints and newest sample grid are."""
+def report(out: str | Path, cli: str = "codi-lightning") -> str:
+    """Where the demo's logs, checkpoints and newest sample grid are, and the command that
+    opens the page to try the demo's model (``cli``: the command's path)."""
     out = Path(out)
     grids = sorted((out / "logs").rglob("samples/*.png"), key=lambda p: p.stat().st_mtime)
     if not grids:
@@ -108,6 +109,9 @@ def report(out: str | Path) -> str:
             ),
             f"  4x upscaled predictions of {out / 'lowres'} (8x8 digits): {out / 'predictions'}",
             f"  TensorBoard: tensorboard --logdir {out / 'logs'}",
+            "  try it in the browser (the page opens at http://127.0.0.1:7860):",
+            f"    {cli} serve --ckpt_path {out / 'checkpoints' / 'last.ckpt'} "
+            f"--examples {out / 'lowres'}",
         ]
     )
 
@@ -116,9 +120,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="demo_out")
     parser.add_argument("--report", action="store_true", help="print where the results are")
+    parser.add_argument("--cli", default="codi-lightning", help="the command, in the report")
     args = parser.parse_args()
     if args.report:
-        print(report(args.out))
+        print(report(args.out, args.cli))
         return
     out = prepare(args.out)
     print(f"demo data ready in {out}")

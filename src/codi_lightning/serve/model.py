@@ -162,9 +162,7 @@ class ServedModel:
                 raise InputError(f"this image is too large: {err.detail}") from err
             raise InputError(f"this file is not an image we can read ({err.detail})") from err
         except Exception as err:  # PIL raises many types for truncated or corrupt data
-            raise InputError(
-                f"this file is not an image we can read ({image_error(err)})"
-            ) from err
+            raise InputError(f"this file is not an image we can read ({image_error(err)})") from err
 
     def generate(
         self, condition: Image.Image, steps: int, guidance: float = 1.0, seed: int = 0,

@@ -1,8 +1,8 @@
 """The page of ``codi-lightning serve``, in Gradio (the optional ``ui`` extra).
 
-Offline by construction: the theme uses the system's fonts (Gradio's default theme would
-fetch Google's), analytics are off, nothing is shared; the browser tests check that the
-page requests nothing but the local server.
+Offline: Gradio serves its page and fonts itself (its default theme's fonts ship in the
+package), analytics are off, nothing is shared; the browser tests check that the page
+requests nothing but the local server.
 """
 
 from __future__ import annotations
@@ -40,16 +40,6 @@ def import_gradio():
     return gr
 
 
-def offline_theme(gr):
-    """Gradio's default look with local fonts only."""
-    return gr.themes.Default(
-        font=["ui-sans-serif", "system-ui", "sans-serif"],
-        font_mono=["ui-monospace", "monospace"],
-    )
-
-
-
-
 def build_page(model: ServedModel, examples: Sequence[str] = (), title: str = "codi-lightning"):
     """The Blocks of the page: an upload (or an example), the sampler's settings, and
     input | output with the time each took; ``compare`` adds every step count side by
@@ -84,7 +74,9 @@ def build_page(model: ServedModel, examples: Sequence[str] = (), title: str = "c
         file = Path(tempfile.mkdtemp(dir=out_dir)) / f"{Path(path).stem}-{main.steps}steps.png"
         main.image.save(file)
         w, h = main.image.size
-        times = ", ".join(f"{r.steps} step{'s' * (r.steps > 1)}: {r.seconds:.2f} s" for r in results)
+        times = ", ".join(
+            f"{r.steps} step{'s' * (r.steps > 1)}: {r.seconds:.2f} s" for r in results
+        )
         gallery = [(r.image, f"{r.steps} step{'s' * (r.steps > 1)}, {r.seconds:.2f} s")
                    for r in results]  # fmt: skip
         status = f"Done: {w}x{h} px output. Sampling took {times}."
@@ -92,8 +84,10 @@ def build_page(model: ServedModel, examples: Sequence[str] = (), title: str = "c
         return condition, main.image, shown, str(file), status
 
     with gr.Blocks(title=title, analytics_enabled=False) as page:
-        gr.Markdown(f"## {title}\nModel: `{model.source}`"
-                    + (f" · inputs are upscaled {model.upscale}x" if model.upscale > 1 else ""))
+        gr.Markdown(
+            f"## {title}\nModel: `{model.source}`"
+            + (f" · inputs are upscaled {model.upscale}x" if model.upscale > 1 else "")
+        )
         with gr.Row():
             with gr.Column(scale=1):
                 upload = gr.File(label="Input image", type="filepath", elem_id="upload")
@@ -134,10 +128,9 @@ def build_page(model: ServedModel, examples: Sequence[str] = (), title: str = "c
 
 def launch(page: Any, host: str, port: int, block: bool = True) -> Any:
     """Start the server (one request samples at a time; the others wait in the queue)."""
-    gr = import_gradio()
     page.queue(default_concurrency_limit=1)
     return page.launch(
         server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False,
-        theme=offline_theme(gr), css=CSS, prevent_thread_lock=not block, footer_links=[], quiet=True,
+        css=CSS, prevent_thread_lock=not block, footer_links=[], quiet=True,
         allowed_paths=[str(page.served_output_dir)], max_file_size="200mb",
     )  # fmt: skip

@@ -1,0 +1,113 @@
+"""``codi-lightning serve``'s model side (no browser): what an upload becomes, what is
+sampled, and the command's refusals."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from helpers import write_checkpoint
+from PIL import Image
+
+from codi_lightning.cli import main
+from codi_lightning.serve import InputError, ServedModel
+
+
+@pytest.fixture(scope="module")
+def served(tiny_pixel_teacher, tmp_path_factory):
+    """A pixel-space checkpoint whose run recorded ``data.predict_upscale: 4`` and
+    ``predict_steps: 2``, its export, and the checkpoint's served model."""
+    root = tmp_path_factory.mktemp("serve")
+    ckpt = root / "run.ckpt"
+    write_checkpoint(tiny_pixel_teacher, ckpt, scale=0.05, pixel_space=True, predict_steps=2)
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    checkpoint["datamodule_hyper_parameters"] = {"predict_upscale": 4, "predict_prompt": "a 7",
+                                                 "predict_max_pixels": 64 * 64}  # fmt: skip
+    torch.save(checkpoint, ckpt)
+    main(["export", "--ckpt", str(ckpt), "--output", str(root / "exported")])
+    return ckpt, root / "exported", ServedModel.from_checkpoint(str(ckpt))
+
+
+def digit(path, size=8, value=200):
+    image = Image.new("L", (size, size), 0)
+    image.paste(value, (2, 1, size - 3, size - 1))
+    image.save(path)
+    return path
+
+
+def test_the_run_settings_set_the_size_and_the_defaults(served):
+    _, _, model = served
+    assert model.upscale == 4 and model.max_output_pixels == 64 * 64
+    assert model.defaults.steps == 2 and model.defaults.prompt == "a 7"
+    assert not model.defaults.stochastic and model.defaults.guidance == 1.0
+
+
+def test_an_upload_is_read_as_predict_reads_it(served, tmp_path):
+    _, _, model = served
+    condition = model.prepare(digit(tmp_path / "d.png"))  # grey, 8x8
+    assert condition.mode == "RGB" and condition.size == (32, 32)
+    expected = Image.open(tmp_path / "d.png").convert("RGB").resize((32, 32), Image.BICUBIC)
+    assert np.array_equal(np.asarray(condition), np.asarray(expected))
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(InputError, match="not an image"):
+        model.prepare(tmp_path / "notes.txt")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "d.png").read_bytes()[:40])
+    with pytest.raises(InputError, match="not an image"):
+        model.prepare(tmp_path / "cut.png")
+    with pytest.raises(InputError, match="too large.*predict_max_pixels"):  # 4 x 17 > 64
+        model.prepare(digit(tmp_path / "big.png", size=17))
+
+
+def test_the_checkpoint_and_its_export_sample_the_same_image(served, tmp_path):
+    """The page's two sources agree: the checkpoint (sampled by the LightningModule) and
+    its export (sampled by CoDiPipeline) give the same image for the same seed."""
+    ckpt, exported, model = served
+    condition = model.prepare(digit(tmp_path / "d.png"))
+    first = model.generate(condition, 2, seed=3)
+    assert first.image.size == (32, 32) and first.steps == 2 and first.seconds > 0
+    again = model.generate(condition, 2, seed=3)
+    assert np.array_equal(np.asarray(first.image), np.asarray(again.image))
+    other = model.generate(condition, 2, seed=4)
+    assert not np.array_equal(np.asarray(first.image), np.asarray(other.image))
+    folder = ServedModel.from_exported(str(exported), str(served_teacher(ckpt)), upscale=4)
+    from_folder = folder.generate(folder.prepare(tmp_path / "d.png"), 2, seed=3)
+    diff = np.abs(np.asarray(first.image, float) - np.asarray(from_folder.image, float))
+    assert diff.max() <= 1
+
+
+def served_teacher(ckpt):
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["hyper_parameters"][
+        "pretrained"
+    ]
+
+
+def test_a_missing_ui_extra_is_named(monkeypatch):
+    from codi_lightning.serve.page import import_gradio
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio -> ImportError
+    with pytest.raises(ValueError, match=r"codi-lightning\[ui\]"):
+        import_gradio()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "give --ckpt_path"),
+        (["--ckpt_path", "a.ckpt", "--folder", "b"], "one of them"),
+        (["--folder", "{exported}"], "--pretrained"),
+        (["--folder", "{teacher}", "--pretrained", "{teacher}"], "no controlnet/"),
+        (["--ckpt_path", "{teacher}/missing.ckpt"], "missing.ckpt"),
+        (["--ckpt_path", "{ckpt}", "--examples", "{teacher}/nowhere"], "--examples"),
+    ],
+)
+def test_the_command_refuses_bad_options_in_a_line(served, tiny_pixel_teacher, capsys, args,
+                                                   message):  # fmt: skip
+    ckpt, exported, _ = served
+    names = {"ckpt": ckpt, "exported": exported, "teacher": tiny_pixel_teacher}
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", *(a.format(**names) for a in args)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err and len(err.splitlines()) <= 4
