@@ -111,3 +111,18 @@ def test_the_command_refuses_bad_options_in_a_line(served, tiny_pixel_teacher, c
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err and len(err.splitlines()) <= 4
+
+
+def test_a_port_in_use_is_said_in_a_line(served, capsys):
+    import socket
+
+    ckpt, _, _ = served
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as exit_info:
+            main(["serve", "--ckpt_path", str(ckpt), "--port", str(port)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port} is in use: choose another --port" in err

@@ -70,11 +70,13 @@ def serve(
     else:
         model = ServedModel.from_checkpoint(ckpt_path, pretrained, upscale, device)
     page = build_page(model, shown)
-    print(f"serving {model.source} at http://{host}:{port} (Ctrl+C stops)", flush=True)
     try:
-        launch(page, host, port)
+        launch(page, host, port, block=False)
     except OSError as err:
-        raise ValueError(f"cannot listen on {host}:{port} ({err}): choose another --port") from err
+        why = "is in use" if "empty port" in str(err) else f"cannot be used ({err})"
+        raise ValueError(f"{host}:{port} {why}: choose another --port") from err
+    print(f"serving {model.source} at http://{host}:{port} (Ctrl+C stops)", flush=True)
+    page.block_thread()
 
 
 __all__ = ["STEP_CHOICES", "Defaults", "InputError", "Result", "ServedModel", "serve"]

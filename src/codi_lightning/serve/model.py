@@ -20,6 +20,7 @@ from ..checkpoints import CheckpointError, read_checkpoint
 from ..data.decode import DEFAULT_MAX_PIXELS, BadSample, image_error
 from ..data.folder import load_condition
 from ..data.transforms import to_tensor01
+from ..diffusion import TilingConfig
 
 STEP_CHOICES = (1, 2, 4, 8)
 
@@ -139,12 +140,16 @@ class ServedModel:
             )
         if pixel_space is None:
             pixel_space = Path(pretrained).is_dir() and not (Path(pretrained) / "vae").is_dir()
-        pipe = CoDiPipeline.from_exported(folder, pretrained, pixel_space=pixel_space,
-                                          device=device)  # fmt: skip
+        try:
+            pipe = CoDiPipeline.from_exported(folder, pretrained, pixel_space=pixel_space,
+                                              device=device)  # fmt: skip
+        except NotImplementedError as err:  # a flow family's export: serve its checkpoint
+            raise ValueError(f"--folder {folder!r}: {err}") from err
+        tiling = TilingConfig()  # large outputs in tiles, as predict's default
 
         def sampler(cond, prompt, steps, guidance, stochastic, generator):
             return pipe(cond, [prompt], steps, generator=generator, stochastic=stochastic,
-                        guidance_scale=guidance)  # fmt: skip
+                        guidance_scale=guidance, tiling=tiling)  # fmt: skip
 
         return cls(sampler, str(folder), upscale, device=device)
 
