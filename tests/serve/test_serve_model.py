@@ -4,6 +4,7 @@ sampled, and the command's refusals."""
 from __future__ import annotations
 
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -126,3 +127,49 @@ def test_a_port_in_use_is_said_in_a_line(served, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert f"127.0.0.1:{port} is in use: choose another --port" in err
+
+
+def test_the_server_calls_no_one(served, monkeypatch):
+    """Building and starting the page, and serving it, opens no connection beyond the
+    loopback address (Gradio's analytics and version check off)."""
+    import socket
+    import urllib.request
+
+    pytest.importorskip("gradio", reason="needs the UI extra (pip install -e '.[ui]')")
+    from distributed.procwatch import free_port
+
+    from codi_lightning.serve.page import build_page, launch
+
+    outside = []
+    connect = socket.socket.connect
+
+    def local_only(sock, address):
+        host = address[0] if isinstance(address, tuple) else str(address)
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and host not in (
+            "127.0.0.1", "::1", "localhost"
+        ):  # fmt: skip
+            outside.append(address)
+            raise OSError("no network in this test")
+        return connect(sock, address)
+
+    lookup = socket.getaddrinfo
+
+    def local_lookup(host, *args, **kwargs):  # a call home starts with a name look-up
+        if host not in ("127.0.0.1", "::1", "localhost", None):
+            outside.append(host)
+            raise OSError("no network in this test")
+        return lookup(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", local_only)
+    monkeypatch.setattr(socket, "getaddrinfo", local_lookup)
+    _, _, model = served
+    page = build_page(model)
+    port = free_port()
+    launch(page, "127.0.0.1", port, block=False)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as response:
+            assert response.status == 200
+    finally:
+        page.close()
+    time.sleep(1)  # a version check runs in a thread of its own
+    assert outside == []
