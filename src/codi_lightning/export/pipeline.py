@@ -139,16 +139,13 @@ class CoDiPipeline:
         return text if sizes is None else self.parts.prompt_encoder.add_sizes(text, sizes)
 
     def _denoiser(self, text: Conditioning, cond: Tensor):
-        unet, controlnet = self.parts.unet, self.controlnet
+        """F(z, t, y, c) called the family's way (``models.teachers``), in the network's
+        dtype (an fp16 pipeline gets fp16 inputs)."""
+        unet, controlnet, forward = self.parts.unet, self.controlnet, self.parts.family.forward
 
         def f(z: Tensor, t: Tensor) -> Tensor:
             dtype = unet.dtype
-            y = text.network_kwargs()
-            y["encoder_hidden_states"] = y["encoder_hidden_states"].to(dtype)
-            down, mid = controlnet(z.to(dtype), t, controlnet_cond=cond.to(dtype),
-                                   return_dict=False, **y)  # fmt: skip
-            return unet(z.to(dtype), t, down_block_additional_residuals=down,
-                        mid_block_additional_residual=mid, **y).sample  # fmt: skip
+            return forward(unet, controlnet, z.to(dtype), t, text.to(dtype), cond.to(dtype))
 
         return f
 
@@ -206,7 +203,8 @@ class CoDiPipeline:
             if vae is not None:
                 if self.parts.vae_upcast and vae.dtype == torch.float16:
                     vae.float()  # the SDXL VAE overflows in fp16
-                latents = vae.decode(latents.to(vae.dtype) / self.parts.scaling_factor).sample
+                latents = latents.float() / self.parts.scaling_factor + self.parts.shift_factor
+                latents = vae.decode(latents.to(vae.dtype)).sample
         images = ((latents.float() + 1) / 2).clamp(0, 1)
         return images[..., :height, :width]
 

@@ -48,6 +48,10 @@ class Conditioning:
             rows = slice(rows, rows + 1)
         return self._map(lambda v: v[rows])
 
+    def to(self, dtype: torch.dtype) -> Conditioning:
+        """Floating-point tensors cast to ``dtype`` (masks and other integer tensors kept)."""
+        return self._map(lambda v: v.to(dtype) if v.is_floating_point() else v)
+
     def expand(self, batch: int) -> Conditioning:
         """A one-row conditioning repeated to ``batch`` rows (a view, no copy)."""
         if len(self) == batch:
