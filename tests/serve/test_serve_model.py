@@ -101,6 +101,7 @@ def test_a_missing_ui_extra_is_named(monkeypatch):
         (["--folder", "{teacher}", "--pretrained", "{teacher}"], "no controlnet/"),
         (["--ckpt_path", "{teacher}/missing.ckpt"], "missing.ckpt"),
         (["--ckpt_path", "{ckpt}", "--examples", "{teacher}/nowhere"], "--examples"),
+        (["--ckpt_path", "{ckpt}", "--model.pretrained", "{teacher}/gone"], "gone' not found"),
     ],
 )
 def test_the_command_refuses_bad_options_in_a_line(served, tiny_pixel_teacher, capsys, args,
