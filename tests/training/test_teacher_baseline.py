@@ -215,3 +215,6 @@ def test_a_velocity_teacher_sets_the_flow_target_where_it_reaches(
     torch.testing.assert_close(taught, data)
     taught, data = losses([300, 700])
     assert not torch.allclose(taught, data)
+    with pytest.raises(ValueError, match="for a flow model"):
+        DiffusionTraining(str(tmp_path / "unused"), unet=tiny_unet_config(in_channels=3),
+                          velocity_teacher=str(vp))  # fmt: skip

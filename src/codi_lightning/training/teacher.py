@@ -69,9 +69,10 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
             fresh flow model's target where its noise levels reach: ``v = (z - x_T) /
             sigma``, the teacher's estimate of ``E[eps - x | z]``, instead of the one-sample
             ``eps - x``; the data target outside its noise levels. The target then has
-            no sampling noise, which a small transformer needs at high noise, where one
-            noisy sample says little about where the strokes go (docs/results_digits.md,
-            "The flow teacher"). The validation loss stays the data loss.
+            no sampling noise, where at high noise one noisy sample says little about
+            where the strokes go (tried on the digits testbed's flow teacher: its
+            transformer did no better; docs/results_digits.md, "The flow teacher"). The
+            validation loss stays the data loss.
         ema_decay: decay of the EMA copy that is exported.
         optimizer, lr_scheduler: factories (YAML-injectable).
         val_steps: DDIM steps of the validation samples.
