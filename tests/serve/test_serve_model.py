@@ -174,3 +174,18 @@ def test_the_server_calls_no_one(served, monkeypatch):
         page.close()
     time.sleep(1)  # a version check runs in a thread of its own
     assert outside == []
+
+
+def test_a_failed_sampling_is_said_on_the_page(tmp_path):
+    """An error while sampling (out of memory, say) ends in the status line, not in a
+    broken page; an emptied seed box samples seed 0."""
+    pytest.importorskip("gradio", reason="needs the UI extra (pip install -e '.[ui]')")
+    from codi_lightning.serve.page import build_page
+
+    def failing(cond, prompt, steps, guidance, stochastic, generator):
+        raise RuntimeError("CPU out of memory\n(details)")
+
+    page = build_page(ServedModel(failing, "failing"))
+    run = next(f.fn for f in page.fns.values() if getattr(f.fn, "__name__", "") == "run")
+    out = run(str(digit(tmp_path / "d.png")), "4", 1.0, None, "deterministic", "", False)
+    assert out[1] is None and out[-1] == "**Sampling failed:** CPU out of memory"

@@ -67,8 +67,13 @@ def build_page(model: ServedModel, examples: Sequence[str] = (), title: str = "c
         except InputError as err:
             return None, None, hidden, None, f"**Cannot use this file:** {err}"
         counts = STEP_CHOICES if compare else (int(steps),)
-        results = [model.generate(condition, n, float(guidance), int(seed),
-                                  sampler == "stochastic", prompt or "") for n in counts]  # fmt: skip
+        seed = int(seed or 0)  # an emptied box: seed 0
+        try:
+            results = [model.generate(condition, n, float(guidance), seed,
+                                      sampler == "stochastic", prompt or "") for n in counts]  # fmt: skip
+        except (RuntimeError, ValueError) as err:  # e.g. out of memory: said, the page stays
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            return condition, None, hidden, None, f"**Sampling failed:** {first}"
         main = next(r for r in results if r.steps == int(steps)) if compare else results[0]
         # a folder per request: two pages asking at once never share a file
         file = Path(tempfile.mkdtemp(dir=out_dir)) / f"{Path(path).stem}-{main.steps}steps.png"
