@@ -48,6 +48,7 @@ from .parts import (
     fused_network,
     lora_metadata,
     lora_state,
+    render_card,
     sub_state,
 )
 
@@ -294,50 +295,10 @@ def _model_card(
         )  # fmt: skip
         pipe_call = pipe_call.format(prompt=prompt)
     snippet += "\n\n" + any_size_section(multiple, pipe_call.replace("{prompt}", "prompt"))
-    return f"""---
-library_name: diffusers
-base_model: {base}
-tags: [controlnet, consistency-distillation, codi, lcm]
----
-# CoDi distilled model
-
-Conditional diffusion distillation (CoDi, Mei et al., CVPR 2024) of `{base}`:
-{method}, {weights} weights, after {step} optimizer steps, training grid N = {num_grid}.
-
-## Samplers
-
-Two few-step samplers, each a stock diffusers scheduler in its own folder. They give
-different images (and metrics) for the same seed; compare numbers only with the
-`codi-lightning test` setting of the same row (`metrics.json` records it as `sampler`).
-
-| folder | scheduler | sampler | `codi-lightning test` setting |
-|---|---|---|---|
-| `scheduler_deterministic/` | `DPMSolverMultistepScheduler`, first order, pass `timesteps=` | deterministic: moves with the model's own noise estimate | `--model.eval_stochastic false` (the default) |
-| `scheduler/` | `LCMScheduler` | stochastic consistency multistep: fresh noise each step | `--model.eval_stochastic true` |
-
-Both run on these timesteps of the training grid. `LCMScheduler` picks them itself from
-`num_inference_steps`; the deterministic scheduler needs them as `timesteps=`
-(`LCMScheduler.set_timesteps(S)` gives them for any S):
-
-| steps | timesteps |
-|---|---|
-{table}
-
-With the same `torch.Generator` both reproduce the project's sampler
-(`CoDiDistillation.sample_images(..., stochastic=False / True)`) to float precision; the
-deterministic scheduler leaves out the boundary condition's `c_skip` term, at most
-{c_skip:.1e} at these timesteps.
-
-## Usage
-
-{snippet}
-
-## Training configuration
-
-```json
-{config}
-```
-"""
+    return render_card(
+        "unet", base=base, method=method, weights=weights, step=step, num_grid=num_grid,
+        table=table, c_skip=f"{c_skip:.1e}", snippet=snippet, config=config,
+    )  # fmt: skip
 
 
 def _revision(revision: str | None) -> str:

@@ -34,6 +34,7 @@ from .parts import (
     card_budgets,
     fused_network,
     lora_metadata,
+    render_card,
     sub_state,
 )
 
@@ -211,68 +212,12 @@ def _card(
             f"\nAt sizes other than {size} x {size} px the scheduler shifts the sigmas by the "
             "size, as the base model does; `codi-lightning predict` keeps the training shift.\n"
         )
-    return f"""---
-library_name: diffusers
-base_model: {base}
-tags: [controlnet, {tag}, rectified-flow, consistency-distillation, codi]
----
-# CoDi distilled model ({spec.title})
-
-Conditional diffusion distillation (CoDi, Mei et al., CVPR 2024) of the rectified-flow
-transformer `{base}`: {method}, {weights} weights, after {step} optimizer steps, training
-grid N = {num_grid}, {shift}.
-
-## Samplers
-
-| folder | scheduler | sampler | `codi-lightning test` setting |
-|---|---|---|---|
-| `scheduler_deterministic/` | `FlowMatchEulerDiscreteScheduler` | deterministic (Euler) | `--model.eval_stochastic false` (the default) |
-| `scheduler/` | `FlowMatchLCMScheduler` | stochastic consistency multistep | `--model.eval_stochastic true` |
-
-Both must be given the training grid's steps as `sigmas=` (unshifted; the scheduler
-shifts them): their own spacing does not lie on the grid.
-{sized}
-| steps | timesteps | `sigmas=` |
-|---|---|---|
-{chr(10).join(rows)}
-
-{spec.sampling_notes}
-{guidance}
-## Usage
-
-```python
-import torch
-from diffusers import (
-    FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, {spec.adapter},
-    {spec.network}, {spec.pipeline},
-)
-
-folder = "THIS_FOLDER"  # this export
-controlnet = {spec.adapter}.from_pretrained(folder, subfolder="controlnet")
-pipe = {spec.pipeline}.from_pretrained(
-    {json.dumps(base)}, controlnet=controlnet,{transformer}
-    {revision.lstrip(", ")}
-){load_lora}
-# condition: the control image, a PIL image or a [1, 3, H, W] tensor in [-1, 1]
-prompt = ""
-sigmas = {sigmas[steps]}  # {steps} steps on the training grid{prelude}
-
-# deterministic sampler (codi-lightning test --model.eval_stochastic false)
-pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
-    folder, subfolder="scheduler_deterministic"
-)
-{call}
-
-# stochastic sampler (codi-lightning test --model.eval_stochastic true)
-pipe.scheduler = FlowMatchLCMScheduler.from_pretrained(folder, subfolder="scheduler")
-torch.manual_seed(0)  # the per-step noise
-{call}
-```
-
-{any_size}
-## Training configuration
-
-```json
-{config}
-```
-"""
+    return render_card(
+        "flow", base=base, tag=tag, title=spec.title, method=method, weights=weights,
+        step=step, num_grid=num_grid, shift=shift, sized=sized, rows="\n".join(rows),
+        sampling_notes=spec.sampling_notes, guidance=guidance, adapter=spec.adapter,
+        network=spec.network, pipeline=spec.pipeline, base_json=json.dumps(base),
+        transformer=transformer, revision=revision.lstrip(", "), load_lora=load_lora,
+        sigmas=sigmas[steps], steps=steps, prelude=prelude, call=call, any_size=any_size,
+        config=config,
+    )  # fmt: skip

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib import resources
+from string import Template
 from typing import Any
 
 import torch
@@ -150,3 +152,10 @@ image = {call}[..., :h, :w]
 Large outputs: `codi-lightning predict` samples them in overlapping tiles blended at every
 step (`--model.tiling.*`; `CoDiPipeline(..., tiling=TilingConfig(...))`).
 """
+
+
+def render_card(name: str, **values: Any) -> str:
+    """The model card template ``export/cards/<name>.md`` (``string.Template``: ``${field}``
+    placeholders, every one required) with ``values`` filled in."""
+    text = resources.files(__package__).joinpath("cards", f"{name}.md").read_text("utf-8")
+    return Template(text).substitute({k: str(v) for k, v in values.items()})
