@@ -335,9 +335,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def checkpoint_step(path: str | Path) -> int:
-    """The ``global_step`` recorded in a checkpoint file or sharded folder, read without
-    loading the weights (memory-mapped). Raises :class:`CheckpointError` on a checkpoint
+def checkpoint_metadata(path: str | Path) -> dict[str, Any]:
+    """A checkpoint file's dict memory-mapped (the weights are not read until used), or a
+    sharded folder's metadata file (``global_step``, ``hyper_parameters``,
+    ``datamodule_hyper_parameters``...). Raises :class:`CheckpointError` on a checkpoint
     that is incomplete or unreadable."""
     file = check_checkpoint(path, verify_data=False)
     if file.is_dir():
@@ -347,11 +348,20 @@ def checkpoint_step(path: str | Path) -> int:
                 f"{path}: incomplete distributed checkpoint (no {LIGHTNING_META})"
             )
     try:
-        meta = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-        return int(meta["global_step"])
+        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
     except Exception as err:  # any failure to read means: not a usable checkpoint
         reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise CheckpointError(f"{file}: unreadable ({type(err).__name__}: {reason})") from err
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The ``global_step`` recorded in a checkpoint file or sharded folder, read without
+    loading the weights (:func:`checkpoint_metadata`)."""
+    meta = checkpoint_metadata(path)
+    try:
+        return int(meta["global_step"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable (no global_step: {err!r})") from err
 
 
 def checkpoint_candidates(folder: str | Path, recursive: bool = False) -> list[Path]:

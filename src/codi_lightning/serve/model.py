@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..checkpoints import CheckpointError, read_checkpoint
+from ..checkpoints import CheckpointError, checkpoint_metadata
 from ..data.decode import DEFAULT_MAX_PIXELS, BadSample, image_error
 from ..data.folder import load_condition
+from ..data.pixels import to_image
 from ..data.transforms import to_tensor01
 from ..diffusion import TilingConfig
 
@@ -89,7 +90,7 @@ class ServedModel:
         limits to its ``data.max_pixels`` and ``data.predict_max_pixels``."""
         from ..training import CoDiDistillation
 
-        checkpoint = read_checkpoint(ckpt_path)
+        checkpoint = checkpoint_metadata(ckpt_path)  # the weights load once, below
         hp = checkpoint.get("hyper_parameters") or {}
         if "method" not in hp or "pretrained" not in hp:
             raise CheckpointError(
@@ -188,6 +189,7 @@ class ServedModel:
 
 
 def to_pil(image: Tensor) -> Image.Image:
-    """[3, H, W] in [0, 1] -> an 8-bit RGB image."""
-    array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0)
-    return Image.fromarray(array.cpu().numpy())
+    """[3, H, W] in [0, 1] -> an 8-bit RGB image, rounded as ``predict``'s PNGs
+    (torchvision's ``save_image``)."""
+    u8 = image.detach().float().mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
+    return to_image(u8.cpu())
