@@ -121,3 +121,17 @@ def test_resolution_check(tiny_teacher):
     check_resolution(32, 4, unet)
     with pytest.raises(ValueError, match="not a multiple of 8"):
         check_resolution(36, 4, unet)
+
+
+@pytest.mark.parametrize("teacher", ["tiny_teacher", "tiny_sdxl_teacher", "tiny_sd3_teacher",
+                                     "tiny_flux_teacher", "tiny_sana_teacher"])  # fmt: skip
+def test_encoding_each_distinct_prompt_once_gives_every_rows_encoding(teacher, request):
+    """``encode_distinct`` repeats the rows of repeated prompts: equal to encoding the
+    whole batch, for every family's prompt encoder."""
+    encoder = load_teacher(str(request.getfixturevalue(teacher))).prompt_encoder
+    prompts = ["a red 7", "", "a red 7", "two", ""]
+    full, distinct = encoder.encode(prompts, "cpu"), encoder.encode_distinct(prompts, "cpu")
+    torch.testing.assert_close(distinct.hidden_states, full.hidden_states)
+    assert distinct.added.keys() == full.added.keys()
+    for key, value in full.added.items():
+        torch.testing.assert_close(distinct.added[key], value)

@@ -165,6 +165,57 @@ def test_a_fresh_flow_teachers_short_text_side_is_written_and_read_back(tmp_path
     torch.testing.assert_close(ours.added["pooled_projections"], pooled)
 
 
+def test_a_fresh_sana_teacher_trains_exports_and_distils(tmp_path):
+    """``_class_name: SanaTransformer2DModel``: a fresh pixel-space SANA teacher (its
+    family's tiny Gemma text side, ``text_tokens`` long) trains with the velocity loss and
+    writes a SANA folder without a VAE, which the distillation loads as the SANA family
+    (the exported EMA weights, the same text conditioning) and the stock SanaPipeline
+    encodes prompts for the same way."""
+    from diffusers import SanaPipeline
+
+    from codi_lightning.diffusion import FlowSchedule
+    from codi_lightning.models.teachers.sana import default_instruction
+    from codi_lightning.models.tiny import tiny_sana_transformer_config
+
+    config = {**tiny_sana_transformer_config(), "in_channels": 3, "out_channels": 3,
+              "sample_size": 16, "_class_name": "SanaTransformer2DModel"}  # fmt: skip
+    out = tmp_path / "sana_teacher"
+    m = DiffusionTraining(str(out), transformer=config, flow_shift=1.5, text_tokens=8,
+                          optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))  # fmt: skip
+    assert m.family == "sana" and isinstance(m.schedule, FlowSchedule)
+    assert m.schedule.shift == 1.5
+    batch = make_batch(batch=2, resolution=16)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(m, train_dataloaders=DataLoader([batch], batch_size=None))
+    parts = load_teacher(str(out), pixel_space=True)
+    assert parts.family == "sana" and parts.vae is None
+    for a, b in zip(parts.unet.parameters(), m.ema_unet.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    ours = m.encode_text(["a 7", ""])
+    assert ours.hidden_states.shape[1] == 8
+    loaded = parts.prompt_encoder.encode(["a 7", ""], "cpu")
+    torch.testing.assert_close(loaded.hidden_states, ours.hidden_states)
+    pipe = SanaPipeline.from_pretrained(str(out), transformer=None, vae=None)
+    embeds, mask, _, _ = pipe.encode_prompt(
+        "a 7", do_classifier_free_guidance=False, device="cpu", max_sequence_length=8,
+        complex_human_instruction=default_instruction(),
+    )  # fmt: skip
+    torch.testing.assert_close(ours.hidden_states[:1], embeds)
+    assert torch.equal(ours.added["encoder_attention_mask"][:1], mask)
+    student = CoDiDistillation(str(out), pixel_space=True, num_grid=10)
+    assert student.family == "sana" and student.schedule.shift == 1.5
+    loss, _ = student.compute_loss(batch, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None for p in student.controlnet.parameters())
+    assert student.sample_images(batch["cond"], batch["caption"], 2).shape == (2, 3, 16, 16)
+
+
+def test_a_fresh_network_of_a_class_it_cannot_train_is_refused_naming_the_classes(tmp_path):
+    with pytest.raises(ValueError, match="_class_name to one of: SD3Transformer2DModel, Sana"):
+        DiffusionTraining(str(tmp_path), transformer={"_class_name": "FluxTransformer2DModel"})
+
+
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
 def test_a_velocity_teacher_sets_the_flow_target_where_it_reaches(
     tmp_path, monkeypatch, prediction_type

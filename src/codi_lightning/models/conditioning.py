@@ -139,6 +139,20 @@ class PromptEncoder(nn.Module):
     def encode(self, prompts: Sequence[str], device: torch.device | str) -> Conditioning:
         raise NotImplementedError
 
+    def encode_distinct(self, prompts: Sequence[str], device: torch.device | str) -> Conditioning:
+        """:meth:`encode` of each distinct prompt once, its rows repeated where the prompt
+        repeats. Every family pads its tokens to a fixed length, so a prompt's row does
+        not depend on the rest of the batch; a batch of one repeated caption (empty
+        captions, a task prompt) then costs one encode (SANA's prompts carry an
+        instruction of about a thousand tokens)."""
+        prompts = list(prompts)
+        distinct = list(dict.fromkeys(prompts))
+        if len(distinct) == len(prompts):
+            return self.encode(prompts, device)
+        rows = {p: i for i, p in enumerate(distinct)}
+        index = torch.tensor([rows[p] for p in prompts], device=device)
+        return self.encode(distinct, device)[index]
+
     def add_sizes(self, cond: Conditioning, sizes: ImageSizes) -> Conditioning:
         return cond
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .teachers.base import write_pipeline_folder
+from .teachers.sana import save_sana_folder
 from .teachers.sd import save_teacher_folder
 from .teachers.sd3 import save_sd3_folder
 
@@ -465,17 +466,6 @@ def write_tiny_sana_teacher(folder: str | Path, *, seed: int = 0, overwrite: boo
         return folder
     torch.manual_seed(seed)
     tokenizer, text_encoder = build_tiny_gemma_side()
-    parts = {
-        "transformer": SanaTransformer2DModel(**tiny_sana_transformer_config()),
-        "vae": AutoencoderDC(**tiny_sana_vae_config()),
-        "text_encoder": text_encoder, "tokenizer": tokenizer,
-    }  # fmt: skip
-    index = {
-        "_class_name": "SanaPipeline",
-        "transformer": ["diffusers", "SanaTransformer2DModel"],
-        "vae": ["diffusers", "AutoencoderDC"],
-        "text_encoder": ["transformers", "Gemma2Model"],
-        "tokenizer": ["transformers", "GemmaTokenizer"],
-        "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
-    }
-    return write_pipeline_folder(folder, parts, SANA_SCHEDULER, index)
+    transformer = SanaTransformer2DModel(**tiny_sana_transformer_config())
+    vae = AutoencoderDC(**tiny_sana_vae_config())
+    return save_sana_folder(folder, transformer, text_encoder, tokenizer, SANA_SCHEDULER, vae)

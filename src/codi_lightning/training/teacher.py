@@ -22,16 +22,13 @@ from ..diffusion import (
     to_x_eps,
     vp_view_of_flow,
 )
-from ..models import Conditioning, build_tiny_text_encoder, build_tiny_tokenizer, load_teacher
-from ..models.teachers import FAMILIES, family_of, family_of_network, read_model_index
-from ..models.teachers.sd import CLIPPromptEncoder
-from ..models.teachers.sd3 import SD3PromptEncoder
-from ..models.tiny import (
-    SD3_SCHEDULER,
-    SD_SCHEDULER,
-    TINY_SD3_JOINT_DIM,
-    TINY_SD3_T5_LENGTH,
-    build_tiny_sd3_text_side,
+from ..models import Conditioning, load_teacher
+from ..models.teachers import (
+    FAMILIES,
+    family_of,
+    family_of_network,
+    fresh_network,
+    read_model_index,
 )
 from .ddim import ode_sample
 from .frozen import SkipFrozenState
@@ -100,8 +97,6 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
         val_images: int = 8,
     ) -> None:
         super().__init__()
-        from diffusers import SD3Transformer2DModel, UNet2DConditionModel
-
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         check_teacher(
@@ -134,28 +129,20 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
                 )
             if (unet is None) == (transformer is None):
                 raise ValueError(
-                    "give model.unet (a UNet2DConditionModel config) or model.transformer (an "
-                    "SD3Transformer2DModel config), one of them, or model.init_from"
+                    "give model.unet (a UNet2DConditionModel config) or model.transformer (a "
+                    "flow transformer's config: SD3Transformer2DModel, or another class named by "
+                    "its _class_name key), one of them, or model.init_from"
                 )
+            kind = "unet" if transformer is None else "transformer"
+            self.unet = fresh_network(unet if transformer is None else transformer, kind)
+            self.family = family_of_network(self.unet)  # the layout export() writes
             with torch.random.fork_rng(devices=[]):  # frozen and not checkpointed: rebuild it
                 torch.manual_seed(0)  # identically on every rank and every load
-                if transformer is None:
-                    tokenizer = build_tiny_tokenizer()
-                    encoder = CLIPPromptEncoder(build_tiny_text_encoder(tokenizer), tokenizer)
-                else:
-                    tokenizers, encoders = build_tiny_sd3_text_side(text_tokens)
-                    encoder = SD3PromptEncoder(
-                        encoders, tokenizers, TINY_SD3_JOINT_DIM, text_tokens or TINY_SD3_T5_LENGTH
-                    )
+                encoder, self.scheduler_config = self.family.fresh(
+                    text_tokens, float(flow_shift), prediction_type
+                )
             self.text_encoder = encoder.requires_grad_(False).eval()
-            if transformer is None:
-                self.unet = UNet2DConditionModel(**unet)
-                self.scheduler_config = {**SD_SCHEDULER, "prediction_type": prediction_type}
-            else:
-                self.unet = SD3Transformer2DModel(**transformer)
-                self.scheduler_config = {**SD3_SCHEDULER, "shift": float(flow_shift)}
             self.vae, self.scaling_factor = None, 1.0
-            self.family = family_of_network(self.unet)  # the layout export() writes
         self.schedule = schedule_from_config(self.scheduler_config)
         self.velocity_unet = self.velocity_text = None
         if velocity_teacher is not None:
@@ -188,7 +175,7 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
         """``(z - x_T) / sigma``: the velocity teacher's estimate of ``E[eps - x | z]`` at
         the flow state ``z`` of noise level ``sigma`` ([B, 1, 1, 1], within its reach)."""
         t, a, b = vp_view_of_flow(self.velocity_schedule.alphas_cumprod, sigma)
-        text = self.velocity_text.encode(captions, z.device)
+        text = self.velocity_text.encode_distinct(captions, z.device)
         z_vp = (a + b) * z
         out = self.velocity_family.forward(self.velocity_unet, None, z_vp, t.view(-1), text, None)
         x_t = to_x_eps(out.float(), z_vp, a, b, self.velocity_schedule.prediction_type)[0]
@@ -203,7 +190,7 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
         return self
 
     def encode_text(self, captions: list[str]) -> Conditioning:
-        return self.text_encoder.encode(captions, self.device)
+        return self.text_encoder.encode_distinct(captions, self.device)
 
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:

@@ -62,7 +62,7 @@ class TeacherIO:
         """y for ``captions`` (SD: CLIP last hidden states [B, L, D]; SDXL: both encoders
         and the pooled embedding), with the conditions the family derives from ``sizes``
         (SDXL's ``time_ids``; none for SD)."""
-        text = self.text_encoder.encode(captions, self.device)
+        text = self.text_encoder.encode_distinct(captions, self.device)
         return text if sizes is None else self.text_encoder.add_sizes(text, sizes)
 
     def batch_conditioning(self, batch: dict[str, Any]) -> Conditioning:

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from . import flux, sana, sd, sd3, sdxl
 from .base import TeacherFamily
 
@@ -61,4 +63,34 @@ def family_of_network(network: Any) -> TeacherFamily:
     return FAMILIES["sd"]
 
 
-__all__ = ["FAMILIES", "TeacherFamily", "family_of", "family_of_network", "read_model_index"]
+# the class of a fresh teacher's network by the DiffusionTraining option that configures
+# it, when its config names none (``_class_name``)
+FRESH_DEFAULTS = {"unet": "UNet2DConditionModel", "transformer": "SD3Transformer2DModel"}
+
+
+def fresh_network(config: Mapping[str, Any], kind: str) -> nn.Module:
+    """A freshly initialised denoising network from its diffusers ``config``; its class is
+    the config's ``_class_name`` (as in a folder's ``config.json``), else the default of
+    ``kind`` (``unet`` or ``transformer``). Only the networks of families that build a
+    fresh teacher's other parts (``TeacherFamily.fresh``) are accepted."""
+    import diffusers
+
+    config = dict(config)
+    name = config.pop("_class_name", None) or FRESH_DEFAULTS[kind]
+    trainable = sorted({f.network[1] for f in FAMILIES.values() if f.fresh is not None})
+    if name not in trainable:
+        raise ValueError(
+            f"model.{kind}: a fresh teacher's network class {name!r} is not one this project "
+            f"trains from scratch; set its _class_name to one of: {', '.join(trainable)}"
+        )
+    return getattr(diffusers, name)(**config)
+
+
+__all__ = [
+    "FAMILIES",
+    "TeacherFamily",
+    "family_of",
+    "family_of_network",
+    "fresh_network",
+    "read_model_index",
+]

@@ -146,7 +146,12 @@ class TeacherFamily:
         export of ``export.exporter`` (``unet_export``).
     write_folder: ``(folder, network, prompt_encoder, scheduler_config, vae) -> folder``:
         parts written back in the family's diffusers layout (``DiffusionTraining``'s
-        teacher); None: not written by this project."""
+        teacher); None: not written by this project.
+    fresh: ``(text_tokens, flow_shift, prediction_type) -> (prompt_encoder,
+        scheduler_config)``: the small offline text side and the scheduler of a fresh
+        pixel-space teacher of this family (``DiffusionTraining``; ``text_tokens``: each
+        tokenizer's length, None for the family's default); None: this family's network
+        is not trained from scratch here."""
 
     name: str
     load_prompt_encoder: Callable[..., PromptEncoder]
@@ -168,6 +173,7 @@ class TeacherFamily:
     flow_export: FlowExport | None = None
     unet_export: UNetExport | None = None
     write_folder: Callable[..., Path] | None = None
+    fresh: Callable[[int | None, float, str], tuple[PromptEncoder, dict[str, Any]]] | None = None
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, TeacherFamily):

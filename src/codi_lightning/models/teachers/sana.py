@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..conditioning import Conditioning, PromptEncoder
-from .base import FlowExport, TeacherFamily, patch_multiple
+from .base import FlowExport, TeacherFamily, patch_multiple, write_pipeline_folder
 from .sd3 import adapter_layers
 
 TEXT_LENGTH = 300  # the Gemma sequence length of the stock SANA pipelines (max_sequence_length)
@@ -67,7 +68,7 @@ class SanaPromptEncoder(PromptEncoder):
         if self.instruction:
             head = "\n".join(self.instruction)
             prompts = [head + p for p in prompts]
-            total = len(self.tokenizer.encode(head)) + self.length - 2
+            total = len(self.tokenizer(head, verbose=False).input_ids) + self.length - 2
         self.tokenizer.padding_side = "right"
         tokens = self.tokenizer(
             prompts, padding="max_length", max_length=total, truncation=True,
@@ -158,6 +159,56 @@ def block_classes() -> set[type[nn.Module]]:
     return {sana_block_class(), SanaControlNetModel, SanaTransformer2DModel}
 
 
+def save_sana_folder(
+    folder: str | Path, transformer: nn.Module, text_encoder: nn.Module, tokenizer: Any,
+    scheduler_config: dict[str, Any], vae: nn.Module | None = None,
+) -> Path:  # fmt: skip
+    """Write a diffusers SANA folder (``model_index.json`` naming ``SanaPipeline``,
+    ``transformer/``, ``text_encoder/`` (Gemma 2), ``tokenizer/``, ``scheduler/`` and, when
+    given, ``vae/`` (AutoencoderDC); no VAE: a pixel-space teacher), which stock diffusers
+    loads."""
+    index = {
+        "_class_name": "SanaPipeline",
+        "transformer": ["diffusers", type(transformer).__name__],
+        "vae": ["diffusers", "AutoencoderDC"] if vae is not None else [None, None],
+        "text_encoder": ["transformers", type(text_encoder).__name__],
+        "tokenizer": ["transformers", type(tokenizer).__name__],
+        "scheduler": ["diffusers", scheduler_config["_class_name"]],
+    }
+    parts = {"transformer": transformer, "vae": vae, "text_encoder": text_encoder,
+             "tokenizer": tokenizer}  # fmt: skip
+    return write_pipeline_folder(folder, parts, scheduler_config, index)
+
+
+def write_folder(
+    folder: str | Path, transformer: nn.Module, prompt_encoder: SanaPromptEncoder,
+    scheduler_config: dict[str, Any], vae: nn.Module | None = None,
+) -> Path:  # fmt: skip
+    """:func:`save_sana_folder` of a transformer and its prompt encoder (the record's
+    ``write_folder``)."""
+    text = prompt_encoder
+    return save_sana_folder(folder, transformer, text.text_encoder, text.tokenizer,
+                            scheduler_config, vae)  # fmt: skip
+
+
+def fresh(
+    text_tokens: int | None, flow_shift: float, prediction_type: str
+) -> tuple[SanaPromptEncoder, dict[str, Any]]:
+    """A fresh pixel-space SANA teacher's text side (the tiny offline Gemma 2 of
+    ``models.tiny``, encoded as :func:`load_prompt_encoder` will read the folder back:
+    the stock instruction first; ``text_tokens``: the tokenizer's length, default the
+    pipelines' 300) and SANA's scheduler (DPM-Solver++ in flow mode) with sigma shift
+    ``flow_shift``; ``prediction_type`` is not used (the velocity)."""
+    from ..tiny import SANA_SCHEDULER, build_tiny_gemma_side
+
+    tokenizer, encoder = build_tiny_gemma_side()
+    length = TEXT_LENGTH
+    if text_tokens is not None:
+        tokenizer.model_max_length = length = min(TEXT_LENGTH, int(text_tokens))
+    prompt_encoder = SanaPromptEncoder(encoder, tokenizer, length, default_instruction())
+    return prompt_encoder, {**SANA_SCHEDULER, "flow_shift": float(flow_shift)}
+
+
 FAMILY = TeacherFamily(
     "sana",
     load_prompt_encoder,
@@ -173,6 +224,8 @@ FAMILY = TeacherFamily(
     fsdp_blocks=(),
     fsdp_block_classes=block_classes,
     vae="AutoencoderDC",
+    write_folder=write_folder,
+    fresh=fresh,
     flow_export=FlowExport(
         "SANA",
         "SanaControlNetModel",

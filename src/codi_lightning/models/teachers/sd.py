@@ -111,6 +111,21 @@ def write_folder(
     )
 
 
+def fresh(
+    text_tokens: int | None, flow_shift: float, prediction_type: str
+) -> tuple[CLIPPromptEncoder, dict[str, Any]]:
+    """A fresh pixel-space SD-layout teacher's text side (the tiny offline CLIP of
+    ``models.tiny``; ``text_tokens``: its tokenizer's length, default 77) and its DDPM
+    scheduler (SD's betas) with ``prediction_type``; ``flow_shift`` is not used."""
+    from ..tiny import SD_SCHEDULER, build_tiny_text_encoder, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    if text_tokens is not None:
+        tokenizer.model_max_length = int(text_tokens)
+    encoder = CLIPPromptEncoder(build_tiny_text_encoder(tokenizer), tokenizer)
+    return encoder, {**SD_SCHEDULER, "prediction_type": prediction_type}
+
+
 FAMILY = TeacherFamily(
     "sd",
     load_prompt_encoder,
@@ -121,4 +136,5 @@ FAMILY = TeacherFamily(
         assemble_pipeline,
     ),
     write_folder=write_folder,
+    fresh=fresh,
 )

@@ -220,6 +220,26 @@ def write_folder(
     return save_sd3_folder(folder, transformer, encoders, tokenizers, scheduler_config, vae)
 
 
+def fresh(
+    text_tokens: int | None, flow_shift: float, prediction_type: str
+) -> tuple[SD3PromptEncoder, dict[str, Any]]:
+    """A fresh pixel-space SD3-layout teacher's text side (the tiny offline CLIP-L /
+    CLIP-G / T5 of ``models.tiny``; ``text_tokens``: every tokenizer's length, default
+    CLIP 77 and T5 32) and its flow-matching scheduler with sigma shift ``flow_shift``
+    (the velocity is its prediction; ``prediction_type`` is not used)."""
+    from ..tiny import (
+        SD3_SCHEDULER,
+        TINY_SD3_JOINT_DIM,
+        TINY_SD3_T5_LENGTH,
+        build_tiny_sd3_text_side,
+    )
+
+    tokenizers, encoders = build_tiny_sd3_text_side(text_tokens)
+    length = text_tokens or TINY_SD3_T5_LENGTH
+    encoder = SD3PromptEncoder(encoders, tokenizers, TINY_SD3_JOINT_DIM, length)
+    return encoder, {**SD3_SCHEDULER, "shift": float(flow_shift)}
+
+
 FAMILY = TeacherFamily(
     "sd3",
     load_prompt_encoder,
@@ -235,6 +255,7 @@ FAMILY = TeacherFamily(
     fsdp_blocks=(),
     fsdp_block_classes=block_classes,
     write_folder=write_folder,
+    fresh=fresh,
     flow_export=FlowExport(
         "SD3 family",
         "SD3ControlNetModel",
