@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 from codi_lightning.diffusion import CoDiLossConfig, NoiseSchedule, codi_loss
-from codi_lightning.models.tiny import SD_SCHEDULER
+from codi_lightning.testing.tiny import SD_SCHEDULER
 
 # CLIP ViT-L/14's text tower (SD 1.x's text encoder)
 CLIP_L = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072,
@@ -107,7 +107,7 @@ def main() -> None:
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from codi_lightning.models.tiny import tiny_text_config, tiny_unet_config, tiny_vae_config
+    from codi_lightning.testing.tiny import tiny_text_config, tiny_unet_config, tiny_vae_config
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32

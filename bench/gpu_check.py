@@ -41,7 +41,7 @@ checkpointing; a configuration that does not fit is recorded as ``oom`` (SDXL fu
 holds ~76 GB of fp32 states alone on one card). FLOPs of one step are counted with
 torch.utils.flop_counter; MFU divides achieved FLOP/s by the card's dense bf16 peak.
 ``--tiny`` runs the same code on the tiny SD, SDXL, SD3, Flux and SANA networks
-(``codi_lightning.models.tiny``). The networks and adapters are built and called as the
+(``codi_lightning.testing.tiny``). The networks and adapters are built and called as the
 training module does, through the family records (``models.teachers``).
 """
 
@@ -66,7 +66,7 @@ from codi_lightning.diffusion import (
 )
 from codi_lightning.models import Conditioning
 from codi_lightning.models.teachers import FAMILIES, flux
-from codi_lightning.models.tiny import (
+from codi_lightning.testing.tiny import (
     FLUX_SCHEDULER,
     SANA_SCHEDULER,
     SD3_SCHEDULER,

@@ -25,7 +25,7 @@ MNIST digits in seconds). The run:
   and PE-CoDi + LoRA, three seeds, no learning curve; gates against the masked input
   itself;
 - with ``--flow``: the same CoDi-against-two-stage comparison (seed 0) for a rectified-flow
-  teacher, the SD3-style transformer of ``configs/digits/flow_teacher.yaml``
+  teacher, the SANA transformer of ``configs/digits/flow_teacher.yaml``
   (``configs/digits/flow_{distill,baseline}.yaml``; the baseline samples by the Euler
   method). ``--flow --only flow-baseline-s0 flow-codi-s0 flow-pe-codi-lora-s0`` adds it to a
   finished run.
@@ -94,7 +94,7 @@ METHOD_ARGS = {
 DISTILLED = ("codi", "pe-codi-lora", "pe-codi")  # the distilled methods, in report order
 # the flow-teacher block (``--flow``, seed 0): its runs are named "flow-<method>-s0"
 FLOW = "flow-"
-FLOW_METHODS = {"flow-baseline": "two-stage (SD3ControlNet + Euler)", "flow-codi": "CoDi",
+FLOW_METHODS = {"flow-baseline": "two-stage (ControlNet + Euler)", "flow-codi": "CoDi",
                 "flow-pe-codi-lora": METHODS["pe-codi-lora"]}  # fmt: skip
 # the inpainting block (``--inpaint``): its runs are named "inpaint-<method>-s<seed>"
 INPAINT = "inpaint-"
@@ -854,22 +854,23 @@ def image_grid(results: dict, out: Path, path: Path, rows: int = 10) -> None:
 
 
 def flow_teacher_facts() -> dict:
-    """Size and layout of the committed flow teacher, read from its folder."""
+    """Family, size and layout of the committed flow teacher, read from its folder."""
     from safetensors import safe_open
 
-    folder = FLOW_TEACHER_DIR / "transformer"
-    config = json.loads((folder / "config.json").read_text())
-    scheduler = json.loads((FLOW_TEACHER_DIR / "scheduler" / "scheduler_config.json").read_text())
+    from codi_lightning.models import load_teacher
+
+    parts = load_teacher(str(FLOW_TEACHER_DIR), pixel_space=True)
+    config, family = parts.unet.config, parts.family
     params = 0
-    for file in folder.glob("*.safetensors"):
+    for file in (FLOW_TEACHER_DIR / family.network[0]).glob("*.safetensors"):
         with safe_open(str(file), "pt") as f:
             params += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    clip = json.loads((FLOW_TEACHER_DIR / "tokenizer" / "tokenizer_config.json").read_text())
-    t5 = json.loads((FLOW_TEACHER_DIR / "tokenizer_3" / "tokenizer_config.json").read_text())
+    text = parts.prompt_encoder.encode([""], "cpu")
     return {"params_m": params / 1e6, "layers": config["num_layers"], "patch": config["patch_size"],
             "width": config["attention_head_dim"] * config["num_attention_heads"],
-            "shift": scheduler.get("shift", 1.0),
-            "text_tokens": clip["model_max_length"] + t5["model_max_length"]}  # fmt: skip
+            "shift": parts.scheduler_config.get("shift", 1.0), "family": family.name,
+            "network": family.network[1], "adapter": family.flow_export.adapter,
+            "text_tokens": text.hidden_states.shape[1]}  # fmt: skip
 
 
 def flow_gates(results: dict) -> dict:
@@ -910,11 +911,11 @@ def flow_section(results: dict, plan: Plan) -> str:
     return f"""## A rectified-flow teacher (seed 0)
 
 The same task, budget ({steps} training steps) and metrics with a flow-matching teacher:
-a {t["params_m"]:.1f}M-parameter SD3-style transformer (`configs/digits/flow_teacher.yaml`:
-{t["layers"]} joint blocks of width {t["width"]} on {t["patch"]}x{t["patch"]} pixel patches,
+a {t["params_m"]:.1f}M-parameter `{t["network"]}` (`configs/digits/flow_teacher.yaml`:
+{t["layers"]} blocks of width {t["width"]} on {t["patch"]}x{t["patch"]} pixel patches,
 {t["text_tokens"]} text tokens, velocity loss, sigma shift {t["shift"]:g}; committed, its
-command in that config), loaded as the SD3 family. Every method trains an
-`SD3ControlNetModel` of {t["layers"] // 2} of its blocks (CoDi also a copy of the
+command in that config), loaded as the {t["family"]} family. Every method trains a
+`{t["adapter"]}` of {t["layers"] // 2} of its blocks (CoDi also a copy of the
 transformer, PE-CoDi a rank-{LORA_RANK} LoRA of the frozen one),
 `configs/digits/flow_{{distill,baseline}}.yaml`; the two-stage model samples by the Euler
 method (the flow counterpart of DDIM) at trailing timesteps.
@@ -1179,6 +1180,22 @@ CoDi 1 | CoDi 2 | CoDi 4 | ground truth.
 """
 
 
+def flow_report(results: dict, plan: Plan) -> str:
+    """docs/results_flow.md: the flow block on its own (``--flow``; with ``--only`` its
+    three runs added to any results), with the time its runs took."""
+    runs = [results["runs"][f"{m}-s0"] for m in FLOW_METHODS]
+    minutes = sum(r["fit_seconds"] + r["test_seconds"] for r in runs) / 60
+    machine = f"{platform.machine()} CPU ({os.cpu_count()} cores), torch {torch.__version__}"
+    return f"""# Results: the few-step claim with a rectified-flow teacher (CPU)
+
+Written by `bench/quality.py --flow` (`make bench-quality FLOW=1`) on {machine},
+{time.strftime("%Y-%m-%d")}; its three runs took {minutes:.1f} minutes of one thread each
+(two at a time). The task, metrics and gates are those of [results.md](results.md); the
+teacher and why it is this one: [results_digits.md](results_digits.md), "The flow teacher".
+
+{flow_section(results, plan)}"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1273,6 +1290,9 @@ def main() -> None:
             "machine": f"{platform.machine()} CPU ({os.cpu_count()} cores), torch {torch.__version__}",
         }
     results_file.write_text(json.dumps(results, indent=2))
+    if plan.flow and not plan.inpaint and flow_section(results, plan):
+        (docs / "results_flow.md").write_text(flow_report(results, plan))
+        print(f"wrote {docs / 'results_flow.md'}")
     main_plan = Plan.quick() if args.quick else Plan()
     main_plan.flow, main_plan.ablations = plan.flow, plan.ablations
     main_plan.adapter_only = plan.adapter_only

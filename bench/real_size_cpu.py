@@ -60,7 +60,7 @@ def write_teacher(folder: Path) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from codi_lightning.models.tiny import SD_SCHEDULER, build_tiny_tokenizer, save_teacher_folder
+    from codi_lightning.testing.tiny import SD_SCHEDULER, build_tiny_tokenizer, save_teacher_folder
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # SD 1.5's config

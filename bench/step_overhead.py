@@ -48,7 +48,7 @@ def prepare(folder: Path) -> dict[str, str]:
     """The tiny SD teacher folder and shards of generated pictures (once)."""
     from codi_lightning.data import write_cached_shards, write_shards
     from codi_lightning.demo import write_image_folder
-    from codi_lightning.models import write_tiny_teacher
+    from codi_lightning.testing.tiny import write_tiny_teacher
 
     folder.mkdir(parents=True, exist_ok=True)
     teacher = write_tiny_teacher(folder / "teacher")

@@ -57,7 +57,7 @@ def one_run(size: int, tiled: bool, teacher: str) -> dict:
 
 
 def memory(sizes: list[int]) -> list[dict]:
-    from codi_lightning.models import write_tiny_teacher
+    from codi_lightning.testing.tiny import write_tiny_teacher
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

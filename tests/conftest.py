@@ -24,14 +24,14 @@ def _reset_torch_state():
 
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory) -> Path:
-    from codi_lightning.models import write_tiny_teacher
+    from codi_lightning.testing.tiny import write_tiny_teacher
 
     return write_tiny_teacher(tmp_path_factory.mktemp("teacher") / "tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_pixel_teacher(tmp_path_factory) -> Path:
-    from codi_lightning.models import write_tiny_teacher
+    from codi_lightning.testing.tiny import write_tiny_teacher
 
     return write_tiny_teacher(
         tmp_path_factory.mktemp("teacher") / "tiny_pixel",
@@ -42,28 +42,28 @@ def tiny_pixel_teacher(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_teacher(tmp_path_factory) -> Path:
-    from codi_lightning.models import write_tiny_sdxl_teacher
+    from codi_lightning.testing.tiny import write_tiny_sdxl_teacher
 
     return write_tiny_sdxl_teacher(tmp_path_factory.mktemp("teacher") / "tiny_sdxl")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd3_teacher(tmp_path_factory) -> Path:
-    from codi_lightning.models import write_tiny_sd3_teacher
+    from codi_lightning.testing.tiny import write_tiny_sd3_teacher
 
     return write_tiny_sd3_teacher(tmp_path_factory.mktemp("teacher") / "tiny_sd3")
 
 
 @pytest.fixture(scope="session")
 def tiny_flux_teacher(tmp_path_factory) -> Path:
-    from codi_lightning.models import write_tiny_flux_teacher
+    from codi_lightning.testing.tiny import write_tiny_flux_teacher
 
     return write_tiny_flux_teacher(tmp_path_factory.mktemp("teacher") / "tiny_flux")
 
 
 @pytest.fixture(scope="session")
 def tiny_sana_teacher(tmp_path_factory) -> Path:
-    from codi_lightning.models import write_tiny_sana_teacher
+    from codi_lightning.testing.tiny import write_tiny_sana_teacher
 
     return write_tiny_sana_teacher(tmp_path_factory.mktemp("teacher") / "tiny_sana")
 

@@ -63,6 +63,8 @@ def test_quick_bench_writes_a_report_from_its_runs(tmp_path):
     assert f"{b50:.2f}" in text  # the report quotes the run's numbers
     flow50 = results["runs"]["flow-baseline-s0"]["results"]["50"]["fid"]
     assert "## A rectified-flow teacher" in text and f"{flow50:.2f}" in text
+    flow_text = (tmp_path / "results_flow.md").read_text()  # the flow block on its own
+    assert "## A rectified-flow teacher" in flow_text and f"{flow50:.2f}" in flow_text
     flow4 = results["runs"]["flow-baseline-s0"]["results"]["4"]["fid"]
     assert f"{flow4 / flow50 - 1:+.0%}" in text  # the flow testbed's G2, computed from its runs
     assert "not run" not in text

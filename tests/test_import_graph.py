@@ -93,3 +93,15 @@ def test_the_cycle_finder_finds_a_deferred_import_circle(tmp_path):
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(graph) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_product_code_does_not_import_the_test_fixtures():
+    """``codi_lightning.testing`` (tiny teacher folders) is for tests and benchmarks: no
+    other module of the package imports it, deferred imports included."""
+    fixtures = "codi_lightning.testing"
+    importers = {
+        name: sorted(e for e in edges if e == fixtures or e.startswith(fixtures + "."))
+        for name, edges in package_graph().items()
+        if not (name == fixtures or name.startswith(fixtures + "."))
+    }
+    assert {name: found for name, found in importers.items() if found} == {}

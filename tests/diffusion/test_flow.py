@@ -19,7 +19,7 @@ from codi_lightning.diffusion import (
     to_output,
     to_x_eps,
 )
-from codi_lightning.models.tiny import SD_SCHEDULER
+from codi_lightning.testing.tiny import SD_SCHEDULER
 
 
 @pytest.fixture
@@ -221,7 +221,7 @@ def test_the_vp_view_of_a_flow_state_has_its_noise_level():
     a^2 + b^2 = 1, at a fractional timestep between the integer ones that bracket it;
     levels a VP schedule never reaches are refused."""
     from codi_lightning.diffusion import NoiseSchedule, vp_view_of_flow
-    from codi_lightning.models.tiny import SD_SCHEDULER
+    from codi_lightning.testing.tiny import SD_SCHEDULER
 
     abar = NoiseSchedule.from_config(SD_SCHEDULER).alphas_cumprod
     sigma = torch.tensor([0.1, 0.5, 0.77, 0.9]).double()

@@ -315,7 +315,7 @@ def test_load_from_checkpoint_in_a_fresh_process(pe_export):
 @pytest.fixture(scope="module")
 def sdxl_exports(tmp_path_factory):
     """PE-CoDi and full CoDi checkpoints on the tiny SDXL teacher, exported (EMA weights)."""
-    from codi_lightning.models import write_tiny_sdxl_teacher
+    from codi_lightning.testing.tiny import write_tiny_sdxl_teacher
 
     root = tmp_path_factory.mktemp("sdxl")
     teacher = write_tiny_sdxl_teacher(root / "tiny_sdxl")
@@ -342,7 +342,7 @@ def test_stock_sdxl_controlnet_pipeline_matches_our_sampler(sdxl_exports, method
         StableDiffusionXLControlNetPipeline,
     )
 
-    from codi_lightning.models.tiny import TINY_SDXL_POOLED, TINY_SDXL_TEXT_WIDTHS
+    from codi_lightning.testing.tiny import TINY_SDXL_POOLED, TINY_SDXL_TEXT_WIDTHS
 
     teacher, exports = sdxl_exports
     m, out = exports[method]
@@ -434,7 +434,7 @@ def test_a_checkpoint_without_its_base_model_names_the_option(tmp_path, tiny_tea
     with pytest.raises(CheckpointError, match="records no model.pretrained.*--pretrained"):
         export_checkpoint(str(ckpt), str(tmp_path / "a"))
     pixel = tmp_path / "pixel"
-    from codi_lightning.models import write_tiny_teacher
+    from codi_lightning.testing.tiny import write_tiny_teacher
 
     write_tiny_teacher(pixel, pixel_space=True)
     with pytest.raises(CheckpointError, match="has no VAE.*--pretrained"):

@@ -87,7 +87,7 @@ def test_stock_sdxl_pipeline_loads_the_lora(tmp_path):
     and ``scheduler/`` (LCMScheduler) reproduces the module's stochastic sampler."""
     from diffusers import LCMScheduler
 
-    from codi_lightning.models import write_tiny_sdxl_teacher
+    from codi_lightning.testing.tiny import write_tiny_sdxl_teacher
 
     teacher = write_tiny_sdxl_teacher(tmp_path / "tiny_sdxl")
     m = write_checkpoint(teacher, tmp_path / "x.ckpt", scale=0.05, lora_rank=2)

@@ -107,7 +107,7 @@ def test_lpips_with_local_backbone_weights(tmp_path):
 def _tiny_clip(folder):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from codi_lightning.models import build_tiny_tokenizer
+    from codi_lightning.testing.tiny import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     config = CLIPConfig(

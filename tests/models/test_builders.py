@@ -6,11 +6,11 @@ import torch
 from codi_lightning.models import (
     adapter_cond_channels,
     build_adapter,
-    build_tiny_tokenizer,
     check_condition_downsampling,
     check_resolution,
     load_teacher,
 )
+from codi_lightning.testing.tiny import build_tiny_tokenizer
 
 
 def test_tiny_folder_is_a_diffusers_folder(tiny_teacher):

@@ -12,7 +12,7 @@ from helpers import check_adapter_reads_the_condition, check_step_and_sampling, 
 from codi_lightning.diffusion import FlowSchedule
 from codi_lightning.models import load_teacher
 from codi_lightning.models.teachers import flux
-from codi_lightning.models.tiny import TINY_SD3_JOINT_DIM, TINY_SD3_T5_LENGTH
+from codi_lightning.testing.tiny import TINY_SD3_JOINT_DIM, TINY_SD3_T5_LENGTH
 from codi_lightning.training import CoDiDistillation
 
 

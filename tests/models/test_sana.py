@@ -11,7 +11,7 @@ from helpers import check_adapter_reads_the_condition, check_step_and_sampling, 
 
 from codi_lightning.diffusion import FlowSchedule
 from codi_lightning.models import load_teacher
-from codi_lightning.models.tiny import TINY_SANA_TEXT_DIM
+from codi_lightning.testing.tiny import TINY_SANA_TEXT_DIM
 from codi_lightning.training import CoDiDistillation
 
 
@@ -185,7 +185,7 @@ def test_sana_1_5_and_sprint_transformers_are_refused_naming_why():
     from diffusers import SanaTransformer2DModel
 
     from codi_lightning.models.teachers import sana
-    from codi_lightning.models.tiny import tiny_sana_transformer_config
+    from codi_lightning.testing.tiny import tiny_sana_transformer_config
 
     for extra in ({"qk_norm": "rms_norm_across_heads"}, {"guidance_embeds": True}):
         network = SanaTransformer2DModel(**tiny_sana_transformer_config(), **extra)

@@ -7,7 +7,7 @@ import torch
 from helpers import make_batch
 
 from codi_lightning.models import Conditioning, ImageSizes, load_teacher
-from codi_lightning.models.tiny import (
+from codi_lightning.testing.tiny import (
     TINY_SDXL_POOLED,
     TINY_SDXL_TEXT_WIDTHS,
     tiny_vae_config,

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from codi_lightning.diffusion import NoiseSchedule
 from codi_lightning.models import load_teacher
-from codi_lightning.models.tiny import SD_SCHEDULER, tiny_unet_config
+from codi_lightning.testing.tiny import SD_SCHEDULER, tiny_unet_config
 from codi_lightning.training import CoDiDistillation, ControlNetBaseline, DiffusionTraining
 from codi_lightning.training.ddim import ddim_sample
 
@@ -45,6 +45,29 @@ def test_teacher_trains_and_exports_a_loadable_folder(tmp_path):
     student = CoDiDistillation(str(out), pixel_space=True, num_grid=10)
     loss, _ = student.compute_loss(batch, torch.Generator().manual_seed(0))
     assert torch.isfinite(loss)
+
+
+def test_adapting_a_latent_teacher_trains_validates_and_writes_its_vae_back(tmp_path, tiny_teacher):
+    """``init_from`` a teacher with a VAE: the loss runs on VAE latents (the teacher I/O
+    the distillation uses), the validation grid decodes its samples, and the folder
+    written back holds the frozen VAE unchanged and the trained network."""
+    out = tmp_path / "adapted"
+    m = DiffusionTraining(str(out), init_from=str(tiny_teacher), pixel_space=False,
+                          val_steps=2, val_images=2)  # fmt: skip
+    batch = make_batch(batch=2, resolution=32)
+    assert m.batch_latents(batch, None).shape == (2, 4, 8, 8)  # the tiny VAE's 4x
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, limit_val_batches=1)  # fmt: skip
+    loader = DataLoader([batch], batch_size=None)
+    trainer.fit(m, train_dataloaders=loader, val_dataloaders=loader)
+    assert trainer.callback_metrics["val/loss"].isfinite()
+    assert (tmp_path / "samples" / "step_0000001.png").is_file()
+    parts, original = load_teacher(str(out)), load_teacher(str(tiny_teacher))
+    for a, b in zip(parts.vae.parameters(), original.vae.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(parts.unet.parameters(), m.ema_unet.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_fresh_teacher_needs_pixel_space(tmp_path):
@@ -94,7 +117,7 @@ def test_flow_transformer_teacher_trains_exports_and_distils(tmp_path):
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     from codi_lightning.diffusion import FlowSchedule
-    from codi_lightning.models.tiny import tiny_sd3_transformer_config
+    from codi_lightning.testing.tiny import tiny_sd3_transformer_config
 
     out = tmp_path / "flow_teacher"
     config = {**tiny_sd3_transformer_config(), "in_channels": 3, "out_channels": 3}
@@ -150,7 +173,7 @@ def test_a_fresh_flow_teachers_short_text_side_is_written_and_read_back(tmp_path
     2 x text_tokens text tokens (CLIP's, then T5's)."""
     from diffusers import StableDiffusion3Pipeline
 
-    from codi_lightning.models.tiny import tiny_sd3_transformer_config
+    from codi_lightning.testing.tiny import tiny_sd3_transformer_config
 
     config = {**tiny_sd3_transformer_config(), "in_channels": 3, "out_channels": 3}
     m = DiffusionTraining(str(tmp_path / "unused"), transformer=config, text_tokens=6)
@@ -175,7 +198,7 @@ def test_a_fresh_sana_teacher_trains_exports_and_distils(tmp_path):
 
     from codi_lightning.diffusion import FlowSchedule
     from codi_lightning.models.teachers.sana import default_instruction
-    from codi_lightning.models.tiny import tiny_sana_transformer_config
+    from codi_lightning.testing.tiny import tiny_sana_transformer_config
 
     config = {**tiny_sana_transformer_config(), "in_channels": 3, "out_channels": 3,
               "sample_size": 16, "_class_name": "SanaTransformer2DModel"}  # fmt: skip
@@ -226,8 +249,7 @@ def test_a_velocity_teacher_sets_the_flow_target_where_it_reaches(
     outside the VP noise levels it is the data target eps - x."""
     from diffusers import DDPMScheduler
 
-    from codi_lightning.models import write_tiny_teacher
-    from codi_lightning.models.tiny import tiny_sd3_transformer_config
+    from codi_lightning.testing.tiny import tiny_sd3_transformer_config, write_tiny_teacher
 
     vp = write_tiny_teacher(tmp_path / "vp", pixel_space=True, prediction_type=prediction_type)
     config = {**tiny_sd3_transformer_config(), "in_channels": 3, "out_channels": 3}

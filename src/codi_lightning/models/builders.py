@@ -102,7 +102,7 @@ def load_teacher(
             f"{subfolder!r}). Give a "
             "hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5' with network access "
             "or the path of a local diffusers folder; `codi-lightning` tests use "
-            "`codi_lightning.models.write_tiny_teacher` to make one."
+            "`codi_lightning.testing.tiny.write_tiny_teacher` to make one."
         ) from err
     channels = int(unet.config.in_channels)
     pixels = 3 * family.packed_channels  # Flux packs 2x2 patches

@@ -33,11 +33,13 @@ from ..models.teachers import (
 from .ddim import ode_sample
 from .frozen import SkipFrozenState
 from .optim import optimizers_for
-from .run import check_float_pixels, logs_this_step, run_dir
+from .randomness import RankRandomness
+from .run import logs_this_step, run_dir
+from .teacher_io import TeacherIO
 from .visualize import save_grid
 
 
-class DiffusionTraining(SkipFrozenState, L.LightningModule):
+class DiffusionTraining(TeacherIO, RankRandomness, SkipFrozenState, L.LightningModule):
     """Train a text-conditional UNet (or an SD3-style transformer) with the ordinary
     diffusion loss and write it as a diffusers teacher folder (EMA weights) that the
     distillation configs point at.
@@ -50,17 +52,18 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
         pixel_space: the network works on images in [-1, 1] (no VAE).
         prediction_type: ``epsilon`` or ``v_prediction`` (fresh UNets only).
         unet: UNet2DConditionModel config of a fresh VP model (SD layout, one tiny CLIP).
-        transformer: SD3Transformer2DModel config of a fresh rectified-flow model (SD3
-            layout, the tiny CLIP-L / CLIP-G / T5 stand-ins of ``models.tiny``): velocity
-            targets, timesteps drawn uniformly on the shifted sigma table, validation
-            samples by the Euler method.
+        transformer: the diffusers config of a fresh rectified-flow transformer, of the
+            class its ``_class_name`` names (default ``SD3Transformer2DModel``; also
+            ``SanaTransformer2DModel``), written in its family's layout with the family's
+            tiny offline text side (``TeacherFamily.fresh``): velocity targets, timesteps
+            drawn uniformly on the shifted sigma table, validation samples by the Euler
+            method.
         flow_shift: the sigma shift of a fresh flow model (SD3 uses 3.0 at 1024 px;
             smaller images want less).
-        text_tokens: the token length of each tokenizer of a fresh flow model (default:
-            CLIP 77 and T5 32, 109 text tokens). Every joint block runs the text tokens
-            through attention and MLPs as it does the image's, so a short text (8: 16
-            tokens) makes a small model's steps about twice as fast (docs/results_digits.md,
-            "The flow teacher").
+        text_tokens: the token length of each tokenizer of a fresh model (default: its
+            family's). Where the text tokens go through every block as the image's do
+            (joint attention), a short text (8 a tokenizer) makes a small model's steps
+            about twice as fast (docs/results_digits.md, "The flow teacher").
         velocity_teacher: a trained VP teacher folder (a UNet of the same pixel space,
             e.g. ``bench/assets/digits_teacher``) whose clean-image estimate ``x_T`` sets a
             fresh flow model's target where its noise levels reach: ``v = (z - x_T) /
@@ -107,7 +110,7 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
         # recorded absolute: the checkpoint works from any working directory
         init_from = self.hparams["init_from"] = resolve_local_path(init_from)
         self.hparams["output_dir"] = resolve_local_path(output_dir, always_local=True)
-        self.shift_factor = 0.0
+        self.shift_factor, self.vae_upcast, self._empty_text = 0.0, False, None
         if init_from:
             family = family_of(read_model_index(init_from))
             if family.write_folder is None:  # what export() can write back
@@ -120,6 +123,7 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
             self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.prompt_encoder
             self.scheduler_config, self.family = parts.scheduler_config, parts.family
             self.scaling_factor, self.shift_factor = parts.scaling_factor, parts.shift_factor
+            self.vae_upcast = parts.vae_upcast
             self.unet.requires_grad_(True).train()
         else:
             if not pixel_space:
@@ -189,28 +193,16 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
                 frozen.eval()
         return self
 
-    def encode_text(self, captions: list[str]) -> Conditioning:
-        return self.text_encoder.encode_distinct(captions, self.device)
-
-    @torch.no_grad()
-    def encode_images(self, images: Tensor) -> Tensor:
-        check_float_pixels(images, "image")
-        if self.vae is None:
-            return images.float()
-        sample = self.vae.encode(images).latent_dist.sample()
-        return (sample - self.shift_factor) * self.scaling_factor
-
     def network(self, unet: torch.nn.Module, text: Conditioning):
-        """``(z, t) -> F(z, t, y)``: the network alone, called its family's way and fed the
-        schedule's network timestep."""
-        forward = self.family.forward
-        return lambda z, t: forward(unet, None, z, self.schedule.model_timesteps(t), text, None)
+        """``(z, t) -> F(z, t, y)``: the network alone, called through the teacher I/O the
+        distillation uses (its family's call, the schedule's network timestep)."""
+        return lambda z, t: self._controlled(unet, None, z, t, text, None)
 
     def diffusion_loss(self, batch: dict[str, Any], data_target: bool = False) -> Tensor:
         """``|| F(z_t, t, y) - target ||^2`` with t uniform in [0, T) (flow: the velocity
         target at the shifted sigma of t; with a velocity teacher and not ``data_target``,
         the teacher's velocity where it reaches)."""
-        x = self.encode_images(batch["image"])
+        x = self.batch_latents(batch, None)
         text = self.encode_text(batch["caption"])
         noise = torch.randn_like(x)
         t = torch.randint(0, self.schedule.num_train_timesteps, (x.shape[0],), device=x.device)
@@ -265,12 +257,9 @@ class DiffusionTraining(SkipFrozenState, L.LightningModule):
             n = min(self.hparams.val_images, len(batch["image"]))
             text = self.encode_text(batch["caption"][:n])
             gen = torch.Generator(device=self.device).manual_seed(0)
-            shape = self.encode_images(batch["image"][:n]).shape
+            shape = self.batch_latents(batch, None)[:n].shape
             noise = torch.randn(shape, generator=gen, device=self.device)
-            out = self.sample(text, noise, self.hparams.val_steps)
-            if self.vae is not None:
-                out = self.vae.decode(out / self.scaling_factor + self.shift_factor).sample
-            images = ((out + 1) / 2).clamp(0, 1)
+            images = self.decode_latents(self.sample(text, noise, self.hparams.val_steps))
             if self.global_rank != 0 or batch.get("pad"):
                 return
             grid = save_grid(

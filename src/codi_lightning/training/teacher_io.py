@@ -22,7 +22,8 @@ from .run import check_float_pixels
 
 
 class TeacherIO:
-    """Calls of the teacher's parts, shared by the distillation and the baseline."""
+    """Calls of the teacher's parts, shared by the distillation, the baseline and
+    ``DiffusionTraining`` (and, through the family's ``forward``, ``CoDiPipeline``)."""
 
     def _controlled(
         self,

@@ -26,6 +26,37 @@ TEXT_LENGTH = 300  # the Gemma sequence length of the stock SANA pipelines (max_
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv_inverted", "conv_point")
 
 
+# SANA's scheduler as its folders ship it: DPM-Solver++ in flow mode, sigma shift 3
+SANA_SCHEDULER = {"_class_name": "DPMSolverMultistepScheduler", "num_train_timesteps": 1000,
+                  "prediction_type": "flow_prediction", "use_flow_sigmas": True,
+                  "flow_shift": 3.0, "algorithm_type": "dpmsolver++", "solver_order": 2}  # fmt: skip
+TINY_SANA_TEXT_DIM = 32  # the tiny Gemma 2's width = the transformer's caption_channels
+
+
+def build_tiny_gemma_side():
+    """An offline Gemma tokenizer (one token per printable ASCII character, byte fallback
+    for the rest, ``<bos>`` first as Gemma's) and a 2-layer Gemma 2 encoder of width
+    ``TINY_SANA_TEXT_DIM``."""
+    import string
+
+    from transformers import Gemma2Config, Gemma2Model, GemmaTokenizer
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    chars = ["\u2581", *string.ascii_letters, *string.digits, *string.punctuation]
+    tokens = specials + chars + [f"<0x{i:02X}>" for i in range(256)]
+    tokenizer = GemmaTokenizer(
+        vocab={t: i for i, t in enumerate(tokens)}, merges=[], add_bos_token=True,
+        add_eos_token=False,
+    )  # fmt: skip
+    config = Gemma2Config(
+        vocab_size=len(tokens), hidden_size=TINY_SANA_TEXT_DIM, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        max_position_embeddings=2048, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        attn_implementation="eager",
+    )  # fmt: skip
+    return tokenizer, Gemma2Model(config)
+
+
 def default_instruction() -> list[str] | None:
     """The complex human instruction the stock ``SanaControlNetPipeline`` puts before
     every prompt by default (its ``complex_human_instruction``), read from diffusers."""
@@ -195,12 +226,10 @@ def fresh(
     text_tokens: int | None, flow_shift: float, prediction_type: str
 ) -> tuple[SanaPromptEncoder, dict[str, Any]]:
     """A fresh pixel-space SANA teacher's text side (the tiny offline Gemma 2 of
-    ``models.tiny``, encoded as :func:`load_prompt_encoder` will read the folder back:
+    :func:`build_tiny_gemma_side`, encoded as :func:`load_prompt_encoder` will read the folder back:
     the stock instruction first; ``text_tokens``: the tokenizer's length, default the
     pipelines' 300) and SANA's scheduler (DPM-Solver++ in flow mode) with sigma shift
     ``flow_shift``; ``prediction_type`` is not used (the velocity)."""
-    from ..tiny import SANA_SCHEDULER, build_tiny_gemma_side
-
     tokenizer, encoder = build_tiny_gemma_side()
     length = TEXT_LENGTH
     if text_tokens is not None:

@@ -12,6 +12,69 @@ from torch import Tensor, nn
 from ..conditioning import Conditioning, PromptEncoder, tokenize
 from .base import TeacherFamily, UNetExport, write_pipeline_folder
 
+# SD's scheduler as its folders ship it (DDPM betas); fresh teachers and the tiny folders
+SD_SCHEDULER = {
+    "_class_name": "DDPMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+
+def tiny_text_config(vocab_size: int) -> dict[str, Any]:
+    """CLIPTextModel with 2 layers of width 32."""
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 1,
+    }
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for raw bytes (GPT-2/CLIP scheme)."""
+    keep = list(range(ord("!"), ord("~") + 1))
+    keep += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def build_tiny_tokenizer():
+    """An offline CLIP tokenizer: byte-level characters, no merges (one token per byte).
+
+    Built with ``CLIPTokenizer(vocab=dict, merges=list)``: the fast tokenizer's
+    file-based constructor silently yields an empty vocabulary in transformers 5.
+    """
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in _byte_alphabet():
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def build_tiny_text_encoder(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(**tiny_text_config(len(tokenizer))))
+
 
 class CLIPPromptEncoder(PromptEncoder):
     """y = CLIP last hidden states [B, L, D]; no added conditions."""
@@ -115,10 +178,8 @@ def fresh(
     text_tokens: int | None, flow_shift: float, prediction_type: str
 ) -> tuple[CLIPPromptEncoder, dict[str, Any]]:
     """A fresh pixel-space SD-layout teacher's text side (the tiny offline CLIP of
-    ``models.tiny``; ``text_tokens``: its tokenizer's length, default 77) and its DDPM
+    :func:`build_tiny_tokenizer`; ``text_tokens``: its tokenizer's length, default 77) and its DDPM
     scheduler (SD's betas) with ``prediction_type``; ``flow_shift`` is not used."""
-    from ..tiny import SD_SCHEDULER, build_tiny_text_encoder, build_tiny_tokenizer
-
     tokenizer = build_tiny_tokenizer()
     if text_tokens is not None:
         tokenizer.model_max_length = int(text_tokens)

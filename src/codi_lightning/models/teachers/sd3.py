@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..conditioning import Conditioning, PromptEncoder, tokenize
 from ..lora import TRANSFORMER_LORA_TARGETS
 from .base import FlowExport, TeacherFamily, patch_multiple, write_pipeline_folder
+from .sd import build_tiny_tokenizer, tiny_text_config
 
 T5_LENGTH = 256  # the T5 sequence length of the stock SD3 pipelines (max_sequence_length)
 
@@ -63,6 +64,56 @@ class SD3PromptEncoder(PromptEncoder):
             t5 = self.text_encoder_3(ids.to(device))[0].to(clip.dtype)
         hidden = torch.cat([clip, t5], dim=-2)
         return Conditioning(hidden, {"pooled_projections": torch.cat(pooled, dim=-1)})
+
+
+# SD3's scheduler: rectified flow with sigmas shifted by 3 (FlowMatchEulerDiscreteScheduler)
+SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+                 "shift": 3.0}  # fmt: skip
+TINY_SD3_JOINT_DIM = 96  # T5 width = joint_attention_dim; the CLIP features (80) are padded to it
+TINY_SD3_T5_LENGTH = 32  # T5 tokens (SD3 pipelines: 256)
+
+
+TINY_CLIP_G_PROJECTION = 40  # the tiny CLIP-G stand-in's projection (pooled) width
+
+
+def build_tiny_t5_tokenizer():
+    """An offline T5 tokenizer: a unigram vocabulary of single characters (with and
+    without the word-start mark), T5's pad / eos / unk ids 0 / 1 / 2."""
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    for ch in map(chr, range(ord("!"), ord("~") + 1)):  # printable ASCII
+        vocab += [(ch, -3.0), ("\u2581" + ch, -3.5)]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=TINY_SD3_T5_LENGTH)
+
+
+def build_tiny_sd3_text_encoders(tokenizer, tokenizer_2, tokenizer_3):
+    """CLIP-L and CLIP-G stand-ins (CLIPTextModelWithProjection, widths 32 and 48,
+    projections 32 and 40) and a one-layer T5 encoder of width ``TINY_SD3_JOINT_DIM``."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    encoders = []
+    for tok, width, proj in ((tokenizer, 32, 32), (tokenizer_2, 48, TINY_CLIP_G_PROJECTION)):
+        config = {**tiny_text_config(len(tok)), "hidden_size": width,
+                  "intermediate_size": 2 * width, "projection_dim": proj}  # fmt: skip
+        encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**config)))
+    t5 = T5Config(
+        vocab_size=len(tokenizer_3), d_model=TINY_SD3_JOINT_DIM, d_kv=16, d_ff=128,
+        num_layers=1, num_heads=4, relative_attention_num_buckets=8,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    return (*encoders, T5EncoderModel(t5))
+
+
+def build_tiny_sd3_text_side(text_tokens: int | None = None):
+    """The three tiny tokenizers and text encoders of :func:`write_tiny_sd3_teacher`;
+    ``text_tokens``: every tokenizer's length (default: CLIP 77, T5
+    ``TINY_SD3_T5_LENGTH``), which the loaders and stock pipelines read back."""
+    tokenizers = build_tiny_tokenizer(), build_tiny_tokenizer(), build_tiny_t5_tokenizer()
+    if text_tokens is not None:
+        for tokenizer in tokenizers:
+            tokenizer.model_max_length = int(text_tokens)
+    return tokenizers, build_tiny_sd3_text_encoders(*tokenizers)
 
 
 def load_prompt_encoder(
@@ -224,16 +275,9 @@ def fresh(
     text_tokens: int | None, flow_shift: float, prediction_type: str
 ) -> tuple[SD3PromptEncoder, dict[str, Any]]:
     """A fresh pixel-space SD3-layout teacher's text side (the tiny offline CLIP-L /
-    CLIP-G / T5 of ``models.tiny``; ``text_tokens``: every tokenizer's length, default
+    CLIP-G / T5 of :func:`build_tiny_sd3_text_side`; ``text_tokens``: every tokenizer's length, default
     CLIP 77 and T5 32) and its flow-matching scheduler with sigma shift ``flow_shift``
     (the velocity is its prediction; ``prediction_type`` is not used)."""
-    from ..tiny import (
-        SD3_SCHEDULER,
-        TINY_SD3_JOINT_DIM,
-        TINY_SD3_T5_LENGTH,
-        build_tiny_sd3_text_side,
-    )
-
     tokenizers, encoders = build_tiny_sd3_text_side(text_tokens)
     length = text_tokens or TINY_SD3_T5_LENGTH
     encoder = SD3PromptEncoder(encoders, tokenizers, TINY_SD3_JOINT_DIM, length)

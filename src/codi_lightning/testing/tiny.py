@@ -1,9 +1,10 @@
-"""Named tiny configurations and writers for tiny diffusers teacher folders (SD, SDXL).
+"""Tiny teacher folders for tests and benchmarks: named tiny network configurations and
+writers of randomly initialised teachers in each family's diffusers layout, so tests go
+through the same ``from_pretrained`` path users take with a real model.
 
-The tiny teacher has the same layout as a Stable Diffusion folder (``unet/``, ``vae/``,
-``text_encoder/``, ``tokenizer/``, ``scheduler/``), so tests and the demo go through the
-same ``from_pretrained`` path users take with a real model. Weights are random unless a
-trained teacher is written over them.
+The small offline text sides (tokenizers and text encoders) live with their families in
+``models/teachers`` (fresh pixel-space teachers use them too) and are re-exported here.
+Nothing outside this package imports it.
 """
 
 from __future__ import annotations
@@ -13,24 +14,50 @@ from typing import Any
 
 import torch
 
-from .teachers.base import write_pipeline_folder
-from .teachers.sana import save_sana_folder
-from .teachers.sd import save_teacher_folder
-from .teachers.sd3 import save_sd3_folder
+from ..models.teachers.base import write_pipeline_folder
+from ..models.teachers.sana import (
+    SANA_SCHEDULER,
+    TINY_SANA_TEXT_DIM,
+    build_tiny_gemma_side,
+    save_sana_folder,
+)
+from ..models.teachers.sd import (
+    SD_SCHEDULER,
+    build_tiny_text_encoder,
+    build_tiny_tokenizer,
+    save_teacher_folder,
+    tiny_text_config,
+)
+from ..models.teachers.sd3 import (
+    SD3_SCHEDULER,
+    TINY_CLIP_G_PROJECTION,
+    TINY_SD3_JOINT_DIM,
+    TINY_SD3_T5_LENGTH,
+    build_tiny_sd3_text_encoders,
+    build_tiny_sd3_text_side,
+    build_tiny_t5_tokenizer,
+    save_sd3_folder,
+)
 
-__all__ = ["save_sd3_folder", "save_teacher_folder", "write_pipeline_folder"]  # re-exported
-
-SD_SCHEDULER = {
-    "_class_name": "DDPMScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-}
+__all__ = [  # re-exported from the families
+    "SANA_SCHEDULER",
+    "SD3_SCHEDULER",
+    "SD_SCHEDULER",
+    "TINY_SANA_TEXT_DIM",
+    "TINY_SD3_JOINT_DIM",
+    "TINY_SD3_T5_LENGTH",
+    "build_tiny_gemma_side",
+    "build_tiny_sd3_text_encoders",
+    "build_tiny_sd3_text_side",
+    "build_tiny_t5_tokenizer",
+    "build_tiny_text_encoder",
+    "build_tiny_tokenizer",
+    "save_sana_folder",
+    "save_sd3_folder",
+    "save_teacher_folder",
+    "tiny_text_config",
+    "write_pipeline_folder",
+]
 
 
 def tiny_unet_config(in_channels: int = 4, cross_attention_dim: int = 32) -> dict[str, Any]:
@@ -63,56 +90,6 @@ def tiny_vae_config() -> dict[str, Any]:
         "norm_num_groups": 8,
         "sample_size": 32,
     }
-
-
-def tiny_text_config(vocab_size: int) -> dict[str, Any]:
-    """CLIPTextModel with 2 layers of width 32."""
-    return {
-        "vocab_size": vocab_size,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "max_position_embeddings": 77,
-        "bos_token_id": 0,
-        "eos_token_id": 1,
-        "pad_token_id": 1,
-    }
-
-
-def _byte_alphabet() -> list[str]:
-    """The 256 printable stand-ins byte-level BPE uses for raw bytes (GPT-2/CLIP scheme)."""
-    keep = list(range(ord("!"), ord("~") + 1))
-    keep += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = [], 0
-    for b in range(256):
-        if b in keep:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
-
-
-def build_tiny_tokenizer():
-    """An offline CLIP tokenizer: byte-level characters, no merges (one token per byte).
-
-    Built with ``CLIPTokenizer(vocab=dict, merges=list)``: the fast tokenizer's
-    file-based constructor silently yields an empty vocabulary in transformers 5.
-    """
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in _byte_alphabet():
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault(ch + "</w>", len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-
-
-def build_tiny_text_encoder(tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    return CLIPTextModel(CLIPTextConfig(**tiny_text_config(len(tokenizer))))
 
 
 def write_tiny_teacher(
@@ -152,7 +129,7 @@ SDXL_SCHEDULER = {
     "sample_max_value": 1.0,
 }
 TINY_SDXL_TEXT_WIDTHS = (32, 48)  # CLIP-L and CLIP-G stand-ins: y has 80 features
-TINY_SDXL_POOLED = 40  # projection_dim of the second encoder (text_embeds)
+TINY_SDXL_POOLED = TINY_CLIP_G_PROJECTION  # projection_dim of the second encoder (text_embeds)
 TINY_SDXL_TIME_EMBED = 8  # addition_time_embed_dim, per entry of time_ids
 
 
@@ -219,13 +196,6 @@ def write_tiny_sdxl_teacher(folder: str | Path, *, seed: int = 0, overwrite: boo
     return write_pipeline_folder(folder, parts, SDXL_SCHEDULER, index)
 
 
-# SD3's scheduler: rectified flow with sigmas shifted by 3 (FlowMatchEulerDiscreteScheduler)
-SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
-                 "shift": 3.0}  # fmt: skip
-TINY_SD3_JOINT_DIM = 96  # T5 width = joint_attention_dim; the CLIP features (80) are padded to it
-TINY_SD3_T5_LENGTH = 32  # T5 tokens (SD3 pipelines: 256)
-
-
 def tiny_sd3_transformer_config() -> dict[str, Any]:
     """SD3Transformer2DModel: 2 joint blocks of width 32 (4 heads of 8) on 16-channel
     latents in 2x2 patches; the pooled text is CLIP-L's and CLIP-G's projections (32 + 40)."""
@@ -254,46 +224,6 @@ def tiny_sd3_vae_config() -> dict[str, Any]:
         "use_quant_conv": False,
         "use_post_quant_conv": False,
     }
-
-
-def build_tiny_t5_tokenizer():
-    """An offline T5 tokenizer: a unigram vocabulary of single characters (with and
-    without the word-start mark), T5's pad / eos / unk ids 0 / 1 / 2."""
-    from transformers import T5Tokenizer
-
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    for ch in map(chr, range(ord("!"), ord("~") + 1)):  # printable ASCII
-        vocab += [(ch, -3.0), ("\u2581" + ch, -3.5)]
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=TINY_SD3_T5_LENGTH)
-
-
-def build_tiny_sd3_text_encoders(tokenizer, tokenizer_2, tokenizer_3):
-    """CLIP-L and CLIP-G stand-ins (CLIPTextModelWithProjection, widths 32 and 48,
-    projections 32 and 40) and a one-layer T5 encoder of width ``TINY_SD3_JOINT_DIM``."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
-    encoders = []
-    for tok, width, proj in ((tokenizer, 32, 32), (tokenizer_2, 48, TINY_SDXL_POOLED)):
-        config = {**tiny_text_config(len(tok)), "hidden_size": width,
-                  "intermediate_size": 2 * width, "projection_dim": proj}  # fmt: skip
-        encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**config)))
-    t5 = T5Config(
-        vocab_size=len(tokenizer_3), d_model=TINY_SD3_JOINT_DIM, d_kv=16, d_ff=128,
-        num_layers=1, num_heads=4, relative_attention_num_buckets=8,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-    )  # fmt: skip
-    return (*encoders, T5EncoderModel(t5))
-
-
-def build_tiny_sd3_text_side(text_tokens: int | None = None):
-    """The three tiny tokenizers and text encoders of :func:`write_tiny_sd3_teacher`;
-    ``text_tokens``: every tokenizer's length (default: CLIP 77, T5
-    ``TINY_SD3_T5_LENGTH``), which the loaders and stock pipelines read back."""
-    tokenizers = build_tiny_tokenizer(), build_tiny_tokenizer(), build_tiny_t5_tokenizer()
-    if text_tokens is not None:
-        for tokenizer in tokenizers:
-            tokenizer.model_max_length = int(text_tokens)
-    return tokenizers, build_tiny_sd3_text_encoders(*tokenizers)
 
 
 def write_tiny_sd3_teacher(folder: str | Path, *, seed: int = 0, overwrite: bool = False) -> Path:
@@ -380,13 +310,6 @@ def write_tiny_flux_teacher(folder: str | Path, *, seed: int = 0, overwrite: boo
     return write_pipeline_folder(folder, parts, FLUX_SCHEDULER, index)
 
 
-# SANA's scheduler as its folders ship it: DPM-Solver++ in flow mode, sigma shift 3
-SANA_SCHEDULER = {"_class_name": "DPMSolverMultistepScheduler", "num_train_timesteps": 1000,
-                  "prediction_type": "flow_prediction", "use_flow_sigmas": True,
-                  "flow_shift": 3.0, "algorithm_type": "dpmsolver++", "solver_order": 2}  # fmt: skip
-TINY_SANA_TEXT_DIM = 32  # the tiny Gemma 2's width = the transformer's caption_channels
-
-
 def tiny_sana_transformer_config() -> dict[str, Any]:
     """SanaTransformer2DModel: 2 blocks of width 32 (2 heads of 16; cross-attention of the
     same width, as the caption projection requires) on 8-channel latents, 1x1 patches."""
@@ -428,30 +351,6 @@ def tiny_sana_vae_config() -> dict[str, Any]:
         "decoder_act_fns": "silu",
         "scaling_factor": 0.41407,
     }
-
-
-def build_tiny_gemma_side():
-    """An offline Gemma tokenizer (one token per printable ASCII character, byte fallback
-    for the rest, ``<bos>`` first as Gemma's) and a 2-layer Gemma 2 encoder of width
-    ``TINY_SANA_TEXT_DIM``."""
-    import string
-
-    from transformers import Gemma2Config, Gemma2Model, GemmaTokenizer
-
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
-    chars = ["\u2581", *string.ascii_letters, *string.digits, *string.punctuation]
-    tokens = specials + chars + [f"<0x{i:02X}>" for i in range(256)]
-    tokenizer = GemmaTokenizer(
-        vocab={t: i for i, t in enumerate(tokens)}, merges=[], add_bos_token=True,
-        add_eos_token=False,
-    )  # fmt: skip
-    config = Gemma2Config(
-        vocab_size=len(tokens), hidden_size=TINY_SANA_TEXT_DIM, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-        max_position_embeddings=2048, pad_token_id=0, eos_token_id=1, bos_token_id=2,
-        attn_implementation="eager",
-    )  # fmt: skip
-    return tokenizer, Gemma2Model(config)
 
 
 def write_tiny_sana_teacher(folder: str | Path, *, seed: int = 0, overwrite: bool = False) -> Path:

@@ -1,0 +1,2 @@
+"""Fixtures for tests and benchmarks (tiny teacher folders); product code does not
+import this package."""
