@@ -128,6 +128,20 @@ SDXL_SCHEDULER = {
     "use_karras_sigmas": False,
     "sample_max_value": 1.0,
 }
+# model_index.json of an SDXL folder (StableDiffusionXLPipeline)
+SDXL_INDEX = {
+    "_class_name": "StableDiffusionXLPipeline",
+    "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    "image_encoder": [None, None],
+    "feature_extractor": [None, None],
+    "force_zeros_for_empty_prompt": True,
+}
 TINY_SDXL_TEXT_WIDTHS = (32, 48)  # CLIP-L and CLIP-G stand-ins: y has 80 features
 TINY_SDXL_POOLED = TINY_CLIP_G_PROJECTION  # projection_dim of the second encoder (text_embeds)
 TINY_SDXL_TIME_EMBED = 8  # addition_time_embed_dim, per entry of time_ids
@@ -180,20 +194,7 @@ def write_tiny_sdxl_teacher(folder: str | Path, *, seed: int = 0, overwrite: boo
         "tokenizer": tokenizer, "tokenizer_2": tokenizer_2, "text_encoder": text_encoder,
         "text_encoder_2": text_encoder_2, "unet": unet, "vae": vae,
     }  # fmt: skip
-    index = {
-        "_class_name": "StableDiffusionXLPipeline",
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-        "image_encoder": [None, None],
-        "feature_extractor": [None, None],
-        "force_zeros_for_empty_prompt": True,
-    }
-    return write_pipeline_folder(folder, parts, SDXL_SCHEDULER, index)
+    return write_pipeline_folder(folder, parts, SDXL_SCHEDULER, SDXL_INDEX)
 
 
 def tiny_sd3_transformer_config() -> dict[str, Any]:

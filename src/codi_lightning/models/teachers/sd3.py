@@ -256,6 +256,9 @@ def save_sd3_folder(
         "image_encoder": [None, None],
         "feature_extractor": [None, None],
     }
+    for name, part in parts.items():  # e.g. no T5 (SD3 allows it)
+        if part is None and name != "vae":
+            index[name] = [None, None]
     return write_pipeline_folder(folder, parts, config, index)
 
 
