@@ -3,13 +3,15 @@ export, no training step (docs/performance.md has the arithmetic: a PE-CoDi step
 either needs about 32-41 GB).
 
     python bench/real_size_large.py sdxl        # ~10-20 min on 2 cores, ~20 GB of disk
-    python bench/real_size_large.py sd35m       # SD3.5-medium size, without T5
+    python bench/real_size_large.py sd35m       # SD3.5-medium size, T5 cut to 1 layer
     python bench/real_size_large.py sdxl --docs # and write docs/performance.md's block
 
 For each teacher: a diffusers folder of the published network config (random weights,
 saved in bf16), its real CLIP-L / CLIP-bigG text towers (the tiny byte-level tokenizer's
-vocabulary) and its VAE; SD3.5 medium without T5-XXL (SD3 allows it; T5 alone is 4.8B
-parameters). Then, each step timed with its peak memory:
+vocabulary) and its VAE; SD3.5 medium's T5-XXL cut to 1 of its 24 layers (its width,
+heads and gated feed-forward; the whole of it is 4.8B parameters, 9.5 GB in bf16), so the
+stock pipeline loads the folder as it loads SD3.5's. Then, each step timed with its peak
+memory:
 
 - ``sample``: its config (``configs/<family>_sr.yaml``: PE-CoDi, frozen parts in bf16)
   built by the CLI's own parser (``CoDiCLI(run=False)``), a validation pass (the loss and
@@ -58,12 +60,19 @@ def clip_g_config(vocab: int) -> dict:
 def write_teacher(family: str, folder: Path) -> dict:
     """The folder (bf16 weights) and its parameter counts (millions)."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+    )
 
     from codi_lightning.testing.tiny import (
         SD3_SCHEDULER,
         SDXL_INDEX,
         SDXL_SCHEDULER,
+        build_tiny_t5_tokenizer,
         build_tiny_tokenizer,
         save_sd3_folder,
         write_pipeline_folder,
@@ -82,7 +91,15 @@ def write_teacher(family: str, folder: Path) -> dict:
         vae = AutoencoderKL(**sd_vae_config() | {
             "latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609,
             "use_quant_conv": False, "use_post_quant_conv": False})  # fmt: skip
+        tokenizer_3 = build_tiny_t5_tokenizer()
+        tokenizer_3.model_max_length = 256  # the SD3 pipelines' T5 length
+        t5 = T5EncoderModel(T5Config(
+            vocab_size=len(tokenizer_3), d_model=4096, d_kv=64, d_ff=10240, num_layers=1,
+            num_heads=64, feed_forward_proj="gated-gelu", decoder_start_token_id=0,
+            pad_token_id=0, eos_token_id=1))  # T5-XXL's layer, once  # fmt: skip
     parts = {"network": network, "vae": vae, "text_encoder": clip_l, "text_encoder_2": clip_g}
+    if family == "sd35m":
+        parts["text_encoder_3"] = t5
     counts = {k: sum(p.numel() for p in m.parameters()) / 1e6 for k, m in parts.items()}
     for module in parts.values():
         module.to(torch.bfloat16)
@@ -91,7 +108,7 @@ def write_teacher(family: str, folder: Path) -> dict:
                  "tokenizer": tokenizer, "tokenizer_2": tokenizer_2}  # fmt: skip
         write_pipeline_folder(folder, saved, SDXL_SCHEDULER, SDXL_INDEX)
     else:
-        save_sd3_folder(folder, network, (clip_l, clip_g, None), (tokenizer, tokenizer_2, None),
+        save_sd3_folder(folder, network, (clip_l, clip_g, t5), (tokenizer, tokenizer_2, tokenizer_3),
                         SD3_SCHEDULER, vae)  # fmt: skip
     return counts
 
@@ -207,10 +224,11 @@ def main() -> None:
 def write_docs(family: str, results: dict, path: Path) -> None:
     """This family's row in the table between ``path``'s markers (rows of other families
     kept)."""
-    names = {"sdxl": "SDXL base", "sd35m": "SD3.5 medium (no T5)"}
+    names = {"sdxl": "SDXL base", "sd35m": "SD3.5 medium (T5: 1 of 24 layers)"}
     p, s, e, k = results["params_m"], results["sample"], results["export"], results["stock"]
     row = (f"| {names[family]} | {p['network']:.1f}M + VAE {p['vae']:.1f}M + text "
-           f"{p['text_encoder'] + p['text_encoder_2']:.1f}M ({results['teacher_gb']:.1f} GB) | "
+           f"{sum(v for k, v in p.items() if k.startswith('text')):.1f}M "
+           f"({results['teacher_gb']:.1f} GB) | "
            f"{s['seconds']:.0f} s, {s['peak_rss_gb']:.1f} GB, checkpoint "
            f"{s['checkpoint_gb']:.1f} GB | {e['seconds']:.0f} s, {e['peak_rss_gb']:.1f} GB, "
            f"{e['export_gb']:.1f} GB | {k['seconds']:.0f} s, {k['peak_rss_gb']:.1f} GB |")  # fmt: skip

@@ -54,6 +54,36 @@ def test_the_text_side_matches_the_stock_pipeline(tiny_sd3):
     torch.testing.assert_close(y.added["pooled_projections"][1:], neg_pooled)
 
 
+def test_a_folder_written_without_t5_loads_without_it_here_and_in_stock_diffusers(tmp_path):
+    """``save_sd3_folder`` with no T5 (SD3 allows it): the index names none, and our
+    loader encodes as the stock pipeline loaded without T5 does (zeros in its place)."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from codi_lightning.testing.tiny import (
+        SD3_SCHEDULER,
+        build_tiny_sd3_text_side,
+        save_sd3_folder,
+        tiny_sd3_transformer_config,
+    )
+
+    tokenizers, encoders = build_tiny_sd3_text_side()
+    pixels = {**tiny_sd3_transformer_config(), "in_channels": 3, "out_channels": 3}
+    transformer = SD3Transformer2DModel(**pixels)
+    folder = save_sd3_folder(tmp_path / "no_t5", transformer, (*encoders[:2], None),
+                             (*tokenizers[:2], None), SD3_SCHEDULER)  # fmt: skip
+    index = StableDiffusion3Pipeline.load_config(str(folder))
+    assert index["text_encoder_3"] == [None, None] and index["tokenizer_3"] == [None, None]
+    y = load_teacher(str(folder), pixel_space=True).prompt_encoder.encode(["a 7"], "cpu")
+    pipe = StableDiffusion3Pipeline.from_pretrained(  # as users load SD3 without T5
+        str(folder), vae=None, text_encoder_3=None, tokenizer_3=None
+    )
+    seq, _, pooled, _ = pipe.encode_prompt("a 7", None, None, device="cpu",
+                                           do_classifier_free_guidance=False)  # fmt: skip
+    assert seq.shape[1] == 77 + 256  # the pipeline's default T5 length, zeros
+    torch.testing.assert_close(y.hidden_states, seq)
+    torch.testing.assert_close(y.added["pooled_projections"], pooled)
+
+
 def test_the_adapter_is_from_transformer_without_touching_the_teacher(tiny_sd3, sd3_module):
     from diffusers import SD3ControlNetModel, SD3Transformer2DModel
 
