@@ -1077,6 +1077,7 @@ plot and image below comes from this run; how the testbed was chosen and why (th
 of the testbeds tried, the classifier, the teacher) is in
 [results_digits.md](results_digits.md); the earlier experiment on photo patches, where
 the baseline had no few-step gap, is the second panel, [results_photos.md](results_photos.md).
+The same claim with a rectified-flow (SANA) teacher, `make bench-quality FLOW=1`: [results_flow.md](results_flow.md).
 
 **Task.** {sr_factor()}x super-resolution of 32x32 handwritten digits (a
 {32 // sr_factor()}x{32 // sr_factor()} input, bicubic up to 32x32 as the condition), pixel
@@ -1189,8 +1190,8 @@ def flow_report(results: dict, plan: Plan) -> str:
     return f"""# Results: the few-step claim with a rectified-flow teacher (CPU)
 
 Written by `bench/quality.py --flow` (`make bench-quality FLOW=1`) on {machine},
-{time.strftime("%Y-%m-%d")}; its three runs took {minutes:.1f} minutes of one thread each
-(two at a time). The task, metrics and gates are those of [results.md](results.md); the
+{time.strftime("%Y-%m-%d")}; its three runs took {minutes:.1f} minutes summed (one thread
+each, two at a time). The task, metrics and gates are those of [results.md](results.md); the
 teacher and why it is this one: [results_digits.md](results_digits.md), "The flow teacher".
 
 {flow_section(results, plan)}"""
