@@ -116,7 +116,7 @@ def write_teacher(family: str, folder: Path) -> dict:
 def run_config(family: str, teacher: Path, data: dict[str, str], run: Path) -> Path:
     """The family's GPU config with CPU settings, 64 px, batch 1, one validation image."""
     cfg = yaml.safe_load((ROOT / CONFIGS[family]).read_text())
-    cfg["trainer"].update(accelerator="cpu", devices=1, precision="32-true",
+    cfg["trainer"].update(accelerator="cpu", devices=1, precision="bf16-mixed",
                           default_root_dir=str(run), limit_val_batches=1,
                           enable_progress_bar=False)  # fmt: skip
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(run / "logs")
