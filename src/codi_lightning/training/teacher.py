@@ -40,7 +40,7 @@ from .visualize import save_grid
 
 
 class DiffusionTraining(TeacherIO, RankRandomness, SkipFrozenState, L.LightningModule):
-    """Train a text-conditional UNet (or an SD3-style transformer) with the ordinary
+    """Train a text-conditional UNet (or a flow transformer) with the ordinary
     diffusion loss and write it as a diffusers teacher folder (EMA weights) that the
     distillation configs point at.
 
