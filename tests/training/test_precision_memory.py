@@ -52,6 +52,44 @@ def test_frozen_parts_in_bf16_target_stays_fp32(tiny_teacher, lora_rank):
     assert all(p.grad is not None for p in trained if p.requires_grad)
 
 
+@pytest.mark.parametrize(
+    ("teacher", "method", "lora_rank"),
+    [
+        ("tiny_teacher", "pe-codi", 4),
+        ("tiny_teacher", "codi", 0),
+        ("tiny_sdxl_teacher", "pe-codi", 4),
+        ("tiny_sd3_teacher", "pe-codi", 4),
+        ("tiny_flux_teacher", "pe-codi", 4),
+        ("tiny_sana_teacher", "pe-codi", 4),
+    ],
+)
+def test_bf16_frozen_parts_load_in_bf16_and_sample_outside_a_trainer(
+    request, teacher, method, lora_rank
+):
+    """frozen_dtype=bf16 loads the frozen parts in bf16 (no fp32 copy is ever held: the
+    SDXL-size peak, docs/performance.md) while every trained weight and the EMA target
+    start fp32; a module built so samples with no trainer and no autocast (the
+    load_from_checkpoint / serve path), close to the fp32 module's samples."""
+    tiny_teacher = request.getfixturevalue(teacher)
+    # shift_resolution: Flux's schedule, set from the data in a trainer
+    kw = dict(method=method, lora_rank=lora_rank, num_grid=10, shift_resolution=32)
+    m = CoDiDistillation(str(tiny_teacher), frozen_dtype="bf16", **kw)
+    base = [p for n, p in m.unet.named_parameters() if ".lora_" not in n]
+    assert all(p.dtype == torch.bfloat16 for p in base)  # before configure_model
+    assert m.vae.dtype == m.text_encoder.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in m.trainable_parameters())
+    assert all(p.dtype == torch.float32 for p in m.target.parameters())
+    ref = CoDiDistillation(str(tiny_teacher), **kw)
+    cond = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for name, module in (("bf16", m), ("fp32", ref)):
+        out[name] = module.sample_images(
+            cond, ["a", "b"], 2, generator=torch.Generator().manual_seed(1)
+        )
+    assert out["bf16"].dtype == torch.float32
+    torch.testing.assert_close(out["bf16"], out["fp32"], atol=0.03, rtol=0)
+
+
 def test_auto_frozen_dtype_stays_fp32_on_cpu(tiny_teacher):
     m = CoDiDistillation(str(tiny_teacher), num_grid=10)
     m.trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False)
@@ -89,9 +127,9 @@ def test_compile_keeps_checkpoint_keys(tiny_teacher):
 
 
 def test_bf16_frozen_parts_without_a_bf16_precision_name_the_fix(tiny_teacher):
-    """frozen_dtype=bf16 under 32-true would feed fp32 inputs to a bf16 network with no
-    autocast (a dtype error deep in a forward): refused up front, naming both fixes
-    (found running bench/real_size_cpu.py's 2-process step with it)."""
+    """frozen_dtype=bf16 under 32-true (found running bench/real_size_cpu.py's 2-process
+    step with it; a dtype error deep in a forward then, bf16 compute now): refused up
+    front, naming both fixes."""
     m = CoDiDistillation(str(tiny_teacher), num_grid=10, frozen_dtype="bf16")
     m.trainer = L.Trainer(accelerator="cpu", precision="32-true", logger=False)
     with pytest.raises(ValueError, match="trainer.precision=bf16-mixed, or model.frozen_dtype"):

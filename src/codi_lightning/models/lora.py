@@ -114,6 +114,14 @@ class LowRankUpdate(nn.Module):
         weights = self.weights if weights is None else weights
         return {n: weights[_key(n)] for n in self.names}
 
+    @torch.no_grad()
+    def to_fp32(self) -> LowRankUpdate:
+        """The weights in fp32 in place (the network's own LoRA parameters, shared): the
+        master weights of a LoRA trained inside a bf16 network."""
+        for p in self.weights.values():
+            p.data = p.data.float()
+        return self
+
     def target_copy(self) -> nn.ParameterDict:
         """A detached copy of the weights: the EMA target's LoRA."""
         return nn.ParameterDict(

@@ -223,9 +223,12 @@ class CoDiDistillation(TeacherIO, GuardedUpdates, CheckedCheckpoints, Evaluation
         pretrained = self.hparams["pretrained"] = resolve_local_path(pretrained)
         check_teacher(vae_path, "--model.vae_path PATH")
         vae_path = self.hparams["vae_path"] = resolve_local_path(vae_path)
+        # frozen_dtype=bf16: the frozen parts load in bf16, so the fp32 ones are never
+        # held (SDXL: 22.6 GB at the peak otherwise; docs/performance.md); the trained
+        # copies below are made fp32 from them. ``auto`` decides in configure_model.
         parts = load_teacher(
             pretrained, revision=revision, variant=weights_variant, pixel_space=pixel_space,
-            vae_path=vae_path,
+            vae_path=vae_path, torch_dtype=torch.bfloat16 if frozen_dtype == "bf16" else None,
         )  # fmt: skip
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.prompt_encoder
         self.vae_scale, self.scaling_factor = parts.vae_scale, parts.scaling_factor
@@ -246,7 +249,7 @@ class CoDiDistillation(TeacherIO, GuardedUpdates, CheckedCheckpoints, Evaluation
             torch.manual_seed(seed)
             self.controlnet = build_family_adapter(
                 parts, adapter_cond_channels, adapter_condition_init, adapter_layers
-            )
+            ).float()
         self.controlnet.train()
         self.lora: LowRankUpdate | None = None
         if lora_rank:
@@ -255,10 +258,11 @@ class CoDiDistillation(TeacherIO, GuardedUpdates, CheckedCheckpoints, Evaluation
                 self.lora = LowRankUpdate(
                     self.unet, lora_rank, lora_targets or self.family.lora_targets, lora_alpha
                 )
+            self.lora.to_fp32()
             self.hparams["lora_targets"] = list(self.lora.targets)
         self.student_unet = None
         if method == "codi":
-            self.student_unet = copy.deepcopy(self.unet).requires_grad_(True).train()
+            self.student_unet = copy.deepcopy(self.unet).float().requires_grad_(True).train()
         target = {"controlnet": copy.deepcopy(self.controlnet)}
         if self.student_unet is not None:
             target["unet"] = copy.deepcopy(self.student_unet)
@@ -369,7 +373,8 @@ class CoDiDistillation(TeacherIO, GuardedUpdates, CheckedCheckpoints, Evaluation
             )
         on_cuda = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         if hp.frozen_dtype == "bf16" and self._trainer is not None and "bf16" not in precision:
-            # a bf16 network fed fp32 inputs with no autocast to match them fails deep inside
+            # bf16 frozen parts compute in bf16 (TeacherIO._controlled autocasts when no
+            # precision plugin does): a 32-true run would not be the fp32 run it says it is
             raise ValueError(
                 f"model.frozen_dtype=bf16 needs a bf16 precision, but trainer.precision="
                 f"{precision}: set trainer.precision=bf16-mixed, or model.frozen_dtype=fp32 "
@@ -383,9 +388,7 @@ class CoDiDistillation(TeacherIO, GuardedUpdates, CheckedCheckpoints, Evaluation
                 if m is not None:
                     m.to(torch.bfloat16)
             if self.lora is not None:  # trained inside the bf16 network: fp32 master weights
-                with torch.no_grad():
-                    for p in self.lora.parameters():
-                        p.data = p.data.float()
+                self.lora.to_fp32()
         fsdp1 = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
         if fsdp1 and self.lora is not None:
             raise ValueError(

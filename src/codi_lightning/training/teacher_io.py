@@ -37,10 +37,19 @@ class TeacherIO:
         """F(z_t, t, y, c): the network with the adapter's residuals (no adapter: the
         teacher), called the family's way (``models.teachers``) and fed the schedule's
         network timestep for the training timestep ``t`` (flow: ``1000 sigma_t``). ``cond``
-        is what :meth:`adapter_condition` made of the condition."""
-        return self.family.forward(
-            unet, controlnet, z, self.schedule.model_timesteps(t), text, cond
-        )
+        is what :meth:`adapter_condition` made of the condition.
+
+        Parts of mixed dtypes (bf16 frozen parts, ``frozen_dtype``, beside the fp32
+        adapter) called outside autocast (sampling from a loaded checkpoint, no trainer)
+        run under autocast to the lower precision, as ``bf16-mixed`` runs them in a
+        trainer; the output is then fp32."""
+        timestep = self.schedule.model_timesteps(t)
+        dtype = mixed_dtype(unet, controlnet, z, text)
+        if dtype is None or torch.is_autocast_enabled(z.device.type):
+            return self.family.forward(unet, controlnet, z, timestep, text, cond)
+        with torch.autocast(z.device.type, dtype=dtype):
+            out = self.family.forward(unet, controlnet, z, timestep, text, cond)
+        return out.float()
 
     @torch.no_grad()
     def adapter_condition(self, cond: Tensor) -> Tensor:
@@ -165,3 +174,19 @@ class TeacherIO:
                 latents = latents.float() / self.scaling_factor + self.shift_factor
                 latents = self.vae.decode(latents.to(self.vae.dtype)).sample
         return ((latents.float() + 1) / 2).clamp(0, 1)
+
+
+def mixed_dtype(
+    network: Any, adapter: nn.Module | None, z: Tensor, text: Conditioning
+) -> torch.dtype | None:
+    """The lowest-precision floating dtype among a call's network, adapter, latents and
+    text when they differ (e.g. bf16 frozen parts with an fp32 adapter), else None.
+    ``network`` may be a wrapper (``WithWeights``, ``WithoutLoRA``) that forwards
+    ``parameters``."""
+    dtypes = {z.dtype, text.hidden_states.dtype}
+    for module in (network, adapter):
+        if module is not None:
+            dtypes.add(next(iter(module.parameters())).dtype)
+    if len(dtypes) == 1:
+        return None
+    return min(dtypes, key=lambda d: torch.finfo(d).bits)
