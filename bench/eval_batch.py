@@ -27,7 +27,7 @@ def main() -> None:
     cli = CoDiCLI(args=["--config", args.config, "--trainer.logger", "false"], run=False)
     model = cli.model.eval()
     size = cli.datamodule.hparams.resolution
-    channels = model.unet.config.in_channels
+    channels = model.network.config.in_channels
     print(f"torch threads: {torch.get_num_threads()}")
     times: dict[int, list[float]] = {b: [] for b in args.batches}
     with torch.no_grad():

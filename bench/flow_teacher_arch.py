@@ -90,7 +90,7 @@ def main() -> None:
     @torch.no_grad()
     def teacher_velocity(z, sigma):
         t, a, b = vp_view_of_flow(schedule.alphas_cumprod, sigma)
-        out = teacher.family.forward(teacher.unet, None, (a + b) * z, t.view(-1), text, None)
+        out = teacher.family.forward(teacher.network, None, (a + b) * z, t.view(-1), text, None)
         x_t = to_x_eps(out.float(), (a + b) * z, a, b, schedule.prediction_type)[0]
         return (z - x_t) / sigma
 

@@ -41,10 +41,10 @@ def probe(folder: str, shards: str, train: str) -> list[dict]:
 
     def clean_estimate(z, sigma, text):
         if isinstance(schedule, FlowSchedule):  # fed 1000 sigma, as model_timesteps
-            v = parts.family.forward(parts.unet, None, z, 1000 * sigma.view(-1), text, None)
+            v = parts.family.forward(parts.network, None, z, 1000 * sigma.view(-1), text, None)
             return z - sigma * v
         t, a, b = vp_view_of_flow(schedule.alphas_cumprod, sigma)  # a VP teacher
-        out = parts.family.forward(parts.unet, None, (a + b) * z, t.view(-1), text, None)
+        out = parts.family.forward(parts.network, None, (a + b) * z, t.view(-1), text, None)
         return to_x_eps(out, (a + b) * z, a, b, schedule.prediction_type)[0]
 
     def digits(urls: str) -> torch.Tensor:

@@ -614,7 +614,7 @@ def trained_parameters(results: dict) -> dict[str, int]:
                            weights_only=True)["state_dict"]  # fmt: skip
         counts[method] = sum(
             v.numel() for k, v in state.items()
-            if k.startswith(("controlnet.", "lora.", "student_unet."))
+            if k.startswith(("controlnet.", "lora.", "student_network.", "student_unet."))  # new, old name
         )  # fmt: skip
     return counts
 
@@ -860,7 +860,7 @@ def flow_teacher_facts() -> dict:
     from codi_lightning.models import load_teacher
 
     parts = load_teacher(str(FLOW_TEACHER_DIR), pixel_space=True)
-    config, family = parts.unet.config, parts.family
+    config, family = parts.network.config, parts.family
     params = 0
     for file in (FLOW_TEACHER_DIR / family.network[0]).glob("*.safetensors"):
         with safe_open(str(file), "pt") as f:

@@ -98,7 +98,7 @@ def check_step_and_sampling(m, **sample_kw) -> None:
     loss.backward()
     trained = [p for mod in m.trainable_modules().values() for p in mod.parameters()]
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
-    assert all(p.grad is None for p in m.unet.parameters())  # the teacher stays frozen
+    assert all(p.grad is None for p in m.network.parameters())  # the teacher stays frozen
     images = m.sample_images(make_batch()["cond"], ["a", ""], 2, **sample_kw)
     assert images.shape == (2, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
 

@@ -19,14 +19,40 @@ import torch
 LIGHTNING_META = "meta.pt"  # Lightning's file of non-tensor state in a sharded folder
 CHECKSUMS = "checksums.json"  # CRC-32 and size of every file of a sharded folder
 # Where CoDiDistillation's trained weights sit in its state dict, online and EMA target:
-# its ``controlnet``, the full-CoDi copy of the network ``student_unet`` and the LoRA's
+# its ``controlnet``, the full-CoDi copy of the network ``student_network`` and the LoRA's
 # ``lora.weights``, and their ``target`` copies (tests/training/test_module.py checks
 # them against the module). Export reads checkpoints through this table alone.
 STATE_PREFIXES = {
     "adapter": {"online": "controlnet.", "target": "target.controlnet."},
-    "network": {"online": "student_unet.", "target": "target.unet."},
+    "network": {"online": "student_network.", "target": "target.network."},
     "lora": {"online": "lora.weights.", "target": "target.lora."},
 }
+# Prefixes of checkpoints written before the networks were named for what they hold
+# (a UNet or a transformer): CoDiDistillation's full-CoDi copy and its EMA target,
+# DiffusionTraining's network and EMA network. Loading and reading rename them.
+LEGACY_PREFIXES = {
+    "student_unet.": "student_network.",
+    "target.unet.": "target.network.",
+    "ema_unet.": "ema_network.",
+    "unet.": "network.",
+}
+
+
+def legacy_keys(keys: Iterable[str]) -> list[str]:
+    """The keys among ``keys`` that start with a :data:`LEGACY_PREFIXES` prefix."""
+    return [k for k in keys if k.startswith(tuple(LEGACY_PREFIXES))]
+
+
+def renamed_legacy_keys(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with its :data:`LEGACY_PREFIXES` keys under their current names (the
+    same dict when there are none; order kept)."""
+    if not legacy_keys(state):
+        return state
+    out = {}
+    for key, value in state.items():
+        old = next((p for p in LEGACY_PREFIXES if key.startswith(p)), None)
+        out[key if old is None else LEGACY_PREFIXES[old] + key[len(old) :]] = value
+    return out
 
 
 class CheckpointError(ValueError):
@@ -255,6 +281,30 @@ def _safe_bytes(planner_class: type) -> type:
     return SafeBytes
 
 
+def state_keys(path: str | Path) -> list[str]:
+    """The model state's key names of a checkpoint file or sharded folder, no tensor read
+    (a file is memory-mapped; a folder's ``.metadata`` read by the safe reader)."""
+    path = Path(path)
+    if is_sharded(path):
+        metadata = _safe_reader(path).read_metadata()
+        tag = "state_dict."
+        return [k[len(tag) :] for k in metadata.state_dict_metadata if k.startswith(tag)]
+    return list(checkpoint_metadata(path).get("state_dict", {}))
+
+
+def check_current_keys(path: str | Path) -> None:
+    """Raise :class:`CheckpointError` for a checkpoint whose weights carry the names of
+    :data:`LEGACY_PREFIXES`, where they cannot be renamed on the way in (FSDP2 loads a
+    checkpoint by the module's own key names)."""
+    old = legacy_keys(state_keys(path))
+    if old:
+        raise CheckpointError(
+            f"{path}: written before the networks' renaming (keys such as {old[0]!r}): "
+            "FSDP2 cannot resume it; resume it with DDP or one process, or export it "
+            "(codi-lightning export reads it)"
+        )
+
+
 def verify_sharded(path: str | Path) -> None:
     """A distributed-checkpoint folder read without running anything a stranger could
     have written: its ``.metadata`` through an allowlist of torch's metadata classes, each
@@ -319,9 +369,10 @@ def _load_sharded(path: Path) -> dict[str, Any]:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint as one dict on the CPU: ``state_dict``, ``optimizer_states``,
-    ``hyper_parameters``, ``global_step``... A sharded folder is gathered in memory
-    (the whole model must fit in CPU memory)."""
+    """The checkpoint as one dict on the CPU: ``state_dict`` (older key names renamed,
+    :data:`LEGACY_PREFIXES`), ``optimizer_states``, ``hyper_parameters``,
+    ``global_step``... A sharded folder is gathered in memory (the whole model must fit
+    in CPU memory)."""
     path = check_checkpoint(path)
     if is_sharded(path):
         checkpoint = _load_sharded(path)
@@ -331,8 +382,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         )
         if optimizer_keys:
             checkpoint["optimizer_states"] = [checkpoint.pop(k) for k in optimizer_keys]
-        return checkpoint
-    return torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint["state_dict"] = renamed_legacy_keys(checkpoint["state_dict"])
+    return checkpoint
 
 
 def checkpoint_metadata(path: str | Path) -> dict[str, Any]:

@@ -64,7 +64,7 @@ def test_cached_batches_give_the_loss_of_the_raw_images(shards, tiny_teacher):
 
     model.empty_text(1)  # the empty prompt is encoded once per run, cached or not
     model.vae.encode = refuse
-    model.text_encoder.text_encoder.forward = refuse
+    model.prompt_encoder.text_encoder.forward = refuse
     torch.testing.assert_close(_loss(model, cached), expected, rtol=1e-5, atol=1e-7)
 
 

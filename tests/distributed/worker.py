@@ -85,7 +85,7 @@ def train(args: argparse.Namespace) -> None:
         if kwargs.get("added_cond_kwargs"):  # SDXL
             time_ids.append(kwargs["added_cond_kwargs"]["time_ids"].tolist())
 
-    module.unet.register_forward_pre_hook(record_time_ids, with_kwargs=True)
+    module.network.register_forward_pre_hook(record_time_ids, with_kwargs=True)
     recorder = Recorder()
     trainer = L.Trainer(
         accelerator="cpu", devices=world, num_nodes=1, strategy=strategy, max_steps=args.max_steps,

@@ -95,7 +95,7 @@ def test_full_codi_exports_the_unet(tiny_teacher, tmp_path, capsys):
     m = _checkpoint(tiny_teacher, tmp_path / "codi.ckpt", method="codi")
     capsys.readouterr()
     out = export_checkpoint(str(tmp_path / "codi.ckpt"), str(tmp_path / "export"))
-    assert _same(m.target["unet"], out / "unet")
+    assert _same(m.target["network"], out / "unet")
     assert _same(m.target["controlnet"], out / "controlnet")
     # one line on success: where, which weights, which schedulers
     (line,) = capsys.readouterr().out.splitlines()
@@ -348,7 +348,7 @@ def test_stock_sdxl_controlnet_pipeline_matches_our_sampler(sdxl_exports, method
     m, out = exports[method]
     assert (out / "unet").is_dir() == (method == "codi")
     if method == "codi":
-        assert _same(m.target["unet"], out / "unet")
+        assert _same(m.target["network"], out / "unet")
     assert _same(m.target["controlnet"], out / "controlnet")
     cond = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     card = (out / "README.md").read_text()

@@ -32,7 +32,7 @@ FAMILIES = {
 
 def _text_length(m) -> int:
     """The sequence length the module's prompt encoder reads (T5's; SANA: Gemma's)."""
-    encoder = m.text_encoder
+    encoder = m.prompt_encoder
     return encoder.length if hasattr(encoder, "length") else encoder.t5_length
 
 
@@ -60,7 +60,10 @@ def test_layout_and_weights(codi_export, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [
         "README.md", "controlnet", "scheduler", "scheduler_deterministic", "transformer",
     ]  # fmt: skip
-    for name, module in (("controlnet", m.target["controlnet"]), ("transformer", m.target["unet"])):
+    for name, module in (
+        ("controlnet", m.target["controlnet"]),
+        ("transformer", m.target["network"]),
+    ):
         saved = load_file(next((out / name).glob("*.safetensors")))
         own = module.state_dict()
         assert set(saved) == set(own) and all(torch.equal(saved[k], own[k]) for k in own)

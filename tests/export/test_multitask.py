@@ -39,11 +39,11 @@ def test_switching_tasks_on_one_base_gives_each_tasks_own_images(task_exports, t
     assert not torch.equal(alone["sr"], alone["plain"])
 
     pipe = CoDiPipeline.from_exported(str(task_exports["sr"]), str(tiny_teacher), task="sr")
-    unet = pipe.parts.unet
+    unet = pipe.parts.network
     base_weights = {n: p.detach().clone() for n, p in unet.named_parameters() if "lora" not in n}
     pipe.load_task("inpaint", str(task_exports["inpaint"]))
     pipe.load_task("plain", str(task_exports["plain"]))
-    assert pipe.task == "sr" and pipe.parts.unet is unet  # loaded, not switched, not reloaded
+    assert pipe.task == "sr" and pipe.parts.network is unet  # loaded, not switched, not reloaded
     for name in ["sr", "inpaint", "plain", "sr", "plain", "inpaint", "sr"]:
         pipe.use_task(name)
         assert torch.equal(images(pipe), alone[name]), name

@@ -21,14 +21,14 @@ def test_tiny_folder_is_a_diffusers_folder(tiny_teacher):
     parts = load_teacher(str(tiny_teacher))
     assert parts.vae is not None and parts.vae_scale == 4
     assert parts.scheduler_config["prediction_type"] == "epsilon"
-    assert all(not p.requires_grad for p in parts.unet.parameters())
-    assert not parts.unet.training
+    assert all(not p.requires_grad for p in parts.network.parameters())
+    assert not parts.network.training
 
 
 def test_pixel_space_teacher_has_no_vae(tiny_pixel_teacher):
     parts = load_teacher(str(tiny_pixel_teacher), pixel_space=True)
     assert parts.vae is None and parts.vae_scale == 1 and parts.scaling_factor == 1.0
-    assert parts.unet.config.in_channels == 3
+    assert parts.network.config.in_channels == 3
     assert parts.scheduler_config["prediction_type"] == "v_prediction"
 
 
@@ -53,15 +53,15 @@ def test_adapter_starts_as_the_teacher(tiny_teacher, condition_init):
     """Zero output convolutions: at step 0 the adapted UNet equals the pretrained one,
     whichever way the condition embedder starts."""
     parts = load_teacher(str(tiny_teacher))
-    adapter = build_adapter(parts.unet, parts.vae_scale, condition_init=condition_init)
+    adapter = build_adapter(parts.network, parts.vae_scale, condition_init=condition_init)
     z = torch.randn(2, 4, 8, 8)
     t = torch.tensor([10, 900])
     text = torch.randn(2, 77, 32)
     cond = torch.rand(2, 3, 32, 32)
     down, mid = adapter(z, t, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False)
     with torch.no_grad():
-        plain = parts.unet(z, t, encoder_hidden_states=text).sample
-        adapted = parts.unet(
+        plain = parts.network(z, t, encoder_hidden_states=text).sample
+        adapted = parts.network(
             z, t, encoder_hidden_states=text,
             down_block_additional_residuals=down, mid_block_additional_residual=mid,
         ).sample  # fmt: skip
@@ -90,8 +90,11 @@ def test_random_condition_init_lets_the_condition_reach_the_first_gradient(tiny_
     c1, c2 = torch.zeros(2, 3, 32, 32), torch.ones(2, 3, 32, 32)
     for init, differs in (("zero", False), ("random", True)):
         torch.manual_seed(0)
-        adapter = build_adapter(parts.unet, parts.vae_scale, condition_init=init)
-        g1, g2 = _zero_conv_grad(adapter, parts.unet, c1), _zero_conv_grad(adapter, parts.unet, c2)
+        adapter = build_adapter(parts.network, parts.vae_scale, condition_init=init)
+        g1, g2 = (
+            _zero_conv_grad(adapter, parts.network, c1),
+            _zero_conv_grad(adapter, parts.network, c2),
+        )
         assert g1.abs().sum() > 0
         assert (not torch.allclose(g1, g2)) is differs, init
         conv_out = adapter.controlnet_cond_embedding.conv_out.weight
@@ -101,7 +104,7 @@ def test_random_condition_init_lets_the_condition_reach_the_first_gradient(tiny_
 def test_unknown_condition_init_names_the_choices(tiny_teacher):
     parts = load_teacher(str(tiny_teacher))
     with pytest.raises(ValueError, match="'zero'.*'random'"):
-        build_adapter(parts.unet, parts.vae_scale, condition_init="gaussian")
+        build_adapter(parts.network, parts.vae_scale, condition_init="gaussian")
 
 
 @pytest.mark.parametrize(("scale", "levels"), [(1, 1), (2, 2), (4, 3), (8, 4), (16, 5)])
@@ -117,7 +120,7 @@ def test_condition_downsampling_mismatch_says_what_to_change():
 
 
 def test_resolution_check(tiny_teacher):
-    unet = load_teacher(str(tiny_teacher)).unet
+    unet = load_teacher(str(tiny_teacher)).network
     check_resolution(32, 4, unet)
     with pytest.raises(ValueError, match="not a multiple of 8"):
         check_resolution(36, 4, unet)

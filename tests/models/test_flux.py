@@ -26,7 +26,7 @@ def test_the_folder_loads_as_flux_here_and_in_stock_diffusers(tiny_flux_teacher,
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
     parts = load_teacher(str(tiny_flux_teacher))
-    assert parts.family == "flux" and type(parts.unet).__name__ == "FluxTransformer2DModel"
+    assert parts.family == "flux" and type(parts.network).__name__ == "FluxTransformer2DModel"
     assert parts.shift_factor == pytest.approx(0.1159)
     assert parts.scaling_factor == pytest.approx(0.3611)
     FluxPipeline.from_pretrained(str(tiny_flux_teacher))
@@ -93,7 +93,7 @@ def test_adapted_model_starts_as_the_teacher_and_reads_the_condition(flux_module
     # the network is fed sigma_t (Flux's transformers scale it by 1000 themselves) and
     # the guidance scale
     seen = []
-    hook = m.unet.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw),
+    hook = m.network.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw),
                                             with_kwargs=True)  # fmt: skip
     m.denoiser("teacher", text, cond)(z, t)
     hook.remove()
@@ -146,7 +146,7 @@ def _guidance_inputs(m, run):
             lambda mod, args, kw: seen.append((len(kw["hidden_states"]), kw["guidance"].tolist())),
             with_kwargs=True,
         )
-        for net in (m.unet, m.student_unet, m.target["unet"]) if net is not None
+        for net in (m.network, m.student_network, m.target["network"]) if net is not None
     ]  # fmt: skip
     try:
         run()

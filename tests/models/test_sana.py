@@ -27,7 +27,7 @@ def test_the_folder_loads_as_sana_here_and_in_stock_diffusers(tiny_sana_teacher,
     from diffusers import AutoencoderDC, SanaPipeline
 
     parts = load_teacher(str(tiny_sana_teacher))
-    assert parts.family == "sana" and type(parts.unet).__name__ == "SanaTransformer2DModel"
+    assert parts.family == "sana" and type(parts.network).__name__ == "SanaTransformer2DModel"
     assert isinstance(parts.vae, AutoencoderDC) and parts.vae_scale == 8
     assert parts.scaling_factor == pytest.approx(0.41407) and parts.shift_factor == 0.0
     assert isinstance(sana_module.schedule, FlowSchedule) and sana_module.schedule.shift == 3.0
@@ -88,7 +88,9 @@ def test_adapted_model_starts_as_the_teacher_and_reads_the_condition(sana_module
     teacher = m.denoiser("teacher", text, cond)(z, t)
     torch.testing.assert_close(m.denoiser("online", text, cond)(z, t), teacher)
     seen = []  # the transformer is fed 1000 sigma_t and the text's attention mask
-    hook = m.unet.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw), with_kwargs=True)
+    hook = m.network.register_forward_pre_hook(
+        lambda mod, args, kw: seen.append(kw), with_kwargs=True
+    )
     m.denoiser("teacher", text, cond)(z, t)
     hook.remove()
     torch.testing.assert_close(seen[0]["timestep"], (m.schedule.sigmas[t] * 1000).float())
@@ -124,7 +126,7 @@ def test_one_training_step_and_sampling_on_sana(tiny_sana_teacher, method):
 
 def test_a_lora_covers_attention_and_the_feed_forward(tiny_sana_teacher):
     m = CoDiDistillation(str(tiny_sana_teacher), lora_rank=2, num_grid=10)
-    names = {n.rsplit(".", 1)[0] for n, _ in m.unet.named_parameters() if "lora" in n}
+    names = {n.rsplit(".", 1)[0] for n, _ in m.network.named_parameters() if "lora" in n}
     for kind in ("attn1.to_q", "attn2.to_k", "ff.conv_inverted", "ff.conv_point"):
         assert any(kind in n for n in names), kind
     assert not any("conv_depth" in n for n in names)

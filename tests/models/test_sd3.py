@@ -28,7 +28,7 @@ def test_the_folder_loads_as_sd3_here_and_in_stock_diffusers(tiny_sd3, sd3_modul
     from diffusers import StableDiffusion3Pipeline
 
     parts = load_teacher(str(tiny_sd3))
-    assert parts.family == "sd3" and type(parts.unet).__name__ == "SD3Transformer2DModel"
+    assert parts.family == "sd3" and type(parts.network).__name__ == "SD3Transformer2DModel"
     assert parts.shift_factor == pytest.approx(0.0609)
     assert parts.scaling_factor == pytest.approx(1.5305)
     assert isinstance(sd3_module.schedule, FlowSchedule) and sd3_module.schedule.shift == 3.0
@@ -96,8 +96,8 @@ def test_the_adapter_is_from_transformer_without_touching_the_teacher(tiny_sd3, 
         assert torch.equal(ours[key], value), key
     assert sd3_module.controlnet.config.force_zeros_for_pooled_projection is False
     # the teacher's own config keeps its depth (from_transformer writes into it)
-    assert sd3_module.unet.config["num_layers"] == 2
-    assert "extra_conditioning_channels" not in sd3_module.unet.config
+    assert sd3_module.network.config["num_layers"] == 2
+    assert "extra_conditioning_channels" not in sd3_module.network.config
 
 
 def test_adapted_model_starts_as_the_teacher_and_reads_the_condition(sd3_module):
@@ -114,7 +114,7 @@ def test_adapted_model_starts_as_the_teacher_and_reads_the_condition(sd3_module)
     torch.testing.assert_close(online, teacher)  # zero-initialised adapter outputs
     # the network is fed 1000 sigma_t, not t
     seen = []
-    hook = m.unet.register_forward_pre_hook(
+    hook = m.network.register_forward_pre_hook(
         lambda mod, args, kw: seen.append(kw["timestep"]), with_kwargs=True
     )
     m.denoiser("teacher", text, cond)(z, t)
@@ -207,7 +207,7 @@ def test_cfg_aware_step_and_activation_checkpointing_on_sd3(tiny_sd3):
         m = CoDiDistillation(str(tiny_sd3), method="codi", num_grid=10, cfg_aware=True,
                              gradient_checkpointing=checkpointing)  # fmt: skip
         m.configure_model()
-        assert m.student_unet.gradient_checkpointing == checkpointing
+        assert m.student_network.gradient_checkpointing == checkpointing
         assert m.controlnet.gradient_checkpointing == checkpointing
         loss, _ = m.compute_loss(make_batch(), torch.Generator().manual_seed(0))
         loss.backward()

@@ -87,7 +87,7 @@ def test_added_conditions_reach_the_unet_and_the_adapter(sdxl_module):
     want = m.batch_conditioning(batch)
     calls = {"unet": [], "controlnet": [], "target": []}
     hooks = [
-        _record_kwargs(m.unet, calls["unet"]),
+        _record_kwargs(m.network, calls["unet"]),
         _record_kwargs(m.controlnet, calls["controlnet"]),
         _record_kwargs(m.target["controlnet"], calls["target"]),
     ]
@@ -123,9 +123,9 @@ def test_time_ids_change_the_unet_and_the_adapter_outputs(sdxl_module):
     t = torch.tensor([500, 500])
     try:
         with torch.no_grad():
-            teacher = [m._controlled(m.unet, None, z, t, v, batch["cond"]) for v in (y, y2)]
+            teacher = [m._controlled(m.network, None, z, t, v, batch["cond"]) for v in (y, y2)]
             for v in (y, y2):
-                m._controlled(m.unet, adapter, z, t, v, batch["cond"])
+                m._controlled(m.network, adapter, z, t, v, batch["cond"])
     finally:
         hook.remove()
     assert not torch.allclose(*teacher)
@@ -144,7 +144,7 @@ def test_one_training_step_on_sdxl(tiny_sdxl, method):
     assert with_grad and with_grad <= trainable
     assert all(torch.isfinite(p.grad).all() for p in m.trainable_parameters() if p.grad is not None)
     if method == "codi":
-        assert any(p.grad is not None for p in m.student_unet.parameters())
+        assert any(p.grad is not None for p in m.student_network.parameters())
 
 
 def test_guidance_aware_distillation_and_guided_sampling_on_sdxl(sdxl_module):
@@ -240,7 +240,7 @@ def test_sd_teachers_get_no_added_conditions(tiny_teacher):
     y = m.batch_conditioning(_sized_batch())
     assert not y.added and y.hidden_states.shape == (2, 77, 32)
     calls = []
-    hook = _record_kwargs(m.unet, calls)
+    hook = _record_kwargs(m.network, calls)
     try:
         m.compute_loss(_sized_batch(), torch.Generator().manual_seed(0))
     finally:

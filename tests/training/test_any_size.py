@@ -60,13 +60,13 @@ def test_sdxl_time_ids_are_the_real_size(tiny_sdxl_teacher):
     m = CoDiDistillation(str(tiny_sdxl_teacher), num_grid=10).eval()
     m.tiling = TilingConfig(mode="off")
     seen = []
-    encode = m.text_encoder.add_sizes
+    encode = m.prompt_encoder.add_sizes
 
     def add_sizes(text, sizes):
         seen.append(sizes.target_size.tolist())
         return encode(text, sizes)
 
-    m.text_encoder.add_sizes = add_sizes
+    m.prompt_encoder.add_sizes = add_sizes
     m.sample_images(cond(), ["", "a"], 1, generator=gens())
     assert seen == [[[H, W], [H, W]]]
 

@@ -52,7 +52,7 @@ def test_teacher_online_and_target_passes_match_longhand_merges(tiny_teacher):
     assert {"to_q", "to_out.0", "conv1", "conv2", "time_emb_proj"} <= set(lora.targets)
     trained = {id(p) for p in module.parameters() if p.requires_grad}
     assert trained == {id(p) for p in [*module.controlnet.parameters(), *lora.parameters()]}
-    assert {id(p) for p in lora.parameters()} <= {id(p) for p in module.unet.parameters()}
+    assert {id(p) for p in lora.parameters()} <= {id(p) for p in module.network.parameters()}
     # B starts at zero: the student starts as teacher + adapter
     assert all(float(p.detach().abs().max()) == 0 for n, p in lora.weights.items() if "lora_B" in n)
 
@@ -110,8 +110,10 @@ def test_lora_weights_travel_in_the_checkpoint_only_under_lora(tiny_teacher, tmp
     fresh = CoDiDistillation(str(tiny_teacher), lora_rank=2)
     fresh.load_state_dict(state)
     for name in module.lora.names:  # loaded into the network's own layers
-        got = dict(fresh.unet.named_parameters())[name]
-        torch.testing.assert_close(got, dict(module.unet.named_parameters())[name], rtol=0, atol=0)
+        got = dict(fresh.network.named_parameters())[name]
+        torch.testing.assert_close(
+            got, dict(module.network.named_parameters())[name], rtol=0, atol=0
+        )
 
 
 @pytest.mark.parametrize(
@@ -136,7 +138,7 @@ def test_lora_on_every_family_leaves_the_teacher_pass_exact(family, request):
     torch.manual_seed(0)
     shift = {"shift_resolution": 32} if family == "flux" else {}  # Flux: size-dependent shift
     module = CoDiDistillation(str(teacher), lora_rank=2, num_grid=10, **shift)
-    pristine = copy.deepcopy(module.unet)
+    pristine = copy.deepcopy(module.network)
     for layer in pristine.modules():  # the reference: LoRA layers without their LoRA
         if hasattr(layer, "base_layer"):
             layer.forward = layer.base_layer.forward
@@ -147,7 +149,7 @@ def test_lora_on_every_family_leaves_the_teacher_pass_exact(family, request):
                      crop_top_left=torch.tensor([[0, 0]] * 2))  # fmt: skip
     text = module.batch_conditioning(batch)
     cond = module.adapter_condition(batch["cond"])
-    channels = module.unet.config.in_channels
+    channels = module.network.config.in_channels
     if family == "flux":
         channels //= 4  # packed 2x2 latents: the module's own latent channels
     side = 32 // module.vae_scale

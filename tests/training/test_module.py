@@ -19,23 +19,23 @@ def _param_ids(module):
 
 def test_pe_codi_shares_the_frozen_unet(tiny_teacher):
     m = _module(tiny_teacher)
-    assert m.student_unet is None
+    assert m.student_network is None
     assert set(m.trainable_modules()) == {"controlnet"}
     assert set(m.target.keys()) == {"controlnet"}
-    assert all(not p.requires_grad for p in m.unet.parameters())
+    assert all(not p.requires_grad for p in m.network.parameters())
     assert all(not p.requires_grad for p in m.target.parameters())
     trainable = {id(p) for p in m.trainable_parameters()}
     assert trainable == _param_ids(m.controlnet)
-    assert trainable.isdisjoint(_param_ids(m.unet) | _param_ids(m.target))
+    assert trainable.isdisjoint(_param_ids(m.network) | _param_ids(m.target))
 
 
 def test_full_codi_trains_a_copy_of_the_unet(tiny_teacher):
     m = _module(tiny_teacher, method="codi")
-    assert m.student_unet is not None and m.student_unet is not m.unet
-    assert set(m.target.keys()) == {"controlnet", "unet"}
+    assert m.student_network is not None and m.student_network is not m.network
+    assert set(m.target.keys()) == {"controlnet", "network"}
     trainable = {id(p) for p in m.trainable_parameters()}
-    assert trainable == _param_ids(m.controlnet) | _param_ids(m.student_unet)
-    assert trainable.isdisjoint(_param_ids(m.unet))
+    assert trainable == _param_ids(m.controlnet) | _param_ids(m.student_network)
+    assert trainable.isdisjoint(_param_ids(m.network))
 
 
 @pytest.mark.parametrize("method", ["pe-codi", "codi"])
@@ -43,7 +43,7 @@ def test_one_optimizer_step_moves_only_theta_and_the_ema(tiny_teacher, method):
     m = _module(tiny_teacher, method=method, ema_decay=0.5)
     # the frozen networks' own state dicts: the module's state_dict leaves them out
     # (SkipFrozenState), so filtering it by their prefixes would compare nothing
-    frozen = {name: getattr(m, name) for name in ("unet", "vae", "text_encoder")}
+    frozen = {name: getattr(m, name) for name in ("network", "vae", "prompt_encoder")}
     frozen_before = {
         f"{name}.{k}": v.clone()
         for name, net in frozen.items()
@@ -55,7 +55,7 @@ def test_one_optimizer_step_moves_only_theta_and_the_ema(tiny_teacher, method):
     m.train()
     loss, _ = m.compute_loss(make_batch(), torch.Generator().manual_seed(0))
     loss.backward()
-    assert all(p.grad is None for p in m.unet.parameters())
+    assert all(p.grad is None for p in m.network.parameters())
     assert all(p.grad is None for p in m.target.parameters())
     opt.step()
     m.update_target()
@@ -159,10 +159,10 @@ def test_checkpoint_leaves_out_frozen_parts_and_reloads(tiny_teacher, tmp_path):
     path = tmp_path / "m.ckpt"
     trainer.save_checkpoint(path)
     state = torch.load(path, weights_only=False, map_location="cpu")["state_dict"]
-    assert not any(k.startswith(("unet.", "vae.", "text_encoder.")) for k in state)
+    assert not any(k.startswith(("network.", "vae.", "prompt_encoder.", "unet.")) for k in state)
     assert any(k.startswith("target.controlnet.") for k in state)
-    assert any(k.startswith("target.unet.") for k in state)
-    assert any(k.startswith("student_unet.") for k in state)
+    assert any(k.startswith("target.network.") for k in state)
+    assert any(k.startswith("student_network.") for k in state)
     fresh = CoDiDistillation.load_from_checkpoint(path)
     for (k, a), b in zip(
         m.target.state_dict().items(), fresh.target.state_dict().values(), strict=True
@@ -236,7 +236,7 @@ def test_the_declared_state_prefixes_are_where_the_module_keeps_its_weights(tiny
                       ({"lora_rank": 2}, ("adapter", "lora"))):  # fmt: skip
         m = CoDiDistillation(str(tiny_teacher), num_grid=10, **kw)
         keys = list(m.state_dict())
-        modules = {"adapter": m.controlnet, "network": m.student_unet,
+        modules = {"adapter": m.controlnet, "network": m.student_network,
                    "lora": m.lora.weights if m.lora is not None else None}  # fmt: skip
         for part in parts:
             for weights, prefix in STATE_PREFIXES[part].items():

@@ -19,7 +19,9 @@ def test_memory_savers_keep_the_loss(tiny_teacher, option):
     m = CoDiDistillation(str(tiny_teacher), method="codi", num_grid=10, **{option: True})
     m.configure_model()
     if option == "gradient_checkpointing":
-        assert m.controlnet.is_gradient_checkpointing and m.student_unet.is_gradient_checkpointing
+        assert (
+            m.controlnet.is_gradient_checkpointing and m.student_network.is_gradient_checkpointing
+        )
     else:
         w = next(p for p in m.controlnet.parameters() if p.ndim == 4)
         assert w.is_contiguous(memory_format=torch.channels_last)
@@ -35,14 +37,14 @@ def test_frozen_parts_in_bf16_target_stays_fp32(tiny_teacher, lora_rank):
     network included (its master weights and the optimizer's states)."""
     m = CoDiDistillation(str(tiny_teacher), num_grid=10, frozen_dtype="bf16", lora_rank=lora_rank)
     m.configure_model()
-    base = [p for n, p in m.unet.named_parameters() if ".lora_" not in n]
+    base = [p for n, p in m.network.named_parameters() if ".lora_" not in n]
     assert all(p.dtype == torch.bfloat16 for p in base)
-    assert m.vae.dtype == m.text_encoder.dtype == torch.bfloat16
+    assert m.vae.dtype == m.prompt_encoder.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in m.target.parameters())
     trained = m.trainable_parameters()
     assert all(p.dtype == torch.float32 for p in trained)
     if lora_rank:  # still the very tensors inside the network
-        lora_ids = {id(p) for n, p in m.unet.named_parameters() if ".lora_" in n}
+        lora_ids = {id(p) for n, p in m.network.named_parameters() if ".lora_" in n}
         assert lora_ids == {id(p) for p in m.lora.parameters()}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = _loss(m)
@@ -74,9 +76,9 @@ def test_bf16_frozen_parts_load_in_bf16_and_sample_outside_a_trainer(
     # shift_resolution: Flux's schedule, set from the data in a trainer
     kw = dict(method=method, lora_rank=lora_rank, num_grid=10, shift_resolution=32)
     m = CoDiDistillation(str(tiny_teacher), frozen_dtype="bf16", **kw)
-    base = [p for n, p in m.unet.named_parameters() if ".lora_" not in n]
+    base = [p for n, p in m.network.named_parameters() if ".lora_" not in n]
     assert all(p.dtype == torch.bfloat16 for p in base)  # before configure_model
-    assert m.vae.dtype == m.text_encoder.dtype == torch.bfloat16
+    assert m.vae.dtype == m.prompt_encoder.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in m.trainable_parameters())
     assert all(p.dtype == torch.float32 for p in m.target.parameters())
     ref = CoDiDistillation(str(tiny_teacher), **kw)
@@ -94,7 +96,7 @@ def test_auto_frozen_dtype_stays_fp32_on_cpu(tiny_teacher):
     m = CoDiDistillation(str(tiny_teacher), num_grid=10)
     m.trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False)
     m.configure_model()
-    assert m.unet.dtype == torch.float32  # bf16 frozen parts only on CUDA under "auto"
+    assert m.network.dtype == torch.float32  # bf16 frozen parts only on CUDA under "auto"
 
 
 def test_bf16_true_warns_about_the_ema(tiny_teacher):
@@ -137,4 +139,4 @@ def test_bf16_frozen_parts_without_a_bf16_precision_name_the_fix(tiny_teacher):
     m = CoDiDistillation(str(tiny_teacher), num_grid=10, frozen_dtype="bf16")
     m.trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False)
     m.configure_model()
-    assert m.unet.dtype == torch.bfloat16
+    assert m.network.dtype == torch.bfloat16

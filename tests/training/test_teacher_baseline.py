@@ -32,15 +32,15 @@ def test_teacher_trains_and_exports_a_loadable_folder(tmp_path):
     out = tmp_path / "teacher"
     m = DiffusionTraining(str(out), unet=tiny_unet_config(in_channels=3), ema_decay=0.999,
                           optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))  # fmt: skip
-    before = [p.clone() for p in m.unet.parameters()]
+    before = [p.clone() for p in m.network.parameters()]
     batch = make_batch(batch=2, resolution=16)
     trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     trainer.fit(m, train_dataloaders=DataLoader([batch], batch_size=None))
     assert m.ema_decay_now() == pytest.approx(4 / 13)  # warm-up after 3 updates
-    assert any(not torch.equal(a, b) for a, b in zip(before, m.unet.parameters(), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(before, m.network.parameters(), strict=True))
     parts = load_teacher(str(out), pixel_space=True)
-    for a, b in zip(parts.unet.parameters(), m.ema_unet.parameters(), strict=True):
+    for a, b in zip(parts.network.parameters(), m.ema_network.parameters(), strict=True):
         torch.testing.assert_close(a, b)  # the EMA weights are exported
     student = CoDiDistillation(str(out), pixel_space=True, num_grid=10)
     loss, _ = student.compute_loss(batch, torch.Generator().manual_seed(0))
@@ -66,7 +66,7 @@ def test_adapting_a_latent_teacher_trains_validates_and_writes_its_vae_back(tmp_
     parts, original = load_teacher(str(out)), load_teacher(str(tiny_teacher))
     for a, b in zip(parts.vae.parameters(), original.vae.parameters(), strict=True):
         torch.testing.assert_close(a, b)
-    for a, b in zip(parts.unet.parameters(), m.ema_unet.parameters(), strict=True):
+    for a, b in zip(parts.network.parameters(), m.ema_network.parameters(), strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -130,7 +130,7 @@ def test_flow_transformer_teacher_trains_exports_and_distils(tmp_path):
     trainer.fit(m, train_dataloaders=DataLoader([batch], batch_size=None))
     parts = load_teacher(str(out), pixel_space=True)
     assert parts.family == "sd3" and parts.vae is None
-    for a, b in zip(parts.unet.parameters(), m.ema_unet.parameters(), strict=True):
+    for a, b in zip(parts.network.parameters(), m.ema_network.parameters(), strict=True):
         torch.testing.assert_close(a, b)
     assert (
         StableDiffusion3Pipeline.load_config(str(out))["_class_name"] == "StableDiffusion3Pipeline"
@@ -140,10 +140,10 @@ def test_flow_transformer_teacher_trains_exports_and_distils(tmp_path):
     x, noise, t = batch["image"], torch.randn(2, 3, 16, 16), torch.tensor([100, 900])
     sigma = m.schedule.sigmas[t].float().view(2, 1, 1, 1)
     with torch.no_grad():
-        v = m.network(m.unet, text)((1 - sigma) * x + sigma * noise, t)
+        v = m.denoiser(m.network, text)((1 - sigma) * x + sigma * noise, t)
         from codi_lightning.diffusion import diffusion_loss
 
-        loss = diffusion_loss(m.network(m.unet, text), x, noise, t, m.schedule)
+        loss = diffusion_loss(m.denoiser(m.network, text), x, noise, t, m.schedule)
     torch.testing.assert_close(loss, (v - (noise - x)).square().mean())
     # validation samples: the stock Euler scheduler at the trailing steps
     stock = FlowMatchEulerDiscreteScheduler(shift=1.5)
@@ -151,7 +151,7 @@ def test_flow_transformer_teacher_trains_exports_and_distils(tmp_path):
     stock.set_timesteps(sigmas=m.schedule.unshifted(ts))
     z = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     ours = m.sample(text, z.clone(), 4)
-    model = m.network(m.ema_unet, text)
+    model = m.denoiser(m.ema_network, text)
     with torch.no_grad():
         for step, tt in zip(stock.timesteps, ts, strict=True):
             z = stock.step(model(z, torch.full((2,), tt)), step, z).prev_sample
@@ -213,7 +213,7 @@ def test_a_fresh_sana_teacher_trains_exports_and_distils(tmp_path):
     trainer.fit(m, train_dataloaders=DataLoader([batch], batch_size=None))
     parts = load_teacher(str(out), pixel_space=True)
     assert parts.family == "sana" and parts.vae is None
-    for a, b in zip(parts.unet.parameters(), m.ema_unet.parameters(), strict=True):
+    for a, b in zip(parts.network.parameters(), m.ema_network.parameters(), strict=True):
         torch.testing.assert_close(a, b)
     ours = m.encode_text(["a 7", ""])
     assert ours.hidden_states.shape[1] == 8
@@ -265,7 +265,7 @@ def test_a_velocity_teacher_sets_the_flow_target_where_it_reaches(
     text = parts.prompt_encoder.encode(["", ""], "cpu")
     stock.set_timesteps(1000)
     with torch.no_grad():
-        out = parts.family.forward(parts.unet, None, z_vp, t, text, None)
+        out = parts.family.forward(parts.network, None, z_vp, t, text, None)
     x_t = [stock.step(out[i : i + 1], int(t[i]), z_vp[i : i + 1]).pred_original_sample
            for i in range(2)]  # fmt: skip
     expected = (z - torch.cat(x_t)) / sigma

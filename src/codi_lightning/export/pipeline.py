@@ -50,10 +50,10 @@ class CoDiPipeline:
         task: str = "default",
         lora: bool = False,
     ) -> None:
-        """``lora``: the task's LoRA is loaded into ``parts.unet`` as the adapter ``task``."""
+        """``lora``: the task's LoRA is loaded into ``parts.network`` as the adapter ``task``."""
         self.parts, self.controlnet, self.num_grid = parts, controlnet.eval(), num_grid
         self.schedule = NoiseSchedule.from_config(parts.scheduler_config)
-        self.device = next(parts.unet.parameters()).device  # ``to`` moves everything
+        self.device = next(parts.network.parameters()).device  # ``to`` moves everything
         # task name -> (ControlNet, training grid N, has a LoRA adapter of that name)
         self.tasks: dict[str, tuple[torch.nn.Module, int, bool]] = {
             task: (self.controlnet, num_grid, lora)
@@ -86,8 +86,10 @@ class CoDiPipeline:
             )
         kw = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
         if (Path(folder) / "unet").is_dir():
-            parts.unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw).eval()
-        controlnet, num_grid, lora = _task_parts(parts.unet, folder, task, kw)
+            parts.network = UNet2DConditionModel.from_pretrained(
+                folder, subfolder="unet", **kw
+            ).eval()
+        controlnet, num_grid, lora = _task_parts(parts.network, folder, task, kw)
         pipe = cls(parts, controlnet, num_grid, task, lora)
         return pipe.to(device)
 
@@ -103,9 +105,9 @@ class CoDiPipeline:
                 "the base network; load it with CoDiPipeline.from_exported on its own (or "
                 "export the LoRA separately: codi-lightning export --lora separate)"
             )
-        dtype = next(self.parts.unet.parameters()).dtype
+        dtype = next(self.parts.network.parameters()).dtype
         controlnet, num_grid, lora = _task_parts(
-            self.parts.unet, folder, name, {"torch_dtype": dtype}
+            self.parts.network, folder, name, {"torch_dtype": dtype}
         )
         self.tasks[name] = (controlnet.to(self.device), num_grid, lora)
         self.use_task(self.task)  # loading an adapter activates it: keep the current task
@@ -116,7 +118,7 @@ class CoDiPipeline:
         if name not in self.tasks:
             raise KeyError(f"no task named {name!r}; loaded: {sorted(self.tasks)}")
         self.controlnet, self.num_grid, lora = self.tasks[name]
-        unet = self.parts.unet
+        unet = self.parts.network
         if any(has for _, _, has in self.tasks.values()):
             if lora:
                 unet.enable_lora()
@@ -127,7 +129,7 @@ class CoDiPipeline:
 
     def to(self, device: str | torch.device) -> CoDiPipeline:
         adapters = [c for c, _, _ in self.tasks.values()]
-        for m in (self.parts.unet, self.parts.vae, self.parts.prompt_encoder, *adapters):
+        for m in (self.parts.network, self.parts.vae, self.parts.prompt_encoder, *adapters):
             if m is not None:
                 m.to(device)
         self.device = torch.device(device)
@@ -141,7 +143,7 @@ class CoDiPipeline:
     def _denoiser(self, text: Conditioning, cond: Tensor):
         """F(z, t, y, c) called the family's way (``models.teachers``), in the network's
         dtype (an fp16 pipeline gets fp16 inputs)."""
-        unet, controlnet, forward = self.parts.unet, self.controlnet, self.parts.family.forward
+        unet, controlnet, forward = self.parts.network, self.controlnet, self.parts.family.forward
 
         def f(z: Tensor, t: Tensor) -> Tensor:
             dtype = unet.dtype
@@ -174,7 +176,7 @@ class CoDiPipeline:
         if sizes is None:
             sizes = ImageSizes.default(batch, (height, width), self.device)
         text = self.encode_text(prompts, sizes)
-        unit = network_multiple(self.parts.unet)[0]
+        unit = network_multiple(self.parts.network)[0]
         scale = self.parts.vae_scale
         cond = pad_to_multiple(cond, scale * unit)
         grid = None
@@ -191,7 +193,7 @@ class CoDiPipeline:
         uncond = None
         if guidance_scale != 1.0:
             uncond = region(text.with_text(self.encode_text([""] * batch)))
-        shape = (batch, self.parts.unet.config.in_channels, cond.shape[-2] // scale,
+        shape = (batch, self.parts.network.config.in_channels, cond.shape[-2] // scale,
                  cond.shape[-1] // scale)  # fmt: skip
         noise = torch.randn(shape, generator=generator, device=self.device)
         timesteps = sampling_timesteps(num_steps, self.schedule.num_train_timesteps, self.num_grid)

@@ -24,13 +24,13 @@ DEFAULT_COND_CHANNELS = (16, 32, 96, 256)
 class TeacherParts:
     """What a pretrained text-to-image model contributes: all of it stays frozen.
 
-    ``unet`` is the denoising network (a ``UNet2DConditionModel``, or the SD3 family's
-    ``SD3Transformer2DModel``); ``prompt_encoder`` is the family's text side (prompts ->
+    ``network`` is the denoising network (a ``UNet2DConditionModel``, or a family's
+    transformer: ``SD3Transformer2DModel``...); ``prompt_encoder`` is the family's text side (prompts ->
     :class:`Conditioning`); ``family`` is the family's record (``models.teachers``; it
     equals its name, ``sd``, ``sdxl``, ``sd3`` or ``flux``);
     ``vae_upcast``: never run the VAE in fp16 (the SDXL VAE overflows there)."""
 
-    unet: nn.Module
+    network: nn.Module
     vae: nn.Module | None
     prompt_encoder: PromptEncoder
     scheduler_config: dict[str, Any]
@@ -94,8 +94,8 @@ def load_teacher(
         weights["torch_dtype"] = torch_dtype
     subfolder, network_class = family.network
     try:
-        network = getattr(diffusers, network_class)
-        unet = network.from_pretrained(pretrained, subfolder=subfolder, **weights)
+        network_type = getattr(diffusers, network_class)
+        network = network_type.from_pretrained(pretrained, subfolder=subfolder, **weights)
     except OSError as err:
         raise OSError(
             f"Could not load the teacher's {network_class} from {pretrained!r} (subfolder "
@@ -104,7 +104,7 @@ def load_teacher(
             "or the path of a local diffusers folder; `codi-lightning` tests use "
             "`codi_lightning.testing.tiny.write_tiny_teacher` to make one."
         ) from err
-    channels = int(unet.config.in_channels)
+    channels = int(network.config.in_channels)
     pixels = 3 * family.packed_channels  # Flux packs 2x2 patches
     if pixel_space and channels != pixels:
         raise ValueError(
@@ -122,12 +122,12 @@ def load_teacher(
     scheduler_config = dict(DDPMScheduler.load_config(pretrained, subfolder="scheduler", **kw))
     # a flow teacher's multistep-solver config (SANA) as the flow-match config it implies
     scheduler_config = flow_match_config(scheduler_config) or scheduler_config
-    for module in (unet, vae, prompt_encoder):
+    for module in (network, vae, prompt_encoder):
         if module is not None:
             module.requires_grad_(False).eval()
     upcast = vae is not None and family.vae_overflows_in_fp16
     upcast = upcast and bool(vae.config.get("force_upcast", True))
-    return TeacherParts(unet, vae, prompt_encoder, scheduler_config, family, upcast)
+    return TeacherParts(network, vae, prompt_encoder, scheduler_config, family, upcast)
 
 
 def load_vae(
@@ -158,7 +158,7 @@ def build_family_adapter(
     condition_init: str = "zero",
     layers: int | None = None,
 ) -> nn.Module:
-    """The family's adapter for ``parts.unet``: a ``ControlNetModel`` for UNets
+    """The family's adapter for ``parts.network``: a ``ControlNetModel`` for UNets
     (:func:`build_adapter`; ``layers`` does not apply), an ``SD3ControlNetModel`` /
     ``FluxControlNetModel`` of ``layers`` blocks for SD3 / Flux (``teachers.sd3`` /
     ``teachers.flux`` ``build_adapter``; the condition enters as latents through a patch
@@ -173,7 +173,7 @@ def build_family_adapter(
                 "adapter takes the condition as VAE latents: leave it unset (and see "
                 "model.adapter_layers)"
             )
-        adapter = family.build_adapter(parts.unet, layers)
+        adapter = family.build_adapter(parts.network, layers)
         if condition_init == "random":  # the condition's embedding, as a ControlNet's
             family.condition_embedding(adapter).reset_parameters()  # embedder's last conv
         elif condition_init != "zero":
@@ -187,7 +187,7 @@ def build_family_adapter(
             "copies its encoder: leave it unset"
         )
     return build_adapter(
-        parts.unet, parts.vae_scale, conditioning_embedding_out_channels,
+        parts.network, parts.vae_scale, conditioning_embedding_out_channels,
         condition_init=condition_init,
     )  # fmt: skip
 

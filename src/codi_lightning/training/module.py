@@ -52,21 +52,21 @@ from .sampling import Sampling
 from .teacher_io import TeacherIO
 from .updates import GuardedUpdates
 
-FROZEN_PREFIXES = ("unet.", "vae.", "text_encoder.")
+FROZEN_PREFIXES = ("network.", "vae.", "prompt_encoder.")
 
 
 class CoDiDistillation(TeacherIO, GuardedUpdates, CheckedCheckpoints, EvaluationSteps, Sampling,
                        RankRandomness, SkipFrozenState, L.LightningModule):  # fmt: skip
     """Distil a text-to-image teacher into a 1-4 step conditional model, in one stage.
 
-    Submodules: ``unet`` (the frozen pretrained UNet, the teacher, or the SD3 family's
-    transformer, which everything below says of the UNet applies to; in PE-CoDi it is
-    also the student's backbone, shared, never copied), ``vae`` and ``text_encoder``
-    (frozen; the teacher family's :class:`~codi_lightning.models.PromptEncoder`, which
+    Submodules: ``network`` (the frozen pretrained UNet or transformer, the teacher; in
+    PE-CoDi also the student's backbone, shared, never copied), ``vae`` and
+    ``prompt_encoder`` (frozen; the teacher family's :class:`~codi_lightning.models.PromptEncoder`, which
     turns captions and image sizes into the :class:`~codi_lightning.models.Conditioning`
     y that every network call takes), ``controlnet`` (the trainable adapter),
-    ``student_unet`` (a trainable copy of the UNet, full CoDi only) and ``target`` (the
-    EMA network theta^-, fp32, saved).
+    ``student_network`` (a trainable copy of the network, full CoDi only) and ``target``
+    (the EMA network theta^-, fp32, saved). Checkpoints written before these names
+    (``student_unet.``, ``target.unet.``) still load (``checkpoints.LEGACY_PREFIXES``).
     Frozen parts (and the evaluation metrics) are left out of every state dict and
     rebuilt from ``pretrained``.
 
@@ -230,7 +230,7 @@ class CoDiDistillation(TeacherIO, GuardedUpdates, CheckedCheckpoints, Evaluation
             pretrained, revision=revision, variant=weights_variant, pixel_space=pixel_space,
             vae_path=vae_path, torch_dtype=torch.bfloat16 if frozen_dtype == "bf16" else None,
         )  # fmt: skip
-        self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.prompt_encoder
+        self.network, self.vae, self.prompt_encoder = parts.network, parts.vae, parts.prompt_encoder
         self.vae_scale, self.scaling_factor = parts.vae_scale, parts.scaling_factor
         self.shift_factor = parts.shift_factor  # SD3's VAE: latents are (z - shift) * scale
         self.vae_upcast = parts.vae_upcast  # never fp16 (SDXL's VAE overflows there)
@@ -256,16 +256,16 @@ class CoDiDistillation(TeacherIO, GuardedUpdates, CheckedCheckpoints, Evaluation
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed + 1)
                 self.lora = LowRankUpdate(
-                    self.unet, lora_rank, lora_targets or self.family.lora_targets, lora_alpha
+                    self.network, lora_rank, lora_targets or self.family.lora_targets, lora_alpha
                 )
             self.lora.to_fp32()
             self.hparams["lora_targets"] = list(self.lora.targets)
-        self.student_unet = None
+        self.student_network = None
         if method == "codi":
-            self.student_unet = copy.deepcopy(self.unet).float().requires_grad_(True).train()
+            self.student_network = copy.deepcopy(self.network).float().requires_grad_(True).train()
         target = {"controlnet": copy.deepcopy(self.controlnet)}
-        if self.student_unet is not None:
-            target["unet"] = copy.deepcopy(self.student_unet)
+        if self.student_network is not None:
+            target["network"] = copy.deepcopy(self.student_network)
         if self.lora is not None:
             target["lora"] = self.lora.target_copy()
         self.target = nn.ModuleDict(target).requires_grad_(False).eval()
@@ -294,15 +294,15 @@ class CoDiDistillation(TeacherIO, GuardedUpdates, CheckedCheckpoints, Evaluation
     def trainable_modules(self) -> dict[str, nn.Module]:
         """theta: the modules the optimizer and the EMA see, keyed like ``self.target``."""
         mods = {"controlnet": self.controlnet}
-        if self.student_unet is not None:
-            mods["unet"] = self.student_unet
+        if self.student_network is not None:
+            mods["network"] = self.student_network
         if self.lora is not None:
             mods["lora"] = self.lora
         return mods
 
     def train(self, mode: bool = True) -> CoDiDistillation:
         super().train(mode)
-        for frozen in (self.unet, self.vae, self.text_encoder, self.target):
+        for frozen in (self.network, self.vae, self.prompt_encoder, self.target):
             if frozen is not None:
                 frozen.eval()
         return self
@@ -325,26 +325,26 @@ class CoDiDistillation(TeacherIO, GuardedUpdates, CheckedCheckpoints, Evaluation
         """
         text = Conditioning.of(text)
         if which == "online":
-            unet = self.unet if self.student_unet is None else self.student_unet
+            network = self.network if self.student_network is None else self.student_network
             controlnet = self.controlnet
         elif which == "target":
-            unet = self.target["unet"] if "unet" in self.target else self.unet
+            network = self.target["network"] if "network" in self.target else self.network
             if self.lora is not None:  # the EMA LoRA in place for this call only
-                unet = WithWeights(self.unet, self.lora.by_network_name(self.target["lora"]))
+                network = WithWeights(self.network, self.lora.by_network_name(self.target["lora"]))
             controlnet = self.target["controlnet"]
         else:
-            unet, controlnet = self.unet, None
+            network, controlnet = self.network, None
             if self.lora is not None:  # the teacher: the shared network, LoRA off
-                unet = WithoutLoRA(self.unet)
+                network = WithoutLoRA(self.network)
         if guidance is None:
-            return partial(self._controlled, unet, controlnet, text=text, cond=cond)
+            return partial(self._controlled, network, controlnet, text=text, cond=cond)
         embedded = self.embedded_guidance(text, guidance)
         if embedded is not None:
-            return partial(self._controlled, unet, controlnet, text=embedded, cond=cond)
+            return partial(self._controlled, network, controlnet, text=embedded, cond=cond)
 
         def guided(z: Tensor, t: Tensor) -> Tensor:
             both = self._controlled(
-                unet,
+                network,
                 controlnet,
                 torch.cat([z, z]),
                 torch.cat([t, t]),
@@ -362,7 +362,7 @@ class CoDiDistillation(TeacherIO, GuardedUpdates, CheckedCheckpoints, Evaluation
             return
         hp = self.hparams
         trained = list(self.trainable_modules().values())
-        nets = [self.unet, *trained, *self.target.values()]
+        nets = [self.network, *trained, *self.target.values()]
         enable_memory_savers(nets, hp.gradient_checkpointing, hp.channels_last)
         precision = str(getattr(self.trainer, "precision", "")) if self._trainer else ""
         if precision == "bf16-true":
@@ -384,7 +384,8 @@ class CoDiDistillation(TeacherIO, GuardedUpdates, CheckedCheckpoints, Evaluation
             hp.frozen_dtype == "auto" and on_cuda and precision.startswith("bf16")
         )
         if bf16:
-            for m in (self.unet, self.vae, self.text_encoder):  # frozen: no master weights needed
+            # frozen: no master weights needed
+            for m in (self.network, self.vae, self.prompt_encoder):
                 if m is not None:
                     m.to(torch.bfloat16)
             if self.lora is not None:  # trained inside the bf16 network: fp32 master weights
@@ -474,7 +475,7 @@ class CoDiDistillation(TeacherIO, GuardedUpdates, CheckedCheckpoints, Evaluation
         if stage == "fit" and hasattr(datamodule, "expect_cache"):
             datamodule.expect_cache(self.cache_spec())
         if resolution is not None and stage in ("fit", "validate", "test"):
-            check_resolution(int(resolution), self.vae_scale, self.unet)
+            check_resolution(int(resolution), self.vae_scale, self.network)
         if self.schedule is None:  # a size-dependent schedule: the run's resolution
             self._set_schedule(resolution)
             self.hparams["shift_resolution"] = int(resolution)  # the checkpoint records it
@@ -488,7 +489,7 @@ class CoDiDistillation(TeacherIO, GuardedUpdates, CheckedCheckpoints, Evaluation
         if self.vae is not None:
             channels = int(self.vae.config.latent_channels)
             spec["latents"] = {"mean": (channels,), "std": (channels,)}
-        y = self.text_encoder.encode([""], "cpu" if self._trainer is None else self.device)
+        y = self.prompt_encoder.encode([""], "cpu" if self._trainer is None else self.device)
         spec["text"] = {"hidden_states": tuple(y.hidden_states.shape[1:])}
         spec["text"].update({f"added.{k}": tuple(v.shape[1:]) for k, v in y.added.items()})
         return spec

@@ -163,7 +163,14 @@ try:  # the FSDP2 preset's strategy (configs/trainer/fsdp.yaml)
         and CRC-32 of every file (``checksums.json``, written by rank 0 once every rank
         has written its shards), which ``codi_lightning.checkpoints.check_checkpoint``
         verifies before anything loads the folder: a damaged shard is named, not trained
-        on (distributed checkpoints carry no checksum of their own)."""
+        on (distributed checkpoints carry no checksum of their own). Checkpoints of the
+        networks' older key names are refused in one line (:func:`check_current_keys`)."""
+
+        def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> Any:
+            from ..checkpoints import check_current_keys
+
+            check_current_keys(self.broadcast(checkpoint_path))  # older names: one line
+            return super().load_checkpoint(checkpoint_path, weights_only)
 
         def save_checkpoint(
             self, checkpoint: dict, filepath: Any, storage_options: Any | None = None

@@ -58,7 +58,7 @@ class Sampling:
             uncond = region(self.unconditional(text)) if guidance_scale != 1.0 else None
             # the latents' channels (Flux's network sees them packed: 4x as many)
             channels = self.vae.config.latent_channels if self.vae is not None else None
-            channels = channels or self.unet.config.in_channels
+            channels = channels or self.network.config.in_channels
             latent = (cond.shape[-2] // self.vae_scale, cond.shape[-1] // self.vae_scale)
             noise = randn((batch, channels, *latent), generator, device=self.device)
             latents = self.run_sampler(
@@ -72,12 +72,12 @@ class Sampling:
     def pixel_multiple(self) -> int:
         """Sampled sizes are multiples of this: the VAE factor times the network's own
         multiple (UNet downsampling, transformer patch, Flux's 2x2 packing)."""
-        return self.vae_scale * network_multiple(self.unet)[0]
+        return self.vae_scale * network_multiple(self.network)[0]
 
     def tile_grid(self, height: int, width: int) -> TileGrid:
         """The latent tiles of a padded ``height`` x ``width`` pixel output, from
         :attr:`tiling` (tile size default: the run's ``data.resolution``)."""
-        unit = network_multiple(self.unet)[0]
+        unit = network_multiple(self.network)[0]
         return self.tiling.grid(height, width, self.vae_scale, unit, self._tile_size)
 
     def region_denoiser(
@@ -98,7 +98,7 @@ class Sampling:
             return self.denoiser(which, text, cond)
 
         def tile_model(crop: Tensor, box: tuple[int, int, int, int]):
-            return self.denoiser(which, self.text_encoder.add_sizes(text, sizes.crop(*box)), crop)
+            return self.denoiser(which, self.prompt_encoder.add_sizes(text, sizes.crop(*box)), crop)
 
         return tiled_over(tile_model, cond, grid, self.vae_scale, size)
 

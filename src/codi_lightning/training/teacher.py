@@ -80,7 +80,7 @@ class DiffusionTraining(TeacherIO, RankRandomness, SkipFrozenState, L.LightningM
     """
 
     # frozen, rebuilt in __init__
-    skipped_prefixes = ("vae.", "text_encoder.", "velocity_unet.", "velocity_text.")
+    skipped_prefixes = ("vae.", "prompt_encoder.", "velocity_network.", "velocity_text.")
 
     def __init__(
         self,
@@ -120,11 +120,12 @@ class DiffusionTraining(TeacherIO, RankRandomness, SkipFrozenState, L.LightningM
                     f"adapts and writes the folders of these families only: {writable}"
                 )
             parts = load_teacher(init_from, pixel_space=pixel_space)
-            self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.prompt_encoder
+            self.network, self.vae = parts.network, parts.vae
+            self.prompt_encoder = parts.prompt_encoder
             self.scheduler_config, self.family = parts.scheduler_config, parts.family
             self.scaling_factor, self.shift_factor = parts.scaling_factor, parts.shift_factor
             self.vae_upcast = parts.vae_upcast
-            self.unet.requires_grad_(True).train()
+            self.network.requires_grad_(True).train()
         else:
             if not pixel_space:
                 raise ValueError(
@@ -138,20 +139,20 @@ class DiffusionTraining(TeacherIO, RankRandomness, SkipFrozenState, L.LightningM
                     "its _class_name key), one of them, or model.init_from"
                 )
             kind = "unet" if transformer is None else "transformer"
-            self.unet = fresh_network(unet if transformer is None else transformer, kind)
-            self.family = family_of_network(self.unet)  # the layout export() writes
+            self.network = fresh_network(unet if transformer is None else transformer, kind)
+            self.family = family_of_network(self.network)  # the layout export() writes
             with torch.random.fork_rng(devices=[]):  # frozen and not checkpointed: rebuild it
                 torch.manual_seed(0)  # identically on every rank and every load
                 encoder, self.scheduler_config = self.family.fresh(
                     text_tokens, float(flow_shift), prediction_type
                 )
-            self.text_encoder = encoder.requires_grad_(False).eval()
+            self.prompt_encoder = encoder.requires_grad_(False).eval()
             self.vae, self.scaling_factor = None, 1.0
         self.schedule = schedule_from_config(self.scheduler_config)
-        self.velocity_unet = self.velocity_text = None
+        self.velocity_network = self.velocity_text = None
         if velocity_teacher is not None:
             self._load_velocity_teacher(velocity_teacher, pixel_space)
-        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        self.ema_network = copy.deepcopy(self.network).requires_grad_(False).eval()
         if self.vae is not None:
             self.vae.requires_grad_(False).eval()
 
@@ -167,7 +168,7 @@ class DiffusionTraining(TeacherIO, RankRandomness, SkipFrozenState, L.LightningM
         schedule = schedule_from_config(parts.scheduler_config)
         if not isinstance(schedule, NoiseSchedule):
             raise ValueError(f"{option} is a flow teacher: give a VP (DDPM-schedule) teacher")
-        self.velocity_unet = parts.unet.requires_grad_(False).eval()
+        self.velocity_network = parts.network.requires_grad_(False).eval()
         self.velocity_text = parts.prompt_encoder.requires_grad_(False).eval()
         self.velocity_family, self.velocity_schedule = parts.family, schedule
         abar = schedule.alphas_cumprod[[0, -1]]  # the flow sigmas it reaches
@@ -181,22 +182,24 @@ class DiffusionTraining(TeacherIO, RankRandomness, SkipFrozenState, L.LightningM
         t, a, b = vp_view_of_flow(self.velocity_schedule.alphas_cumprod, sigma)
         text = self.velocity_text.encode_distinct(captions, z.device)
         z_vp = (a + b) * z
-        out = self.velocity_family.forward(self.velocity_unet, None, z_vp, t.view(-1), text, None)
+        out = self.velocity_family.forward(
+            self.velocity_network, None, z_vp, t.view(-1), text, None
+        )
         x_t = to_x_eps(out.float(), z_vp, a, b, self.velocity_schedule.prediction_type)[0]
         return (z - x_t) / sigma
 
     def train(self, mode: bool = True) -> DiffusionTraining:
         super().train(mode)
-        frozen_parts = (self.vae, self.text_encoder, self.ema_unet, self.velocity_unet)
+        frozen_parts = (self.vae, self.prompt_encoder, self.ema_network, self.velocity_network)
         for frozen in frozen_parts:
             if frozen is not None:
                 frozen.eval()
         return self
 
-    def network(self, unet: torch.nn.Module, text: Conditioning):
+    def denoiser(self, network: torch.nn.Module, text: Conditioning):
         """``(z, t) -> F(z, t, y)``: the network alone, called through the teacher I/O the
         distillation uses (its family's call, the schedule's network timestep)."""
-        return lambda z, t: self._controlled(unet, None, z, t, text, None)
+        return lambda z, t: self._controlled(network, None, z, t, text, None)
 
     def diffusion_loss(self, batch: dict[str, Any], data_target: bool = False) -> Tensor:
         """``|| F(z_t, t, y) - target ||^2`` with t uniform in [0, T) (flow: the velocity
@@ -206,8 +209,8 @@ class DiffusionTraining(TeacherIO, RankRandomness, SkipFrozenState, L.LightningM
         text = self.encode_text(batch["caption"])
         noise = torch.randn_like(x)
         t = torch.randint(0, self.schedule.num_train_timesteps, (x.shape[0],), device=x.device)
-        model = self.network(self.unet, text)
-        if self.velocity_unet is None or data_target:
+        model = self.denoiser(self.network, text)
+        if self.velocity_network is None or data_target:
             return diffusion_loss(model, x, noise, t, self.schedule)
         alpha, sigma = self.schedule.alpha_sigma(t, x)
         z = alpha * x + sigma * noise
@@ -220,7 +223,7 @@ class DiffusionTraining(TeacherIO, RankRandomness, SkipFrozenState, L.LightningM
     @torch.no_grad()
     def sample(self, text: Conditioning, noise: Tensor, steps: int) -> Tensor:
         """The EMA network's samples: DDIM (VP) or the Euler method (flow), ``ode_sample``."""
-        model = self.network(self.ema_unet, text)
+        model = self.denoiser(self.ema_network, text)
         return ode_sample(model, noise, self.schedule, self.scheduler_config, steps)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -238,11 +241,11 @@ class DiffusionTraining(TeacherIO, RankRandomness, SkipFrozenState, L.LightningM
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        ema_update(self.ema_unet.parameters(), self.unet.parameters(), self.ema_decay_now())
+        ema_update(self.ema_network.parameters(), self.network.parameters(), self.ema_decay_now())
 
     def configure_optimizers(self) -> Any:
         return optimizers_for(
-            self.unet.parameters(), self.optimizer_factory, self.lr_scheduler_factory
+            self.network.parameters(), self.optimizer_factory, self.lr_scheduler_factory
         )
 
     def setup(self, stage: str) -> None:
@@ -271,14 +274,14 @@ class DiffusionTraining(TeacherIO, RankRandomness, SkipFrozenState, L.LightningM
                 experiment.add_image("val/samples", grid, self.global_step)
 
     def on_train_end(self) -> None:
-        """Write the EMA UNet with the other parts as a teacher folder (rank 0)."""
+        """Write the EMA network with the other parts as a teacher folder (rank 0)."""
         if self.global_rank == 0:
             path = self.export(self.hparams.output_dir)
             print(f"teacher written to {path}")
 
     def export(self, folder: str) -> Path:
         """The EMA network with the other parts, written in its family's layout."""
-        unet = copy.deepcopy(self.ema_unet).float().cpu()
+        network = copy.deepcopy(self.ema_network).float().cpu()
         return self.family.write_folder(
-            folder, unet, self.text_encoder, self.scheduler_config, self.vae
+            folder, network, self.prompt_encoder, self.scheduler_config, self.vae
         )

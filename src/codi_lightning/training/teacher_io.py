@@ -4,7 +4,7 @@ called the family's way, the condition as the adapter takes it, the text conditi
 (METHOD.md, "Notation").
 
 A mixin: the class provides ``family``, ``schedule``, ``vae`` (None in pixel space),
-``text_encoder`` (the family's ``PromptEncoder``), ``scaling_factor``, ``shift_factor``,
+``prompt_encoder`` (the family's ``PromptEncoder``), ``scaling_factor``, ``shift_factor``,
 ``vae_upcast``, ``_empty_text`` and :meth:`rank_slice_randn` (``RankRandomness``)."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class TeacherIO:
 
     def _controlled(
         self,
-        unet: nn.Module,
+        network: nn.Module,
         controlnet: nn.Module | None,
         z: Tensor,
         t: Tensor,
@@ -44,11 +44,11 @@ class TeacherIO:
         run under autocast to the lower precision, as ``bf16-mixed`` runs them in a
         trainer; the output is then fp32."""
         timestep = self.schedule.model_timesteps(t)
-        dtype = mixed_dtype(unet, controlnet, z, text)
+        dtype = mixed_dtype(network, controlnet, z, text)
         if dtype is None or torch.is_autocast_enabled(z.device.type):
-            return self.family.forward(unet, controlnet, z, timestep, text, cond)
+            return self.family.forward(network, controlnet, z, timestep, text, cond)
         with torch.autocast(z.device.type, dtype=dtype):
-            out = self.family.forward(unet, controlnet, z, timestep, text, cond)
+            out = self.family.forward(network, controlnet, z, timestep, text, cond)
         return out.float()
 
     @torch.no_grad()
@@ -72,8 +72,8 @@ class TeacherIO:
         """y for ``captions`` (SD: CLIP last hidden states [B, L, D]; SDXL: both encoders
         and the pooled embedding), with the conditions the family derives from ``sizes``
         (SDXL's ``time_ids``; none for SD)."""
-        text = self.text_encoder.encode_distinct(captions, self.device)
-        return text if sizes is None else self.text_encoder.add_sizes(text, sizes)
+        text = self.prompt_encoder.encode_distinct(captions, self.device)
+        return text if sizes is None else self.prompt_encoder.add_sizes(text, sizes)
 
     def batch_conditioning(self, batch: dict[str, Any]) -> Conditioning:
         """y for a batch: its captions and recorded image sizes (:meth:`ImageSizes.from_batch`).
@@ -85,7 +85,7 @@ class TeacherIO:
         cached = batch.get("text")
         if cached is None:
             return self.encode_text(batch["caption"], sizes)
-        dtype = self.text_encoder.dtype
+        dtype = self.prompt_encoder.dtype
         text = Conditioning(
             cached["hidden_states"].to(self.device, dtype),
             {k[len("added.") :]: v.to(self.device, dtype) for k, v in cached.items()
@@ -99,7 +99,7 @@ class TeacherIO:
                 text.hidden_states.index_copy(0, rows, blank.hidden_states.to(dtype)),
                 {k: v.index_copy(0, rows, blank.added[k].to(dtype)) for k, v in text.added.items()},
             )
-        return self.text_encoder.add_sizes(text, sizes)
+        return self.prompt_encoder.add_sizes(text, sizes)
 
     def empty_text(self, batch: int) -> Conditioning:
         """The empty prompt's text conditioning, computed once per device, ``batch`` rows."""

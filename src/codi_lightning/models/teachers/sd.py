@@ -131,7 +131,7 @@ def assemble_pipeline(parts: Any, controlnet: nn.Module, scheduler: Any) -> Any:
 
     return StableDiffusionControlNetPipeline(
         vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-        unet=parts.unet, controlnet=controlnet, scheduler=scheduler, safety_checker=None,
+        unet=parts.network, controlnet=controlnet, scheduler=scheduler, safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
 

@@ -96,7 +96,7 @@ def assemble_pipeline(parts: Any, controlnet: nn.Module, scheduler: Any) -> Any:
     text = parts.prompt_encoder
     return StableDiffusionXLControlNetPipeline(
         vae=parts.vae, text_encoder=text.text_encoder, text_encoder_2=text.text_encoder_2,
-        tokenizer=text.tokenizer, tokenizer_2=text.tokenizer_2, unet=parts.unet,
+        tokenizer=text.tokenizer, tokenizer_2=text.tokenizer_2, unet=parts.network,
         controlnet=controlnet, scheduler=scheduler,
         force_zeros_for_empty_prompt=text.zero_empty_prompt, add_watermarker=False,
     )  # fmt: skip
