@@ -130,18 +130,40 @@ def run_config(family: str, teacher: Path, data: dict[str, str], run: Path) -> P
     return path
 
 
+def anon_kb(pid: int) -> int:
+    """Anonymous resident memory (kB) of ``pid`` and its descendants: what cannot be
+    dropped like the pages of memory-mapped weight files, which the resident set counts."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        found = re.search(r"RssAnon:\s+(\d+)", status)
+        total += int(found.group(1)) if found else 0
+        todo += [int(c) for c in children]
+    return total
+
+
 def timed(cmd: list[str], log: Path, threads: int) -> dict:
-    """``cmd`` under /usr/bin/time: wall seconds and peak resident set (GB)."""
-    start = time.monotonic()
+    """``cmd`` under /usr/bin/time: wall seconds, peak resident set (GB; file pages of
+    memory-mapped weights included) and peak anonymous memory (GB, sampled every 0.2 s)."""
+    start, peak_anon = time.monotonic(), 0
     with open(log, "w") as fh:
-        done = subprocess.run(["/usr/bin/time", "-f", "PEAK_KB %M", *cmd], stdout=fh,
-                              stderr=subprocess.STDOUT, cwd=ROOT,
-                              env={**os.environ, "OMP_NUM_THREADS": str(threads)})  # fmt: skip
+        child = subprocess.Popen(["/usr/bin/time", "-f", "PEAK_KB %M", *cmd], stdout=fh,
+                                 stderr=subprocess.STDOUT, cwd=ROOT,
+                                 env={**os.environ, "OMP_NUM_THREADS": str(threads)})  # fmt: skip
+        while child.poll() is None:
+            peak_anon = max(peak_anon, anon_kb(child.pid))
+            time.sleep(0.2)
     text = log.read_text()
-    if done.returncode:
+    if child.returncode:
         raise SystemExit(f"{' '.join(cmd[:3])} failed; see {log}:\n" + text[-3000:])
     peak = int(re.findall(r"PEAK_KB (\d+)", text)[-1]) / 1e6
-    return {"seconds": round(time.monotonic() - start, 1), "peak_rss_gb": round(peak, 2)}
+    return {"seconds": round(time.monotonic() - start, 1), "peak_rss_gb": round(peak, 2),
+            "peak_anon_gb": round(peak_anon / 1e6, 2)}  # fmt: skip
 
 
 def sample_step(config: str, ckpt: str) -> None:
@@ -226,12 +248,15 @@ def write_docs(family: str, results: dict, path: Path) -> None:
     kept)."""
     names = {"sdxl": "SDXL base", "sd35m": "SD3.5 medium (T5: 1 of 24 layers)"}
     p, s, e, k = results["params_m"], results["sample"], results["export"], results["stock"]
+
+    def peaks(step: dict) -> str:
+        return f"{step['seconds']:.0f} s, {step['peak_rss_gb']:.1f} / {step['peak_anon_gb']:.1f} GB"
+
     row = (f"| {names[family]} | {p['network']:.1f}M + VAE {p['vae']:.1f}M + text "
            f"{sum(v for k, v in p.items() if k.startswith('text')):.1f}M "
            f"({results['teacher_gb']:.1f} GB) | "
-           f"{s['seconds']:.0f} s, {s['peak_rss_gb']:.1f} GB, checkpoint "
-           f"{s['checkpoint_gb']:.1f} GB | {e['seconds']:.0f} s, {e['peak_rss_gb']:.1f} GB, "
-           f"{e['export_gb']:.1f} GB | {k['seconds']:.0f} s, {k['peak_rss_gb']:.1f} GB |")  # fmt: skip
+           f"{peaks(s)}, checkpoint {s['checkpoint_gb']:.1f} GB | "
+           f"{peaks(e)}, {e['export_gb']:.1f} GB | {peaks(k)} |")  # fmt: skip
     text = path.read_text()
     rows = {}
     if MARKERS[0] in text:
@@ -242,7 +267,9 @@ def write_docs(family: str, results: dict, path: Path) -> None:
 Written by `python bench/real_size_large.py <family> --docs` ({results["machine"]},
 {results["date"]}): random weights from the published configs, saved in bf16; its
 `configs/<family>_sr.yaml` on the CPU at 64 px (frozen parts in bf16, the adapter and its
-EMA copy in fp32). Each step is its own process; seconds include start-up and loading.
+EMA copy in fp32). Each step is its own process; seconds include start-up and loading;
+"GB" is the peak resident set / the peak anonymous memory (the resident set also counts
+the pages of the memory-mapped weight files, which the kernel can drop).
 
 | teacher | parameters (folder) | sample: validation (1 step) + checkpoint | `codi-lightning export` | stock pipeline: the card's snippet, 1 step |
 |---|---|---|---|---|
