@@ -1,7 +1,8 @@
-"""Keep frozen, reloadable parts out of checkpoints."""
+"""Keep frozen, reloadable parts out of checkpoints; the frozen parts' dtype."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import Tensor, nn
@@ -34,3 +35,28 @@ class SkipFrozenState:
             if key.startswith(self.skipped_prefixes) and key not in merged:
                 merged[key] = value
         return super().load_state_dict(merged, strict=strict, assign=assign)
+
+
+def frozen_in_bf16(frozen_dtype: str, precision: str | None, on_cuda: bool) -> bool:
+    """Whether the frozen teacher, VAE and text encoder are to be bf16 (``model.frozen_dtype``:
+    ``bf16``; ``auto``: on CUDA under a bf16 precision), for the trainer's ``precision``
+    (None: no trainer). Warns about ``bf16-true`` (the EMA target in bf16) and refuses
+    ``frozen_dtype=bf16`` under a precision that is not bf16."""
+    precision = precision or ""
+    if precision == "bf16-true":
+        warnings.warn(
+            "precision=bf16-true stores the EMA target in bf16: with ema_decay close to 1 "
+            "the update (1 - decay) * (theta - theta^-) underflows. Prefer bf16-mixed.",
+            stacklevel=3,
+        )
+    if frozen_dtype == "bf16" and precision and "bf16" not in precision:
+        # bf16 frozen parts compute in bf16 (TeacherIO._controlled autocasts when no
+        # precision plugin does): a 32-true run would not be the fp32 run it says it is
+        raise ValueError(
+            f"model.frozen_dtype=bf16 needs a bf16 precision, but trainer.precision="
+            f"{precision}: set trainer.precision=bf16-mixed, or model.frozen_dtype=fp32 "
+            "(or auto)"
+        )
+    return frozen_dtype == "bf16" or (
+        frozen_dtype == "auto" and on_cuda and precision.startswith("bf16")
+    )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -38,7 +37,7 @@ from ..models.lora import LowRankUpdate, WithoutLoRA, WithWeights
 from .checkpointing import CheckedCheckpoints
 from .checks import check_options
 from .evaluation import EvaluationSteps
-from .frozen import SkipFrozenState
+from .frozen import SkipFrozenState, frozen_in_bf16
 from .optim import optimizers_for
 from .parallel import (
     ReplicatedGrads,
@@ -364,26 +363,12 @@ class CoDiDistillation(TeacherIO, GuardedUpdates, CheckedCheckpoints, Evaluation
         trained = list(self.trainable_modules().values())
         nets = [self.network, *trained, *self.target.values()]
         enable_memory_savers(nets, hp.gradient_checkpointing, hp.channels_last)
-        precision = str(getattr(self.trainer, "precision", "")) if self._trainer else ""
-        if precision == "bf16-true":
-            warnings.warn(
-                "precision=bf16-true stores the EMA target in bf16: with ema_decay close to 1 "
-                "the update (1 - decay) * (theta - theta^-) underflows. Prefer bf16-mixed.",
-                stacklevel=2,
-            )
-        on_cuda = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        if hp.frozen_dtype == "bf16" and self._trainer is not None and "bf16" not in precision:
-            # bf16 frozen parts compute in bf16 (TeacherIO._controlled autocasts when no
-            # precision plugin does): a 32-true run would not be the fp32 run it says it is
-            raise ValueError(
-                f"model.frozen_dtype=bf16 needs a bf16 precision, but trainer.precision="
-                f"{precision}: set trainer.precision=bf16-mixed, or model.frozen_dtype=fp32 "
-                "(or auto)"
-            )
-        bf16 = hp.frozen_dtype == "bf16" or (
-            hp.frozen_dtype == "auto" and on_cuda and precision.startswith("bf16")
-        )
-        if bf16:
+        trainer = self._trainer
+        if frozen_in_bf16(
+            hp.frozen_dtype,
+            None if trainer is None else str(trainer.precision),
+            trainer is not None and trainer.strategy.root_device.type == "cuda",
+        ):
             # frozen: no master weights needed
             for m in (self.network, self.vae, self.prompt_encoder):
                 if m is not None:
@@ -479,20 +464,6 @@ class CoDiDistillation(TeacherIO, GuardedUpdates, CheckedCheckpoints, Evaluation
         if self.schedule is None:  # a size-dependent schedule: the run's resolution
             self._set_schedule(resolution)
             self.hparams["shift_resolution"] = int(resolution)  # the checkpoint records it
-
-    @torch.no_grad()
-    def cache_spec(self) -> dict[str, dict[str, tuple[int | None, ...]]]:
-        """The shapes this teacher's VAE and text encoder make, which cached shards must
-        have (``data.decode.check_cached``): latent channels; the text sequence's length
-        and width and each added embedding's (one empty prompt encoded to find them)."""
-        spec: dict[str, dict[str, tuple[int | None, ...]]] = {}
-        if self.vae is not None:
-            channels = int(self.vae.config.latent_channels)
-            spec["latents"] = {"mean": (channels,), "std": (channels,)}
-        y = self.prompt_encoder.encode([""], "cpu" if self._trainer is None else self.device)
-        spec["text"] = {"hidden_states": tuple(y.hidden_states.shape[1:])}
-        spec["text"].update({f"added.{k}": tuple(v.shape[1:]) for k, v in y.added.items()})
-        return spec
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._checkpoint_step = int(checkpoint.get("global_step", 0))

@@ -107,6 +107,20 @@ class TeacherIO:
             self._empty_text = self.encode_text([""])
         return self._empty_text.expand(batch)
 
+    @torch.no_grad()
+    def cache_spec(self) -> dict[str, dict[str, tuple[int | None, ...]]]:
+        """The shapes this teacher's VAE and text encoder make, which cached shards must
+        have (``data.decode.check_cached``): latent channels; the text sequence's length
+        and width and each added embedding's (one empty prompt encoded to find them)."""
+        spec: dict[str, dict[str, tuple[int | None, ...]]] = {}
+        if self.vae is not None:
+            channels = int(self.vae.config.latent_channels)
+            spec["latents"] = {"mean": (channels,), "std": (channels,)}
+        y = self.prompt_encoder.encode([""], "cpu" if self._trainer is None else self.device)
+        spec["text"] = {"hidden_states": tuple(y.hidden_states.shape[1:])}
+        spec["text"].update({f"added.{k}": tuple(v.shape[1:]) for k, v in y.added.items()})
+        return spec
+
     @staticmethod
     def embedded_guidance(text: Conditioning, w: float) -> Conditioning | None:
         """``text`` with its guidance input set to ``w`` when the family feeds the guidance
