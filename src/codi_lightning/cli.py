@@ -20,6 +20,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 
 from .checkpoints import (
     CheckpointError,
@@ -37,7 +38,13 @@ from .data.datamodule import MissingShardsError, check_local_shards, shard_sourc
 from .data.folder import ConditionFolder
 from .export import export_checkpoint
 from .serve import serve
-from .training import CoDiDistillation, ImageWriter, NonFiniteTrainingError, StepProgressBar
+from .training import (
+    CoDiDistillation,
+    ImageWriter,
+    NonFiniteTrainingError,
+    StepProgressBar,
+    StreamedCheckpointIO,
+)
 
 DEFAULT_MODEL = CoDiDistillation
 
@@ -504,10 +511,15 @@ class CoDiCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> L.Trainer:
         """Lightning's progress bar counts epochs; ours counts steps (StepProgressBar),
         unless the config has a bar of its own or none. ``predict`` logs nothing, so it
-        runs without the logger and the config copy (each would add a ``version_N``)."""
+        runs without the logger and the config copy (each would add a ``version_N``).
+        Checkpoint files are written by :class:`StreamedCheckpointIO` unless the config
+        names a ``CheckpointIO`` plugin."""
         if getattr(self, "subcommand", None) == "predict":
             config["logger"] = False
             self.save_config_callback = None
+        plugins = _as_list(config.get("plugins"))
+        if not any(isinstance(p, CheckpointIO) for p in plugins):  # no second copy in memory
+            config["plugins"] = [*plugins, StreamedCheckpointIO()]
         given = [*_as_list(config.get("callbacks")), *callbacks]
         if config.get("enable_progress_bar") is not False and not any(
             isinstance(c, ProgressBar) for c in given

@@ -2,6 +2,7 @@
 
 from .baseline import ControlNetBaseline
 from .callbacks import ImageWriter, StepProgressBar
+from .checkpointing import StreamedCheckpointIO
 from .module import CoDiDistillation
 from .teacher import DiffusionTraining
 from .updates import NonFiniteTrainingError
@@ -13,4 +14,5 @@ __all__ = [
     "DiffusionTraining",
     "ImageWriter",
     "StepProgressBar",
+    "StreamedCheckpointIO",
 ]
