@@ -318,7 +318,9 @@ def _vae_arg(vae_path: str | None) -> str:
     if not vae_path:
         return ""
     sub = ', subfolder="vae"' if (Path(vae_path).expanduser() / "vae").is_dir() else ""
-    return f"\n    vae=AutoencoderKL.from_pretrained({json.dumps(vae_path)}{sub}),"
+    return (
+        f"\n    vae=AutoencoderKL.from_pretrained({json.dumps(vae_path)}{sub}, torch_dtype=dtype),"
+    )
 
 
 def _controlnet_snippet(
@@ -329,7 +331,9 @@ def _controlnet_snippet(
     ``extra_args`` the family's own ``from_pretrained`` arguments, ``text`` lines after
     ``prompt = ""`` and ``prompt`` how the prompt is passed to the call."""
     unet_arg = (
-        '\n    unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),' if unet else ""
+        '\n    unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype),'
+        if unet
+        else ""
     )
     unet_arg += _vae_arg(vae_path)
     load_lora = (
@@ -343,10 +347,11 @@ from diffusers import (
 )
 
 folder = "THIS_FOLDER"  # this export
-controlnet = ControlNetModel.from_pretrained(folder, subfolder="controlnet")
+dtype = torch.float32  # torch.bfloat16 or torch.float16 on a GPU
+controlnet = ControlNetModel.from_pretrained(folder, subfolder="controlnet", torch_dtype=dtype)
 pipe = {pipeline}.from_pretrained(
     {json.dumps(base)}, controlnet=controlnet,{unet_arg}
-    {extra_args},
+    torch_dtype=dtype, {extra_args},
 ){load_lora}
 # condition: the control image, a PIL image or a [1, 3, H, W] tensor in [0, 1]
 prompt = ""{text}

@@ -144,7 +144,8 @@ def _card(
     steps = 4 if 4 in sigmas else budgets[-1]
     revision = "" if run.revision is None else f", revision={json.dumps(run.revision)}"
     transformer = (
-        f'\n    transformer={spec.network}.from_pretrained(folder, subfolder="transformer"),'
+        f'\n    transformer={spec.network}.from_pretrained(folder, subfolder="transformer", '
+        "torch_dtype=dtype),"
         if codi
         else ""
     )
