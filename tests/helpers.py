@@ -168,3 +168,21 @@ def check_predictions(preds: Path, expected: dict[str, tuple[int, int]]) -> None
     assert not [p for p in preds.rglob("*") if p.is_file() and p.suffix != ".png"]
     for name, size in expected.items():
         assert Image.open(written[name]).size == size, name
+
+
+def stored_in_bf16(teacher: Path, folder: Path) -> Path:
+    """A copy of the diffusers ``teacher`` folder with every weight file and config in
+    bf16, as hub models such as FLUX.1 are stored."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(teacher, folder)
+    for file in folder.rglob("*.safetensors"):
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(file).items()}, file)
+    for file in folder.rglob("config.json"):
+        config = json.loads(file.read_text())
+        config.update({k: "bfloat16" for k in ("dtype", "torch_dtype") if k in config})
+        file.write_text(json.dumps(config))
+    return folder

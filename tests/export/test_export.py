@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from helpers import write_checkpoint
+from helpers import stored_in_bf16, write_checkpoint
 from safetensors.torch import load_file
 
 from codi_lightning.diffusion import sampling_timesteps
@@ -136,6 +136,16 @@ def test_an_interrupted_export_never_leaves_a_half_written_folder(pe_export, tmp
     with pytest.raises(ValueError, match="holds other files"):
         export_checkpoint(str(root / "pe.ckpt"), str(tmp_path / "other"))
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_the_card_runs_as_written_on_a_base_model_stored_in_bf16(tiny_teacher, tmp_path):
+    """The card loads every part in one dtype (hub models such as FLUX.1 are stored in
+    bf16, which transformers keeps for the text encoders and diffusers does not)."""
+    base = stored_in_bf16(tiny_teacher, tmp_path / "bf16")
+    write_checkpoint(base, tmp_path / "m.ckpt")
+    out = export_checkpoint(str(tmp_path / "m.ckpt"), str(tmp_path / "export"))
+    image = _run_card(out, torch.rand(1, 3, 32, 32))["image"]
+    assert image.size == (32, 32)
 
 
 def test_export_errors(tmp_path):

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from helpers import stored_in_bf16
 
 from codi_lightning.models import (
     adapter_cond_channels,
@@ -117,6 +118,18 @@ def test_adapter_channels_match_vae_factor(scale, levels):
 def test_condition_downsampling_mismatch_says_what_to_change():
     with pytest.raises(ValueError, match=r"Give 3 entries"):
         check_condition_downsampling((16, 32, 96, 256), 4)
+
+
+@pytest.mark.parametrize("teacher", ["tiny_teacher", "tiny_flux_teacher"])
+def test_a_teacher_stored_in_bf16_loads_in_one_dtype(request, teacher, tmp_path):
+    """transformers loads a text encoder in the dtype it was stored in, diffusers loads
+    fp32: every part comes in the one dtype asked for (fp32 by default)."""
+    folder = stored_in_bf16(request.getfixturevalue(teacher), tmp_path / "bf16")
+    for dtype in (None, torch.bfloat16):
+        parts = load_teacher(str(folder), torch_dtype=dtype)
+        found = {p.dtype for m in (parts.network, parts.vae, parts.prompt_encoder)
+                 for p in m.parameters()}  # fmt: skip
+        assert found == {dtype or torch.float32}, (dtype, found)
 
 
 def test_resolution_check(tiny_teacher):

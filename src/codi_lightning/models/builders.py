@@ -78,7 +78,8 @@ def load_teacher(
     """Load the network, VAE, text side and scheduler config from a hub id or a local
     diffusers folder (``from_pretrained`` with subfolders). The family (SD 1.x/2.x, SDXL or
     SD3) comes from the folder's ``model_index.json`` (``models.teachers``). ``pixel_space=True``
-    skips the VAE: the UNet then works on images in [-1, 1]. ``vae_path`` replaces the
+    skips the VAE: the UNet then works on images in [-1, 1]. Every part is loaded in
+    ``torch_dtype`` (default fp32), whatever it was stored in. ``vae_path`` replaces the
     folder's VAE (a VAE folder or hub id, e.g. ``madebyollin/sdxl-vae-fp16-fix``, or a
     pipeline folder with ``vae/``)."""
     import diffusers
@@ -89,9 +90,9 @@ def load_teacher(
     index = read_model_index(pretrained, revision)
     family = family_of(index)
     kw: dict[str, Any] = {"revision": revision}
-    weights = {**kw, "variant": variant}
-    if torch_dtype is not None:
-        weights["torch_dtype"] = torch_dtype
+    # one dtype for every part, fp32 unless asked: transformers otherwise loads a text
+    # encoder in the dtype it was stored in (bf16 for FLUX.1's T5) while diffusers loads fp32
+    weights = {**kw, "variant": variant, "torch_dtype": torch_dtype or torch.float32}
     subfolder, network_class = family.network
     try:
         network_type = getattr(diffusers, network_class)
