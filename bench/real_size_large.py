@@ -13,7 +13,8 @@ heads and gated feed-forward; the whole of it is 4.8B parameters, 9.5 GB in bf16
 stock pipeline loads the folder as it loads SD3.5's. Then, each step timed with its peak
 memory:
 
-- ``sample``: its config (``configs/<family>_sr.yaml``: PE-CoDi, frozen parts in bf16)
+- ``sample``: its config (``configs/<family>_sr.yaml``, as PE-CoDi: SD3's config trains
+  full CoDi, which needs 28 GB here; frozen parts in bf16)
   built by the CLI's own parser (``CoDiCLI(run=False)``), a validation pass (the loss and
   a 1-step sample at 64 px) and ``trainer.save_checkpoint`` of the untrained adapter (the
   checkpoint a first training step would write, without the step);
@@ -123,6 +124,10 @@ def run_config(family: str, teacher: Path, data: dict[str, str], run: Path) -> P
     cfg["trainer"].pop("callbacks", None)
     cfg["model"].update(pretrained=str(teacher), val_images=1, val_steps=[1], test_steps=[1],
                         predict_steps=1)  # fmt: skip
+    # configs/sd3_sr.yaml trains full CoDi: the transformer's fp32 copy and its EMA copy
+    # (2 x 9.0 GB) beside the adapter and its EMA copy (2 x 5.0 GB) are 28 GB, more than
+    # this machine has (killed at 23.6 GB); PE-CoDi is the run that fits (the adapter only)
+    cfg["model"]["method"] = "pe-codi"
     cfg["data"].update(train_shards=data["train"], val_shards=data["val"], resolution=64,
                        batch_size=1, val_batch_size=1, num_workers=0)  # fmt: skip
     path = run.parent / f"{run.name}.yaml"
