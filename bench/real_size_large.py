@@ -20,7 +20,8 @@ memory:
   checkpoint a first training step would write, without the step);
 - ``export``: ``codi-lightning export`` of that checkpoint;
 - ``stock``: the export's model card snippet run as written (the stock ControlNet
-  pipeline loads the teacher and the exported adapter and samples once at 64 px).
+  pipeline loads the teacher and the exported adapter and samples with each of the
+  card's two samplers, 4 steps, at 64 px).
 
 Numbers go to ``<out>/<family>/results.json`` (default ``bench_out/real_size_large``).
 """
@@ -271,12 +272,12 @@ def write_docs(family: str, results: dict, path: Path) -> None:
     block = f"""{MARKERS[0]}
 Written by `python bench/real_size_large.py <family> --docs` ({results["machine"]},
 {results["date"]}): random weights from the published configs, saved in bf16; its
-`configs/<family>_sr.yaml` on the CPU at 64 px (frozen parts in bf16, the adapter and its
-EMA copy in fp32). Each step is its own process; seconds include start-up and loading;
+`configs/<family>_sr.yaml` as PE-CoDi on the CPU at 64 px (frozen parts in bf16, the
+adapter, its LoRA if any and their EMA copies in fp32). Each step is its own process; seconds include start-up and loading;
 "GB" is the peak resident set / the peak anonymous memory (the resident set also counts
 the pages of the memory-mapped weight files, which the kernel can drop).
 
-| teacher | parameters (folder) | sample: validation (1 step) + checkpoint | `codi-lightning export` | stock pipeline: the card's snippet, 1 step |
+| teacher | parameters (folder) | sample: validation (1 step) + checkpoint | `codi-lightning export` | stock pipeline: the card's snippet (4 steps with each of its 2 samplers, fp32) |
 |---|---|---|---|---|
 {chr(10).join(rows[key] for key in sorted(rows))}
 {MARKERS[1]}"""

@@ -14,9 +14,10 @@ class SkipFrozenState:
     """Mixin for LightningModules: ``state_dict`` leaves out the submodules whose keys start
     with ``skipped_prefixes`` (they are rebuilt in ``__init__``, e.g. from ``pretrained``),
     and ``load_state_dict`` refills them from the module itself, so every other key is
-    still required when ``strict``; keys of older names
-    (``checkpoints.LEGACY_PREFIXES``) load under their current ones. Every checkpoint path (full file, distributed
-    checkpoint, ``get_model_state_dict``) goes through these two methods."""
+    still required when ``strict``; keys of older names (``checkpoints.LEGACY_PREFIXES``)
+    load under their current ones. Every checkpoint path (full file, distributed
+    checkpoint, ``get_model_state_dict``) goes through these two methods, except FSDP2's
+    loading of a distributed checkpoint, which reads by the module's own key names."""
 
     skipped_prefixes: tuple[str, ...] = ()
 
