@@ -34,8 +34,6 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from ..checkpoints import STATE_PREFIXES, CheckpointError, check_teacher, read_checkpoint
 from ..diffusion import sampling_timesteps
 from ..models import adapter_cond_channels, check_condition_downsampling
@@ -52,6 +50,7 @@ from .parts import (
     lora_state,
     render_card,
     sub_state,
+    unweighted,
 )
 
 EXPORT_ENTRIES = {"README.md", "controlnet", "unet", "lora", "transformer", "scheduler",
@@ -159,11 +158,10 @@ def export_checkpoint(
     # SDXL: the module encodes an empty prompt as zeros when the base model says so
     zero_empty = bool(index.get("force_zeros_for_empty_prompt", True))
     unet_config = UNet2DConditionModel.load_config(base, subfolder="unet", **kw)
-    # the networks are built on the meta device and take the checkpoint's (memory-mapped)
+    # the networks are built without weights and take the checkpoint's (memory-mapped)
     # tensors as they are: no weights are allocated twice (an fp32 SDXL UNet is 10.3 GB;
     # the export of an SDXL checkpoint was killed at 23.8 GB without this)
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(unet_config)
+    unet = unweighted(UNet2DConditionModel.from_config, unet_config)
     vae_scale = 1
     if not run.pixel_space:
         import diffusers
@@ -180,10 +178,10 @@ def export_checkpoint(
     check_condition_downsampling(channels, vae_scale)
 
     out = _partial_folder(output)
-    with torch.device("meta"):
-        controlnet = ControlNetModel.from_unet(
-            unet, conditioning_embedding_out_channels=channels, load_weights_from_unet=False
-        )
+    controlnet = unweighted(
+        ControlNetModel.from_unet, unet, conditioning_embedding_out_channels=channels,
+        load_weights_from_unet=False,
+    )  # fmt: skip
     prefix = STATE_PREFIXES["adapter"][weights]
     controlnet.load_state_dict(sub_state(state, prefix), strict=True, assign=True)
     controlnet.save_pretrained(out / "controlnet", safe_serialization=True)

@@ -36,6 +36,7 @@ from .parts import (
     lora_metadata,
     render_card,
     sub_state,
+    unweighted,
 )
 
 
@@ -67,17 +68,21 @@ def export_flow(
     spec = family.flow_export
     network_cls = getattr(diffusers, spec.network)
     config = network_cls.load_config(base, subfolder="transformer", **kw)
-    controlnet = getattr(diffusers, spec.adapter).from_config(
-        spec.adapter_config(config, run.adapter_layers)
+    # built without weights, taking the (memory-mapped) checkpoint's tensors as they are
+    # (SD3.5 medium's export held a 5 GB adapter of its own; FLUX.1's full-CoDi
+    # transformer would be 47.6 GB in fp32)
+    adapter_cls = getattr(diffusers, spec.adapter)
+    controlnet = unweighted(
+        adapter_cls.from_config, spec.adapter_config(config, run.adapter_layers)
     )
     prefix = STATE_PREFIXES["adapter"][weights]
-    controlnet.load_state_dict(sub_state(state, prefix), strict=True)
+    controlnet.load_state_dict(sub_state(state, prefix), strict=True, assign=True)
     controlnet.save_pretrained(out / "controlnet", safe_serialization=True)
     codi = run.method == "codi"
     if codi:
-        transformer = network_cls.from_config(config)
+        transformer = unweighted(network_cls.from_config, config)
         prefix = STATE_PREFIXES["network"][weights]
-        transformer.load_state_dict(sub_state(state, prefix), strict=True)
+        transformer.load_state_dict(sub_state(state, prefix), strict=True, assign=True)
         transformer.save_pretrained(out / "transformer", safe_serialization=True)
     if lora:
         lora = {"transformer." + k.removeprefix("unet."): v for k, v in lora.items()}

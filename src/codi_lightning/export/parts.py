@@ -109,6 +109,16 @@ def lora_metadata(run: RunRecord, prefix: str = "") -> dict[str, Any]:
     return {f"{prefix}{k}": v for k, v in meta.items()}
 
 
+def unweighted(build: Any, *args: Any, **kwargs: Any) -> Any:
+    """``build(*args, **kwargs)`` with its parameters on the meta device (no memory), to be
+    filled by ``load_state_dict(..., assign=True)``; buffers are built for real, so those
+    no state dict holds (non-persistent position tables) are there too."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return build(*args, **kwargs)
+
+
 def fused_network(network_cls: Any, base: str, subfolder: str, lora: dict, run: RunRecord,
                   kw: dict):  # fmt: skip
     """The base model's ``subfolder`` network with the LoRA ``lora`` (keys prefixed
